@@ -1,0 +1,11 @@
+//! The certificate authority: owns the mesh's root of trust (one SQLite file) and issues
+//! user and hub certificates over a small HTTP API (SPEC §4).
+//!
+//! - [`store`] owns the database: the CA key pair, issued certificates, revocations.
+//! - [`api`] is the HTTP shell over it.
+
+pub mod api;
+pub mod store;
+
+pub use api::{router, CaState};
+pub use store::{CaStore, StoreError};

@@ -1,0 +1,553 @@
+//! Certificates and TLS for the mesh.
+//!
+//! Pure certificate logic (issuing, parsing, matching keys) plus the builders of the rustls
+//! configurations every role uses: the hub's mutual-TLS server, the agent's client, and the
+//! verifiers that encode the mesh's trust rules (only the mesh CA is trusted; only hub
+//! certificates may act as servers; revoked serials are refused).
+
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SerialNumber, SubjectPublicKeyInfo,
+};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName as TlsDn,
+    RootCertStore, ServerConfig, SignatureScheme,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+
+pub use rustls;
+pub use tokio_rustls;
+
+/// ALPN of the agent's control connection (agent is the HTTP/2 client).
+pub const ALPN_CONTROL: &[u8] = b"h2";
+/// ALPN of the agent's reverse connection (agent is the HTTP/2 server).
+pub const ALPN_REVERSE: &[u8] = b"ztm-reverse";
+
+/// Common name prefix that marks hub certificates. User names may never take it.
+pub const HUB_CN_PREFIX: &str = "hub/";
+
+const CA_VALIDITY_DAYS: i64 = 365 * 20;
+const USER_VALIDITY_DAYS: i64 = 365 * 5;
+const HUB_VALIDITY_DAYS: i64 = 365;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("{0} is not a valid PEM certificate")]
+    BadCertificate(&'static str),
+    #[error("{0} is not a valid PEM private key")]
+    BadKey(&'static str),
+    #[error("{0} is not a valid PEM public key")]
+    BadPublicKey(&'static str),
+    #[error("the private key does not match the certificate")]
+    KeyMismatch,
+    #[error("the certificate is not signed by the mesh CA")]
+    NotSignedByCa,
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("TLS configuration failed: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// A freshly created certificate and its key, both PEM.
+#[derive(Clone, Debug)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub serial: String,
+}
+
+/// What we read back out of a certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertInfo {
+    pub common_name: String,
+    /// Lower-case hex, no separators, no leading zero bytes.
+    pub serial: String,
+    pub not_after: i64,
+    pub issuer_cn: String,
+}
+
+fn now_minus_skew() -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc() - time::Duration::hours(1)
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    // Positive and without a leading zero byte, so the hex form is stable.
+    bytes[0] = (bytes[0] & 0x7f) | 0x01;
+    SerialNumber::from_slice(&bytes)
+}
+
+fn serial_hex(serial: &SerialNumber) -> String {
+    hex(&serial.to_bytes())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let trimmed: &[u8] = {
+        let first = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len());
+        &bytes[first..]
+    };
+    trimmed.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn dn(cn: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    dn
+}
+
+/// Creates a new CA key and self-signed certificate (CN `ca`).
+pub fn create_ca() -> Result<Issued, PkiError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn("ca");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let serial = random_serial();
+    params.serial_number = Some(serial.clone());
+    params.not_before = now_minus_skew();
+    params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(CA_VALIDITY_DAYS);
+    let cert = params.self_signed(&key)?;
+    Ok(Issued {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        serial: serial_hex(&serial),
+    })
+}
+
+/// A loaded CA able to sign user and hub certificates.
+pub struct CaSigner {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+}
+
+impl CaSigner {
+    pub fn load(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pem(key_pem).map_err(|_| PkiError::BadKey("CA key"))?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)
+            .map_err(|_| PkiError::BadCertificate("CA certificate"))?;
+        Ok(Self {
+            issuer,
+            cert_pem: cert_pem.to_string(),
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Issues a user certificate (CN = name, client authentication) with a new key.
+    pub fn issue_user(&self, name: &str) -> Result<Issued, PkiError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let (cert_pem, serial) = self.sign(
+            name,
+            &key,
+            &[],
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+            USER_VALIDITY_DAYS,
+        )?;
+        Ok(Issued {
+            cert_pem,
+            key_pem: key.serialize_pem(),
+            serial,
+        })
+    }
+
+    /// Signs a hub's public key: CN `hub/{name}`, server and client authentication, with the
+    /// given host names or addresses as subject alternative names.
+    pub fn sign_hub(
+        &self,
+        name: &str,
+        public_key_pem: &str,
+        sans: &[String],
+    ) -> Result<(String, String), PkiError> {
+        let spki = SubjectPublicKeyInfo::from_pem(public_key_pem)
+            .map_err(|_| PkiError::BadPublicKey("body"))?;
+        self.sign(
+            &format!("{HUB_CN_PREFIX}{name}"),
+            &spki,
+            sans,
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            HUB_VALIDITY_DAYS,
+        )
+    }
+
+    fn sign(
+        &self,
+        cn: &str,
+        public_key: &impl rcgen::PublicKeyData,
+        sans: &[String],
+        eku: Vec<ExtendedKeyUsagePurpose>,
+        days: i64,
+    ) -> Result<(String, String), PkiError> {
+        let mut params = CertificateParams::new(sans.to_vec())?;
+        params.distinguished_name = dn(cn);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = eku;
+        params.use_authority_key_identifier_extension = true;
+        let serial = random_serial();
+        params.serial_number = Some(serial.clone());
+        params.not_before = now_minus_skew();
+        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(days);
+        let cert = params.signed_by(public_key, &self.issuer)?;
+        Ok((cert.pem(), serial_hex(&serial)))
+    }
+}
+
+/// Generates a P-256 key pair; returns (private key PEM, public key PEM).
+pub fn generate_key() -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    Ok((key.serialize_pem(), key.public_key_pem()))
+}
+
+/// Parses the first certificate of a PEM text.
+pub fn parse_cert(pem: &str, what: &'static str) -> Result<CertificateDer<'static>, PkiError> {
+    CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|_| PkiError::BadCertificate(what))
+}
+
+/// Parses every certificate of a PEM text (a chain); at least one.
+pub fn parse_chain(
+    pem: &str,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|_| PkiError::BadCertificate(what))?;
+    if certs.is_empty() {
+        return Err(PkiError::BadCertificate(what));
+    }
+    Ok(certs)
+}
+
+/// Parses a PEM private key and checks that it is a usable signing key.
+pub fn parse_key(pem: &str, what: &'static str) -> Result<PrivateKeyDer<'static>, PkiError> {
+    let der = PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|_| PkiError::BadKey(what))?;
+    provider()
+        .key_provider
+        .load_private_key(der.clone_key())
+        .map_err(|_| PkiError::BadKey(what))?;
+    Ok(der)
+}
+
+/// Reads name, serial and validity out of a DER certificate.
+pub fn cert_info(der: &[u8]) -> Result<CertInfo, PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|_| PkiError::BadCertificate("certificate"))?;
+    let cn_of = |name: &x509_parser::x509::X509Name<'_>| {
+        name.iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    Ok(CertInfo {
+        common_name: cn_of(cert.subject()),
+        serial: hex(cert.raw_serial()),
+        not_after: cert.validity().not_after.timestamp(),
+        issuer_cn: cn_of(cert.issuer()),
+    })
+}
+
+pub fn cert_info_pem(pem: &str, what: &'static str) -> Result<CertInfo, PkiError> {
+    cert_info(parse_cert(pem, what)?.as_ref())
+}
+
+/// Checks that `key_pem` is the private key of `cert_pem`.
+pub fn key_matches_cert(cert_pem: &str, key_pem: &str) -> Result<(), PkiError> {
+    let der = parse_cert(cert_pem, "certificate")?;
+    let key = KeyPair::from_pem(key_pem).map_err(|_| PkiError::BadKey("privateKey"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|_| PkiError::BadCertificate("certificate"))?;
+    if cert.tbs_certificate.subject_pki.raw
+        == rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
+    {
+        Ok(())
+    } else {
+        Err(PkiError::KeyMismatch)
+    }
+}
+
+/// Checks that `cert_pem` was issued by the CA in `ca_pem` (signature and validity).
+pub fn verify_signed_by(ca_pem: &str, cert_pem: &str) -> Result<(), PkiError> {
+    let ca = parse_cert(ca_pem, "ca")?;
+    let cert = parse_cert(cert_pem, "certificate")?;
+    let (_, ca) = x509_parser::parse_x509_certificate(ca.as_ref())
+        .map_err(|_| PkiError::BadCertificate("ca"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|_| PkiError::BadCertificate("certificate"))?;
+    cert.verify_signature(Some(ca.public_key()))
+        .map_err(|_| PkiError::NotSignedByCa)
+}
+
+/// Serials (lower-case hex) the CA has revoked, shared between the poller and the verifiers.
+#[derive(Clone, Debug, Default)]
+pub struct Revoked(Arc<RwLock<HashSet<String>>>);
+
+impl Revoked {
+    pub fn insert(&self, serial: String) {
+        if let Ok(mut set) = self.0.write() {
+            set.insert(serial);
+        }
+    }
+    pub fn contains(&self, serial: &str) -> bool {
+        self.0
+            .read()
+            .map(|set| set.contains(serial))
+            .unwrap_or(true)
+    }
+    pub fn len(&self) -> usize {
+        self.0.read().map(|set| set.len()).unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+fn roots(ca_pem: &str) -> Result<RootCertStore, PkiError> {
+    let mut store = RootCertStore::empty();
+    store
+        .add(parse_cert(ca_pem, "ca")?)
+        .map_err(|_| PkiError::BadCertificate("ca"))?;
+    Ok(store)
+}
+
+/// Client-certificate verifier: the mesh CA's chain rules plus the revocation list.
+#[derive(Debug)]
+struct MeshClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    revoked: Revoked,
+}
+
+impl ClientCertVerifier for MeshClientVerifier {
+    fn root_hint_subjects(&self) -> &[TlsDn] {
+        self.inner.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let info = cert_info(end_entity.as_ref())
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        if self.revoked.contains(&info.serial) {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
+        Ok(verified)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Server verifier for agents: the hub must present a certificate of the mesh CA with the
+/// server-auth usage and a `hub/` name. Host names are not checked: the CA only gives that
+/// usage to hubs, so any hub of the mesh is a valid peer whatever address it was reached at.
+#[derive(Debug)]
+struct HubVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl ServerCertVerifier for HubVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Ok(_)
+            | Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => {}
+            Err(e) => return Err(e),
+        }
+        let info = cert_info(end_entity.as_ref())
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        if !info.common_name.starts_with(HUB_CN_PREFIX) {
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The hub's TLS server: TLS 1.3 only, client certificates of the mesh CA required,
+/// revoked serials refused, ALPN for the control and the reverse connection.
+pub fn hub_server_config(
+    ca_pem: &str,
+    chain_pem: &str,
+    key_pem: &str,
+    revoked: Revoked,
+) -> Result<ServerConfig, PkiError> {
+    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider())
+        .build()
+        .map_err(|e| PkiError::Tls(rustls::Error::General(e.to_string())))?;
+    let verifier = Arc::new(MeshClientVerifier { inner, revoked });
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            parse_chain(chain_pem, "hub certificate")?,
+            parse_key(key_pem, "hub key")?,
+        )?;
+    config.alpn_protocols = vec![ALPN_CONTROL.to_vec(), ALPN_REVERSE.to_vec()];
+    config.send_tls13_tickets = 0;
+    Ok(config)
+}
+
+/// The agent's TLS client for one mesh: its user certificate, the mesh CA as the only root,
+/// hub certificates only. `alpn` selects the control or the reverse connection.
+pub fn agent_client_config(
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+    alpn: &[u8],
+) -> Result<ClientConfig, PkiError> {
+    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots(ca_pem)?),
+        provider(),
+    )
+    .build()
+    .map_err(|e| PkiError::Tls(rustls::Error::General(e.to_string())))?;
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(HubVerifier { inner }))
+        .with_client_auth_cert(
+            parse_chain(cert_pem, "certificate")?,
+            parse_key(key_pem, "privateKey")?,
+        )?;
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(config)
+}
+
+/// How long before expiry a certificate counts as due for renewal.
+pub const RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issue_and_read_back_user() {
+        let ca = create_ca().unwrap();
+        let signer = CaSigner::load(&ca.cert_pem, &ca.key_pem).unwrap();
+        let user = signer.issue_user("alice").unwrap();
+        let info = cert_info_pem(&user.cert_pem, "c").unwrap();
+        assert_eq!(info.common_name, "alice");
+        assert_eq!(info.issuer_cn, "ca");
+        assert_eq!(info.serial, user.serial);
+        key_matches_cert(&user.cert_pem, &user.key_pem).unwrap();
+        verify_signed_by(&ca.cert_pem, &user.cert_pem).unwrap();
+        let other = create_ca().unwrap();
+        assert!(matches!(
+            verify_signed_by(&other.cert_pem, &user.cert_pem),
+            Err(PkiError::NotSignedByCa)
+        ));
+        let bob = signer.issue_user("bob").unwrap();
+        assert!(matches!(
+            key_matches_cert(&user.cert_pem, &bob.key_pem),
+            Err(PkiError::KeyMismatch)
+        ));
+        assert_ne!(user.serial, bob.serial);
+    }
+
+    #[test]
+    fn hub_certificate_from_public_key() {
+        let ca = create_ca().unwrap();
+        let signer = CaSigner::load(&ca.cert_pem, &ca.key_pem).unwrap();
+        let (key, public) = generate_key().unwrap();
+        let (cert, serial) = signer
+            .sign_hub("h1", &public, &["localhost".into(), "127.0.0.1".into()])
+            .unwrap();
+        let info = cert_info_pem(&cert, "c").unwrap();
+        assert_eq!(info.common_name, "hub/h1");
+        assert_eq!(info.serial, serial);
+        key_matches_cert(&cert, &key).unwrap();
+        assert!(signer.sign_hub("h1", "not a key", &[]).is_err());
+    }
+
+    #[test]
+    fn bad_pem_is_an_error() {
+        assert!(parse_cert("hello", "ca").is_err());
+        assert!(parse_key(
+            "-----BEGIN PRIVATE KEY-----\nzz\n-----END PRIVATE KEY-----\n",
+            "k"
+        )
+        .is_err());
+        assert!(cert_info(b"garbage").is_err());
+    }
+
+    #[test]
+    fn revoked_set() {
+        let r = Revoked::default();
+        assert!(!r.contains("ab"));
+        r.insert("ab".into());
+        assert!(r.contains("ab"));
+        assert_eq!(r.len(), 1);
+    }
+}

@@ -1,0 +1,8 @@
+//! Shared types of ZTM: names and their rules, the JSON model of the agent's REST API,
+//! and the messages and timers of the agent ↔ hub wire protocol (see PROTOCOL.md).
+//!
+//! Nothing here does I/O, so every rule can be unit-tested.
+
+pub mod model;
+pub mod names;
+pub mod wire;
