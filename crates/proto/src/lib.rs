@@ -3,6 +3,7 @@
 //!
 //! Nothing here does I/O, so every rule can be unit-tested.
 
+pub mod acl;
 pub mod model;
 pub mod names;
 pub mod wire;

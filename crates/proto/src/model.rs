@@ -44,3 +44,127 @@ pub struct RevocationFeed {
     pub last: i64,
     pub revocations: Vec<Revocation>,
 }
+
+/// `POST /api/meshes/{mesh}`: join (or update) a mesh.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub ca: String,
+    pub agent: JoinAgent,
+    pub bootstraps: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JoinAgent {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub certificate: String,
+    pub private_key: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TimedMessage {
+    /// Milliseconds since the Unix epoch.
+    pub time: u64,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MeshAgent {
+    pub id: String,
+    pub name: String,
+    pub username: String,
+    pub certificate: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Mesh {
+    pub name: String,
+    pub ca: String,
+    pub agent: MeshAgent,
+    pub bootstraps: Vec<String>,
+    pub connected: bool,
+    pub errors: Vec<TimedMessage>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LogEntry {
+    pub time: u64,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    pub id: String,
+    pub name: String,
+    pub username: String,
+    pub ip: String,
+    pub port: u16,
+    pub heartbeat: u64,
+    pub online: bool,
+    pub is_local: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EndpointRef {
+    pub id: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    pub name: String,
+    pub protocol: crate::wire::Proto,
+    pub endpoints: Vec<EndpointRef>,
+    pub is_discovered: bool,
+    pub is_local: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users: Option<Vec<String>>,
+}
+
+/// Body of `POST .../services/{proto}/{name}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceBody {
+    pub host: String,
+    pub port: u16,
+    #[serde(default)]
+    pub users: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortTarget {
+    pub service: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Listen {
+    pub ip: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Port {
+    pub protocol: crate::wire::Proto,
+    pub listen: Listen,
+    pub target: PortTarget,
+    pub open: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Body of `POST .../ports/{ip}/{proto}/{port}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortBody {
+    pub target: PortTarget,
+}

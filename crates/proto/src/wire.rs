@@ -1,1 +1,121 @@
+//! Messages, paths and timers of the agent ↔ hub protocol (PROTOCOL.md).
 
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+/// An endpoint whose last heartbeat is older than this is offline.
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30);
+pub const PING_INTERVAL: Duration = Duration::from_secs(5);
+pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
+pub const REVOCATION_POLL: Duration = Duration::from_secs(5);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the hub lists an endpoint as offline after its session ended.
+pub const OFFLINE_RETENTION: Duration = Duration::from_secs(3600);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub const BACKOFF_MIN: Duration = Duration::from_millis(500);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(8);
+/// Largest management request or answer body carried through a hub.
+pub const MAX_MANAGE_BODY: usize = 1 << 20;
+
+/// HTTP/2 flow-control windows (PROTOCOL.md, "HTTP/2 settings").
+pub const STREAM_WINDOW: u32 = 2 << 20;
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+pub const MAX_STREAMS: u32 = 1000;
+
+/// Header naming the user on whose behalf the hub forwards a management request.
+pub const USER_HEADER: &str = "ztm-user";
+/// `:protocol` of tunnel CONNECT requests.
+pub const TUNNEL_PROTOCOL: &str = "ztm-tunnel";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn parse(s: &str) -> Option<Proto> {
+        match s {
+            "tcp" => Some(Proto::Tcp),
+            "udp" => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+impl std::fmt::Display for Proto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A service as an endpoint publishes it to hubs (no host or port: those stay local).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceDecl {
+    pub protocol: Proto,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Register {
+    pub name: String,
+    #[serde(default)]
+    pub services: Vec<ServiceDecl>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registered {
+    pub session: String,
+    pub hub: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub endpoint: String,
+    pub session: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointInfo {
+    pub id: String,
+    pub name: String,
+    pub username: String,
+    pub ip: String,
+    pub port: u16,
+    /// Milliseconds since the Unix epoch.
+    pub heartbeat: u64,
+    pub online: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceEndpoint {
+    pub id: String,
+    pub name: String,
+    pub username: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceInfo {
+    pub protocol: Proto,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users: Option<Vec<String>>,
+    pub endpoints: Vec<ServiceEndpoint>,
+}
+
+/// Is `s` a canonical UUID (what agents use as endpoint ids)?
+pub fn is_endpoint_id(s: &str) -> bool {
+    uuid::Uuid::parse_str(s).is_ok() && s.len() == 36
+}

@@ -2,6 +2,7 @@
 
 mod roles;
 mod serve;
+mod up;
 
 use clap::{Parser, Subcommand};
 
@@ -20,6 +21,12 @@ struct Cli {
 enum Command {
     /// Run the certificate authority (HTTP API, state in one SQLite file)
     Ca(roles::CaArgs),
+    /// Run a hub: the public relay agents dial out to (mutual TLS, HTTP/2)
+    Hub(roles::HubArgs),
+    /// Run an agent: joins meshes, publishes services, maps ports; REST API and web UI
+    Agent(roles::AgentArgs),
+    /// Bring up a CA, a hub and an agent joined as root on this machine (first run)
+    Up(up::UpArgs),
 }
 
 fn init_logging() {
@@ -35,19 +42,21 @@ fn init_logging() {
 
 fn main() {
     let cli = Cli::parse();
+    init_logging();
     let (role, result) = match cli.command {
-        Command::Ca(args) => {
-            init_logging();
-            (
-                "ca",
-                runtime().and_then(|rt| rt.block_on(roles::run_ca(args))),
-            )
-        }
+        Command::Ca(args) => ("ca", block_on(roles::run_ca(args))),
+        Command::Hub(args) => ("hub", block_on(roles::run_hub(args))),
+        Command::Agent(args) => ("agent", block_on(roles::run_agent(args))),
+        Command::Up(args) => ("up", block_on(up::run_up(args))),
     };
     if let Err(e) = result {
         eprintln!("ztm {role}: error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn block_on(f: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    runtime()?.block_on(f)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

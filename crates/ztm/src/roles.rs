@@ -22,6 +22,16 @@ pub struct CaArgs {
     token: Option<String>,
 }
 
+impl CaArgs {
+    pub fn new(listen: &str, database: &str) -> Self {
+        Self {
+            listen: listen.into(),
+            database: database.into(),
+            token: None,
+        }
+    }
+}
+
 pub async fn run_ca(args: CaArgs) -> Result<()> {
     let addr = parse_listen(&args.listen)?;
     if !addr.ip().is_loopback() && args.token.as_deref().unwrap_or("").is_empty() {
@@ -47,5 +57,92 @@ pub async fn run_ca(args: CaArgs) -> Result<()> {
     axum::serve(listener, ztm_ca::router(state))
         .with_graceful_shutdown(shutdown_signal())
         .await?;
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct HubArgs {
+    /// Address to listen on (HOST:PORT)
+    #[arg(long, default_value = "0.0.0.0:8888")]
+    listen: String,
+    /// The CA's address (HOST:PORT)
+    #[arg(long, default_value = "localhost:9999")]
+    ca: String,
+    /// The CA's admin token, if it requires one
+    #[arg(long, env = "ZTM_CA_TOKEN", hide_env_values = true)]
+    ca_token: Option<String>,
+    /// An address agents can reach this hub at (HOST:PORT); repeatable
+    #[arg(long = "name")]
+    names: Vec<String>,
+}
+
+impl HubArgs {
+    pub fn new(listen: &str, ca: &str, names: Vec<String>) -> Self {
+        Self {
+            listen: listen.into(),
+            ca: ca.into(),
+            ca_token: None,
+            names,
+        }
+    }
+}
+
+pub async fn run_hub(args: HubArgs) -> Result<()> {
+    let addr = parse_listen(&args.listen)?;
+    let listener = bind(addr).await?;
+    ztm_hub::run(
+        listener,
+        ztm_hub::HubConfig {
+            ca: args.ca,
+            ca_token: args.ca_token.filter(|t| !t.is_empty()),
+            names: args.names,
+        },
+        shutdown_signal(),
+    )
+    .await
+}
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// Address of the REST API and web UI (HOST:PORT)
+    #[arg(long, default_value = "127.0.0.1:7777")]
+    listen: String,
+    /// SQLite database holding the agent's meshes, keys, services and ports
+    #[arg(long, default_value = "~/ztm.db")]
+    database: String,
+    /// Forget every mesh, service and port in the database before starting
+    #[arg(long)]
+    reset: bool,
+}
+
+impl AgentArgs {
+    pub fn new(listen: &str, database: &str) -> Self {
+        Self {
+            listen: listen.into(),
+            database: database.into(),
+            reset: false,
+        }
+    }
+}
+
+pub async fn run_agent(args: AgentArgs) -> Result<()> {
+    let addr = parse_listen(&args.listen)?;
+    let path = expand_home(&args.database);
+    let agent = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || ztm_agent::Agent::open(&path, args.reset, addr))
+            .await??
+    };
+    let listener = bind(addr).await?;
+    let router = agent.start()?;
+    tracing::info!(
+        "agent listening on http://{} (database {})",
+        listener.local_addr()?,
+        path.display()
+    );
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    agent.shutdown();
     Ok(())
 }

@@ -1,0 +1,668 @@
+//! The agent's REST API (SPEC §5): meshes, endpoints, services, ports. Requests for another
+//! endpoint are carried through a hub ([`MeshRuntime::forward`]); requests a hub forwards to
+//! us arrive here too, marked [`Forwarded`].
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::{Extension, Json, Router};
+use serde::de::DeserializeOwned;
+use ztm_proto::model::{JoinRequest, Mesh, MeshAgent, PortBody, Service, ServiceBody};
+use ztm_proto::names::{check_name, decode_segment};
+use ztm_proto::wire::{is_endpoint_id, Proto};
+
+use crate::mesh::MeshRuntime;
+use crate::store::{MeshRecord, PortRecord, ServiceRecord};
+use crate::{Agent, Forwarded};
+
+/// Largest request body the API reads.
+const BODY_LIMIT: usize = 1 << 20;
+
+/// An error answer: `{"status":N,"message":"..."}`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+    pub fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+    pub fn into_response_json(self) -> Response {
+        (
+            self.status,
+            Json(ztm_proto::model::ApiError::new(
+                self.status.as_u16(),
+                self.message,
+            )),
+        )
+            .into_response()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.into_response_json()
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        tracing::error!("{e}");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
+
+type ApiResult<T = Response> = Result<T, ApiError>;
+
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/api/meshes", get(list_meshes))
+        .route(
+            "/api/meshes/{mesh}",
+            get(get_mesh).post(join_mesh).delete(leave_mesh),
+        )
+        .route("/api/meshes/{mesh}/log", get(mesh_log))
+        .route("/api/meshes/{mesh}/ca", get(get_ca).post(set_ca))
+        .route(
+            "/api/meshes/{mesh}/agent/certificate",
+            get(get_cert).post(set_cert),
+        )
+        .route("/api/meshes/{mesh}/agent/key", post(set_key))
+        .route("/api/meshes/{mesh}/endpoints", get(list_endpoints))
+        .route("/api/meshes/{mesh}/endpoints/{ep}", get(get_endpoint))
+        .route(
+            "/api/meshes/{mesh}/endpoints/{ep}/{*rest}",
+            any(endpoint_scoped),
+        )
+        .route("/api/meshes/{mesh}/services", get(list_services))
+        .route(
+            "/api/meshes/{mesh}/services/{proto}/{svc}",
+            get(get_service),
+        )
+        .fallback(crate::api::fallback)
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        })
+        .layer(axum::middleware::map_response(json_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            agent.clone(),
+            crate::guard::guard,
+        ))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(agent)
+}
+
+async fn fallback(uri: Uri) -> Response {
+    ApiError::not_found(format!("no such API: {}", uri.path())).into_response()
+}
+
+/// Turns the plain-text errors of extractors and limits into the JSON error body.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if status.as_u16() < 400 || is_json {
+        return resp;
+    }
+    let body = axum::body::to_bytes(resp.into_body(), 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&body).trim().to_string();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    ApiError::new(status, message).into_response()
+}
+
+fn parse_json<T: DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("malformed JSON: {e}")))
+}
+
+fn pem_text(body: String) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+}
+
+fn runtime(agent: &Agent, mesh: &str) -> ApiResult<Arc<MeshRuntime>> {
+    agent
+        .runtime(mesh)
+        .ok_or_else(|| ApiError::not_found(format!("no mesh named {mesh}")))
+}
+
+fn mesh_json(rt: &MeshRuntime) -> Mesh {
+    Mesh {
+        name: rt.record.name.clone(),
+        ca: rt.record.ca.clone(),
+        agent: MeshAgent {
+            id: rt.record.endpoint_id.clone(),
+            name: rt.record.agent_name.clone(),
+            username: rt.username.clone(),
+            certificate: rt.record.cert.clone(),
+        },
+        bootstraps: rt.record.bootstraps.clone(),
+        connected: rt.connected(),
+        errors: rt.errors(),
+    }
+}
+
+async fn list_meshes(State(agent): State<Arc<Agent>>) -> Json<Vec<Mesh>> {
+    Json(agent.runtimes().iter().map(|rt| mesh_json(rt)).collect())
+}
+
+async fn get_mesh(
+    State(agent): State<Arc<Agent>>,
+    Path(mesh): Path<String>,
+) -> ApiResult<Json<Mesh>> {
+    let rt = runtime(&agent, &mesh)?;
+    Ok(Json(mesh_json(&rt)))
+}
+
+fn check_hub_address(addr: &str) -> Result<(), String> {
+    let (host, port) = match addr.rsplit_once(':') {
+        Some(v) => v,
+        None => return Err(format!("hub address {addr:?} must be HOST:PORT")),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_'));
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 && host_ok => Ok(()),
+        _ => Err(format!("hub address {addr:?} must be HOST:PORT")),
+    }
+}
+
+/// Checks a complete mesh configuration; the errors name the field.
+fn validate(record: &MeshRecord) -> ApiResult<()> {
+    check_name(&record.name).map_err(|e| ApiError::bad(format!("mesh name: {e}")))?;
+    check_name(&record.agent_name).map_err(|e| ApiError::bad(format!("agent.name: {e}")))?;
+    ztm_pki::parse_cert(&record.ca, "ca").map_err(|e| ApiError::bad(e.to_string()))?;
+    ztm_pki::cert_info_pem(&record.ca, "ca").map_err(|e| ApiError::bad(e.to_string()))?;
+    ztm_pki::cert_info_pem(&record.cert, "agent.certificate")
+        .map_err(|e| ApiError::bad(e.to_string()))?;
+    ztm_pki::parse_key(&record.key, "agent.privateKey")
+        .map_err(|e| ApiError::bad(e.to_string()))?;
+    ztm_pki::key_matches_cert(&record.cert, &record.key)
+        .map_err(|e| ApiError::bad(format!("agent.privateKey: {e}")))?;
+    if record.bootstraps.is_empty() {
+        return Err(ApiError::bad(
+            "bootstraps: give at least one hub address (HOST:PORT)",
+        ));
+    }
+    if record.bootstraps.len() > 16 {
+        return Err(ApiError::bad("bootstraps: at most 16 hubs"));
+    }
+    for b in &record.bootstraps {
+        check_hub_address(b).map_err(|e| ApiError::bad(format!("bootstraps: {e}")))?;
+    }
+    Ok(())
+}
+
+fn default_agent_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| check_name(s).is_ok())
+        .unwrap_or_else(|| "agent".to_string())
+}
+
+/// Saves a new configuration for a mesh (validated first) and restarts its runtime.
+fn apply(agent: &Agent, record: MeshRecord, joined: bool) -> ApiResult<Json<Mesh>> {
+    validate(&record)?;
+    agent.store.put_mesh(&record)?;
+    let rt = agent.start_mesh(record);
+    rt.event(
+        "info",
+        &if joined {
+            format!(
+                "joined mesh {} as {} ({})",
+                rt.name(),
+                rt.username,
+                rt.record.agent_name
+            )
+        } else {
+            format!("configuration of mesh {} updated", rt.name())
+        },
+    );
+    Ok(Json(mesh_json(&rt)))
+}
+
+async fn join_mesh(
+    State(agent): State<Arc<Agent>>,
+    Path(mesh): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Mesh>> {
+    check_name(&mesh).map_err(|e| ApiError::bad(format!("mesh name: {e}")))?;
+    let req: JoinRequest = parse_json(&body)?;
+    let existing = agent.store.mesh(&mesh)?;
+    let record = MeshRecord {
+        name: mesh,
+        ca: req.ca,
+        cert: req.agent.certificate,
+        key: req.agent.private_key,
+        agent_name: req
+            .agent
+            .name
+            .filter(|n| !n.is_empty())
+            .or_else(|| existing.as_ref().map(|e| e.agent_name.clone()))
+            .unwrap_or_else(default_agent_name),
+        endpoint_id: existing
+            .as_ref()
+            .map(|e| e.endpoint_id.clone())
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        bootstraps: req.bootstraps,
+    };
+    apply(&agent, record, existing.is_none())
+}
+
+async fn leave_mesh(
+    State(agent): State<Arc<Agent>>,
+    Path(mesh): Path<String>,
+) -> ApiResult<StatusCode> {
+    runtime(&agent, &mesh)?;
+    agent.stop_mesh(&mesh);
+    agent.store.delete_mesh(&mesh)?;
+    tracing::info!("left mesh {mesh}");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn mesh_log(
+    State(agent): State<Arc<Agent>>,
+    Path(mesh): Path<String>,
+) -> ApiResult<Response> {
+    runtime(&agent, &mesh)?;
+    Ok(Json(agent.store.log(&mesh)?).into_response())
+}
+
+fn pem_body(body: &Bytes, field: &str) -> ApiResult<String> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ApiError::bad(format!("{field}: not text")))?
+        .to_string();
+    Ok(text)
+}
+
+async fn get_ca(State(agent): State<Arc<Agent>>, Path(mesh): Path<String>) -> ApiResult<Response> {
+    Ok(pem_text(runtime(&agent, &mesh)?.record.ca.clone()))
+}
+
+async fn set_ca(
+    State(agent): State<Arc<Agent>>,
+    Path(mesh): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Mesh>> {
+    let mut record = runtime(&agent, &mesh)?.record.clone();
+    record.ca = pem_body(&body, "ca")?;
+    apply(&agent, record, false)
+}
+
+async fn get_cert(
+    State(agent): State<Arc<Agent>>,
+    Path(mesh): Path<String>,
+) -> ApiResult<Response> {
+    Ok(pem_text(runtime(&agent, &mesh)?.record.cert.clone()))
+}
+
+async fn set_cert(
+    State(agent): State<Arc<Agent>>,
+    Path(mesh): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Mesh>> {
+    let mut record = runtime(&agent, &mesh)?.record.clone();
+    record.cert = pem_body(&body, "agent.certificate")?;
+    apply(&agent, record, false)
+}
+
+async fn set_key(
+    State(agent): State<Arc<Agent>>,
+    Path(mesh): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Mesh>> {
+    let mut record = runtime(&agent, &mesh)?.record.clone();
+    record.key = pem_body(&body, "agent.privateKey")?;
+    apply(&agent, record, false)
+}
+
+async fn list_endpoints(
+    State(agent): State<Arc<Agent>>,
+    Path(mesh): Path<String>,
+) -> ApiResult<Response> {
+    let rt = runtime(&agent, &mesh)?;
+    Ok(Json(rt.endpoints().await).into_response())
+}
+
+/// Finds an endpoint by id or by (unique) name.
+async fn resolve_endpoint(rt: &MeshRuntime, ep: &str) -> ApiResult<ztm_proto::model::Endpoint> {
+    if ep == rt.id() || ep == rt.record.agent_name {
+        return Ok(rt.local_endpoint());
+    }
+    let all = rt.endpoints().await;
+    if let Some(e) = all.iter().find(|e| e.id == ep) {
+        return Ok(e.clone());
+    }
+    let named: Vec<_> = all.iter().filter(|e| e.name == ep).collect();
+    match named.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Err(ApiError::not_found(format!(
+            "no endpoint {ep} in mesh {}",
+            rt.name()
+        ))),
+        _ => Err(ApiError::bad(format!(
+            "several endpoints are named {ep}; use the endpoint id"
+        ))),
+    }
+}
+
+async fn get_endpoint(
+    State(agent): State<Arc<Agent>>,
+    Path((mesh, ep)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let rt = runtime(&agent, &mesh)?;
+    Ok(Json(resolve_endpoint(&rt, &ep).await?).into_response())
+}
+
+async fn list_services(
+    State(agent): State<Arc<Agent>>,
+    Path(mesh): Path<String>,
+) -> ApiResult<Response> {
+    let rt = runtime(&agent, &mesh)?;
+    Ok(Json(rt.services().await).into_response())
+}
+
+fn parse_proto(s: &str) -> ApiResult<Proto> {
+    Proto::parse(s).ok_or_else(|| ApiError::bad(format!("protocol must be tcp or udp, not {s:?}")))
+}
+
+async fn get_service(
+    State(agent): State<Arc<Agent>>,
+    Path((mesh, proto, svc)): Path<(String, String, String)>,
+) -> ApiResult<Json<Service>> {
+    let rt = runtime(&agent, &mesh)?;
+    let proto = parse_proto(&proto)?;
+    rt.services()
+        .await
+        .into_iter()
+        .find(|s| s.protocol == proto && s.name == svc)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no service {proto}/{svc} in mesh {mesh}")))
+}
+
+/// Everything under `/api/meshes/{mesh}/endpoints/{ep}/`: handled here for this endpoint,
+/// carried through a hub for any other.
+async fn endpoint_scoped(
+    State(agent): State<Arc<Agent>>,
+    Path((mesh, ep, _)): Path<(String, String, String)>,
+    forwarded: Option<Extension<Forwarded>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let rt = runtime(&agent, &mesh)?;
+    // The raw remainder after `/endpoints/{ep}`, still percent-encoded, with the query.
+    let raw_path = uri.path();
+    let prefix_len = raw_path
+        .match_indices('/')
+        .nth(5)
+        .map(|(i, _)| i)
+        .unwrap_or(raw_path.len());
+    let rest_raw = &raw_path[prefix_len..];
+    let rest: Vec<String> = rest_raw
+        .trim_start_matches('/')
+        .split('/')
+        .map(decode_segment)
+        .collect::<Result<_, _>>()
+        .map_err(|e| ApiError::bad(e.to_string()))?;
+    let local = ep == rt.id() || ep == rt.record.agent_name;
+    if !local {
+        if forwarded.is_some() {
+            return Err(ApiError::not_found(
+                "forwarded requests are for this endpoint only",
+            ));
+        }
+        let target = if is_endpoint_id(&ep) {
+            ep.clone()
+        } else {
+            resolve_endpoint(&rt, &ep).await?.id
+        };
+        let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+        let ct = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        let answer = rt
+            .forward(&target, method, &format!("{rest_raw}{query}"), ct, body)
+            .await?;
+        let mut resp = (answer.status, answer.body).into_response();
+        if let Some(ct) = answer.headers.get(header::CONTENT_TYPE) {
+            resp.headers_mut().insert(header::CONTENT_TYPE, ct.clone());
+        }
+        return Ok(resp);
+    }
+    let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+    let by = forwarded.map(|Extension(f)| f.user);
+    match (method, rest.as_slice()) {
+        (Method::GET, ["services"]) => Ok(Json(local_services(&rt)?).into_response()),
+        (Method::GET, ["services", proto, name]) => {
+            let proto = parse_proto(proto)?;
+            local_services(&rt)?
+                .into_iter()
+                .find(|s| s.protocol == proto && s.name == *name)
+                .map(|s| Json(s).into_response())
+                .ok_or_else(|| {
+                    ApiError::not_found(format!("no service {proto}/{name} on this endpoint"))
+                })
+        }
+        (Method::POST, ["services", proto, name]) => {
+            create_service(&rt, parse_proto(proto)?, name, &body, by.as_deref())
+        }
+        (Method::DELETE, ["services", proto, name]) => {
+            let proto = parse_proto(proto)?;
+            if !agent.store.delete_service(rt.name(), proto, name)? {
+                return Err(ApiError::not_found(format!(
+                    "no service {proto}/{name} on this endpoint"
+                )));
+            }
+            rt.publish();
+            rt.event(
+                "info",
+                &format!("service {proto}/{name} deleted{}", by_whom(by.as_deref())),
+            );
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        (Method::GET, ["ports"]) => Ok(Json(local_ports(&rt)?).into_response()),
+        (Method::GET, ["ports", ip, proto, port]) => {
+            let (ip, proto, port) = port_key(ip, proto, port)?;
+            local_ports(&rt)?
+                .into_iter()
+                .find(|p| p.listen.ip == ip && p.protocol == proto && p.listen.port == port)
+                .map(|p| Json(p).into_response())
+                .ok_or_else(|| {
+                    ApiError::not_found(format!("no port {ip}/{proto}/{port} on this endpoint"))
+                })
+        }
+        (Method::POST, ["ports", ip, proto, port]) => {
+            let (ip, proto, port) = port_key(ip, proto, port)?;
+            let body: PortBody = parse_json(&body)?;
+            check_name(&body.target.service)
+                .map_err(|e| ApiError::bad(format!("target.service: {e}")))?;
+            let record = PortRecord {
+                ip: ip.clone(),
+                protocol: proto,
+                port,
+                target: body.target,
+            };
+            agent.store.put_port(rt.name(), &record)?;
+            rt.event(
+                "info",
+                &format!(
+                    "port {ip}/{proto}/{port} mapped to service {}{}",
+                    record.target.service,
+                    by_whom(by.as_deref())
+                ),
+            );
+            local_ports(&rt)?
+                .into_iter()
+                .find(|p| p.listen.ip == ip && p.protocol == proto && p.listen.port == port)
+                .map(|p| Json(p).into_response())
+                .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "port vanished"))
+        }
+        (Method::DELETE, ["ports", ip, proto, port]) => {
+            let (ip, proto, port) = port_key(ip, proto, port)?;
+            if !agent.store.delete_port(rt.name(), &ip, proto, port)? {
+                return Err(ApiError::not_found(format!(
+                    "no port {ip}/{proto}/{port} on this endpoint"
+                )));
+            }
+            rt.event(
+                "info",
+                &format!(
+                    "port {ip}/{proto}/{port} unmapped{}",
+                    by_whom(by.as_deref())
+                ),
+            );
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        (_, ["services"] | ["services", _, _] | ["ports"] | ["ports", _, _, _]) => Err(
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+        ),
+        _ => Err(ApiError::not_found(format!("no such API: {}", uri.path()))),
+    }
+}
+
+fn by_whom(user: Option<&str>) -> String {
+    user.map(|u| format!(" by {u} (remote)"))
+        .unwrap_or_default()
+}
+
+fn local_services(rt: &MeshRuntime) -> ApiResult<Vec<Service>> {
+    Ok(rt
+        .store
+        .services(rt.name())?
+        .into_iter()
+        .map(|s| Service {
+            name: s.name,
+            protocol: s.protocol,
+            endpoints: vec![ztm_proto::model::EndpointRef {
+                id: rt.id().to_string(),
+                name: rt.record.agent_name.clone(),
+            }],
+            is_discovered: false,
+            is_local: true,
+            host: Some(s.host),
+            port: Some(s.port),
+            users: s.users,
+        })
+        .collect())
+}
+
+fn check_host(host: &str) -> ApiResult<()> {
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad(format!(
+            "host: {host:?} is not a host name or IP address"
+        )))
+    }
+}
+
+fn create_service(
+    rt: &MeshRuntime,
+    proto: Proto,
+    name: &str,
+    body: &[u8],
+    by: Option<&str>,
+) -> ApiResult<Response> {
+    check_name(name).map_err(|e| ApiError::bad(format!("service name: {e}")))?;
+    let body: ServiceBody = parse_json(body)?;
+    check_host(&body.host)?;
+    if body.port == 0 {
+        return Err(ApiError::bad("port: must be 1-65535"));
+    }
+    if let Some(users) = &body.users {
+        if users.len() > 1000 {
+            return Err(ApiError::bad("users: at most 1000 names"));
+        }
+        for u in users {
+            check_name(u).map_err(|e| ApiError::bad(format!("users: {u:?}: {e}")))?;
+        }
+    }
+    let record = ServiceRecord {
+        protocol: proto,
+        name: name.to_string(),
+        host: body.host,
+        port: body.port,
+        users: body.users,
+    };
+    rt.store.put_service(rt.name(), &record)?;
+    rt.publish();
+    rt.event(
+        "info",
+        &format!(
+            "service {proto}/{name} -> {}:{}{}",
+            record.host,
+            record.port,
+            by_whom(by)
+        ),
+    );
+    local_services(rt)?
+        .into_iter()
+        .find(|s| s.protocol == proto && s.name == name)
+        .map(|s| Json(s).into_response())
+        .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "service vanished"))
+}
+
+fn port_key(ip: &str, proto: &str, port: &str) -> ApiResult<(String, Proto, u16)> {
+    let ip: std::net::IpAddr = ip
+        .parse()
+        .map_err(|_| ApiError::bad(format!("listen ip: {ip:?} is not an IP address")))?;
+    let proto = parse_proto(proto)?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| ApiError::bad(format!("listen port: {port:?} must be 1-65535")))?;
+    Ok((ip.to_string(), proto, port))
+}
+
+fn local_ports(rt: &MeshRuntime) -> ApiResult<Vec<ztm_proto::model::Port>> {
+    Ok(rt
+        .store
+        .ports(rt.name())?
+        .into_iter()
+        .map(|p| ztm_proto::model::Port {
+            protocol: p.protocol,
+            listen: ztm_proto::model::Listen {
+                ip: p.ip,
+                port: p.port,
+            },
+            target: p.target,
+            open: false,
+            error: Some("tunnels are not implemented yet".into()),
+        })
+        .collect())
+}

@@ -1,0 +1,383 @@
+//! One joined mesh at run time: a link to every hub in `bootstraps`, the mesh's errors and
+//! event log, and the queries that go through hubs (discovery, remote management).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use ztm_net::h2io::{self, Answer};
+use ztm_net::now_ms;
+use ztm_pki::rustls::ClientConfig;
+use ztm_proto::model::{Endpoint, EndpointRef, Service, TimedMessage};
+use ztm_proto::wire::{
+    EndpointInfo, Proto, ServiceDecl, ServiceInfo, MAX_MANAGE_BODY, REQUEST_TIMEOUT,
+};
+
+use crate::store::{MeshRecord, ServiceRecord, Store};
+use crate::ApiError;
+
+/// The state of the link to one hub.
+#[derive(Default)]
+pub struct LinkState {
+    /// The control connection, while registered.
+    pub control: Option<h2::client::SendRequest<Bytes>>,
+    /// Why the last attempt failed, while it keeps failing.
+    pub error: Option<TimedMessage>,
+}
+
+pub struct HubLink {
+    pub addr: String,
+    state: Mutex<LinkState>,
+}
+
+impl HubLink {
+    pub fn state(&self) -> MutexGuard<'_, LinkState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+pub struct TlsConfigs {
+    pub control: Arc<ClientConfig>,
+    pub reverse: Arc<ClientConfig>,
+}
+
+pub struct MeshRuntime {
+    pub record: MeshRecord,
+    pub username: String,
+    pub links: Vec<Arc<HubLink>>,
+    pub stop: CancellationToken,
+    pub services_tx: watch::Sender<Vec<ServiceDecl>>,
+    pub store: Arc<Store>,
+    /// Problems with the configuration itself (bad PEM, certificate of another CA).
+    pub config_errors: Vec<TimedMessage>,
+    pub tls: Option<TlsConfigs>,
+    /// The agent's REST API, to answer management requests forwarded by hubs.
+    pub router: axum::Router,
+}
+
+pub fn decls(services: &[ServiceRecord]) -> Vec<ServiceDecl> {
+    services
+        .iter()
+        .map(|s| ServiceDecl {
+            protocol: s.protocol,
+            name: s.name.clone(),
+            users: s.users.clone(),
+        })
+        .collect()
+}
+
+impl MeshRuntime {
+    /// Builds the runtime and starts a link task per hub.
+    pub fn start(record: MeshRecord, store: Arc<Store>, router: axum::Router) -> Arc<MeshRuntime> {
+        let mut config_errors = Vec::new();
+        let username = ztm_pki::cert_info_pem(&record.cert, "certificate")
+            .map(|i| i.common_name)
+            .unwrap_or_default();
+        if let Err(e) = ztm_pki::verify_signed_by(&record.ca, &record.cert) {
+            config_errors.push(TimedMessage {
+                time: now_ms(),
+                message: format!(
+                    "{e}: the agent certificate was not issued by this mesh's CA certificate"
+                ),
+            });
+        }
+        let tls = (|| -> Result<TlsConfigs, ztm_pki::PkiError> {
+            Ok(TlsConfigs {
+                control: Arc::new(ztm_pki::agent_client_config(
+                    &record.ca,
+                    &record.cert,
+                    &record.key,
+                    ztm_pki::ALPN_CONTROL,
+                )?),
+                reverse: Arc::new(ztm_pki::agent_client_config(
+                    &record.ca,
+                    &record.cert,
+                    &record.key,
+                    ztm_pki::ALPN_REVERSE,
+                )?),
+            })
+        })();
+        let tls = match tls {
+            Ok(t) => Some(t),
+            Err(e) => {
+                config_errors.push(TimedMessage {
+                    time: now_ms(),
+                    message: e.to_string(),
+                });
+                None
+            }
+        };
+        let services = store.services(&record.name).unwrap_or_default();
+        let (services_tx, _) = watch::channel(decls(&services));
+        let links = record
+            .bootstraps
+            .iter()
+            .map(|addr| {
+                Arc::new(HubLink {
+                    addr: addr.clone(),
+                    state: Mutex::new(LinkState::default()),
+                })
+            })
+            .collect();
+        let rt = Arc::new(MeshRuntime {
+            record,
+            username,
+            links,
+            stop: CancellationToken::new(),
+            services_tx,
+            store,
+            config_errors,
+            tls,
+            router,
+        });
+        for e in &rt.config_errors {
+            rt.event("error", &e.message);
+        }
+        if rt.tls.is_some() {
+            for link in &rt.links {
+                tokio::spawn(crate::session::run_link(rt.clone(), link.clone()));
+            }
+        }
+        rt
+    }
+
+    pub fn name(&self) -> &str {
+        &self.record.name
+    }
+
+    pub fn id(&self) -> &str {
+        &self.record.endpoint_id
+    }
+
+    /// Records an event in the mesh's log and the process log.
+    pub fn event(&self, kind: &str, message: &str) {
+        if kind == "error" {
+            tracing::warn!("mesh {}: {message}", self.record.name);
+        } else {
+            tracing::info!("mesh {}: {message}", self.record.name);
+        }
+        if let Err(e) = self
+            .store
+            .append_log(&self.record.name, now_ms(), kind, message)
+        {
+            tracing::error!("cannot write the mesh log: {e}");
+        }
+    }
+
+    pub fn connected(&self) -> bool {
+        self.links.iter().any(|l| l.state().control.is_some())
+    }
+
+    pub fn errors(&self) -> Vec<TimedMessage> {
+        let mut errors = self.config_errors.clone();
+        errors.extend(self.links.iter().filter_map(|l| l.state().error.clone()));
+        errors
+    }
+
+    fn controls(&self) -> Vec<h2::client::SendRequest<Bytes>> {
+        self.links
+            .iter()
+            .filter_map(|l| l.state().control.clone())
+            .collect()
+    }
+
+    /// Tells every hub link to publish the current service list.
+    pub fn publish(&self) {
+        let services = self.store.services(&self.record.name).unwrap_or_default();
+        self.services_tx.send_replace(decls(&services));
+    }
+
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// GETs `path` from every connected hub at once; answers that fail are skipped.
+    async fn query_hubs<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        path: &str,
+    ) -> Vec<T> {
+        let mut set = tokio::task::JoinSet::new();
+        for sender in self.controls() {
+            let path = path.to_string();
+            set.spawn(async move {
+                let req = h2io::build(Method::GET, &path).ok()?.body(()).ok()?;
+                let answer = h2io::request(&sender, req, Bytes::new(), 64 << 20, REQUEST_TIMEOUT)
+                    .await
+                    .ok()?;
+                (answer.status == StatusCode::OK)
+                    .then(|| answer.json::<T>().ok())
+                    .flatten()
+            });
+        }
+        let mut out = Vec::new();
+        while let Some(r) = set.join_next().await {
+            if let Ok(Some(v)) = r {
+                out.push(v);
+            }
+        }
+        out
+    }
+
+    pub fn local_endpoint(&self) -> Endpoint {
+        Endpoint {
+            id: self.record.endpoint_id.clone(),
+            name: self.record.agent_name.clone(),
+            username: self.username.clone(),
+            ip: String::new(),
+            port: 0,
+            heartbeat: 0,
+            online: self.connected(),
+            is_local: true,
+        }
+    }
+
+    /// Every endpoint the hubs know, merged; this endpoint always included.
+    pub async fn endpoints(&self) -> Vec<Endpoint> {
+        let mut merged: BTreeMap<String, Endpoint> = BTreeMap::new();
+        for list in self.query_hubs::<Vec<EndpointInfo>>("/api/endpoints").await {
+            for e in list {
+                let is_local = e.id == self.record.endpoint_id;
+                let entry = merged.entry(e.id.clone()).or_insert_with(|| Endpoint {
+                    id: e.id.clone(),
+                    name: e.name.clone(),
+                    username: e.username.clone(),
+                    ip: e.ip.clone(),
+                    port: e.port,
+                    heartbeat: e.heartbeat,
+                    online: e.online,
+                    is_local,
+                });
+                if e.heartbeat > entry.heartbeat || (e.online && !entry.online) {
+                    entry.ip = e.ip;
+                    entry.port = e.port;
+                    entry.heartbeat = entry.heartbeat.max(e.heartbeat);
+                    entry.name = e.name;
+                }
+                entry.online |= e.online;
+            }
+        }
+        let local = self.local_endpoint();
+        merged
+            .entry(local.id.clone())
+            .and_modify(|e| {
+                e.online = local.online;
+                e.is_local = true;
+            })
+            .or_insert(local);
+        let mut list: Vec<Endpoint> = merged.into_values().collect();
+        list.sort_by(|a, b| b.is_local.cmp(&a.is_local).then(a.name.cmp(&b.name)));
+        list
+    }
+
+    /// Services discovered through hubs merged with the local ones.
+    pub async fn services(&self) -> Vec<Service> {
+        let mut merged: BTreeMap<(Proto, String), Service> = BTreeMap::new();
+        for list in self.query_hubs::<Vec<ServiceInfo>>("/api/services").await {
+            for s in list {
+                let entry = merged
+                    .entry((s.protocol, s.name.clone()))
+                    .or_insert_with(|| Service {
+                        name: s.name.clone(),
+                        protocol: s.protocol,
+                        endpoints: Vec::new(),
+                        is_discovered: true,
+                        is_local: false,
+                        host: None,
+                        port: None,
+                        users: s.users.clone(),
+                    });
+                for e in s.endpoints {
+                    if !entry.endpoints.iter().any(|x| x.id == e.id) {
+                        entry.endpoints.push(EndpointRef {
+                            id: e.id,
+                            name: e.name,
+                        });
+                    }
+                }
+            }
+        }
+        for s in self.store.services(&self.record.name).unwrap_or_default() {
+            let entry = merged
+                .entry((s.protocol, s.name.clone()))
+                .or_insert_with(|| Service {
+                    name: s.name.clone(),
+                    protocol: s.protocol,
+                    endpoints: Vec::new(),
+                    is_discovered: false,
+                    is_local: true,
+                    host: None,
+                    port: None,
+                    users: None,
+                });
+            entry.is_local = true;
+            entry.host = Some(s.host.clone());
+            entry.port = Some(s.port);
+            entry.users = s.users.clone();
+            if !entry
+                .endpoints
+                .iter()
+                .any(|x| x.id == self.record.endpoint_id)
+            {
+                entry.endpoints.push(EndpointRef {
+                    id: self.record.endpoint_id.clone(),
+                    name: self.record.agent_name.clone(),
+                });
+            }
+        }
+        merged.into_values().collect()
+    }
+
+    /// Sends a management request to endpoint `ep` through the first hub that has it online.
+    pub async fn forward(
+        &self,
+        ep: &str,
+        method: Method,
+        rest: &str,
+        content_type: Option<&str>,
+        body: Bytes,
+    ) -> Result<Answer, ApiError> {
+        let controls = self.controls();
+        if controls.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not connected to any hub of this mesh",
+            ));
+        }
+        let path = format!("/api/endpoints/{ep}/manage{rest}");
+        let mut last = None;
+        for sender in controls {
+            let mut req = h2io::build(method.clone(), &path)
+                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+            if let Some(ct) = content_type {
+                req = req.header(http::header::CONTENT_TYPE, ct);
+            }
+            let req = req
+                .body(())
+                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+            match h2io::request(&sender, req, body.clone(), MAX_MANAGE_BODY, REQUEST_TIMEOUT).await
+            {
+                Ok(a)
+                    if a.status == StatusCode::NOT_FOUND
+                        && a.error_message().contains("not online at this hub") =>
+                {
+                    last = Some(a)
+                }
+                Ok(a) => return Ok(a),
+                Err(e) => {
+                    last = None;
+                    tracing::debug!("forwarding to {ep}: {e:#}");
+                }
+            }
+        }
+        match last {
+            Some(a) => Err(ApiError::new(StatusCode::NOT_FOUND, a.error_message())),
+            None => Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("no hub could reach endpoint {ep}"),
+            )),
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! The agent's session with one hub: dial the control and reverse connections, register,
+//! heartbeat, publish, serve what the hub sends over the reverse connection, and reconnect with
+//! backoff on any failure.
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Result};
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::{Method, Request, StatusCode};
+use tokio::net::TcpStream;
+use tower::ServiceExt;
+use ztm_net::backoff::Backoff;
+use ztm_net::h2io::{self, read_body, respond, respond_error, respond_json};
+use ztm_net::now_ms;
+use ztm_pki::rustls::pki_types::ServerName;
+use ztm_pki::rustls::ClientConfig;
+use ztm_pki::tokio_rustls::client::TlsStream;
+use ztm_pki::tokio_rustls::TlsConnector;
+use ztm_proto::model::TimedMessage;
+use ztm_proto::wire::{
+    Hello, Register, Registered, BACKOFF_MAX, BACKOFF_MIN, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT,
+    HEARTBEAT_INTERVAL, MAX_MANAGE_BODY, MAX_STREAMS, REQUEST_TIMEOUT, STREAM_WINDOW, USER_HEADER,
+};
+
+use crate::mesh::{HubLink, MeshRuntime};
+use crate::Forwarded;
+
+/// Aborts a task when dropped, so no connection outlives its session.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+pub async fn run_link(rt: Arc<MeshRuntime>, link: Arc<HubLink>) {
+    let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
+    let mut last_error: Option<String> = None;
+    loop {
+        let result = connect_once(&rt, &link, &mut backoff, &mut last_error).await;
+        link.state().control = None;
+        if rt.stop.is_cancelled() {
+            return;
+        }
+        let message = match result {
+            Ok(()) => format!("disconnected from hub {}", link.addr),
+            Err(e) => format!("hub {}: {e:#}", link.addr),
+        };
+        link.state().error = Some(TimedMessage {
+            time: now_ms(),
+            message: message.clone(),
+        });
+        if last_error.as_deref() != Some(message.as_str()) {
+            rt.event("error", &message);
+            last_error = Some(message);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = rt.stop.cancelled() => return,
+        }
+    }
+}
+
+fn host_of(addr: &str) -> &str {
+    let host = match addr.rsplit_once(':') {
+        Some((h, _)) => h,
+        None => addr,
+    };
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// Words for TLS failures a person can act on.
+fn describe(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    if text.contains("UnknownIssuer") || text.contains("BadSignature") {
+        "the hub's certificate is not from this mesh's CA (wrong CA certificate?)".into()
+    } else if text.contains("CertificateRevoked") || text.contains("Revoked") {
+        "the hub refused our certificate: it has been revoked".into()
+    } else if text.contains("alert")
+        && (text.contains("BadCertificate")
+            || text.contains("UnknownCA")
+            || text.contains("DecryptError"))
+    {
+        "the hub refused our certificate (not issued by the hub's CA, or revoked)".into()
+    } else if text.contains("ApplicationVerificationFailure") {
+        "the server is not a hub of this mesh (its certificate is not a hub certificate)".into()
+    } else {
+        text
+    }
+}
+
+fn describe_h2(e: &h2::Error) -> String {
+    match e.get_io() {
+        Some(io) => describe(io),
+        None => e.to_string(),
+    }
+}
+
+async fn dial(addr: &str, config: Arc<ClientConfig>) -> Result<TlsStream<TcpStream>> {
+    let tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| anyhow!("connecting timed out"))?
+        .map_err(|e| anyhow!("cannot connect: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let name = ServerName::try_from(host_of(addr).to_string())
+        .or_else(|_| ServerName::try_from("ztm-hub".to_string()))
+        .map_err(|e| anyhow!("bad hub address: {e}"))?;
+    let tls = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        TlsConnector::from(config).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| anyhow!("TLS handshake timed out"))?
+    .map_err(|e| anyhow!("{}", describe(&e)))?;
+    Ok(tls)
+}
+
+async fn connect_once(
+    rt: &Arc<MeshRuntime>,
+    link: &Arc<HubLink>,
+    backoff: &mut Backoff,
+    last_error: &mut Option<String>,
+) -> Result<()> {
+    let Some(tls) = &rt.tls else {
+        bail!("no usable TLS configuration");
+    };
+    let stream = dial(&link.addr, tls.control.clone()).await?;
+    let (sender, conn) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_send_buffer_size(256 * 1024)
+        .handshake::<_, Bytes>(stream)
+        .await
+        .map_err(|e| anyhow!("{}", describe_h2(&e)))?;
+    let mut driver = AbortOnDrop(tokio::spawn(async move {
+        let _ = conn.await;
+    }));
+
+    let mut services_rx = rt.services_tx.subscribe();
+    let register = Register {
+        name: rt.record.agent_name.clone(),
+        services: services_rx.borrow_and_update().clone(),
+    };
+    let req = h2io::build(Method::POST, &format!("/api/endpoints/{}", rt.id()))?
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(())?;
+    let answer = h2io::request(
+        &sender,
+        req,
+        serde_json::to_vec(&register)?.into(),
+        64 * 1024,
+        REQUEST_TIMEOUT,
+    )
+    .await?;
+    if answer.status != StatusCode::OK {
+        bail!(
+            "the hub refused to register this endpoint: {}",
+            answer.error_message()
+        );
+    }
+    let registered: Registered = answer.json()?;
+
+    let reverse_stream = dial(&link.addr, tls.reverse.clone()).await?;
+    let reverse = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_send_buffer_size(256 * 1024)
+        .enable_connect_protocol()
+        .handshake::<_, Bytes>(reverse_stream)
+        .await;
+    let reverse = reverse.map_err(|e| anyhow!("reverse connection: {}", describe_h2(&e)))?;
+    let mut reverse_task = AbortOnDrop(tokio::spawn(serve_reverse(
+        rt.clone(),
+        reverse,
+        registered.session,
+    )));
+
+    {
+        let mut state = link.state();
+        state.control = Some(sender.clone());
+        state.error = None;
+    }
+    backoff.reset();
+    *last_error = None;
+    rt.event(
+        "info",
+        &format!("connected to hub {} ({})", link.addr, registered.hub),
+    );
+
+    let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let outcome = loop {
+        tokio::select! {
+            _ = rt.stop.cancelled() => break Ok(()),
+            _ = &mut driver.0 => break Err(anyhow!("the connection to the hub closed")),
+            _ = &mut reverse_task.0 => break Err(anyhow!("the reverse connection to the hub closed")),
+            _ = tick.tick() => {
+                let req = h2io::build(Method::POST, &format!("/api/endpoints/{}/heartbeat", rt.id()))?.body(())?;
+                match h2io::request(&sender, req, Bytes::new(), 64 * 1024, REQUEST_TIMEOUT).await {
+                    Ok(a) if a.status.is_success() => {}
+                    Ok(a) => break Err(anyhow!("the hub dropped our session ({})", a.error_message())),
+                    Err(e) => break Err(anyhow!("heartbeat failed: {e:#}")),
+                }
+            }
+            changed = services_rx.changed() => {
+                if changed.is_err() {
+                    break Ok(());
+                }
+                let list = services_rx.borrow_and_update().clone();
+                let req = h2io::build(Method::POST, &format!("/api/endpoints/{}/services", rt.id()))?
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .body(())?;
+                match h2io::request(&sender, req, serde_json::to_vec(&list)?.into(), 64 * 1024, REQUEST_TIMEOUT).await {
+                    Ok(a) if a.status.is_success() => {}
+                    Ok(a) => break Err(anyhow!("publishing services failed: {}", a.error_message())),
+                    Err(e) => break Err(anyhow!("publishing services failed: {e:#}")),
+                }
+            }
+        }
+    };
+    outcome
+}
+
+async fn serve_reverse(
+    rt: Arc<MeshRuntime>,
+    mut conn: h2::server::Connection<TlsStream<TcpStream>, Bytes>,
+    token: String,
+) {
+    let token = Arc::new(token);
+    while let Some(next) = conn.accept().await {
+        let Ok((req, send)) = next else { break };
+        let rt = rt.clone();
+        let token = token.clone();
+        tokio::spawn(async move { handle_reverse(rt, &token, req, send).await });
+    }
+}
+
+async fn handle_reverse(
+    rt: Arc<MeshRuntime>,
+    token: &str,
+    req: Request<RecvStream>,
+    send: SendResponse<Bytes>,
+) {
+    let path = req.uri().path().to_string();
+    if req.method() == Method::GET && path == "/api/hello" {
+        return respond_json(
+            send,
+            StatusCode::OK,
+            &Hello {
+                endpoint: rt.id().to_string(),
+                session: token.to_string(),
+            },
+        );
+    }
+    if req.method() == Method::CONNECT {
+        return respond_error(
+            send,
+            StatusCode::NOT_IMPLEMENTED,
+            "tunnels are not available yet",
+        );
+    }
+    forwarded(rt, req, send).await
+}
+
+/// Answers a management request a hub forwarded from another endpoint by running it through
+/// this agent's own REST API, scoped to this endpoint.
+async fn forwarded(rt: Arc<MeshRuntime>, req: Request<RecvStream>, send: SendResponse<Bytes>) {
+    let Some(user) = req
+        .headers()
+        .get(USER_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+    else {
+        return respond_error(send, StatusCode::BAD_REQUEST, "missing user header");
+    };
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    let rest = pq.strip_prefix("/api/").unwrap_or("");
+    if !(rest.starts_with("services") || rest.starts_with("ports")) {
+        return respond_error(send, StatusCode::NOT_FOUND, "no such management API");
+    }
+    let uri = format!("/api/meshes/{}/endpoints/{}/{rest}", rt.name(), rt.id());
+    let method = req.method().clone();
+    let content_type = req.headers().get(http::header::CONTENT_TYPE).cloned();
+    let mut body = req.into_body();
+    let body = match read_body(&mut body, MAX_MANAGE_BODY).await {
+        Ok(b) => b,
+        Err(e) => return respond_error(send, StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
+    };
+    let mut builder = Request::builder()
+        .method(method.clone())
+        .uri(uri)
+        .header(http::header::HOST, "127.0.0.1");
+    if let Some(ct) = content_type {
+        builder = builder.header(http::header::CONTENT_TYPE, ct);
+    }
+    let Ok(mut local) = builder.body(axum::body::Body::from(body)) else {
+        return respond_error(send, StatusCode::BAD_REQUEST, "bad forwarded request");
+    };
+    local
+        .extensions_mut()
+        .insert(Forwarded { user: user.clone() });
+    let Ok(resp) = rt.router.clone().oneshot(local).await;
+    let (parts, body) = resp.into_parts();
+    let ct = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    match axum::body::to_bytes(body, MAX_MANAGE_BODY).await {
+        Ok(bytes) => {
+            if method != Method::GET && parts.status.is_success() {
+                rt.event("info", &format!("user {user} (remote): {method} {rest}"));
+            }
+            respond(send, parts.status, ct.as_deref(), bytes)
+        }
+        Err(e) => respond_error(send, StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}

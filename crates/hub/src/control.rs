@@ -1,0 +1,393 @@
+//! The control connection (agent = HTTP/2 client): registration, heartbeats, publishing,
+//! discovery, management forwarding and outgoing tunnels. See PROTOCOL.md.
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::Result;
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::{Method, Request, StatusCode};
+use tokio_util::sync::CancellationToken;
+use ztm_net::h2io::{self, read_body, respond, respond_error, respond_json};
+use ztm_net::now_ms;
+use ztm_pki::tokio_rustls::server::TlsStream;
+use ztm_proto::acl;
+use ztm_proto::names::check_name;
+use ztm_proto::wire::{
+    is_endpoint_id, Register, Registered, ServiceDecl, CONNECTION_WINDOW, MAX_MANAGE_BODY,
+    MAX_STREAMS, REGISTER_TIMEOUT, REQUEST_TIMEOUT, STREAM_WINDOW, USER_HEADER,
+};
+
+use crate::registry::{self, RegisterError, SessionId};
+use crate::server::{Hub, Peer, SessionIo};
+
+/// Largest body of a registration or a service list.
+const MAX_CONTROL_BODY: usize = 1 << 20;
+/// Most services one endpoint may publish.
+const MAX_SERVICES: usize = 10_000;
+
+struct Conn {
+    hub: Arc<Hub>,
+    peer: Peer,
+    id: u64,
+    kill: CancellationToken,
+    /// The endpoint registered on this connection and its session.
+    registered: Mutex<Option<(String, SessionId)>>,
+}
+
+impl Conn {
+    fn registered(&self) -> Option<(String, SessionId)> {
+        self.registered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+pub async fn serve(
+    hub: Arc<Hub>,
+    tls: TlsStream<tokio::net::TcpStream>,
+    peer: Peer,
+    conn_id: u64,
+    kill: CancellationToken,
+) -> Result<()> {
+    let mut h2 = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_send_buffer_size(256 * 1024)
+        .enable_connect_protocol()
+        .handshake::<_, Bytes>(tls)
+        .await?;
+    let conn = Arc::new(Conn {
+        hub,
+        peer,
+        id: conn_id,
+        kill,
+        registered: Mutex::new(None),
+    });
+    let register_deadline = tokio::time::sleep(REGISTER_TIMEOUT);
+    tokio::pin!(register_deadline);
+    loop {
+        tokio::select! {
+            next = h2.accept() => match next {
+                Some(Ok((req, send))) => {
+                    let conn = conn.clone();
+                    tokio::spawn(async move { handle(conn, req, send).await });
+                }
+                Some(Err(e)) => {
+                    tracing::debug!("control connection from {}: {e}", conn.peer.addr);
+                    break;
+                }
+                None => break,
+            },
+            _ = conn.kill.cancelled() => break,
+            _ = &mut register_deadline, if conn.registered().is_none() => {
+                tracing::debug!("{} did not register in time", conn.peer.addr);
+                break;
+            }
+        }
+    }
+    if let Some((id, session)) = conn.registered() {
+        let name = conn
+            .hub
+            .registry()
+            .get(&id)
+            .map(|e| e.name.clone())
+            .unwrap_or_default();
+        conn.hub.registry().end_session(&id, session);
+        let mine = {
+            let mut sessions = conn.hub.sessions();
+            let mine = sessions.get(&session).map(|s| s.conn) == Some(conn.id);
+            if mine {
+                if let Some(io) = sessions.remove(&session) {
+                    io.kill.cancel();
+                }
+            }
+            mine
+        };
+        if mine {
+            tracing::info!("endpoint {name} ({id}) of user {} offline", conn.peer.user);
+        }
+    }
+    Ok(())
+}
+
+async fn handle(conn: Arc<Conn>, req: Request<RecvStream>, send: SendResponse<Bytes>) {
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let method = req.method().clone();
+    match (&method, segments.as_slice()) {
+        (&Method::CONNECT, _) => respond_error(
+            send,
+            StatusCode::NOT_IMPLEMENTED,
+            "tunnels are not available on this hub",
+        ),
+        (&Method::POST, ["api", "endpoints", id]) => register(&conn, id, req, send).await,
+        (&Method::POST, ["api", "endpoints", id, "heartbeat"]) => heartbeat(&conn, id, send),
+        (&Method::POST, ["api", "endpoints", id, "services"]) => {
+            publish(&conn, id, req, send).await
+        }
+        (&Method::GET, ["api", "endpoints"]) => {
+            let list = conn.hub.registry().endpoints(now_ms());
+            respond_json(send, StatusCode::OK, &list);
+        }
+        (&Method::GET, ["api", "services"]) => {
+            let list = conn.hub.registry().services(now_ms());
+            respond_json(send, StatusCode::OK, &list);
+        }
+        (_, ["api", "endpoints", ep, "manage", ..]) => {
+            let ep = ep.to_string();
+            manage(&conn, &ep, req, send).await
+        }
+        _ => respond_error(
+            send,
+            StatusCode::NOT_FOUND,
+            format!("no such API: {method} {path}"),
+        ),
+    }
+}
+
+fn check_services(services: &[ServiceDecl]) -> Result<(), String> {
+    if services.len() > MAX_SERVICES {
+        return Err(format!("more than {MAX_SERVICES} services"));
+    }
+    for s in services {
+        check_name(&s.name).map_err(|e| format!("service {:?}: {e}", s.name))?;
+    }
+    Ok(())
+}
+
+async fn register(conn: &Arc<Conn>, id: &str, req: Request<RecvStream>, send: SendResponse<Bytes>) {
+    if !is_endpoint_id(id) {
+        return respond_error(send, StatusCode::BAD_REQUEST, "endpoint id must be a UUID");
+    }
+    let mut body = req.into_body();
+    let reg: Register = match read_body(&mut body, MAX_CONTROL_BODY)
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(r) => r,
+        Err(e) => {
+            return respond_error(
+                send,
+                StatusCode::BAD_REQUEST,
+                format!("bad registration: {e}"),
+            )
+        }
+    };
+    if let Err(e) = check_name(&reg.name)
+        .map_err(|e| e.to_string())
+        .and_then(|_| check_services(&reg.services))
+    {
+        return respond_error(send, StatusCode::BAD_REQUEST, e);
+    }
+    if let Some((existing, _)) = conn.registered() {
+        if existing != id {
+            return respond_error(
+                send,
+                StatusCode::CONFLICT,
+                "this connection already registered another endpoint",
+            );
+        }
+    }
+    let token = format!("{:032x}", rand::random::<u128>());
+    let outcome = conn.hub.registry().register(
+        registry::Register {
+            id,
+            user: &conn.peer.user,
+            serial: &conn.peer.serial,
+            name: &reg.name,
+            ip: conn.peer.addr.ip().to_string(),
+            port: conn.peer.addr.port(),
+            services: reg.services,
+            token: token.clone(),
+        },
+        now_ms(),
+    );
+    let registration = match outcome {
+        Ok(r) => r,
+        Err(RegisterError::Taken { .. }) => {
+            tracing::warn!(
+                "user {} tried to register endpoint {id}, which another user holds",
+                conn.peer.user
+            );
+            return respond_error(
+                send,
+                StatusCode::FORBIDDEN,
+                format!("endpoint {id} is online under another user"),
+            );
+        }
+        Err(RegisterError::Full) => {
+            return respond_error(send, StatusCode::SERVICE_UNAVAILABLE, "the hub is full")
+        }
+    };
+    {
+        let mut sessions = conn.hub.sessions();
+        if let Some(old) = registration.replaced {
+            if let Some(io) = sessions.remove(&old) {
+                if io.conn != conn.id {
+                    io.kill.cancel();
+                }
+            }
+        }
+        sessions.insert(
+            registration.session,
+            SessionIo {
+                kill: conn.kill.clone(),
+                conn: conn.id,
+                reverse: None,
+            },
+        );
+    }
+    *conn.registered.lock().unwrap_or_else(|p| p.into_inner()) =
+        Some((id.to_string(), registration.session));
+    tracing::info!(
+        "endpoint {} ({id}) of user {} online from {}",
+        reg.name,
+        conn.peer.user,
+        conn.peer.addr
+    );
+    respond_json(
+        send,
+        StatusCode::OK,
+        &Registered {
+            session: token,
+            hub: conn.hub.name.clone(),
+        },
+    );
+}
+
+/// The session registered on this connection, if it is for endpoint `id`.
+fn own_session(conn: &Conn, id: &str) -> Option<SessionId> {
+    conn.registered()
+        .filter(|(registered, _)| registered == id)
+        .map(|(_, s)| s)
+}
+
+fn heartbeat(conn: &Arc<Conn>, id: &str, send: SendResponse<Bytes>) {
+    match own_session(conn, id) {
+        Some(s) if conn.hub.registry().heartbeat(id, s, now_ms()) => {
+            respond(send, StatusCode::NO_CONTENT, None, Bytes::new())
+        }
+        _ => respond_error(
+            send,
+            StatusCode::NOT_FOUND,
+            "no such session; register again",
+        ),
+    }
+}
+
+async fn publish(conn: &Arc<Conn>, id: &str, req: Request<RecvStream>, send: SendResponse<Bytes>) {
+    let Some(session) = own_session(conn, id) else {
+        return respond_error(
+            send,
+            StatusCode::NOT_FOUND,
+            "no such session; register again",
+        );
+    };
+    let mut body = req.into_body();
+    let services: Vec<ServiceDecl> = match read_body(&mut body, MAX_CONTROL_BODY)
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            return respond_error(
+                send,
+                StatusCode::BAD_REQUEST,
+                format!("bad service list: {e}"),
+            )
+        }
+    };
+    if let Err(e) = check_services(&services) {
+        return respond_error(send, StatusCode::BAD_REQUEST, e);
+    }
+    if conn.hub.registry().publish(id, session, services) {
+        respond(send, StatusCode::NO_CONTENT, None, Bytes::new())
+    } else {
+        respond_error(
+            send,
+            StatusCode::NOT_FOUND,
+            "no such session; register again",
+        )
+    }
+}
+
+/// Forwards a management request to endpoint `ep` over its reverse connection.
+async fn manage(conn: &Arc<Conn>, ep: &str, req: Request<RecvStream>, send: SendResponse<Bytes>) {
+    let target = {
+        let registry = conn.hub.registry();
+        registry
+            .online_entry(ep, now_ms())
+            .map(|e| (e.user.clone(), e.session.as_ref().map(|s| s.id)))
+    };
+    let Some((owner, Some(session))) = target else {
+        return respond_error(
+            send,
+            StatusCode::NOT_FOUND,
+            format!("endpoint {ep} is not online at this hub"),
+        );
+    };
+    if !acl::can_manage(&conn.peer.user, &owner) {
+        return respond_error(
+            send,
+            StatusCode::FORBIDDEN,
+            format!(
+                "user {} may not manage endpoints of user {owner}",
+                conn.peer.user
+            ),
+        );
+    }
+    let Some(sender) = conn.hub.reverse_of(session) else {
+        return respond_error(
+            send,
+            StatusCode::BAD_GATEWAY,
+            format!("endpoint {ep} is still connecting"),
+        );
+    };
+    let prefix = format!("/api/endpoints/{ep}/manage");
+    let rest = req
+        .uri()
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or("")
+        .strip_prefix(&prefix)
+        .unwrap_or("")
+        .to_string();
+    let method = req.method().clone();
+    let content_type = req.headers().get(http::header::CONTENT_TYPE).cloned();
+    let mut body = req.into_body();
+    let body = match read_body(&mut body, MAX_MANAGE_BODY).await {
+        Ok(b) => b,
+        Err(e) => return respond_error(send, StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
+    };
+    let forwarded = h2io::build(method, &format!("/api{rest}")).map(|b| {
+        let b = b.header(USER_HEADER, conn.peer.user.as_str());
+        match content_type {
+            Some(ct) => b.header(http::header::CONTENT_TYPE, ct),
+            None => b,
+        }
+    });
+    let Ok(Ok(forwarded)) = forwarded.map(|b| b.body(())) else {
+        return respond_error(send, StatusCode::BAD_REQUEST, "bad management path");
+    };
+    match h2io::request(&sender, forwarded, body, MAX_MANAGE_BODY, REQUEST_TIMEOUT).await {
+        Ok(answer) => {
+            let ct = answer
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            respond(send, answer.status, ct.as_deref(), answer.body)
+        }
+        Err(e) => respond_error(
+            send,
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("endpoint {ep} did not answer: {e:#}"),
+        ),
+    }
+}

@@ -1,0 +1,118 @@
+//! HTTP/2 plumbing over the `h2` crate: bounded body reads, small responses, and one-shot
+//! requests with a deadline.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+use bytes::{Bytes, BytesMut};
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::{Request, Response, StatusCode};
+use serde::Serialize;
+use ztm_proto::model::ApiError;
+
+/// Reads a whole body, refusing more than `limit` bytes.
+pub async fn read_body(body: &mut RecvStream, limit: usize) -> Result<Bytes> {
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        if buf.len() + chunk.len() > limit {
+            bail!("body larger than {limit} bytes");
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+/// Sends a complete response with an optional content type.
+pub fn respond(
+    mut send: SendResponse<Bytes>,
+    status: StatusCode,
+    content_type: Option<&str>,
+    body: Bytes,
+) {
+    let mut builder = Response::builder().status(status);
+    if let Some(ct) = content_type {
+        builder = builder.header(http::header::CONTENT_TYPE, ct);
+    }
+    let Ok(resp) = builder.body(()) else {
+        return;
+    };
+    let end = body.is_empty();
+    if let Ok(mut stream) = send.send_response(resp, end) {
+        if !end {
+            let _ = stream.send_data(body, true);
+        }
+    }
+}
+
+pub fn respond_json<T: Serialize>(send: SendResponse<Bytes>, status: StatusCode, value: &T) {
+    match serde_json::to_vec(value) {
+        Ok(v) => respond(send, status, Some("application/json"), v.into()),
+        Err(_) => respond(send, StatusCode::INTERNAL_SERVER_ERROR, None, Bytes::new()),
+    }
+}
+
+pub fn respond_error(send: SendResponse<Bytes>, status: StatusCode, message: impl Into<String>) {
+    respond_json(send, status, &ApiError::new(status.as_u16(), message));
+}
+
+/// A complete response read from the peer.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_slice(&self.body).map_err(|e| anyhow!("bad JSON from peer: {e}"))
+    }
+
+    /// The `message` of an error body, or the status.
+    pub fn error_message(&self) -> String {
+        serde_json::from_slice::<ApiError>(&self.body)
+            .map(|e| e.message)
+            .unwrap_or_else(|_| self.status.to_string())
+    }
+}
+
+/// Sends one request with a complete body and reads the complete answer, within `deadline`.
+pub async fn request(
+    sender: &h2::client::SendRequest<Bytes>,
+    req: Request<()>,
+    body: Bytes,
+    limit: usize,
+    deadline: Duration,
+) -> Result<Answer> {
+    let work = async {
+        let mut sender = sender.clone().ready().await?;
+        let end = body.is_empty();
+        let (resp, mut stream) = sender.send_request(req, end)?;
+        if !end {
+            stream.send_data(body, true)?;
+        }
+        let resp = resp.await?;
+        let (parts, mut recv) = resp.into_parts();
+        let body = read_body(&mut recv, limit).await?;
+        Ok::<_, anyhow::Error>(Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    };
+    tokio::time::timeout(deadline, work)
+        .await
+        .map_err(|_| anyhow!("no answer within {deadline:?}"))?
+}
+
+/// Builds a request whose URI is only a path (HTTP/2 needs scheme and authority; we set
+/// `https://ztm`, which both ends ignore).
+pub fn build(method: http::Method, path: &str) -> Result<http::request::Builder> {
+    let uri: http::Uri = format!("https://ztm{path}")
+        .parse()
+        .map_err(|e| anyhow!("bad path {path:?}: {e}"))?;
+    Ok(Request::builder().method(method).uri(uri))
+}

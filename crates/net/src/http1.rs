@@ -1,0 +1,66 @@
+//! A small HTTP/1.1 client (one request per connection) for talking to the CA and to an
+//! agent's REST API.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends `method path` to `addr` (HOST:PORT) with optional bearer token and body.
+pub async fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    content_type: Option<&str>,
+    body: Bytes,
+    deadline: Duration,
+) -> Result<Reply> {
+    let work = async {
+        let stream = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("cannot connect to {addr}"))?;
+        let _ = stream.set_nodelay(true);
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, addr);
+        if let Some(t) = token {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        if let Some(ct) = content_type {
+            req = req.header(http::header::CONTENT_TYPE, ct);
+        }
+        let resp = sender.send_request(req.body(Full::new(body))?).await?;
+        let status = resp.status().as_u16();
+        let body = Limited::new(resp.into_body(), 16 << 20)
+            .collect()
+            .await
+            .map_err(|e| anyhow!("reading the answer from {addr}: {e}"))?
+            .to_bytes();
+        Ok::<_, anyhow::Error>(Reply { status, body })
+    };
+    tokio::time::timeout(deadline, work)
+        .await
+        .map_err(|_| anyhow!("{addr} did not answer within {deadline:?}"))?
+}

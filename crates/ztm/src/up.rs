@@ -1,0 +1,201 @@
+//! `ztm up`: a whole mesh on this machine in one command. Runs a CA, a hub and an agent in
+//! this process, gives user `root` a certificate (kept in the state directory), joins the agent
+//! to a mesh as root and prints the web UI address and how to add more computers.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use clap::Args;
+use ztm_net::http1;
+
+use crate::roles::{run_agent, run_ca, run_hub, AgentArgs, CaArgs, HubArgs};
+use crate::serve::expand_home;
+
+#[derive(Args)]
+pub struct UpArgs {
+    /// Directory for the databases and root's certificate and key
+    #[arg(long, default_value = "~/.ztm")]
+    dir: String,
+    /// Name of the mesh to create
+    #[arg(long, default_value = "default")]
+    mesh: String,
+    /// CA listen address
+    #[arg(long, default_value = "127.0.0.1:9999")]
+    ca_listen: String,
+    /// Hub listen address (other computers dial it)
+    #[arg(long, default_value = "0.0.0.0:8888")]
+    hub_listen: String,
+    /// Addresses other computers reach the hub at (HOST:PORT); repeatable
+    #[arg(long = "hub-name")]
+    hub_names: Vec<String>,
+    /// Agent (REST API and web UI) listen address
+    #[arg(long, default_value = "127.0.0.1:7777")]
+    agent_listen: String,
+}
+
+fn local_of(listen: &str) -> String {
+    match listen.rsplit_once(':') {
+        Some((host, port)) if host == "0.0.0.0" || host == "[::]" => format!("127.0.0.1:{port}"),
+        _ => listen.to_string(),
+    }
+}
+
+async fn wait_http(addr: &str, path: &str) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = http1::request(
+            addr,
+            "GET",
+            path,
+            None,
+            None,
+            Bytes::new(),
+            Duration::from_secs(2),
+        )
+        .await
+        {
+            if r.status < 500 {
+                return Ok(());
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{addr} did not come up within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn call(addr: &str, method: &str, path: &str, body: Bytes) -> Result<String> {
+    let r = http1::request(
+        addr,
+        method,
+        path,
+        None,
+        Some("application/json"),
+        body,
+        Duration::from_secs(10),
+    )
+    .await?;
+    if r.status >= 300 {
+        bail!("{method} {path} on {addr}: {} {}", r.status, r.text());
+    }
+    Ok(r.text())
+}
+
+/// root's key, certificate and the CA certificate, created at the first run.
+async fn root_identity(ca: &str, dir: &Path) -> Result<(String, String, String)> {
+    let (key_path, crt_path, ca_path) = (
+        dir.join("root.key"),
+        dir.join("root.crt"),
+        dir.join("ca.crt"),
+    );
+    if !key_path.exists() {
+        let key = call(ca, "POST", "/api/certificates/root", Bytes::new())
+            .await
+            .context("creating root's certificate (if the CA already has one, delete it or use another --dir)")?;
+        write_private(&key_path, &key)?;
+        std::fs::write(
+            &crt_path,
+            call(ca, "GET", "/api/certificates/root", Bytes::new()).await?,
+        )?;
+        std::fs::write(
+            &ca_path,
+            call(ca, "GET", "/api/certificates/ca", Bytes::new()).await?,
+        )?;
+    }
+    let read =
+        |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    Ok((read(&ca_path)?, read(&crt_path)?, read(&key_path)?))
+}
+
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+async fn setup(args: &UpArgs, dir: &Path, hub_public: &[String]) -> Result<()> {
+    let ca = local_of(&args.ca_listen);
+    let agent = local_of(&args.agent_listen);
+    let hub_local = local_of(&args.hub_listen);
+    wait_http(&ca, "/api/certificates/ca").await?;
+    let (ca_pem, cert, key) = root_identity(&ca, dir).await?;
+    wait_http(&agent, "/api/meshes").await?;
+    let meshes: serde_json::Value =
+        serde_json::from_str(&call(&agent, "GET", "/api/meshes", Bytes::new()).await?)?;
+    let joined = meshes
+        .as_array()
+        .is_some_and(|m| m.iter().any(|m| m["name"] == args.mesh.as_str()));
+    if !joined {
+        let body = serde_json::json!({
+            "ca": ca_pem,
+            "agent": {"name": "root-agent", "certificate": cert, "privateKey": key},
+            "bootstraps": [hub_local],
+        });
+        call(
+            &agent,
+            "POST",
+            &format!("/api/meshes/{}", args.mesh),
+            body.to_string().into(),
+        )
+        .await?;
+    }
+    let hub_addr = hub_public.first().cloned().unwrap_or(hub_local);
+    println!(
+        "\nZTM is up: CA on {ca}, hub on {}, agent joined to mesh '{}' as root.\n\
+         \n  Web UI:  http://{agent}/\n\
+         \nTo add another computer (user NAME):\n\
+         \x20 here:   curl -X POST http://{ca}/api/certificates/NAME > NAME.key\n\
+         \x20         curl http://{ca}/api/certificates/NAME > NAME.crt\n\
+         \x20 copy NAME.key, NAME.crt and {} to it, then there:\n\
+         \x20         ztm agent &\n\
+         \x20         ztm join {} --as NAME --hub {hub_addr} --ca ca.crt --cert NAME.crt --key NAME.key\n\
+         \x20 (or open http://127.0.0.1:7777 there and join with the three files)\n",
+        args.hub_listen,
+        args.mesh,
+        dir.join("ca.crt").display(),
+        args.mesh,
+    );
+    Ok(())
+}
+
+pub async fn run_up(args: UpArgs) -> Result<()> {
+    let dir = expand_home(&args.dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let db = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let hub_public = if args.hub_names.is_empty() {
+        vec![local_of(&args.hub_listen)]
+    } else {
+        args.hub_names.clone()
+    };
+    let ca = run_ca(CaArgs::new(&args.ca_listen, &db("ca.db")));
+    let hub = run_hub(HubArgs::new(
+        &args.hub_listen,
+        &local_of(&args.ca_listen),
+        hub_public.clone(),
+    ));
+    let agent = run_agent(AgentArgs::new(&args.agent_listen, &db("agent.db")));
+    let setup = async {
+        if let Err(e) = setup(&args, &dir, &hub_public).await {
+            tracing::error!("setting up the mesh failed: {e:#}");
+        }
+        std::future::pending::<Result<()>>().await
+    };
+    // Any role ending (an error, or SIGINT/SIGTERM reaching all of them) ends `up`.
+    tokio::select! {
+        r = ca => r.map_err(|e| anyhow!("CA: {e:#}")),
+        r = hub => r.map_err(|e| anyhow!("hub: {e:#}")),
+        r = agent => r.map_err(|e| anyhow!("agent: {e:#}")),
+        r = setup => r,
+    }
+}
