@@ -71,6 +71,8 @@ type ApiResult<T = Response> = Result<T, ApiError>;
 
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
+        .route("/", get(crate::ui::index))
+        .route("/ui/{file}", get(crate::ui::asset))
         .route("/api/meshes", get(list_meshes))
         .route(
             "/api/meshes/{mesh}",
@@ -512,6 +514,7 @@ async fn endpoint_scoped(
                 target: body.target,
             };
             agent.store.put_port(rt.name(), &record)?;
+            rt.sync_ports();
             rt.event(
                 "info",
                 &format!(
@@ -533,6 +536,7 @@ async fn endpoint_scoped(
                     "no port {ip}/{proto}/{port} on this endpoint"
                 )));
             }
+            rt.sync_ports();
             rt.event(
                 "info",
                 &format!(
@@ -654,15 +658,18 @@ fn local_ports(rt: &MeshRuntime) -> ApiResult<Vec<ztm_proto::model::Port>> {
         .store
         .ports(rt.name())?
         .into_iter()
-        .map(|p| ztm_proto::model::Port {
-            protocol: p.protocol,
-            listen: ztm_proto::model::Listen {
-                ip: p.ip,
-                port: p.port,
-            },
-            target: p.target,
-            open: false,
-            error: Some("tunnels are not implemented yet".into()),
+        .map(|p| {
+            let state = rt.port_state(&(p.ip.clone(), p.protocol, p.port));
+            ztm_proto::model::Port {
+                protocol: p.protocol,
+                listen: ztm_proto::model::Listen {
+                    ip: p.ip,
+                    port: p.port,
+                },
+                target: p.target,
+                open: state.open,
+                error: state.error,
+            }
         })
         .collect())
 }

@@ -3,10 +3,14 @@
 //! ([`api`], guarded by [`guard`]) that the web UI and the CLI use.
 
 pub mod api;
+pub mod balance;
 pub mod guard;
 pub mod mesh;
+pub mod ports;
 pub mod session;
 pub mod store;
+pub mod tunnel;
+pub mod ui;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

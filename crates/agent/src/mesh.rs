@@ -1,8 +1,9 @@
 //! One joined mesh at run time: a link to every hub in `bootstraps`, the mesh's errors and
 //! event log, and the queries that go through hubs (discovery, remote management).
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
@@ -16,6 +17,7 @@ use ztm_proto::wire::{
     EndpointInfo, Proto, ServiceDecl, ServiceInfo, MAX_MANAGE_BODY, REQUEST_TIMEOUT,
 };
 
+use crate::ports::{PortKey, PortState, Ports};
 use crate::store::{MeshRecord, ServiceRecord, Store};
 use crate::ApiError;
 
@@ -56,6 +58,27 @@ pub struct MeshRuntime {
     pub tls: Option<TlsConfigs>,
     /// The agent's REST API, to answer management requests forwarded by hubs.
     pub router: axum::Router,
+    /// Local services by protocol and name: (host, port), for incoming tunnels.
+    local: RwLock<HashMap<(Proto, String), (String, u16)>>,
+    /// Recent answers of the hubs' service lists, for choosing tunnel providers quickly.
+    providers_cache: Mutex<Option<(Instant, Arc<Vec<(usize, Vec<ServiceInfo>)>>)>>,
+    pub ports: Ports,
+}
+
+/// An endpoint providing a service, and the hub connections it can be reached through.
+pub struct Provider {
+    pub endpoint: String,
+    pub links: Vec<h2::client::SendRequest<Bytes>>,
+}
+
+/// How long a hub's service list is trusted for choosing tunnel providers.
+const PROVIDERS_TTL: Duration = Duration::from_secs(2);
+
+fn local_map(services: &[ServiceRecord]) -> HashMap<(Proto, String), (String, u16)> {
+    services
+        .iter()
+        .map(|s| ((s.protocol, s.name.clone()), (s.host.clone(), s.port)))
+        .collect()
 }
 
 pub fn decls(services: &[ServiceRecord]) -> Vec<ServiceDecl> {
@@ -112,6 +135,7 @@ impl MeshRuntime {
         };
         let services = store.services(&record.name).unwrap_or_default();
         let (services_tx, _) = watch::channel(decls(&services));
+        let local = RwLock::new(local_map(&services));
         let links = record
             .bootstraps
             .iter()
@@ -132,6 +156,9 @@ impl MeshRuntime {
             config_errors,
             tls,
             router,
+            local,
+            providers_cache: Mutex::new(None),
+            ports: Ports::default(),
         });
         for e in &rt.config_errors {
             rt.event("error", &e.message);
@@ -141,7 +168,98 @@ impl MeshRuntime {
                 tokio::spawn(crate::session::run_link(rt.clone(), link.clone()));
             }
         }
+        rt.sync_ports();
         rt
+    }
+
+    /// Opens, closes or retargets listeners to match the stored ports.
+    pub fn sync_ports(self: &Arc<Self>) {
+        match self.store.ports(&self.record.name) {
+            Ok(wanted) => self.ports.sync(self, &wanted),
+            Err(e) => tracing::error!("reading ports: {e}"),
+        }
+    }
+
+    pub fn port_state(&self, key: &PortKey) -> PortState {
+        self.ports.state(key)
+    }
+
+    pub fn local_service(&self, proto: Proto, name: &str) -> Option<(String, u16)> {
+        self.local
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(proto, name.to_string()))
+            .cloned()
+    }
+
+    pub fn forget_providers(&self) {
+        *self
+            .providers_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Online endpoints that provide `proto/name` and that this agent's user may reach,
+    /// restricted to `endpoint` (an id or a name) when given.
+    pub async fn providers(
+        &self,
+        proto: Proto,
+        name: &str,
+        endpoint: Option<&str>,
+    ) -> Vec<Provider> {
+        let cached = {
+            let cache = self
+                .providers_cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            cache
+                .as_ref()
+                .filter(|(at, _)| at.elapsed() < PROVIDERS_TTL)
+                .map(|(_, lists)| lists.clone())
+        };
+        let lists = match cached {
+            Some(l) => l,
+            None => {
+                let fresh = Arc::new(self.query_links::<Vec<ServiceInfo>>("/api/services").await);
+                *self
+                    .providers_cache
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), fresh.clone()));
+                fresh
+            }
+        };
+        let mut out: Vec<Provider> = Vec::new();
+        for (link, services) in lists.iter() {
+            let Some(sender) = self
+                .links
+                .get(*link)
+                .and_then(|l| l.state().control.clone())
+            else {
+                continue;
+            };
+            for s in services
+                .iter()
+                .filter(|s| s.protocol == proto && s.name == name)
+            {
+                for e in &s.endpoints {
+                    if endpoint.is_some_and(|want| want != e.id && want != e.name) {
+                        continue;
+                    }
+                    if !ztm_proto::acl::can_connect(&self.username, &e.username, s.users.as_deref())
+                    {
+                        continue;
+                    }
+                    match out.iter_mut().find(|p| p.endpoint == e.id) {
+                        Some(p) => p.links.push(sender.clone()),
+                        None => out.push(Provider {
+                            endpoint: e.id.clone(),
+                            links: vec![sender.clone()],
+                        }),
+                    }
+                }
+            }
+        }
+        out
     }
 
     pub fn name(&self) -> &str {
@@ -187,11 +305,13 @@ impl MeshRuntime {
     /// Tells every hub link to publish the current service list.
     pub fn publish(&self) {
         let services = self.store.services(&self.record.name).unwrap_or_default();
+        *self.local.write().unwrap_or_else(|p| p.into_inner()) = local_map(&services);
         self.services_tx.send_replace(decls(&services));
     }
 
     pub fn stop(&self) {
         self.stop.cancel();
+        self.ports.stop_all();
     }
 
     /// GETs `path` from every connected hub at once; answers that fail are skipped.
@@ -199,8 +319,23 @@ impl MeshRuntime {
         &self,
         path: &str,
     ) -> Vec<T> {
+        self.query_links(path)
+            .await
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect()
+    }
+
+    /// Like `query_hubs`, with the index of the link each answer came from.
+    async fn query_links<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        path: &str,
+    ) -> Vec<(usize, T)> {
         let mut set = tokio::task::JoinSet::new();
-        for sender in self.controls() {
+        for (i, link) in self.links.iter().enumerate() {
+            let Some(sender) = link.state().control.clone() else {
+                continue;
+            };
             let path = path.to_string();
             set.spawn(async move {
                 let req = h2io::build(Method::GET, &path).ok()?.body(()).ok()?;
@@ -210,6 +345,7 @@ impl MeshRuntime {
                 (answer.status == StatusCode::OK)
                     .then(|| answer.json::<T>().ok())
                     .flatten()
+                    .map(|v| (i, v))
             });
         }
         let mut out = Vec::new();
@@ -218,6 +354,7 @@ impl MeshRuntime {
                 out.push(v);
             }
         }
+        out.sort_by_key(|(i, _)| *i);
         out
     }
 

@@ -259,11 +259,7 @@ async fn handle_reverse(
         );
     }
     if req.method() == Method::CONNECT {
-        return respond_error(
-            send,
-            StatusCode::NOT_IMPLEMENTED,
-            "tunnels are not available yet",
-        );
+        return crate::tunnel::accept(rt, req, send).await;
     }
     forwarded(rt, req, send).await
 }

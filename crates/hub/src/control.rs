@@ -11,12 +11,13 @@ use http::{Method, Request, StatusCode};
 use tokio_util::sync::CancellationToken;
 use ztm_net::h2io::{self, read_body, respond, respond_error, respond_json};
 use ztm_net::now_ms;
+use ztm_net::relay;
 use ztm_pki::tokio_rustls::server::TlsStream;
 use ztm_proto::acl;
 use ztm_proto::names::check_name;
 use ztm_proto::wire::{
-    is_endpoint_id, Register, Registered, ServiceDecl, CONNECTION_WINDOW, MAX_MANAGE_BODY,
-    MAX_STREAMS, REGISTER_TIMEOUT, REQUEST_TIMEOUT, STREAM_WINDOW, USER_HEADER,
+    is_endpoint_id, Proto, Register, Registered, ServiceDecl, CONNECTION_WINDOW, MAX_MANAGE_BODY,
+    MAX_STREAMS, REGISTER_TIMEOUT, REQUEST_TIMEOUT, STREAM_WINDOW, TUNNEL_PROTOCOL, USER_HEADER,
 };
 
 use crate::registry::{self, RegisterError, SessionId};
@@ -119,11 +120,11 @@ async fn handle(conn: Arc<Conn>, req: Request<RecvStream>, send: SendResponse<By
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method().clone();
     match (&method, segments.as_slice()) {
-        (&Method::CONNECT, _) => respond_error(
-            send,
-            StatusCode::NOT_IMPLEMENTED,
-            "tunnels are not available on this hub",
-        ),
+        (&Method::CONNECT, ["api", "endpoints", ep, "services", proto, svc]) => {
+            let (ep, proto, svc) = (ep.to_string(), proto.to_string(), svc.to_string());
+            tunnel(&conn, &ep, &proto, &svc, req, send).await
+        }
+        (&Method::CONNECT, _) => respond_error(send, StatusCode::NOT_FOUND, "no such tunnel path"),
         (&Method::POST, ["api", "endpoints", id]) => register(&conn, id, req, send).await,
         (&Method::POST, ["api", "endpoints", id, "heartbeat"]) => heartbeat(&conn, id, send),
         (&Method::POST, ["api", "endpoints", id, "services"]) => {
@@ -388,6 +389,130 @@ async fn manage(conn: &Arc<Conn>, ep: &str, req: Request<RecvStream>, send: Send
             send,
             StatusCode::GATEWAY_TIMEOUT,
             format!("endpoint {ep} did not answer: {e:#}"),
+        ),
+    }
+}
+
+fn is_tunnel(req: &Request<RecvStream>) -> bool {
+    req.extensions()
+        .get::<h2::ext::Protocol>()
+        .is_some_and(|p| p.as_str() == TUNNEL_PROTOCOL)
+}
+
+/// Opens a tunnel to service `proto/svc` on endpoint `ep` over its reverse connection and
+/// relays between the two streams.
+async fn tunnel(
+    conn: &Arc<Conn>,
+    ep: &str,
+    proto: &str,
+    svc: &str,
+    req: Request<RecvStream>,
+    send: SendResponse<Bytes>,
+) {
+    if !is_tunnel(&req) {
+        return respond_error(
+            send,
+            StatusCode::BAD_REQUEST,
+            "expected :protocol ztm-tunnel",
+        );
+    }
+    let Some(proto) = Proto::parse(proto) else {
+        return respond_error(send, StatusCode::BAD_REQUEST, "protocol must be tcp or udp");
+    };
+    let target = {
+        let registry = conn.hub.registry();
+        registry.online_entry(ep, now_ms()).map(|e| {
+            let service = e
+                .services
+                .iter()
+                .find(|s| s.protocol == proto && s.name == svc)
+                .cloned();
+            (e.user.clone(), e.session.as_ref().map(|s| s.id), service)
+        })
+    };
+    let Some((owner, Some(session), service)) = target else {
+        return respond_error(
+            send,
+            StatusCode::NOT_FOUND,
+            format!("endpoint {ep} is not online at this hub"),
+        );
+    };
+    let Some(service) = service else {
+        return respond_error(
+            send,
+            StatusCode::NOT_FOUND,
+            format!("endpoint {ep} has no service {proto}/{svc}"),
+        );
+    };
+    if !acl::can_connect(&conn.peer.user, &owner, service.users.as_deref()) {
+        tracing::warn!(
+            "user {} refused a tunnel to {proto}/{svc} on endpoint {ep}",
+            conn.peer.user
+        );
+        return respond_error(
+            send,
+            StatusCode::FORBIDDEN,
+            format!(
+                "user {} may not connect to service {proto}/{svc}",
+                conn.peer.user
+            ),
+        );
+    }
+    let Some(reverse) = conn.hub.reverse_of(session) else {
+        return respond_error(
+            send,
+            StatusCode::BAD_GATEWAY,
+            format!("endpoint {ep} is still connecting"),
+        );
+    };
+    let started = std::time::Instant::now();
+    let opened = async {
+        let mut b_req = h2io::build(Method::CONNECT, &format!("/api/services/{proto}/{svc}"))?
+            .header(USER_HEADER, conn.peer.user.as_str())
+            .body(())?;
+        b_req
+            .extensions_mut()
+            .insert(h2::ext::Protocol::from_static(TUNNEL_PROTOCOL));
+        let mut sender = reverse.ready().await?;
+        let (resp, b_send) = sender.send_request(b_req, false)?;
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, resp)
+            .await
+            .map_err(|_| anyhow::anyhow!("endpoint {ep} did not answer"))??;
+        Ok::<_, anyhow::Error>((resp, b_send))
+    }
+    .await;
+    let (resp, b_send) = match opened {
+        Ok(v) => v,
+        Err(e) => return respond_error(send, StatusCode::BAD_GATEWAY, format!("{e:#}")),
+    };
+    if resp.status() != StatusCode::OK {
+        let status = resp.status();
+        let mut body = resp.into_body();
+        let message = read_body(&mut body, 64 * 1024)
+            .await
+            .ok()
+            .and_then(|b| serde_json::from_slice::<ztm_proto::model::ApiError>(&b).ok())
+            .map(|e| e.message)
+            .unwrap_or_else(|| format!("endpoint {ep} answered {status}"));
+        return respond_error(send, status, message);
+    }
+    let mut send = send;
+    let Ok(a_send) = send.send_response(http::Response::new(()), false) else {
+        return;
+    };
+    let a_recv = req.into_body();
+    let b_recv = resp.into_body();
+    tracing::debug!("tunnel {} -> {proto}/{svc}@{ep} opened", conn.peer.user);
+    match relay::relay(a_recv, a_send, b_recv, b_send).await {
+        Ok((up, down)) => tracing::debug!(
+            "tunnel {} -> {proto}/{svc}@{ep} closed: {up} bytes up, {down} down, {:?}",
+            conn.peer.user,
+            started.elapsed()
+        ),
+        Err(e) => tracing::debug!(
+            "tunnel {} -> {proto}/{svc}@{ep} failed after {:?}: {e}",
+            conn.peer.user,
+            started.elapsed()
         ),
     }
 }

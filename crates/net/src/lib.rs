@@ -4,6 +4,7 @@
 pub mod backoff;
 pub mod h2io;
 pub mod http1;
+pub mod relay;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {

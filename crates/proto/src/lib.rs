@@ -4,6 +4,7 @@
 //! Nothing here does I/O, so every rule can be unit-tested.
 
 pub mod acl;
+pub mod capsule;
 pub mod model;
 pub mod names;
 pub mod wire;

@@ -1,0 +1,316 @@
+//! Port mappings: a listener per configured port, whose connections (TCP) or client flows
+//! (UDP) are carried through tunnels to the target service. Listeners that cannot open (port
+//! taken) report why and retry.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use ztm_net::relay;
+use ztm_proto::model::PortTarget;
+use ztm_proto::wire::Proto;
+
+use crate::balance::Balancer;
+use crate::mesh::MeshRuntime;
+use crate::store::PortRecord;
+use crate::tunnel;
+
+const RETRY: Duration = Duration::from_secs(5);
+/// Most UDP client flows one port keeps at once.
+const MAX_UDP_FLOWS: usize = 4096;
+/// Datagrams queued per UDP flow while its tunnel is busy (more are dropped, as UDP may).
+const UDP_QUEUE: usize = 256;
+
+pub type PortKey = (String, Proto, u16);
+
+#[derive(Clone, Debug, Default)]
+pub struct PortState {
+    pub open: bool,
+    pub error: Option<String>,
+}
+
+struct Running {
+    target: PortTarget,
+    stop: CancellationToken,
+    state: Arc<Mutex<PortState>>,
+}
+
+/// The listeners of one mesh.
+#[derive(Default)]
+pub struct Ports {
+    running: Mutex<HashMap<PortKey, Running>>,
+}
+
+fn key(p: &PortRecord) -> PortKey {
+    (p.ip.clone(), p.protocol, p.port)
+}
+
+impl Ports {
+    pub fn state(&self, key: &PortKey) -> PortState {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .map(|r| r.state.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .unwrap_or_default()
+    }
+
+    /// Makes the running listeners match `wanted`: starts new ones, stops removed ones and
+    /// restarts those whose target changed.
+    pub fn sync(&self, rt: &Arc<MeshRuntime>, wanted: &[PortRecord]) {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.retain(|k, r| {
+            let keep = wanted.iter().any(|p| key(p) == *k && p.target == r.target);
+            if !keep {
+                r.stop.cancel();
+            }
+            keep
+        });
+        for p in wanted {
+            if running.contains_key(&key(p)) {
+                continue;
+            }
+            let stop = rt.stop.child_token();
+            let first = bind_now(p);
+            let state = Arc::new(Mutex::new(PortState {
+                open: first.is_ok(),
+                error: first
+                    .as_ref()
+                    .err()
+                    .map(|e| format!("cannot listen on {}:{}/{}: {e}", p.ip, p.port, p.protocol)),
+            }));
+            tokio::spawn(run_port(
+                rt.clone(),
+                p.clone(),
+                stop.clone(),
+                state.clone(),
+                first,
+            ));
+            running.insert(
+                key(p),
+                Running {
+                    target: p.target.clone(),
+                    stop,
+                    state,
+                },
+            );
+        }
+    }
+
+    pub fn stop_all(&self) {
+        for (_, r) in self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+        {
+            r.stop.cancel();
+        }
+    }
+}
+
+fn set(state: &Mutex<PortState>, open: bool, error: Option<String>) {
+    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+    s.open = open;
+    s.error = error;
+}
+
+enum Bound {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
+}
+
+fn listen_addr(port: &PortRecord) -> std::io::Result<SocketAddr> {
+    let ip: std::net::IpAddr = port
+        .ip
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    Ok(SocketAddr::new(ip, port.port))
+}
+
+/// Binds now (from the caller's thread, so the API can answer with the real state).
+fn bind_now(port: &PortRecord) -> std::io::Result<Bound> {
+    let addr = listen_addr(port)?;
+    match port.protocol {
+        Proto::Tcp => {
+            let l = std::net::TcpListener::bind(addr)?;
+            l.set_nonblocking(true)?;
+            Ok(Bound::Tcp(TcpListener::from_std(l)?))
+        }
+        Proto::Udp => {
+            let s = std::net::UdpSocket::bind(addr)?;
+            s.set_nonblocking(true)?;
+            Ok(Bound::Udp(UdpSocket::from_std(s)?))
+        }
+    }
+}
+
+async fn run_port(
+    rt: Arc<MeshRuntime>,
+    port: PortRecord,
+    stop: CancellationToken,
+    state: Arc<Mutex<PortState>>,
+    first: std::io::Result<Bound>,
+) {
+    let name = format!("{}:{}/{}", port.ip, port.port, port.protocol);
+    let balancer = Arc::new(Balancer::default());
+    let mut reported = None;
+    let mut attempt = Some(first);
+    loop {
+        let bound = attempt.take().unwrap_or_else(|| bind_now(&port));
+        match bound {
+            Ok(Bound::Tcp(l)) => {
+                set(&state, true, None);
+                rt.event(
+                    "info",
+                    &format!("port {name} open, to service {}", port.target.service),
+                );
+                return tcp_accept_loop(&rt, l, &port.target, &balancer, &stop).await;
+            }
+            Ok(Bound::Udp(s)) => {
+                set(&state, true, None);
+                rt.event(
+                    "info",
+                    &format!("port {name} open, to service {}", port.target.service),
+                );
+                return udp_loop(&rt, Arc::new(s), &port.target, &balancer, &stop).await;
+            }
+            Err(e) => {
+                let message = format!("cannot listen on {name}: {e}");
+                set(&state, false, Some(message.clone()));
+                if reported.as_deref() != Some(message.as_str()) {
+                    rt.event("error", &message);
+                    reported = Some(message);
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RETRY) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+async fn tcp_accept_loop(
+    rt: &Arc<MeshRuntime>,
+    listener: TcpListener,
+    target: &PortTarget,
+    balancer: &Arc<Balancer>,
+    stop: &CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.cancelled() => return,
+        };
+        let (socket, client) = match accepted {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = socket.set_nodelay(true);
+        let rt = rt.clone();
+        let target = target.clone();
+        let balancer = balancer.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let opened = tokio::select! {
+                o = tunnel::open(&rt, Proto::Tcp, &target, &balancer) => o,
+                _ = stop.cancelled() => return,
+            };
+            let opened = match opened {
+                Ok(o) => o,
+                Err(e) => {
+                    rt.event("error", &format!("connection from {client}: {e}"));
+                    return;
+                }
+            };
+            let started = std::time::Instant::now();
+            let ep = opened.endpoint.clone();
+            let tunnel::Opened {
+                send,
+                recv,
+                active: _active,
+                ..
+            } = opened;
+            let result = tokio::select! {
+                r = relay::pump(socket, send, recv) => r,
+                _ = stop.cancelled() => return,
+            };
+            match result {
+                Ok(m) => tracing::debug!(
+                    "tunnel {client} -> tcp/{}@{ep} closed: {} bytes up, {} down, {:?}",
+                    target.service,
+                    m.sent,
+                    m.received,
+                    started.elapsed()
+                ),
+                Err(e) => {
+                    tracing::debug!("tunnel {client} -> tcp/{}@{ep} failed: {e}", target.service)
+                }
+            }
+        });
+    }
+}
+
+async fn udp_loop(
+    rt: &Arc<MeshRuntime>,
+    socket: Arc<UdpSocket>,
+    target: &PortTarget,
+    balancer: &Arc<Balancer>,
+    stop: &CancellationToken,
+) {
+    let mut flows: HashMap<SocketAddr, mpsc::Sender<Bytes>> = HashMap::new();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<SocketAddr>();
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        tokio::select! {
+            r = socket.recv_from(&mut buf) => {
+                let Ok((n, client)) = r else { continue };
+                let datagram = Bytes::copy_from_slice(&buf[..n]);
+                if let Some(tx) = flows.get(&client) {
+                    if tx.try_send(datagram).is_err() && tx.is_closed() {
+                        flows.remove(&client);
+                    }
+                    continue;
+                }
+                if flows.len() >= MAX_UDP_FLOWS {
+                    continue;
+                }
+                let (tx, rx) = mpsc::channel(UDP_QUEUE);
+                let _ = tx.try_send(datagram);
+                flows.insert(client, tx);
+                let rt = rt.clone();
+                let target = target.clone();
+                let balancer = balancer.clone();
+                let socket = socket.clone();
+                let done = done_tx.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = async {
+                            match tunnel::open(&rt, Proto::Udp, &target, &balancer).await {
+                                Ok(opened) => tunnel::udp_client_flow(opened, socket, client, rx).await,
+                                Err(e) => rt.event("error", &format!("udp flow from {client}: {e}")),
+                            }
+                        } => {}
+                        _ = stop.cancelled() => {}
+                    }
+                    let _ = done.send(client);
+                });
+            }
+            Some(client) = done_rx.recv() => {
+                flows.remove(&client);
+            }
+            _ = stop.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! Tunnels at the agent. The service end ([`accept`]) answers a CONNECT from the hub by
+//! connecting to the local service; the client end ([`open`]) picks a provider and opens a
+//! CONNECT through a hub. TCP bytes ride the stream as they are; UDP datagrams ride it as
+//! RFC 9297 capsules, one stream per client flow.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, StatusCode};
+use tokio::net::{TcpStream, UdpSocket};
+use ztm_net::h2io::{self, respond_error};
+use ztm_net::relay;
+use ztm_proto::capsule;
+use ztm_proto::model::PortTarget;
+use ztm_proto::wire::{Proto, REQUEST_TIMEOUT, TUNNEL_PROTOCOL, USER_HEADER};
+
+use crate::balance::{Active, Balancer};
+use crate::mesh::MeshRuntime;
+
+/// A UDP flow with no datagram either way for this long is closed.
+pub const UDP_IDLE: Duration = Duration::from_secs(60);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Service end: a hub asks for `CONNECT /api/services/{proto}/{name}`.
+pub async fn accept(rt: Arc<MeshRuntime>, req: Request<RecvStream>, mut send: SendResponse<Bytes>) {
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let ["api", "services", proto, name] = segments.as_slice() else {
+        return respond_error(send, StatusCode::NOT_FOUND, "no such tunnel path");
+    };
+    let Some(proto) = Proto::parse(proto) else {
+        return respond_error(send, StatusCode::BAD_REQUEST, "protocol must be tcp or udp");
+    };
+    let Some((host, port)) = rt.local_service(proto, name) else {
+        return respond_error(
+            send,
+            StatusCode::NOT_FOUND,
+            format!("no service {proto}/{name} here"),
+        );
+    };
+    let user = req
+        .headers()
+        .get(USER_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("?")
+        .to_string();
+    let recv = req.into_body();
+    let started = Instant::now();
+    let result = match proto {
+        Proto::Tcp => {
+            let tcp = match tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                TcpStream::connect((host.as_str(), port)),
+            )
+            .await
+            {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    return respond_error(
+                        send,
+                        StatusCode::BAD_GATEWAY,
+                        format!("service {proto}/{name} at {host}:{port}: {e}"),
+                    )
+                }
+                Err(_) => {
+                    return respond_error(
+                        send,
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!("service {proto}/{name} at {host}:{port} did not accept"),
+                    )
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let Ok(stream) = send.send_response(http::Response::new(()), false) else {
+                return;
+            };
+            relay::pump(tcp, stream, recv).await
+        }
+        Proto::Udp => {
+            let socket = match udp_connected(&host, port).await {
+                Ok(s) => s,
+                Err(e) => {
+                    return respond_error(
+                        send,
+                        StatusCode::BAD_GATEWAY,
+                        format!("service {proto}/{name} at {host}:{port}: {e}"),
+                    )
+                }
+            };
+            let Ok(stream) = send.send_response(http::Response::new(()), false) else {
+                return;
+            };
+            udp_service_flow(socket, stream, recv).await
+        }
+    };
+    match result {
+        Ok(m) => tracing::debug!(
+            "tunnel from {user} to {proto}/{name} closed: {} bytes in, {} out, {:?}",
+            m.received,
+            m.sent,
+            started.elapsed()
+        ),
+        Err(e) => tracing::debug!("tunnel from {user} to {proto}/{name} failed: {e}"),
+    }
+}
+
+async fn udp_connected(host: &str, port: u16) -> std::io::Result<UdpSocket> {
+    let addr = tokio::net::lookup_host((host, port))
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::other("host resolves to nothing"))?;
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().map_err(std::io::Error::other)?
+    } else {
+        "[::]:0".parse().map_err(std::io::Error::other)?
+    };
+    let socket = UdpSocket::bind(bind).await?;
+    socket.connect(addr).await?;
+    Ok(socket)
+}
+
+/// Service end of a UDP flow: capsules from the stream to the service, datagrams back.
+async fn udp_service_flow(
+    socket: UdpSocket,
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
+) -> std::io::Result<relay::Moved> {
+    let mut decoder = capsule::Decoder::default();
+    let mut buf = vec![0u8; 65_536];
+    let mut moved = relay::Moved::default();
+    loop {
+        tokio::select! {
+            chunk = recv.data() => {
+                let Some(chunk) = chunk else { break };
+                let chunk = chunk.map_err(std::io::Error::other)?;
+                let _ = recv.flow_control().release_capacity(chunk.len());
+                decoder.push(&chunk);
+                while let Some(d) = decoder.next_datagram().map_err(std::io::Error::other)? {
+                    moved.received += d.len() as u64;
+                    let _ = socket.send(&d).await;
+                }
+            }
+            n = socket.recv(&mut buf) => {
+                let n = n?;
+                moved.sent += n as u64;
+                relay::send_all(&mut send, capsule::encode_datagram(&buf[..n])).await?;
+            }
+            _ = tokio::time::sleep(UDP_IDLE) => break,
+        }
+    }
+    let _ = send.send_data(Bytes::new(), true);
+    Ok(moved)
+}
+
+/// An open tunnel at the client end.
+pub struct Opened {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    pub endpoint: String,
+    pub active: Active,
+}
+
+/// Client end: opens a tunnel to `target`, trying providers in balancing order.
+pub async fn open(
+    rt: &Arc<MeshRuntime>,
+    proto: Proto,
+    target: &PortTarget,
+    balancer: &Arc<Balancer>,
+) -> Result<Opened, String> {
+    let providers = rt
+        .providers(proto, &target.service, target.endpoint.as_deref())
+        .await;
+    if providers.is_empty() {
+        return Err(match &target.endpoint {
+            Some(ep) => format!(
+                "endpoint {ep} does not provide {proto}/{} (or is offline)",
+                target.service
+            ),
+            None => format!(
+                "no online endpoint provides {proto}/{} to user {}",
+                target.service, rt.username
+            ),
+        });
+    }
+    let ids: Vec<String> = providers.iter().map(|p| p.endpoint.clone()).collect();
+    let mut last_error = String::new();
+    for ep in balancer.order(&ids) {
+        let Some(provider) = providers.iter().find(|p| p.endpoint == ep) else {
+            continue;
+        };
+        for sender in &provider.links {
+            match connect(sender, &ep, proto, &target.service).await {
+                Ok((send, recv)) => {
+                    let active = balancer.track(&ep);
+                    return Ok(Opened {
+                        send,
+                        recv,
+                        endpoint: ep,
+                        active,
+                    });
+                }
+                Err(e) => last_error = e,
+            }
+        }
+    }
+    rt.forget_providers();
+    Err(last_error)
+}
+
+async fn connect(
+    sender: &h2::client::SendRequest<Bytes>,
+    ep: &str,
+    proto: Proto,
+    service: &str,
+) -> Result<(SendStream<Bytes>, RecvStream), String> {
+    let work = async {
+        let mut req = h2io::build(
+            Method::CONNECT,
+            &format!("/api/endpoints/{ep}/services/{proto}/{service}"),
+        )
+        .map_err(|e| e.to_string())?
+        .body(())
+        .map_err(|e| e.to_string())?;
+        req.extensions_mut()
+            .insert(h2::ext::Protocol::from_static(TUNNEL_PROTOCOL));
+        let mut sender = sender.clone().ready().await.map_err(|e| e.to_string())?;
+        let (resp, send) = sender.send_request(req, false).map_err(|e| e.to_string())?;
+        let resp = resp.await.map_err(|e| e.to_string())?;
+        if resp.status() != StatusCode::OK {
+            let status = resp.status();
+            let mut body = resp.into_body();
+            let msg = h2io::read_body(&mut body, 64 * 1024)
+                .await
+                .ok()
+                .and_then(|b| serde_json::from_slice::<ztm_proto::model::ApiError>(&b).ok())
+                .map(|e| e.message)
+                .unwrap_or_else(|| status.to_string());
+            return Err(format!(
+                "tunnel to {proto}/{service} on {ep} refused: {msg}"
+            ));
+        }
+        Ok((send, resp.into_body()))
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, work)
+        .await
+        .map_err(|_| format!("tunnel to {proto}/{service} on {ep}: no answer"))?
+}
+
+/// Client end of a UDP flow: datagrams from `rx` into the tunnel, capsules back to `client`.
+pub async fn udp_client_flow(
+    opened: Opened,
+    socket: Arc<UdpSocket>,
+    client: SocketAddr,
+    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
+) {
+    let Opened {
+        mut send, mut recv, ..
+    } = opened;
+    let mut decoder = capsule::Decoder::default();
+    loop {
+        tokio::select! {
+            d = rx.recv() => {
+                let Some(d) = d else { break };
+                if relay::send_all(&mut send, capsule::encode_datagram(&d)).await.is_err() {
+                    break;
+                }
+            }
+            chunk = recv.data() => {
+                let Some(Ok(chunk)) = chunk else { break };
+                let _ = recv.flow_control().release_capacity(chunk.len());
+                decoder.push(&chunk);
+                loop {
+                    match decoder.next_datagram() {
+                        Ok(Some(d)) => { let _ = socket.send_to(&d, client).await; }
+                        Ok(None) => break,
+                        Err(_) => return,
+                    }
+                }
+            }
+            _ = tokio::time::sleep(UDP_IDLE) => break,
+        }
+    }
+    let _ = send.send_data(Bytes::new(), true);
+}

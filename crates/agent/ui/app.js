@@ -1,0 +1,282 @@
+// The agent's web UI: talks only to the agent's REST API (same origin) and refreshes the
+// visible view every two seconds. Data is always inserted as text, never as HTML.
+
+import { api, el, fill, formError, readFile } from "/ui/lib.js";
+
+const REFRESH_MS = 2000;
+const state = { view: "meshes", mesh: null, meshes: [], endpoints: [], services: [] };
+
+const $ = (sel) => document.querySelector(sel);
+
+function localEndpoint() {
+  return state.endpoints.find((e) => e.isLocal);
+}
+
+function endpointName(id) {
+  const e = state.endpoints.find((x) => x.id === id);
+  return e ? e.name : id;
+}
+
+function ago(ms) {
+  if (!ms) return "";
+  const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
+  return s < 60 ? `${s} s ago` : `${Math.round(s / 60)} min ago`;
+}
+
+// ---- meshes ---------------------------------------------------------------
+
+function renderMeshes() {
+  const list = $("#mesh-list");
+  if (!state.meshes.length) {
+    fill(list, [el("p", { class: "muted" }, "This computer has not joined a mesh yet. Join one below.")]);
+    return;
+  }
+  fill(list, state.meshes.map((m) => {
+    const leave = el("button", { class: "danger", type: "button" }, "Leave");
+    const err = el("p", { class: "error", role: "alert" });
+    leave.addEventListener("click", async () => {
+      if (!confirm(`Leave mesh ${m.name}? Its services and ports on this computer are removed.`)) return;
+      try {
+        await api("DELETE", `/api/meshes/${enc(m.name)}`);
+        await refresh();
+      } catch (e) { err.textContent = e.message; }
+    });
+    return el("div", { class: "card mesh", "data-mesh": m.name }, [
+      el("h3", {}, [m.name, el("span", { class: m.connected ? "badge online" : "badge offline" }, m.connected ? "connected" : "not connected")]),
+      el("div", {}, `This computer: ${m.agent.name} (user ${m.agent.username || "?"}, id ${m.agent.id})`),
+      el("div", { class: "muted" }, `Hubs: ${m.bootstraps.join(", ")}`),
+      m.errors.length ? el("ul", { class: "errors" }, m.errors.map((e) => el("li", {}, e.message))) : null,
+      leave, err,
+    ]);
+  }));
+}
+
+async function join(ev) {
+  ev.preventDefault();
+  const form = ev.target;
+  formError(form, "");
+  const f = new FormData(form);
+  try {
+    const [ca, cert, key] = await Promise.all(["ca", "cert", "key"].map((n) => readFile(form.elements[n])));
+    const hubs = String(f.get("hubs")).split(/[\s,]+/).filter(Boolean);
+    const mesh = String(f.get("mesh")).trim();
+    await api("POST", `/api/meshes/${enc(mesh)}`, {
+      ca, agent: { name: String(f.get("name")).trim(), certificate: cert, privateKey: key }, bootstraps: hubs,
+    });
+    state.mesh = mesh;
+    localStorage.setItem("ztm.mesh", mesh);
+    form.reset();
+    await refresh();
+  } catch (e) {
+    formError(form, e.message);
+  }
+}
+
+// ---- endpoints ------------------------------------------------------------
+
+function renderEndpoints() {
+  fill($("#endpoint-rows"), state.endpoints.map((e) => el("tr", { "data-endpoint": e.name }, [
+    el("td", { "data-label": "Name" }, [e.name, e.isLocal ? el("span", { class: "badge" }, "this computer") : null]),
+    el("td", { "data-label": "User" }, e.username),
+    el("td", { "data-label": "Address" }, e.ip ? `${e.ip}:${e.port}` : ""),
+    el("td", { "data-label": "Status", class: e.online ? "online" : "offline" }, e.online ? "online" : "offline"),
+    el("td", { "data-label": "Last heartbeat" }, ago(e.heartbeat)),
+  ])));
+  for (const sel of document.querySelectorAll("select[data-endpoints]")) {
+    const keep = sel.value;
+    fill(sel, state.endpoints.map((e) => el("option", { value: e.id }, e.name + (e.isLocal ? " (this computer)" : ""))));
+    sel.value = state.endpoints.some((e) => e.id === keep) ? keep : (localEndpoint() || {}).id || "";
+  }
+}
+
+// ---- services -------------------------------------------------------------
+
+function renderServices() {
+  const rows = [];
+  for (const s of state.services) {
+    for (const p of s.endpoints) {
+      const del = el("button", { class: "danger", type: "button", "aria-label": `Delete ${s.protocol}/${s.name} on ${p.name}` }, "Delete");
+      const err = el("span", { class: "error", role: "alert" });
+      del.addEventListener("click", async () => {
+        try {
+          await api("DELETE", `/api/meshes/${enc(state.mesh)}/endpoints/${enc(p.id)}/services/${s.protocol}/${enc(s.name)}`);
+          await refresh();
+        } catch (e) { err.textContent = e.message; }
+      });
+      const local = s.isLocal && p.id === (localEndpoint() || {}).id;
+      rows.push(el("tr", { "data-service": `${s.protocol}/${s.name}`, "data-provider": p.name }, [
+        el("td", { "data-label": "Service" }, `${s.protocol}/${s.name}`),
+        el("td", { "data-label": "Provided by" }, p.name),
+        el("td", { "data-label": "Local target" }, local && s.host ? `${s.host}:${s.port}` : ""),
+        el("td", { "data-label": "Allowed users" }, s.users ? s.users.join(", ") : "everyone"),
+        el("td", {}, [del, err]),
+      ]));
+    }
+  }
+  fill($("#service-rows"), rows.length ? rows : [el("tr", {}, el("td", { colspan: "5", class: "muted" }, "No services in this mesh yet."))]);
+  for (const sel of document.querySelectorAll("select[data-services]")) {
+    const keep = sel.value;
+    fill(sel, state.services.map((s) => el("option", { value: `${s.protocol}/${s.name}` }, `${s.protocol}/${s.name}`)));
+    if (keep) sel.value = keep;
+  }
+  updateTargetChoices();
+}
+
+function updateTargetChoices() {
+  const form = $("#port-form");
+  const [proto, name] = String(form.elements.service.value || "").split("/");
+  const svc = state.services.find((s) => s.protocol === proto && s.name === name);
+  const target = form.elements.target;
+  const keep = target.value;
+  fill(target, [el("option", { value: "" }, "any provider (load balanced)"),
+    ...(svc ? svc.endpoints : []).map((p) => el("option", { value: p.id }, p.name))]);
+  target.value = keep;
+  if (svc && form.elements.proto.value !== proto) form.elements.proto.value = proto;
+}
+
+async function createService(ev) {
+  ev.preventDefault();
+  const form = ev.target;
+  formError(form, "");
+  const f = new FormData(form);
+  const users = String(f.get("users") || "").split(/[\s,]+/).filter(Boolean);
+  const body = { host: String(f.get("host")).trim(), port: Number(f.get("port")) };
+  if (users.length) body.users = users;
+  try {
+    await api("POST", `/api/meshes/${enc(state.mesh)}/endpoints/${enc(f.get("ep"))}/services/${f.get("proto")}/${enc(String(f.get("name")).trim())}`, body);
+    form.elements.name.value = "";
+    await refresh();
+  } catch (e) {
+    formError(form, e.message);
+  }
+}
+
+// ---- ports ----------------------------------------------------------------
+
+async function loadPorts() {
+  const ep = $("#ports-ep").value || (localEndpoint() || {}).id;
+  if (!ep) return [];
+  return api("GET", `/api/meshes/${enc(state.mesh)}/endpoints/${enc(ep)}/ports`);
+}
+
+function renderPorts(ports, error) {
+  const ep = $("#ports-ep").value;
+  const rows = ports.map((p) => {
+    const del = el("button", { class: "danger", type: "button", "aria-label": `Delete port ${p.listen.ip}:${p.listen.port}/${p.protocol}` }, "Delete");
+    const err = el("span", { class: "error", role: "alert" });
+    del.addEventListener("click", async () => {
+      try {
+        await api("DELETE", `/api/meshes/${enc(state.mesh)}/endpoints/${enc(ep)}/ports/${enc(p.listen.ip)}/${p.protocol}/${p.listen.port}`);
+        await refresh();
+      } catch (e) { err.textContent = e.message; }
+    });
+    return el("tr", { "data-port": `${p.listen.ip}:${p.listen.port}/${p.protocol}` }, [
+      el("td", { "data-label": "Listen" }, `${p.listen.ip}:${p.listen.port}`),
+      el("td", { "data-label": "Protocol" }, p.protocol),
+      el("td", { "data-label": "Target" }, p.target.service + (p.target.endpoint ? ` @ ${endpointName(p.target.endpoint)}` : "")),
+      el("td", { "data-label": "State", class: p.open ? "online" : "offline" }, p.open ? "open" : (p.error || "closed")),
+      el("td", {}, [del, err]),
+    ]);
+  });
+  if (error) rows.push(el("tr", {}, el("td", { colspan: "5", class: "error" }, error)));
+  fill($("#port-rows"), rows.length ? rows : [el("tr", {}, el("td", { colspan: "5", class: "muted" }, "No ports mapped on this endpoint."))]);
+}
+
+async function createPort(ev) {
+  ev.preventDefault();
+  const form = ev.target;
+  formError(form, "");
+  const f = new FormData(form);
+  const ep = $("#ports-ep").value;
+  const [, service] = String(f.get("service") || "").split("/");
+  if (!service) { formError(form, "Choose a service (create one on the Services tab first)."); return; }
+  const target = { service };
+  if (f.get("target")) target.endpoint = String(f.get("target"));
+  try {
+    const port = await api("POST", `/api/meshes/${enc(state.mesh)}/endpoints/${enc(ep)}/ports/${enc(String(f.get("ip")).trim())}/${f.get("proto")}/${Number(f.get("port"))}`, { target });
+    if (!port.open && port.error) formError(form, port.error);
+    await refresh();
+  } catch (e) {
+    formError(form, e.message);
+  }
+}
+
+// ---- log ------------------------------------------------------------------
+
+function renderLog(entries) {
+  fill($("#log-rows"), entries.slice().reverse().map((e) => el("li", { class: e.type === "error" ? "error" : "" },
+    `${new Date(e.time).toLocaleString()}  ${e.type}  ${e.message}`)));
+}
+
+// ---- plumbing ---------------------------------------------------------------
+
+function enc(s) { return encodeURIComponent(String(s)); }
+
+function renderHeader() {
+  const sel = $("#mesh-select");
+  fill(sel, state.meshes.map((m) => el("option", { value: m.name }, m.name)));
+  if (state.mesh) sel.value = state.mesh;
+  const m = state.meshes.find((x) => x.name === state.mesh);
+  const status = $("#status");
+  if (!m) { status.textContent = "no mesh joined"; status.className = "status"; return; }
+  status.textContent = m.connected ? `connected to ${m.name}` : `not connected${m.errors.length ? ": " + m.errors[0].message : ""}`;
+  status.className = m.connected ? "status ok" : "status bad";
+}
+
+let refreshing = null;
+async function refresh() {
+  if (refreshing) return refreshing;
+  refreshing = (async () => {
+    try {
+      state.meshes = await api("GET", "/api/meshes");
+      if (!state.meshes.some((m) => m.name === state.mesh)) {
+        const saved = localStorage.getItem("ztm.mesh");
+        state.mesh = state.meshes.some((m) => m.name === saved) ? saved : (state.meshes[0] || {}).name || null;
+      }
+      renderHeader();
+      renderMeshes();
+      if (!state.mesh) return;
+      const m = enc(state.mesh);
+      if (state.view !== "meshes" && state.view !== "log") {
+        [state.endpoints, state.services] = await Promise.all([api("GET", `/api/meshes/${m}/endpoints`), api("GET", `/api/meshes/${m}/services`)]);
+        renderEndpoints();
+        renderServices();
+      }
+      if (state.view === "ports") {
+        try { renderPorts(await loadPorts(), null); } catch (e) { renderPorts([], e.message); }
+      }
+      if (state.view === "log") renderLog(await api("GET", `/api/meshes/${m}/log`));
+    } catch (e) {
+      const status = $("#status");
+      status.textContent = `agent unreachable: ${e.message}`;
+      status.className = "status bad";
+    } finally {
+      refreshing = null;
+    }
+  })();
+  return refreshing;
+}
+
+function show(view) {
+  state.view = view;
+  for (const b of document.querySelectorAll("#tabs button")) b.setAttribute("aria-selected", String(b.dataset.view === view));
+  for (const s of document.querySelectorAll(".view")) s.hidden = s.id !== `view-${view}`;
+  refresh();
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  for (const b of document.querySelectorAll("#tabs button")) b.addEventListener("click", () => show(b.dataset.view));
+  $("#mesh-select").addEventListener("change", (ev) => {
+    state.mesh = ev.target.value;
+    localStorage.setItem("ztm.mesh", state.mesh);
+    refresh();
+  });
+  $("#join-form").addEventListener("submit", join);
+  $("#service-form").addEventListener("submit", createService);
+  $("#port-form").addEventListener("submit", createPort);
+  $("#port-form").elements.service.addEventListener("change", updateTargetChoices);
+  $("#ports-ep").addEventListener("change", () => refresh());
+  const hash = location.hash.slice(1);
+  show(["meshes", "endpoints", "services", "ports", "log"].includes(hash) ? hash : "meshes");
+  setInterval(refresh, REFRESH_MS);
+});

@@ -1,0 +1,51 @@
+// Small helpers for the UI: the API client (errors become Error with the agent's message),
+// element creation with text-only content, and file reading.
+
+export async function api(method, path, body) {
+  const init = { method, headers: {} };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  let resp;
+  try {
+    resp = await fetch(path, init);
+  } catch (e) {
+    throw new Error(`cannot reach the agent (${e.message})`);
+  }
+  const text = await resp.text();
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch { data = null; }
+  if (!resp.ok) {
+    throw new Error((data && data.message) || `${resp.status} ${resp.statusText}`);
+  }
+  return data;
+}
+
+export function el(tag, attrs = {}, children = []) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v !== null && v !== undefined) node.setAttribute(k, v);
+  }
+  for (const c of [].concat(children)) {
+    if (c === null || c === undefined) continue;
+    node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return node;
+}
+
+export function fill(parent, children) {
+  parent.replaceChildren(...children.filter(Boolean));
+}
+
+export function formError(form, message) {
+  const p = form.querySelector("[data-error]");
+  if (p) p.textContent = message;
+}
+
+export function readFile(input) {
+  const file = input.files && input.files[0];
+  if (!file) return Promise.reject(new Error(`choose a file for "${input.name}"`));
+  if (file.size > 64 * 1024) return Promise.reject(new Error(`${file.name} is too large to be a PEM file`));
+  return file.text();
+}

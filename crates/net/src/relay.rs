@@ -1,0 +1,168 @@
+//! Moving tunnel bytes: between a socket and an HTTP/2 stream (agents) and between two HTTP/2
+//! streams (hub). Memory per tunnel is bounded: data is read from a source only when the
+//! destination has flow-control capacity, and window is released to the sender only after the
+//! bytes were written on.
+
+use std::future::poll_fn;
+use std::io;
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Size of a socket read, and so the largest DATA payload we hand to h2 at once.
+pub const READ_SIZE: usize = 64 * 1024;
+
+fn h2_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        e.into_io()
+            .unwrap_or_else(|| io::Error::other("h2 I/O error"))
+    } else {
+        io::Error::other(e)
+    }
+}
+
+/// Sends `data`, waiting for capacity so that h2 never buffers more than the window allows.
+pub async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> io::Result<()> {
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let cap = match poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(c)) => c,
+            Some(Err(e)) => return Err(h2_io(e)),
+            None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed")),
+        };
+        if cap == 0 {
+            continue;
+        }
+        let chunk = data.split_to(cap.min(data.len()));
+        send.send_data(chunk, false).map_err(h2_io)?;
+    }
+    Ok(())
+}
+
+/// Copies a reader into an h2 stream until EOF, then ends the stream (half-close).
+pub async fn read_to_h2<R: AsyncRead + Unpin>(
+    r: &mut R,
+    send: &mut SendStream<Bytes>,
+) -> io::Result<u64> {
+    let mut total = 0u64;
+    let mut buf = BytesMut::with_capacity(READ_SIZE);
+    loop {
+        if buf.capacity() < READ_SIZE / 4 {
+            buf.reserve(READ_SIZE);
+        }
+        let n = r.read_buf(&mut buf).await?;
+        if n == 0 {
+            send.send_data(Bytes::new(), true).map_err(h2_io)?;
+            return Ok(total);
+        }
+        total += n as u64;
+        send_all(send, buf.split().freeze()).await?;
+    }
+}
+
+/// Copies an h2 stream into a writer until the stream ends, then shuts the writer down.
+pub async fn h2_to_write<W: AsyncWrite + Unpin>(
+    recv: &mut RecvStream,
+    w: &mut W,
+) -> io::Result<u64> {
+    let mut total = 0u64;
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.map_err(h2_io)?;
+        let n = chunk.len();
+        w.write_all(&chunk).await?;
+        total += n as u64;
+        let _ = recv.flow_control().release_capacity(n);
+    }
+    w.shutdown().await?;
+    Ok(total)
+}
+
+/// Bytes moved by a finished tunnel: (towards the h2 peer, from the h2 peer).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Moved {
+    pub sent: u64,
+    pub received: u64,
+}
+
+/// Runs both directions between a socket and an h2 stream until both ended, or either failed
+/// (then the stream is reset and the socket dropped).
+pub async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
+    socket: S,
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
+) -> io::Result<Moved> {
+    let (mut rd, mut wr) = tokio::io::split(socket);
+    let up = read_to_h2(&mut rd, &mut send);
+    let down = h2_to_write(&mut recv, &mut wr);
+    tokio::pin!(up, down);
+    let mut moved = Moved::default();
+    let (mut up_done, mut down_done) = (false, false);
+    while !(up_done && down_done) {
+        tokio::select! {
+            r = &mut up, if !up_done => match r {
+                Ok(n) => { moved.sent = n; up_done = true; }
+                Err(e) => { return Err(e); }
+            },
+            r = &mut down, if !down_done => match r {
+                Ok(n) => { moved.received = n; down_done = true; }
+                Err(e) => { return Err(e); }
+            },
+        }
+    }
+    Ok(moved)
+}
+
+/// Resets a stream whose tunnel failed.
+pub fn cancel(send: &mut SendStream<Bytes>) {
+    send.send_reset(h2::Reason::CANCEL);
+}
+
+async fn forward(recv: &mut RecvStream, send: &mut SendStream<Bytes>) -> io::Result<u64> {
+    let mut total = 0u64;
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.map_err(h2_io)?;
+        let n = chunk.len();
+        send_all(send, chunk).await?;
+        total += n as u64;
+        let _ = recv.flow_control().release_capacity(n);
+    }
+    send.send_data(Bytes::new(), true).map_err(h2_io)?;
+    Ok(total)
+}
+
+/// Relays between two h2 streams (the hub's job) until both directions ended; a failure on
+/// either side resets both. Returns (a → b, b → a) byte counts.
+pub async fn relay(
+    mut a_recv: RecvStream,
+    mut a_send: SendStream<Bytes>,
+    mut b_recv: RecvStream,
+    mut b_send: SendStream<Bytes>,
+) -> io::Result<(u64, u64)> {
+    let result = {
+        let ab = forward(&mut a_recv, &mut b_send);
+        let ba = forward(&mut b_recv, &mut a_send);
+        tokio::pin!(ab, ba);
+        let (mut n_ab, mut n_ba) = (None, None);
+        loop {
+            if let (Some(x), Some(y)) = (n_ab, n_ba) {
+                break Ok((x, y));
+            }
+            tokio::select! {
+                r = &mut ab, if n_ab.is_none() => match r {
+                    Ok(n) => n_ab = Some(n),
+                    Err(e) => break Err(e),
+                },
+                r = &mut ba, if n_ba.is_none() => match r {
+                    Ok(n) => n_ba = Some(n),
+                    Err(e) => break Err(e),
+                },
+            }
+        }
+    };
+    if result.is_err() {
+        cancel(&mut a_send);
+        cancel(&mut b_send);
+    }
+    result
+}
