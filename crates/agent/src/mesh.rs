@@ -61,9 +61,12 @@ pub struct MeshRuntime {
     /// Local services by protocol and name: (host, port), for incoming tunnels.
     local: RwLock<HashMap<(Proto, String), (String, u16)>>,
     /// Recent answers of the hubs' service lists, for choosing tunnel providers quickly.
-    providers_cache: Mutex<Option<(Instant, Arc<Vec<(usize, Vec<ServiceInfo>)>>)>>,
+    providers_cache: Mutex<Option<(Instant, HubServices)>>,
     pub ports: Ports,
 }
+
+/// Each connected hub's service list, by link index.
+type HubServices = Arc<Vec<(usize, Vec<ServiceInfo>)>>;
 
 /// An endpoint providing a service, and the hub connections it can be reached through.
 pub struct Provider {

@@ -1,5 +1,7 @@
 //! `ztm`: one binary for every role of the mesh (CA, hub, agent) and the command-line client.
 
+mod bench;
+mod client;
 mod roles;
 mod serve;
 mod up;
@@ -27,6 +29,10 @@ enum Command {
     Agent(roles::AgentArgs),
     /// Bring up a CA, a hub and an agent joined as root on this machine (first run)
     Up(up::UpArgs),
+    /// Measure the mesh: CA, hub and two agents on loopback, tunnel vs. direct connections
+    Bench(bench::BenchArgs),
+    #[command(flatten)]
+    Client(client::ClientCommand),
 }
 
 fn init_logging() {
@@ -48,6 +54,8 @@ fn main() {
         Command::Hub(args) => ("hub", block_on(roles::run_hub(args))),
         Command::Agent(args) => ("agent", block_on(roles::run_agent(args))),
         Command::Up(args) => ("up", block_on(up::run_up(args))),
+        Command::Bench(args) => ("bench", block_on(bench::run_bench(args))),
+        Command::Client(cmd) => client::main(cmd, <Cli as clap::CommandFactory>::command),
     };
     if let Err(e) = result {
         eprintln!("ztm {role}: error: {e:#}");

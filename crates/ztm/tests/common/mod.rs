@@ -3,6 +3,8 @@
 //! polling with deadlines.
 #![allow(dead_code)]
 
+pub mod mesh;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

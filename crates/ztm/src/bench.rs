@@ -1,0 +1,603 @@
+//! `ztm bench`: starts a CA, a hub and two agents (A and B) on loopback as child processes,
+//! publishes in-process target servers (sink, source, 64 B echo) as services on B, maps ports
+//! to them on A, and measures each scenario directly (client → target) and through the tunnel
+//! (client → A → hub → B → target), interleaved. Prints a table with the ratios and the
+//! targets of issue 7 and can write every figure as JSON.
+
+mod load;
+mod procfs;
+mod stack;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde_json::{json, Value};
+
+use load::{Concurrent, Direction, Latency, Throughput};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Seconds each throughput phase is measured (direct and tunnel each)
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Write every figure to this file as JSON
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Shrink everything for a smoke test (2 s phases, 200 fresh connections, 2,000
+    /// ping-pongs, 100 concurrent connections)
+    #[arg(long)]
+    quick: bool,
+}
+
+/// How much of everything.
+struct Plan {
+    duration: Duration,
+    warmup: Duration,
+    fresh: usize,
+    pings: usize,
+    concurrent: usize,
+    rounds: usize,
+    streams: usize,
+    settle: Duration,
+}
+
+impl Plan {
+    fn of(args: &BenchArgs) -> Plan {
+        if args.quick {
+            Plan {
+                duration: Duration::from_secs(2),
+                warmup: Duration::from_millis(300),
+                fresh: 200,
+                pings: 2_000,
+                concurrent: 100,
+                rounds: 20,
+                streams: 8,
+                settle: Duration::from_secs(1),
+            }
+        } else {
+            Plan {
+                duration: Duration::from_secs(args.duration.max(1)),
+                warmup: Duration::from_millis(500),
+                fresh: 1_000,
+                pings: 10_000,
+                concurrent: 500,
+                rounds: 20,
+                streams: 8,
+                settle: Duration::from_secs(3),
+            }
+        }
+    }
+}
+
+/// Longest any latency scenario may run (it then counts the rest as errors).
+const MAX_SCENARIO: Duration = Duration::from_secs(120);
+
+const RELAYS: [&str; 3] = ["hub", "agent-a", "agent-b"];
+const MIB: f64 = 1024.0 * 1024.0;
+
+pub async fn run_bench(args: BenchArgs) -> Result<()> {
+    tokio::select! {
+        r = bench(&args) => r,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+    }
+}
+
+async fn bench(args: &BenchArgs) -> Result<()> {
+    let plan = Plan::of(args);
+    let targets = load::Targets::start().await?;
+    eprintln!("bench: starting CA, hub and agents A and B ...");
+    let services = [
+        stack::Mapping {
+            service: "sink",
+            target: targets.sink.clone(),
+        },
+        stack::Mapping {
+            service: "source",
+            target: targets.source.clone(),
+        },
+        stack::Mapping {
+            service: "echo",
+            target: targets.echo.clone(),
+        },
+    ];
+    let (mut st, ports) = stack::start(&services).await?;
+    let result = measure(&plan, &mut st, &targets, &ports).await;
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => return Err(st.explain(e)),
+    };
+    st.check_alive()?;
+    drop(st);
+    print!("{}", report.table(&plan));
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report.json(&plan))?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("bench: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Per-relay memory, bytes.
+#[derive(Default, Clone)]
+struct Mem {
+    idle: u64,
+    peak_throughput: u64,
+    peak_load: u64,
+    after: u64,
+}
+
+struct Pair<T> {
+    direct: T,
+    tunnel: T,
+}
+
+struct Report {
+    throughput: Vec<(&'static str, String, Pair<Throughput>)>,
+    fresh: Pair<Latency>,
+    pings: Pair<Latency>,
+    concurrent: Pair<Concurrent>,
+    /// CPU seconds each relay used during the tunnel throughput windows.
+    cpu_secs: Vec<f64>,
+    tunnel_bytes: u64,
+    mem: Vec<Mem>,
+}
+
+fn rss_all(pids: &[u32]) -> Vec<u64> {
+    pids.iter().map(|p| procfs::rss(*p).unwrap_or(0)).collect()
+}
+
+async fn measure(
+    plan: &Plan,
+    st: &mut stack::Stack,
+    targets: &load::Targets,
+    ports: &[String],
+) -> Result<Report> {
+    let (t_sink, t_source, t_echo) = (&ports[0], &ports[1], &ports[2]);
+    let pids: Vec<u32> = RELAYS
+        .iter()
+        .map(|n| st.proc(n).map(|p| p.pid()).unwrap_or(0))
+        .collect();
+    let hz = procfs::clock_ticks();
+
+    load::echo_works(&targets.echo, Duration::from_secs(5)).await?;
+    load::echo_works(t_echo, Duration::from_secs(30)).await?;
+    eprintln!("bench: tunnel up; letting the stack idle");
+    tokio::time::sleep(plan.settle).await;
+    let idle = rss_all(&pids);
+    let load_peak = procfs::PeakSampler::start(pids.clone());
+    let tp_peak = procfs::PeakSampler::start(pids.clone());
+
+    let mut throughput = Vec::new();
+    let phases = [
+        ("upload_1", Direction::Upload, 1usize),
+        ("upload_n", Direction::Upload, plan.streams),
+        ("download_1", Direction::Download, 1),
+    ];
+    let mut cpu_ticks = vec![0u64; pids.len()];
+    let mut tunnel_bytes = 0;
+    for (name, dir, streams) in phases {
+        let (direct_addr, tunnel_addr) = match dir {
+            Direction::Upload => (&targets.sink, t_sink),
+            Direction::Download => (&targets.source, t_source),
+        };
+        let label = format!(
+            "{}, {streams} stream{} (MB/s)",
+            if dir == Direction::Upload {
+                "upload"
+            } else {
+                "download"
+            },
+            if streams == 1 { "" } else { "s" }
+        );
+        eprintln!("bench: {label} ...");
+        let direct = load::throughput(
+            direct_addr,
+            dir,
+            streams,
+            plan.warmup,
+            plan.duration,
+            &targets.sunk,
+            &pids,
+        )
+        .await
+        .with_context(|| format!("{name} direct"))?;
+        let tunnel = load::throughput(
+            tunnel_addr,
+            dir,
+            streams,
+            plan.warmup,
+            plan.duration,
+            &targets.sunk,
+            &pids,
+        )
+        .await
+        .with_context(|| format!("{name} through the tunnel"))?;
+        st.check_alive()?;
+        for (acc, t) in cpu_ticks.iter_mut().zip(&tunnel.cpu_ticks) {
+            *acc += t;
+        }
+        tunnel_bytes += tunnel.bytes;
+        throughput.push((name, label, Pair { direct, tunnel }));
+    }
+    let tp_peak = tp_peak.finish().await;
+
+    eprintln!("bench: {} fresh connections + 64 B echo ...", plan.fresh);
+    let fresh = Pair {
+        direct: load::fresh_connections(&targets.echo, plan.fresh, MAX_SCENARIO).await,
+        tunnel: load::fresh_connections(t_echo, plan.fresh, MAX_SCENARIO).await,
+    };
+    st.check_alive()?;
+    eprintln!("bench: {} ping-pongs on one connection ...", plan.pings);
+    let pings = Pair {
+        direct: load::ping_pong(&targets.echo, plan.pings, MAX_SCENARIO).await,
+        tunnel: load::ping_pong(t_echo, plan.pings, MAX_SCENARIO).await,
+    };
+    st.check_alive()?;
+    eprintln!(
+        "bench: {} concurrent connections × {} round trips ...",
+        plan.concurrent, plan.rounds
+    );
+    let concurrent = Pair {
+        direct: load::concurrent(&targets.echo, plan.concurrent, plan.rounds).await,
+        tunnel: load::concurrent(t_echo, plan.concurrent, plan.rounds).await,
+    };
+    st.check_alive()?;
+    let load_peak = load_peak.finish().await;
+    eprintln!("bench: letting the stack settle");
+    tokio::time::sleep(plan.settle).await;
+    let after = rss_all(&pids);
+
+    let mem = (0..pids.len())
+        .map(|i| Mem {
+            idle: idle[i],
+            peak_throughput: tp_peak[i],
+            peak_load: load_peak[i],
+            after: after[i],
+        })
+        .collect();
+    Ok(Report {
+        throughput,
+        fresh,
+        pings,
+        concurrent,
+        cpu_secs: cpu_ticks.iter().map(|t| *t as f64 / hz).collect(),
+        tunnel_bytes,
+        mem,
+    })
+}
+
+/// One judged target.
+struct Target {
+    name: String,
+    value: String,
+    goal: &'static str,
+    pass: bool,
+}
+
+fn mark(pass: bool) -> &'static str {
+    if pass {
+        "PASS"
+    } else {
+        "MISS"
+    }
+}
+
+fn ratio(tunnel: f64, direct: f64) -> f64 {
+    if direct > 0.0 {
+        tunnel / direct
+    } else {
+        0.0
+    }
+}
+
+impl Report {
+    fn cpu_per_gb(&self) -> f64 {
+        if self.tunnel_bytes == 0 {
+            return 0.0;
+        }
+        self.cpu_secs.iter().sum::<f64>() / (self.tunnel_bytes as f64 / 1e9)
+    }
+
+    fn targets(&self) -> Vec<Target> {
+        let mut out = Vec::new();
+        for (name, label, p) in &self.throughput {
+            if name.starts_with("upload") {
+                let r = ratio(p.tunnel.mb_per_s(), p.direct.mb_per_s());
+                out.push(Target {
+                    name: label.clone(),
+                    value: format!("{r:.3}×"),
+                    goal: "≥ 0.25× direct",
+                    pass: r >= 0.25,
+                });
+            }
+        }
+        let cpu = self.cpu_per_gb();
+        out.push(Target {
+            name: "relay CPU, hub + agents".into(),
+            value: format!("{cpu:.2} s/GB"),
+            goal: "≤ 4 s/GB",
+            pass: cpu > 0.0 && cpu <= 4.0,
+        });
+        let d = (self.fresh.tunnel.percentile(50.0) - self.fresh.direct.percentile(50.0)) / 1e3;
+        out.push(Target {
+            name: "fresh conn + echo p50".into(),
+            value: format!("{d:+.3} ms"),
+            goal: "≤ direct + 0.5 ms",
+            pass: d <= 0.5 && self.fresh.tunnel.errors == 0,
+        });
+        let d = self.pings.tunnel.percentile(50.0) - self.pings.direct.percentile(50.0);
+        out.push(Target {
+            name: "ping-pong p50".into(),
+            value: format!("{d:+.1} µs"),
+            goal: "≤ direct + 200 µs",
+            pass: d <= 200.0 && self.pings.tunnel.errors == 0,
+        });
+        let c = &self.concurrent.tunnel;
+        out.push(Target {
+            name: format!("{} conns × {} round trips", c.connections, c.rounds),
+            value: format!("{:.0} ms, {} errors", c.wall.as_secs_f64() * 1e3, c.errors),
+            goal: "≤ 1 s, 0 errors",
+            pass: c.wall <= Duration::from_secs(1) && c.errors == 0,
+        });
+        for (i, m) in self.mem.iter().enumerate() {
+            out.push(Target {
+                name: format!("{} peak RSS (throughput)", RELAYS[i]),
+                value: format!("{:.1} MiB", m.peak_throughput as f64 / MIB),
+                goal: "≤ 64 MiB",
+                pass: m.peak_throughput as f64 <= 64.0 * MIB,
+            });
+            out.push(Target {
+                name: format!("{} idle RSS (before load)", RELAYS[i]),
+                value: format!("{:.1} MiB", m.idle as f64 / MIB),
+                goal: "≤ 15 MiB",
+                pass: m.idle as f64 <= 15.0 * MIB,
+            });
+            out.push(Target {
+                name: format!("{} idle RSS (after load)", RELAYS[i]),
+                value: format!("{:.1} MiB", m.after as f64 / MIB),
+                goal: "≤ 15 MiB",
+                pass: m.after as f64 <= 15.0 * MIB,
+            });
+        }
+        out
+    }
+
+    fn table(&self, plan: &Plan) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "\nztm bench: {:.0} s per throughput phase, {} fresh connections, {} ping-pongs, {} × {} concurrent\n",
+            plan.duration.as_secs_f64(),
+            plan.fresh,
+            plan.pings,
+            plan.concurrent,
+            plan.rounds
+        );
+        let _ = writeln!(
+            s,
+            "{:<36} {:>11} {:>11} {:>9} {:>11}",
+            "scenario", "direct", "tunnel", "ratio", "difference"
+        );
+        let _ = writeln!(s, "{}", "-".repeat(82));
+        let row = |s: &mut String, name: &str, d: f64, t: f64, prec: usize, diff: bool| {
+            let diff = if diff {
+                format!("{:+.prec$}", t - d)
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                s,
+                "{name:<36} {d:>11.prec$} {t:>11.prec$} {:>8.3}× {diff:>11}",
+                ratio(t, d)
+            );
+        };
+        for (_, label, p) in &self.throughput {
+            row(
+                &mut s,
+                label,
+                p.direct.mb_per_s(),
+                p.tunnel.mb_per_s(),
+                1,
+                false,
+            );
+        }
+        for (name, pair, scale, unit, prec) in [
+            ("fresh conn + 64 B echo", &self.fresh, 1e3, "ms", 3),
+            ("64 B ping-pong", &self.pings, 1.0, "µs", 1),
+        ] {
+            for p in [50.0, 99.0] {
+                row(
+                    &mut s,
+                    &format!("{name} p{p:.0} ({unit})"),
+                    pair.direct.percentile(p) / scale,
+                    pair.tunnel.percentile(p) / scale,
+                    prec,
+                    true,
+                );
+            }
+            let _ = writeln!(
+                s,
+                "{:<36} {:>11} {:>11}",
+                format!("{name} errors"),
+                pair.direct.errors,
+                pair.tunnel.errors
+            );
+        }
+        let c = &self.concurrent;
+        row(
+            &mut s,
+            &format!(
+                "{} conns × {} round trips (ms)",
+                c.direct.connections, c.direct.rounds
+            ),
+            c.direct.wall.as_secs_f64() * 1e3,
+            c.tunnel.wall.as_secs_f64() * 1e3,
+            1,
+            true,
+        );
+        let _ = writeln!(
+            s,
+            "{:<36} {:>11} {:>11}",
+            "  errors", c.direct.errors, c.tunnel.errors
+        );
+        for (what, e) in [("direct", &c.direct), ("tunnel", &c.tunnel)] {
+            if let Some(err) = &e.first_error {
+                let _ = writeln!(s, "  first {what} error: {err}");
+            }
+        }
+
+        let _ = writeln!(
+            s,
+            "\nrelay CPU during the tunnel throughput phases: {:.2} s/GB over {:.2} GB (hub {:.2} s, agent A {:.2} s, agent B {:.2} s)",
+            self.cpu_per_gb(),
+            self.tunnel_bytes as f64 / 1e9,
+            self.cpu_secs.first().copied().unwrap_or(0.0),
+            self.cpu_secs.get(1).copied().unwrap_or(0.0),
+            self.cpu_secs.get(2).copied().unwrap_or(0.0),
+        );
+        let _ = writeln!(
+            s,
+            "\n{:<10} {:>12} {:>18} {:>14} {:>16}",
+            "RSS (MiB)", "idle before", "peak throughput", "peak all load", "idle after load"
+        );
+        for (i, m) in self.mem.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "{:<10} {:>12.1} {:>18.1} {:>14.1} {:>16.1}",
+                RELAYS[i],
+                m.idle as f64 / MIB,
+                m.peak_throughput as f64 / MIB,
+                m.peak_load as f64 / MIB,
+                m.after as f64 / MIB
+            );
+        }
+
+        let _ = writeln!(
+            s,
+            "\n{:<36} {:>20} {:>20}  result",
+            "target", "measured", "goal"
+        );
+        let _ = writeln!(s, "{}", "-".repeat(86));
+        for t in self.targets() {
+            let _ = writeln!(
+                s,
+                "{:<36} {:>20} {:>20}  {}",
+                t.name,
+                t.value,
+                t.goal,
+                mark(t.pass)
+            );
+        }
+        s
+    }
+
+    fn json(&self, plan: &Plan) -> Value {
+        let tp = |t: &Throughput| {
+            json!({
+                "value": t.mb_per_s(),
+                "mb_per_s": t.mb_per_s(),
+                "bytes": t.bytes,
+                "secs": t.secs,
+                "errors": t.errors,
+            })
+        };
+        let lat = |l: &Latency| {
+            json!({
+                "value": l.percentile(50.0),
+                "count": l.samples.len(),
+                "errors": l.errors,
+                "p50_us": l.percentile(50.0),
+                "p99_us": l.percentile(99.0),
+                "mean_us": l.mean(),
+                "max_us": l.percentile(100.0),
+            })
+        };
+        let conc = |c: &Concurrent| {
+            json!({
+                "value": c.wall.as_secs_f64() * 1e3,
+                "wall_ms": c.wall.as_secs_f64() * 1e3,
+                "connections": c.connections,
+                "rounds": c.rounds,
+                "errors": c.errors,
+                "first_error": c.first_error,
+            })
+        };
+        let mut scenarios = Vec::new();
+        for (name, label, p) in &self.throughput {
+            scenarios.push(json!({
+                "name": name,
+                "label": label,
+                "unit": "MB/s",
+                "direct": tp(&p.direct),
+                "tunnel": tp(&p.tunnel),
+                "ratio": ratio(p.tunnel.mb_per_s(), p.direct.mb_per_s()),
+            }));
+        }
+        for (name, pair) in [("fresh_conn_echo", &self.fresh), ("ping_pong", &self.pings)] {
+            let (d, t) = (&pair.direct, &pair.tunnel);
+            scenarios.push(json!({
+                "name": name,
+                "unit": "us",
+                "direct": lat(d),
+                "tunnel": lat(t),
+                "p50_diff_us": t.percentile(50.0) - d.percentile(50.0),
+                "p99_diff_us": t.percentile(99.0) - d.percentile(99.0),
+                "p50_ratio": ratio(t.percentile(50.0), d.percentile(50.0)),
+            }));
+        }
+        let c = &self.concurrent;
+        scenarios.push(json!({
+            "name": "concurrent",
+            "unit": "ms",
+            "direct": conc(&c.direct),
+            "tunnel": conc(&c.tunnel),
+            "wall_diff_ms": (c.tunnel.wall.as_secs_f64() - c.direct.wall.as_secs_f64()) * 1e3,
+        }));
+        let mut rss = serde_json::Map::new();
+        let mut cpu = serde_json::Map::new();
+        for (i, m) in self.mem.iter().enumerate() {
+            rss.insert(
+                RELAYS[i].into(),
+                json!({
+                    "idle_mib": m.idle as f64 / MIB,
+                    "peak_throughput_mib": m.peak_throughput as f64 / MIB,
+                    "peak_load_mib": m.peak_load as f64 / MIB,
+                    "after_load_mib": m.after as f64 / MIB,
+                }),
+            );
+            cpu.insert(
+                RELAYS[i].into(),
+                json!(self.cpu_secs.get(i).copied().unwrap_or(0.0)),
+            );
+        }
+        let targets: Vec<Value> = self
+            .targets()
+            .into_iter()
+            .map(|t| json!({"name": t.name, "value": t.value, "goal": t.goal, "pass": t.pass}))
+            .collect();
+        json!({
+            "config": {
+                "duration_s": plan.duration.as_secs_f64(),
+                "warmup_s": plan.warmup.as_secs_f64(),
+                "streams": plan.streams,
+                "fresh_connections": plan.fresh,
+                "ping_pongs": plan.pings,
+                "concurrent_connections": plan.concurrent,
+                "concurrent_rounds": plan.rounds,
+                "buffer_bytes": load::BUF,
+                "message_bytes": load::MSG,
+            },
+            "scenarios": scenarios,
+            "relay": {
+                "cpu_s_per_gb": self.cpu_per_gb(),
+                "tunnel_bytes": self.tunnel_bytes,
+                "cpu_s": cpu,
+            },
+            "rss": rss,
+            "targets": targets,
+        })
+    }
+}

@@ -1,0 +1,432 @@
+//! Target servers (sink, source, echo) and the load generator. Every loop is bounded in count
+//! and in time.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Size of every bulk read and write buffer.
+pub const BUF: usize = 256 * 1024;
+/// Size of an echo message.
+pub const MSG: usize = 64;
+/// Longest a single connect or round trip may take before it counts as an error.
+const OP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The in-process targets: where they listen and what the sink has received.
+pub struct Targets {
+    pub sink: String,
+    pub source: String,
+    pub echo: String,
+    pub sunk: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Targets {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn listen() -> Result<(TcpListener, String)> {
+    let l = TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding a target server")?;
+    let addr = l.local_addr()?.to_string();
+    Ok((l, addr))
+}
+
+fn pattern() -> Vec<u8> {
+    (0..BUF).map(|i| (i * 7 + 13) as u8).collect()
+}
+
+/// Accepts forever, handing each connection to `serve` on its own task.
+fn accept_loop<F, Fut>(l: TcpListener, serve: F) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            match l.accept().await {
+                Ok((s, _)) => {
+                    let _ = s.set_nodelay(true);
+                    tokio::spawn(serve(s));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    })
+}
+
+impl Targets {
+    pub async fn start() -> Result<Targets> {
+        let (sink_l, sink) = listen().await?;
+        let (source_l, source) = listen().await?;
+        let (echo_l, echo) = listen().await?;
+        let sunk = Arc::new(AtomicU64::new(0));
+        let counter = sunk.clone();
+        let sink_task = accept_loop(sink_l, move |mut s| {
+            let counter = counter.clone();
+            async move {
+                let mut buf = vec![0u8; BUF];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    counter.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+        });
+        let data = Arc::new(pattern());
+        let source_task = accept_loop(source_l, move |mut s| {
+            let data = data.clone();
+            async move { while s.write_all(&data).await.is_ok() {} }
+        });
+        let echo_task = accept_loop(echo_l, |mut s| async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Targets {
+            sink,
+            source,
+            echo,
+            sunk,
+            tasks: vec![sink_task, source_task, echo_task],
+        })
+    }
+}
+
+async fn connect(addr: &str) -> Result<TcpStream> {
+    let s = tokio::time::timeout(OP_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| anyhow!("connecting to {addr} timed out"))?
+        .with_context(|| format!("connecting to {addr}"))?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+fn message(seed: usize) -> [u8; MSG] {
+    let mut m = [0u8; MSG];
+    for (i, b) in m.iter_mut().enumerate() {
+        *b = (seed.wrapping_mul(31).wrapping_add(i)) as u8;
+    }
+    m
+}
+
+/// One 64 B round trip, checked.
+async fn round_trip(s: &mut TcpStream, seed: usize) -> Result<()> {
+    let msg = message(seed);
+    let mut back = [0u8; MSG];
+    tokio::time::timeout(OP_TIMEOUT, async {
+        s.write_all(&msg).await?;
+        s.read_exact(&mut back).await?;
+        Ok::<_, std::io::Error>(())
+    })
+    .await
+    .map_err(|_| anyhow!("round trip timed out"))??;
+    if back != msg {
+        bail!("echo answered different bytes");
+    }
+    Ok(())
+}
+
+/// A 64 B echo through `addr` works; retried for up to `within` (the tunnel may need a moment).
+pub async fn echo_works(addr: &str, within: Duration) -> Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let r = async {
+            let mut s = connect(addr).await?;
+            round_trip(&mut s, 1).await
+        }
+        .await;
+        match r {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() > deadline => {
+                return Err(e.context(format!("no echo through {addr} within {within:?}")))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// The client writes to the sink.
+    Upload,
+    /// The client reads from the source.
+    Download,
+}
+
+/// Result of one throughput phase.
+pub struct Throughput {
+    pub bytes: u64,
+    pub secs: f64,
+    pub errors: u64,
+    /// CPU ticks each watched process used during the measured window.
+    pub cpu_ticks: Vec<u64>,
+}
+
+impl Throughput {
+    pub fn mb_per_s(&self) -> f64 {
+        if self.secs > 0.0 {
+            self.bytes as f64 / self.secs / 1e6
+        } else {
+            0.0
+        }
+    }
+}
+
+fn ticks(pids: &[u32]) -> Vec<u64> {
+    pids.iter()
+        .map(|p| super::procfs::cpu_ticks(*p).unwrap_or(0))
+        .collect()
+}
+
+/// `streams` connections to `addr` move bulk data for `warmup` + `duration`; bytes are counted
+/// over `duration` only (by the sink for uploads, by the client for downloads), along with the
+/// CPU time of `pids` over the same window.
+pub async fn throughput(
+    addr: &str,
+    dir: Direction,
+    streams: usize,
+    warmup: Duration,
+    duration: Duration,
+    sunk: &Arc<AtomicU64>,
+    pids: &[u32],
+) -> Result<Throughput> {
+    let mut conns = Vec::with_capacity(streams);
+    for _ in 0..streams {
+        conns.push(connect(addr).await?);
+    }
+    let counter = match dir {
+        Direction::Upload => sunk.clone(),
+        Direction::Download => Arc::new(AtomicU64::new(0)),
+    };
+    let errors = Arc::new(AtomicU64::new(0));
+    let start = tokio::time::Instant::now();
+    let end = start + warmup + duration;
+    let data = Arc::new(pattern());
+    let mut tasks = Vec::with_capacity(streams);
+    for mut s in conns {
+        let (data, counter, errors) = (data.clone(), counter.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let work = async {
+                match dir {
+                    Direction::Upload => loop {
+                        s.write_all(&data).await?;
+                    },
+                    Direction::Download => {
+                        let mut buf = vec![0u8; BUF];
+                        loop {
+                            let n = s.read(&mut buf).await?;
+                            if n == 0 {
+                                return Err(std::io::Error::new(
+                                    std::io::ErrorKind::UnexpectedEof,
+                                    "source closed",
+                                ));
+                            }
+                            counter.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                    }
+                }
+            };
+            // Ends at the deadline (Err(Elapsed)) unless the connection fails first.
+            if let Ok(Err::<(), std::io::Error>(_)) = tokio::time::timeout_at(end, work).await {
+                errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    tokio::time::sleep_until(start + warmup).await;
+    let (b0, c0, t0) = (counter.load(Ordering::Relaxed), ticks(pids), Instant::now());
+    tokio::time::sleep_until(end).await;
+    let (b1, c1, secs) = (
+        counter.load(Ordering::Relaxed),
+        ticks(pids),
+        t0.elapsed().as_secs_f64(),
+    );
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
+    settle(sunk).await;
+    Ok(Throughput {
+        bytes: b1.saturating_sub(b0),
+        secs,
+        errors: errors.load(Ordering::Relaxed),
+        cpu_ticks: c1
+            .iter()
+            .zip(&c0)
+            .map(|(a, b)| a.saturating_sub(*b))
+            .collect(),
+    })
+}
+
+/// Waits (at most 5 s) until the sink has stopped receiving: data still in flight through the
+/// relays would otherwise spill into the next phase.
+async fn settle(sunk: &Arc<AtomicU64>) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = sunk.load(Ordering::Relaxed);
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = sunk.load(Ordering::Relaxed);
+        if now == last || Instant::now() > deadline {
+            return;
+        }
+        last = now;
+    }
+}
+
+/// Latencies of a series of operations, in microseconds.
+pub struct Latency {
+    pub samples: Vec<f64>,
+    pub errors: u64,
+}
+
+impl Latency {
+    fn sorted(&self) -> Vec<f64> {
+        let mut v = self.samples.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v
+    }
+
+    pub fn percentile(&self, p: f64) -> f64 {
+        let v = self.sorted();
+        if v.is_empty() {
+            return 0.0;
+        }
+        let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+        v[rank.clamp(1, v.len()) - 1]
+    }
+
+    pub fn mean(&self) -> f64 {
+        if self.samples.is_empty() {
+            return 0.0;
+        }
+        self.samples.iter().sum::<f64>() / self.samples.len() as f64
+    }
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// `count` sequential fresh connections, each connect + one 64 B echo; stops early after
+/// `max_time`.
+pub async fn fresh_connections(addr: &str, count: usize, max_time: Duration) -> Latency {
+    let begin = Instant::now();
+    let mut lat = Latency {
+        samples: Vec::with_capacity(count),
+        errors: 0,
+    };
+    for i in 0..count {
+        if begin.elapsed() > max_time {
+            lat.errors += (count - i) as u64;
+            break;
+        }
+        let t = Instant::now();
+        let r = async {
+            let mut s = connect(addr).await?;
+            round_trip(&mut s, i).await
+        }
+        .await;
+        match r {
+            Ok(()) => lat.samples.push(us(t.elapsed())),
+            Err(_) => lat.errors += 1,
+        }
+    }
+    lat
+}
+
+/// `count` 64 B ping-pongs on one connection (reconnecting after a failure); stops early after
+/// `max_time`.
+pub async fn ping_pong(addr: &str, count: usize, max_time: Duration) -> Latency {
+    let begin = Instant::now();
+    let mut lat = Latency {
+        samples: Vec::with_capacity(count),
+        errors: 0,
+    };
+    let mut conn: Option<TcpStream> = None;
+    for i in 0..count {
+        if begin.elapsed() > max_time {
+            lat.errors += (count - i) as u64;
+            break;
+        }
+        let s = match conn.as_mut() {
+            Some(s) => s,
+            None => match connect(addr).await {
+                Ok(s) => conn.insert(s),
+                Err(_) => {
+                    lat.errors += 1;
+                    continue;
+                }
+            },
+        };
+        let t = Instant::now();
+        match round_trip(s, i).await {
+            Ok(()) => lat.samples.push(us(t.elapsed())),
+            Err(_) => {
+                lat.errors += 1;
+                conn = None;
+            }
+        }
+    }
+    lat
+}
+
+/// Result of the concurrent-connections scenario.
+pub struct Concurrent {
+    pub connections: usize,
+    pub rounds: usize,
+    pub wall: Duration,
+    pub errors: u64,
+    pub first_error: Option<String>,
+}
+
+/// `connections` connections at once, each doing `rounds` 64 B round trips; each connection
+/// must finish within 30 s.
+pub async fn concurrent(addr: &str, connections: usize, rounds: usize) -> Concurrent {
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(connections);
+    for c in 0..connections {
+        let addr = addr.to_string();
+        tasks.push(tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_secs(30), async {
+                let mut s = connect(&addr).await?;
+                for r in 0..rounds {
+                    round_trip(&mut s, c * rounds + r).await?;
+                }
+                Ok::<_, anyhow::Error>(())
+            })
+            .await
+            .map_err(|_| anyhow!("connection did not finish within 30 s"))?
+        }));
+    }
+    let mut errors = 0;
+    let mut first_error = None;
+    for t in tasks {
+        let r = match t.await {
+            Ok(r) => r,
+            Err(e) => Err(anyhow!("task failed: {e}")),
+        };
+        if let Err(e) = r {
+            errors += 1;
+            first_error.get_or_insert_with(|| format!("{e:#}"));
+        }
+    }
+    Concurrent {
+        connections,
+        rounds,
+        wall: start.elapsed(),
+        errors,
+        first_error,
+    }
+}

@@ -1,0 +1,124 @@
+//! `ztm bench --quick --json FILE` runs end to end (real processes, real tunnels) and reports
+//! every scenario with positive direct and tunnel figures. No performance thresholds here: the
+//! figures are the benchmark's business, not the test's.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const SCENARIOS: [&str; 6] = [
+    "upload_1",
+    "upload_n",
+    "download_1",
+    "fresh_conn_echo",
+    "ping_pong",
+    "concurrent",
+];
+
+fn positive(v: &Value, field: &str, what: &str) {
+    let x = v[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{what}: no number {field}: {v}"));
+    assert!(x > 0.0, "{what}: {field} = {x} is not positive: {v}");
+}
+
+#[test]
+fn quick_bench_reports_every_scenario() {
+    let dir = std::env::temp_dir().join(format!("ztm-test-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json_path = dir.join("bench.json");
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ztm"))
+        .args(["bench", "--quick", "--json", json_path.to_str().unwrap()])
+        .env("HOME", &dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // Bounded: kill the bench if it runs far longer than a quick run should.
+    let deadline = started + Duration::from_secs(600);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "ztm bench --quick failed ({:?}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    assert!(
+        stdout.contains("direct")
+            && stdout.contains("tunnel")
+            && (stdout.contains("PASS") || stdout.contains("MISS")),
+        "no table printed:\n{stdout}"
+    );
+
+    let text = std::fs::read_to_string(&json_path).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let report: Value = serde_json::from_str(&text).unwrap();
+    let scenarios = report["scenarios"].as_array().expect("scenarios array");
+    for name in SCENARIOS {
+        let s = scenarios
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("scenario {name} missing: {text}"));
+        for side in ["direct", "tunnel"] {
+            let v = &s[side];
+            let what = format!("{name} {side}");
+            positive(v, "value", &what);
+            match name {
+                "upload_1" | "upload_n" | "download_1" => {
+                    positive(v, "mb_per_s", &what);
+                    positive(v, "bytes", &what);
+                }
+                "fresh_conn_echo" | "ping_pong" => {
+                    positive(v, "p50_us", &what);
+                    positive(v, "p99_us", &what);
+                    positive(v, "count", &what);
+                }
+                _ => {
+                    positive(v, "wall_ms", &what);
+                    assert_eq!(
+                        v["errors"], 0,
+                        "{what}: errors in the concurrent scenario: {v}"
+                    );
+                    assert_eq!(v["connections"], 100, "{what}: {v}");
+                }
+            }
+        }
+    }
+    positive(&report["relay"], "cpu_s_per_gb", "relay CPU");
+    for p in ["hub", "agent-a", "agent-b"] {
+        let m = &report["rss"][p];
+        for f in ["idle_mib", "peak_throughput_mib", "after_load_mib"] {
+            positive(m, f, &format!("RSS of {p}"));
+        }
+    }
+    assert!(
+        report["targets"].as_array().is_some_and(|t| !t.is_empty()),
+        "no targets judged: {text}"
+    );
+    // The temporary directory of the bench (databases, logs) is gone.
+    let leftovers: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("ztm-bench-{pid}-"))
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "bench left {leftovers:?} behind");
+}

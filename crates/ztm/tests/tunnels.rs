@@ -1,0 +1,1418 @@
+//! End-to-end tests of tunnels (port mappings, SPEC §5, §7, §8, §11): a CA, a hub and agents as
+//! real processes on loopback (or in network namespaces the test creates), small TCP and UDP
+//! servers written here as the services, and clients that push data through the agents' ports.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use common::mesh::*;
+use common::*;
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic data streams: block `k` of stream `seed` is 64 KiB of xorshift output, so a
+// receiver can check any amount of data without keeping a copy of what was sent.
+
+const BLOCK: usize = 64 * 1024;
+const MB: u64 = 1_000_000;
+
+fn block(seed: u64, k: u64) -> Vec<u8> {
+    // splitmix64 of (seed, k) as the xorshift state.
+    let mut z = seed
+        .wrapping_add(k.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    let mut x = (z ^ (z >> 31)) | 1;
+    let mut out = Vec::with_capacity(BLOCK);
+    while out.len() < BLOCK {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+/// Writes `len` bytes of stream `seed` to `w`.
+fn write_stream(w: &mut impl Write, seed: u64, len: u64) -> std::io::Result<()> {
+    let mut sent = 0u64;
+    let mut k = 0u64;
+    while sent < len {
+        let b = block(seed, k);
+        let n = (len - sent).min(BLOCK as u64) as usize;
+        w.write_all(&b[..n])?;
+        sent += n as u64;
+        k += 1;
+    }
+    Ok(())
+}
+
+/// Checks bytes against stream `seed` as they arrive.
+struct Verifier {
+    seed: u64,
+    k: u64,
+    pending: Vec<u8>,
+    checked: u64,
+}
+
+impl Verifier {
+    fn new(seed: u64) -> Verifier {
+        Verifier {
+            seed,
+            k: 0,
+            pending: Vec::with_capacity(2 * BLOCK),
+            checked: 0,
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.checked + self.pending.len() as u64
+    }
+
+    /// Err(offset of the first wrong byte).
+    fn push(&mut self, data: &[u8]) -> Result<(), u64> {
+        self.pending.extend_from_slice(data);
+        while self.pending.len() >= BLOCK {
+            self.check(BLOCK)?;
+        }
+        Ok(())
+    }
+
+    fn check(&mut self, n: usize) -> Result<(), u64> {
+        let want = block(self.seed, self.k);
+        if self.pending[..n] != want[..n] {
+            let at = (0..n).find(|&i| self.pending[i] != want[i]).unwrap_or(0);
+            return Err(self.checked + at as u64);
+        }
+        self.pending.drain(..n);
+        self.checked += n as u64;
+        self.k += 1;
+        Ok(())
+    }
+
+    /// Checks the trailing partial block.
+    fn finish(&mut self) -> Result<u64, u64> {
+        let n = self.pending.len();
+        if n > 0 {
+            self.check(n)?;
+        }
+        Ok(self.checked)
+    }
+}
+
+/// Reads `r` to its end, checking it against stream `seed`; returns the byte count.
+fn read_verify(r: &mut impl Read, seed: u64) -> Result<u64, String> {
+    let mut v = Verifier::new(seed);
+    let mut buf = vec![0u8; BLOCK];
+    loop {
+        let n = r
+            .read(&mut buf)
+            .map_err(|e| format!("read failed after {} bytes: {e}", v.total()))?;
+        if n == 0 {
+            break;
+        }
+        v.push(&buf[..n])
+            .map_err(|at| format!("wrong byte at offset {at}"))?;
+    }
+    v.finish()
+        .map_err(|at| format!("wrong byte at offset {at}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Services: small blocking servers, one thread per connection.
+
+/// A server the test runs as a service's backend.
+struct Backend {
+    port: u16,
+    /// Connections accepted so far.
+    accepted: Arc<AtomicUsize>,
+}
+
+fn bind_local() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").unwrap()
+}
+
+/// Runs `handler` for every connection `listener` accepts, each on its own thread.
+fn serve(listener: TcpListener, handler: impl Fn(TcpStream) + Send + Sync + 'static) -> Backend {
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let handler = Arc::new(handler);
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(s) = s else { continue };
+            count.fetch_add(1, Ordering::SeqCst);
+            let h = handler.clone();
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
+                let _ = s.set_write_timeout(Some(Duration::from_secs(120)));
+                h(s)
+            });
+        }
+    });
+    Backend { port, accepted }
+}
+
+/// Echoes every byte back.
+fn echo_server() -> Backend {
+    serve(bind_local(), |s| {
+        let mut r = s.try_clone().unwrap();
+        let mut w = s;
+        let _ = std::io::copy(&mut r, &mut w);
+        let _ = w.shutdown(Shutdown::Write);
+    })
+}
+
+/// Answers every line `L` with `{tag}:L`, until the client closes.
+fn tagged_handler(tag: &str) -> impl Fn(TcpStream) + Send + Sync + 'static {
+    let tag = tag.to_string();
+    move |s: TcpStream| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            if w.write_all(format!("{tag}:{}\n", line.trim_end()).as_bytes())
+                .is_err()
+            {
+                break;
+            }
+        }
+        let _ = w.shutdown(Shutdown::Write);
+    }
+}
+
+fn tagged_server(tag: &str) -> Backend {
+    serve(bind_local(), tagged_handler(tag))
+}
+
+/// Reads everything, at most `rate` bytes per second, counting into `received`; at the
+/// client's end of stream answers the count as a decimal line.
+fn slow_sink(rate: u64, received: Arc<AtomicU64>) -> Backend {
+    serve(bind_local(), move |mut s| {
+        let started = Instant::now();
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            total += n as u64;
+            received.fetch_add(n as u64, Ordering::SeqCst);
+            let due = Duration::from_secs_f64(total as f64 / rate as f64);
+            let spent = started.elapsed();
+            if due > spent {
+                std::thread::sleep(due - spent);
+            }
+        }
+        let _ = s.write_all(format!("{total}\n").as_bytes());
+        let _ = s.shutdown(Shutdown::Write);
+    })
+}
+
+/// Transfers: the client sends `op` (b'U' or b'D'), a length and a seed (u64 LE each). `U`:
+/// the server reads that many bytes of the stream and answers `OK n` or `BAD why`; `D`: the
+/// server sends that many bytes of the stream and closes.
+fn transfer_server() -> Backend {
+    serve(bind_local(), |mut s| {
+        let mut head = [0u8; 17];
+        if s.read_exact(&mut head).is_err() {
+            return;
+        }
+        let len = u64::from_le_bytes(head[1..9].try_into().unwrap());
+        let seed = u64::from_le_bytes(head[9..17].try_into().unwrap());
+        match head[0] {
+            b'U' => {
+                let mut v = Verifier::new(seed);
+                let mut buf = vec![0u8; BLOCK];
+                let mut answer = String::new();
+                while v.total() < len {
+                    let want = ((len - v.total()) as usize).min(BLOCK);
+                    match s.read(&mut buf[..want]) {
+                        Ok(0) => {
+                            answer = format!("BAD early end after {} bytes\n", v.total());
+                            break;
+                        }
+                        Err(e) => {
+                            answer = format!("BAD read after {} bytes: {e}\n", v.total());
+                            break;
+                        }
+                        Ok(n) => {
+                            if let Err(at) = v.push(&buf[..n]) {
+                                answer = format!("BAD wrong byte at {at}\n");
+                                break;
+                            }
+                        }
+                    }
+                }
+                if answer.is_empty() {
+                    answer = match v.finish() {
+                        Ok(n) => format!("OK {n}\n"),
+                        Err(at) => format!("BAD wrong byte at {at}\n"),
+                    };
+                }
+                let _ = s.write_all(answer.as_bytes());
+            }
+            b'D' => {
+                let _ = write_stream(&mut s, seed, len);
+            }
+            _ => {}
+        }
+        let _ = s.shutdown(Shutdown::Write);
+    })
+}
+
+/// A UDP server that sends every datagram back to where it came from.
+fn udp_echo_server() -> (u16, Arc<AtomicUsize>) {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = sock.local_addr().unwrap().port();
+    let count = Arc::new(AtomicUsize::new(0));
+    let c = count.clone();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                continue;
+            };
+            c.fetch_add(1, Ordering::SeqCst);
+            let _ = sock.send_to(&buf[..n], from);
+        }
+    });
+    (port, count)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients.
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn connect_addr(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_write_timeout(Some(Duration::from_secs(30)))?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+fn connect(port: u16) -> std::io::Result<TcpStream> {
+    connect_addr(local(port))
+}
+
+/// Sends one line on `s` and reads one line back (without its newline).
+fn line_on(s: &mut TcpStream, msg: &str) -> std::io::Result<String> {
+    s.write_all(format!("{msg}\n").as_bytes())?;
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match s.read(&mut byte)? {
+            0 => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "closed after {:?} without a full line",
+                        String::from_utf8_lossy(&got)
+                    ),
+                ))
+            }
+            _ if byte[0] == b'\n' => break,
+            _ => got.push(byte[0]),
+        }
+    }
+    Ok(String::from_utf8_lossy(&got).into_owned())
+}
+
+/// A fresh connection to `addr`, one line there and back, closed.
+fn roundtrip_addr(addr: SocketAddr, msg: &str) -> std::io::Result<String> {
+    let mut s = connect_addr(addr)?;
+    line_on(&mut s, msg)
+}
+
+fn roundtrip(port: u16, msg: &str) -> std::io::Result<String> {
+    roundtrip_addr(local(port), msg)
+}
+
+/// Waits until a fresh connection through `port` gets `{tag}:ping` back.
+fn wait_tunnel(port: u16, tag: &str, within: Duration) {
+    let want = format!("{tag}:ping");
+    let mut last = String::new();
+    let ok = time_until(within, || match roundtrip(port, "ping") {
+        Ok(got) if got == want => true,
+        Ok(got) => {
+            last = format!("answer {got:?}");
+            false
+        }
+        Err(e) => {
+            last = e.to_string();
+            false
+        }
+    });
+    assert!(
+        ok.is_some(),
+        "no working tunnel through port {port} within {within:?}; last attempt: {last}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The processes: one CA, one hub and N agents joined to MESH.
+
+const AGENT_NAMES: [&str; 4] = ["a", "b", "c", "d"];
+
+struct Stack {
+    /// First, so that agents stop before the hub and the CA.
+    agents: Vec<AgentProc>,
+    ids: Vec<String>,
+    hub: HubProc,
+    /// Kept running (and its log printed on failure) for the whole test.
+    _ca: CaProc,
+    /// Last, so that processes are gone (and their logs printed) before it is removed.
+    _dir: TempDir,
+}
+
+/// Starts a CA, a hub and one agent per entry of `users` (named a, b, c, ... and joined as
+/// that user); waits until every agent lists every endpoint online.
+fn stack(tag: &str, users: &[&str]) -> Stack {
+    let dir = TempDir::new(tag);
+    let ca = start_ca(dir.path());
+    let pem = ca_pem(&ca.addr);
+    let mut issued: Vec<User> = Vec::new();
+    for u in users {
+        if !issued.iter().any(|i| i.name == *u) {
+            issued.push(create_user(&ca.addr, u));
+        }
+    }
+    let hub = start_hub(dir.path(), "hub", &ca.addr);
+    let mut agents = Vec::new();
+    let mut ids = Vec::new();
+    for (i, u) in users.iter().enumerate() {
+        let name = AGENT_NAMES[i];
+        let agent = start_agent(dir.path(), name);
+        let user = issued.iter().find(|x| x.name == *u).unwrap();
+        join_ok(&agent.addr, &pem, name, user, &[&hub.addr]);
+        ids.push(local_id(&agent.addr));
+        agents.push(agent);
+    }
+    let st = Stack {
+        agents,
+        ids,
+        hub,
+        _ca: ca,
+        _dir: dir,
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "every endpoint online as seen from every agent",
+        || {
+            st.agents
+                .iter()
+                .all(|a| st.ids.iter().all(|id| is_online(&a.addr, id)))
+        },
+    );
+    st
+}
+
+impl Stack {
+    fn api(&self, i: usize) -> &str {
+        &self.agents[i].addr
+    }
+
+    /// Agent `i` publishes `{proto}/{name}` on its own endpoint, backed by 127.0.0.1:`port`.
+    fn add_service(&self, i: usize, proto: &str, name: &str, port: u16, users: Option<&[&str]>) {
+        add_service_at(self.api(i), &self.ids[i], proto, name, port, users);
+    }
+
+    /// Agent `i` maps 127.0.0.1:`port`/`proto` on its own endpoint to `service`.
+    fn map_port(
+        &self,
+        i: usize,
+        proto: &str,
+        port: u16,
+        service: &str,
+        endpoint: Option<&str>,
+    ) -> Value {
+        map_port_at(self.api(i), &self.ids[i], proto, port, service, endpoint)
+    }
+
+    /// Waits until agent `i` discovers `{proto}/{name}` provided by every endpoint of
+    /// `providers` (indices).
+    fn wait_service(&self, i: usize, proto: &str, name: &str, providers: &[usize]) {
+        let ids: Vec<&str> = providers.iter().map(|p| self.ids[*p].as_str()).collect();
+        let api = self.api(i).to_string();
+        wait_until(
+            Duration::from_secs(20),
+            &format!("agent {i} to discover {proto}/{name} on {ids:?}"),
+            || discovered(&api, proto, name, &ids),
+        );
+    }
+
+    /// The pids of the hub and the agents still running, with names.
+    fn pids(&self) -> Vec<(String, u32)> {
+        let mut v = vec![("hub".to_string(), self.hub.proc.pid())];
+        for a in &self.agents {
+            if a.proc.pid() != 0 {
+                v.push((a.proc.name.clone(), a.proc.pid()));
+            }
+        }
+        v
+    }
+}
+
+fn add_service_at(api: &str, ep: &str, proto: &str, name: &str, port: u16, users: Option<&[&str]>) {
+    let mut body = json!({"host": "127.0.0.1", "port": port});
+    if let Some(u) = users {
+        body["users"] = json!(u);
+    }
+    let path = format!("/api/meshes/{MESH}/endpoints/{ep}/services/{proto}/{name}");
+    let r = post_json(api, &path, &body);
+    assert!(is_2xx(&r), "POST {path}: {} {}", r.status, r.text());
+}
+
+fn map_port_at(
+    api: &str,
+    ep: &str,
+    proto: &str,
+    port: u16,
+    service: &str,
+    endpoint: Option<&str>,
+) -> Value {
+    let mut target = json!({"service": service});
+    if let Some(e) = endpoint {
+        target["endpoint"] = json!(e);
+    }
+    let path = format!("/api/meshes/{MESH}/endpoints/{ep}/ports/127.0.0.1/{proto}/{port}");
+    let r = post_json(api, &path, &json!({ "target": target }));
+    assert!(is_2xx(&r), "POST {path}: {} {}", r.status, r.text());
+    let v = r.json();
+    assert_eq!(v["open"], true, "the port did not open: {v}");
+    assert_eq!(v["listen"]["port"], port, "{v}");
+    assert_eq!(v["protocol"], proto, "{v}");
+    assert_eq!(v["target"]["service"], service, "{v}");
+    v
+}
+
+/// Whether `GET /api/meshes/{MESH}/services` on `api` lists `{proto}/{name}` provided by all
+/// of `ids`.
+fn discovered(api: &str, proto: &str, name: &str, ids: &[&str]) -> bool {
+    let Some(list) = try_json(api, &format!("/api/meshes/{MESH}/services")) else {
+        return false;
+    };
+    list.as_array().is_some_and(|l| {
+        l.iter().any(|s| {
+            s["name"] == name
+                && s["protocol"] == proto
+                && s["endpoints"].as_array().is_some_and(|eps| {
+                    ids.iter()
+                        .all(|id| eps.iter().any(|e| e["id"].as_str() == Some(*id)))
+                })
+        })
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Process statistics from /proc.
+
+fn status_field(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with(field))?;
+    line[field.len()..]
+        .trim_start_matches(':')
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    status_field(pid, "VmRSS")
+}
+
+fn threads(pid: u32) -> Option<u64> {
+    status_field(pid, "Threads")
+}
+
+fn fds(pid: u32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
+/// Samples the RSS of `pids` every 200 ms until dropped; keeps the maximum of each.
+struct RssSampler {
+    stop: Arc<AtomicBool>,
+    max: Arc<Mutex<Vec<(String, u32, u64)>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RssSampler {
+    fn start(pids: Vec<(String, u32)>) -> RssSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let max = Arc::new(Mutex::new(
+            pids.iter()
+                .map(|(n, p)| (n.clone(), *p, 0u64))
+                .collect::<Vec<_>>(),
+        ));
+        let (s, m) = (stop.clone(), max.clone());
+        let thread = std::thread::spawn(move || {
+            // Bounded: at most 10 minutes of samples.
+            for _ in 0..3000 {
+                for entry in m.lock().unwrap().iter_mut() {
+                    if let Some(kib) = rss_kib(entry.1) {
+                        entry.2 = entry.2.max(kib);
+                    }
+                }
+                if s.load(Ordering::SeqCst) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        RssSampler {
+            stop,
+            max,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops sampling; returns (name, max RSS in KiB) per process.
+    fn finish(mut self) -> Vec<(String, u64)> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.max
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, _, k)| (n.clone(), *k))
+            .collect()
+    }
+}
+
+impl Drop for RssSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tests.
+
+/// 100 MB each way through one tunnel arrive intact; 200 concurrent connections through the
+/// same port all work.
+#[test]
+fn bulk_echo_and_200_concurrent_connections() {
+    let st = stack("tun-bulk", &["root", "bob"]);
+    let echo = echo_server();
+    let lines = tagged_server("B");
+    st.add_service(1, "tcp", "echo", echo.port, None);
+    st.add_service(1, "tcp", "lines", lines.port, None);
+    st.wait_service(0, "tcp", "echo", &[1]);
+    st.wait_service(0, "tcp", "lines", &[1]);
+    let echo_port = free_port();
+    let lines_port = free_port();
+    st.map_port(0, "tcp", echo_port, "echo", None);
+    st.map_port(0, "tcp", lines_port, "lines", None);
+    wait_tunnel(lines_port, "B", Duration::from_secs(20));
+
+    // 100 MB up, echoed back down, read concurrently.
+    let size = 100 * MB;
+    let seed = rand_u64();
+    let s = connect(echo_port).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let started = Instant::now();
+    let writer = std::thread::spawn(move || {
+        let r = write_stream(&mut w, seed, size);
+        let _ = w.shutdown(Shutdown::Write);
+        r
+    });
+    let mut r = s;
+    let got = read_verify(&mut r, seed);
+    let wrote = writer.join().unwrap();
+    let took = started.elapsed();
+    assert!(wrote.is_ok(), "writing into the tunnel failed: {wrote:?}");
+    assert_eq!(
+        got,
+        Ok(size),
+        "the echo through the tunnel came back wrong or short"
+    );
+    eprintln!(
+        "100 MB each way through one tunnel in {took:?} ({:.1} MB/s each way)",
+        size as f64 / 1e6 / took.as_secs_f64()
+    );
+
+    // 200 connections open at once, each with its own request and answer.
+    let n = 200;
+    let before = lines.accepted.load(Ordering::SeqCst);
+    let barrier = Arc::new(Barrier::new(n));
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let c = connect(lines_port);
+                barrier.wait();
+                // All are connected now; each asks and holds its connection until all asked.
+                let result = match c {
+                    Err(e) => Err(format!("connect {i}: {e}")),
+                    Ok(mut c) => match line_on(&mut c, &format!("hello {i}")) {
+                        Ok(got) if got == format!("B:hello {i}") => Ok(c),
+                        Ok(got) => Err(format!("connection {i}: answer {got:?}")),
+                        Err(e) => Err(format!("connection {i}: {e}")),
+                    },
+                };
+                barrier.wait();
+                result.map(drop)
+            })
+        })
+        .collect();
+    let results: Vec<Result<(), String>> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into())))
+        .collect();
+    let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {n} concurrent connections failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(10)]
+    );
+    assert!(
+        lines.accepted.load(Ordering::SeqCst) - before >= n,
+        "the backend saw fewer than {n} connections"
+    );
+}
+
+/// 1,000 datagrams of mixed sizes up to 8 KiB through a UDP port come back intact.
+#[test]
+fn udp_echo_through_a_port() {
+    let st = stack("tun-udp", &["root", "bob"]);
+    let (svc_port, served) = udp_echo_server();
+    st.add_service(1, "udp", "uecho", svc_port, None);
+    st.wait_service(0, "udp", "uecho", &[1]);
+    let port = free_port();
+    st.map_port(0, "udp", port, "uecho", None);
+
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.connect(local(port)).unwrap();
+    let mut rng = Rng::new();
+    let mut buf = vec![0u8; 65_536];
+    let mut resent = 0usize;
+    let started = Instant::now();
+    for i in 0..1000u64 {
+        // Sizes: the edges (1 and 8 KiB) now and then, otherwise anything in between.
+        let size = match i % 10 {
+            0 => 8 + (i as usize % 4),
+            1 => 8192,
+            _ => 8 + (rng.next() as usize % (8192 - 8)) + 1,
+        }
+        .min(8192);
+        let mut d = i.to_le_bytes().to_vec();
+        d.extend(rng.bytes(size - 8));
+        // The first datagram opens the flow (its tunnel); give it longer.
+        let (tries, wait) = if i == 0 {
+            (40, Duration::from_millis(500))
+        } else {
+            (5, Duration::from_secs(2))
+        };
+        let mut ok = false;
+        'tries: for t in 0..tries {
+            if t > 0 {
+                resent += 1;
+            }
+            client.send(&d).unwrap();
+            let until = Instant::now() + wait;
+            loop {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                client.set_read_timeout(Some(left)).unwrap();
+                match client.recv(&mut buf) {
+                    Ok(n) if buf[..n] == d[..] => {
+                        ok = true;
+                        break 'tries;
+                    }
+                    // An answer to an earlier, resent datagram: must be one we sent.
+                    Ok(n) => {
+                        assert!(n >= 8, "a datagram of {n} bytes came back");
+                        let seq = u64::from_le_bytes(buf[..8].try_into().unwrap());
+                        assert!(seq < i, "datagram {seq} came back while sending {i}");
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        assert!(
+            ok,
+            "datagram {i} ({size} bytes) did not come back intact after {tries} tries \
+             (service got {} datagrams)",
+            served.load(Ordering::SeqCst)
+        );
+    }
+    eprintln!(
+        "1000 datagrams echoed in {:?}, {resent} resent",
+        started.elapsed()
+    );
+    assert!(
+        resent <= 50,
+        "too many datagrams were lost: {resent} resent"
+    );
+}
+
+/// A client pushes up to 1 GB into a tunnel whose service reads slowly: the hub and both
+/// agents stay under 64 MiB RSS throughout and every byte arrives.
+#[test]
+fn slow_reader_keeps_memory_bounded() {
+    let st = stack("tun-slow", &["root", "bob"]);
+    // The service reads at most 16 MB/s: far slower than the tunnel, so windows fill.
+    let rate = 16 * MB;
+    let received = Arc::new(AtomicU64::new(0));
+    let sink = slow_sink(rate, received.clone());
+    let lines = tagged_server("B");
+    st.add_service(1, "tcp", "sink", sink.port, None);
+    st.add_service(1, "tcp", "lines", lines.port, None);
+    st.wait_service(0, "tcp", "sink", &[1]);
+    st.wait_service(0, "tcp", "lines", &[1]);
+    let port = free_port();
+    let lines_port = free_port();
+    st.map_port(0, "tcp", port, "sink", None);
+    st.map_port(0, "tcp", lines_port, "lines", None);
+    wait_tunnel(lines_port, "B", Duration::from_secs(20));
+
+    let sampler = RssSampler::start(st.pids());
+    let limit = 1000 * MB;
+    let budget = Duration::from_secs(65);
+    let chunk = block(rand_u64(), 0);
+    let mut s = connect(port).unwrap();
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut max_in_flight = 0u64;
+    while sent < limit && started.elapsed() < budget {
+        if let Err(e) = s.write_all(&chunk) {
+            panic!(
+                "write failed after {sent} bytes ({} received by the service): {e}",
+                received.load(Ordering::SeqCst)
+            );
+        }
+        sent += chunk.len() as u64;
+        max_in_flight = max_in_flight.max(sent - received.load(Ordering::SeqCst));
+    }
+    let push_time = started.elapsed();
+    s.shutdown(Shutdown::Write).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut answer = String::new();
+    let read = s.read_to_string(&mut answer);
+    let maxima = sampler.finish();
+    eprintln!(
+        "pushed {sent} bytes in {push_time:?}; at most {max_in_flight} bytes in flight; \
+         max RSS (KiB): {maxima:?}"
+    );
+    assert!(
+        read.is_ok(),
+        "no answer from the slow service: {read:?} ({} received)",
+        received.load(Ordering::SeqCst)
+    );
+    assert_eq!(
+        answer.trim(),
+        sent.to_string(),
+        "the service did not get every byte"
+    );
+    assert!(
+        sent >= 400 * MB,
+        "only {sent} bytes could be pushed in {budget:?}"
+    );
+    // Nothing absorbed the stream without bound: the sender was held back by the reader.
+    assert!(
+        max_in_flight < 256 * MB,
+        "{max_in_flight} bytes were in flight between the client and the slow reader"
+    );
+    for (name, kib) in &maxima {
+        assert!(*kib > 0, "no RSS sample of {name}");
+        assert!(
+            *kib < 64 * 1024,
+            "{name} reached {kib} KiB RSS under a slow reader (limit 64 MiB): {maxima:?}"
+        );
+    }
+    // The tunnels still work.
+    wait_tunnel(lines_port, "B", Duration::from_secs(10));
+}
+
+/// Twenty saturating 50 MB transfers in a row (alternately up and down) on one stack, then a
+/// fresh connection still works.
+#[test]
+fn twenty_transfers_in_a_row() {
+    let st = stack("tun-20x", &["root", "bob"]);
+    let xfer = transfer_server();
+    let lines = tagged_server("B");
+    st.add_service(1, "tcp", "xfer", xfer.port, None);
+    st.add_service(1, "tcp", "lines", lines.port, None);
+    st.wait_service(0, "tcp", "xfer", &[1]);
+    st.wait_service(0, "tcp", "lines", &[1]);
+    let port = free_port();
+    let lines_port = free_port();
+    st.map_port(0, "tcp", port, "xfer", None);
+    st.map_port(0, "tcp", lines_port, "lines", None);
+    wait_tunnel(lines_port, "B", Duration::from_secs(20));
+
+    let size = 50 * MB;
+    let started = Instant::now();
+    for i in 0..20 {
+        let t = Instant::now();
+        let seed = rand_u64();
+        let up = i % 2 == 0;
+        let mut s = connect(port).unwrap_or_else(|e| panic!("transfer {i}: connect: {e}"));
+        let mut head = vec![if up { b'U' } else { b'D' }];
+        head.extend(size.to_le_bytes());
+        head.extend(seed.to_le_bytes());
+        s.write_all(&head).unwrap();
+        if up {
+            write_stream(&mut s, seed, size)
+                .unwrap_or_else(|e| panic!("transfer {i} (up): write: {e}"));
+            let mut answer = String::new();
+            s.read_to_string(&mut answer)
+                .unwrap_or_else(|e| panic!("transfer {i} (up): no answer: {e}"));
+            assert_eq!(answer, format!("OK {size}\n"), "transfer {i} (up)");
+        } else {
+            let got = read_verify(&mut s, seed);
+            assert_eq!(got, Ok(size), "transfer {i} (down)");
+        }
+        eprintln!(
+            "transfer {i} ({}) took {:?}",
+            if up { "up" } else { "down" },
+            t.elapsed()
+        );
+    }
+    eprintln!("20 x 50 MB in {:?}", started.elapsed());
+    let got = roundtrip(lines_port, "after").expect("a fresh connection after the transfers");
+    assert_eq!(got, "B:after");
+    // And the transfer port too.
+    let mut s = connect(port).unwrap();
+    let mut head = vec![b'D'];
+    head.extend(1000u64.to_le_bytes());
+    head.extend(7u64.to_le_bytes());
+    s.write_all(&head).unwrap();
+    assert_eq!(read_verify(&mut s, 7), Ok(1000));
+}
+
+/// An idle tunnelled connection still works after ten minutes (only with ZTM_SLOW_TESTS=1).
+#[test]
+fn idle_tunnel_survives_ten_minutes() {
+    if std::env::var("ZTM_SLOW_TESTS").as_deref() != Ok("1") {
+        eprintln!("idle_tunnel_survives_ten_minutes: skipped (set ZTM_SLOW_TESTS=1 to run it)");
+        return;
+    }
+    let st = stack("tun-idle", &["root", "bob"]);
+    let lines = tagged_server("B");
+    st.add_service(1, "tcp", "lines", lines.port, None);
+    st.wait_service(0, "tcp", "lines", &[1]);
+    let port = free_port();
+    st.map_port(0, "tcp", port, "lines", None);
+    wait_tunnel(port, "B", Duration::from_secs(20));
+    let mut s = connect(port).unwrap();
+    assert_eq!(line_on(&mut s, "before").unwrap(), "B:before");
+    std::thread::sleep(Duration::from_secs(600));
+    assert_eq!(
+        line_on(&mut s, "after ten minutes").expect("the idle connection broke"),
+        "B:after ten minutes"
+    );
+    assert_eq!(roundtrip(port, "fresh").unwrap(), "B:fresh");
+}
+
+/// Two endpoints provide one service: connections through a port with no fixed endpoint reach
+/// both; with one provider killed, every next connection still succeeds.
+#[test]
+fn balancing_over_two_providers_and_failover() {
+    let mut st = stack("tun-lb", &["root", "bob", "carol"]);
+    let b_srv = tagged_server("B");
+    let c_srv = tagged_server("C");
+    st.add_service(1, "tcp", "web", b_srv.port, None);
+    st.add_service(2, "tcp", "web", c_srv.port, None);
+    st.wait_service(0, "tcp", "web", &[1, 2]);
+    let port = free_port();
+    st.map_port(0, "tcp", port, "web", None);
+    // Until both providers answered once (the agent's view of providers may lag a moment).
+    let (mut seen_b, mut seen_c) = (false, false);
+    wait_until(Duration::from_secs(20), "both providers to answer", || {
+        match roundtrip(port, "ping").as_deref() {
+            Ok("B:ping") => seen_b = true,
+            Ok("C:ping") => seen_c = true,
+            _ => {}
+        }
+        seen_b && seen_c
+    });
+
+    let mut counts = [0usize; 2];
+    let mut failures = Vec::new();
+    for i in 0..100 {
+        match roundtrip(port, &format!("n{i}")) {
+            Ok(got) if got == format!("B:n{i}") => counts[0] += 1,
+            Ok(got) if got == format!("C:n{i}") => counts[1] += 1,
+            Ok(got) => failures.push(format!("{i}: answer {got:?}")),
+            Err(e) => failures.push(format!("{i}: {e}")),
+        }
+    }
+    eprintln!("100 connections: {} to B, {} to C", counts[0], counts[1]);
+    assert!(failures.is_empty(), "failed connections: {failures:?}");
+    assert!(
+        counts[0] >= 30 && counts[1] >= 30,
+        "connections were not spread over both providers: B {}, C {}",
+        counts[0],
+        counts[1]
+    );
+
+    // kill -9 C, then at once 100 more connections: all must succeed, at B.
+    st.agents[2].proc.kill9();
+    let killed = Instant::now();
+    let mut failures = Vec::new();
+    let mut to_b = 0;
+    for i in 0..100 {
+        let t = Instant::now();
+        match roundtrip(port, &format!("k{i}")) {
+            Ok(got) if got == format!("B:k{i}") => to_b += 1,
+            Ok(got) => failures.push(format!(
+                "{i} ({:?} after the kill): answer {got:?}",
+                t - killed
+            )),
+            Err(e) => failures.push(format!("{i} ({:?} after the kill): {e}", t - killed)),
+        }
+    }
+    let log: Vec<String> = try_json(st.api(0), &format!("/api/meshes/{MESH}/log"))
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .rev()
+        .take(10)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of 100 connections failed after the kill of a provider: {failures:?}\n\
+         A's latest mesh log entries: {log:#?}",
+        failures.len()
+    );
+    assert_eq!(to_b, 100);
+}
+
+/// From A's API, a port created on B targets a service on A: connections to B's port reach A's
+/// backend; deleting it through A closes it on B.
+#[test]
+fn remote_port_mapping() {
+    let st = stack("tun-remote", &["root", "bob"]);
+    let home = tagged_server("A");
+    st.add_service(0, "tcp", "home", home.port, None);
+    st.wait_service(1, "tcp", "home", &[0]);
+    let port = free_port();
+    let b_id = st.ids[1].clone();
+    let a_id = st.ids[0].clone();
+    // Created through A, on B.
+    map_port_at(st.api(0), &b_id, "tcp", port, "home", Some(&a_id));
+    // B's own API lists it.
+    let listed = get(
+        st.api(1),
+        &format!("/api/meshes/{MESH}/endpoints/{b_id}/ports"),
+    );
+    assert_eq!(listed.status, 200, "{}", listed.text());
+    let ports = listed.json();
+    assert!(
+        ports.as_array().is_some_and(|l| l
+            .iter()
+            .any(|p| p["listen"]["port"] == port && p["target"]["service"] == "home")),
+        "B does not list the port: {ports}"
+    );
+    wait_tunnel(port, "A", Duration::from_secs(20));
+    for i in 0..10 {
+        assert_eq!(
+            roundtrip(port, &format!("r{i}")).unwrap(),
+            format!("A:r{i}")
+        );
+    }
+    // Unmapped remotely: B stops listening.
+    let path = format!("/api/meshes/{MESH}/endpoints/{b_id}/ports/127.0.0.1/tcp/{port}");
+    let r = delete(st.api(0), &path);
+    assert!(is_2xx(&r), "DELETE {path}: {} {}", r.status, r.text());
+    wait_until(Duration::from_secs(10), "B to close the port", || {
+        TcpStream::connect_timeout(&local(port), Duration::from_millis(200)).is_err()
+    });
+}
+
+/// A service that lists `users` admits them (and root and its owner) but not others: a
+/// connection of bob's gets no data and is closed, and never reaches the backend.
+#[test]
+fn service_users_list_refuses_others() {
+    // A: bob, B: root (provides), C: alice.
+    let st = stack("tun-acl", &["bob", "root", "alice"]);
+    let secret = tagged_server("S");
+    let open = tagged_server("O");
+    st.add_service(1, "tcp", "secret", secret.port, Some(&["alice"]));
+    st.add_service(1, "tcp", "open", open.port, None);
+    st.wait_service(2, "tcp", "secret", &[1]);
+    st.wait_service(0, "tcp", "open", &[1]);
+
+    // alice gets through.
+    let alice_port = free_port();
+    st.map_port(2, "tcp", alice_port, "secret", None);
+    wait_tunnel(alice_port, "S", Duration::from_secs(20));
+    // bob's agent works for a service with no list ...
+    let open_port = free_port();
+    st.map_port(0, "tcp", open_port, "open", None);
+    wait_tunnel(open_port, "O", Duration::from_secs(20));
+    // ... but not for alice's service, by name or with B named as the endpoint.
+    let bob_port = free_port();
+    let bob_port2 = free_port();
+    st.map_port(0, "tcp", bob_port, "secret", None);
+    st.map_port(0, "tcp", bob_port2, "secret", Some(st.ids[1].as_str()));
+    let before = secret.accepted.load(Ordering::SeqCst);
+    for p in [bob_port, bob_port2] {
+        for i in 0..3 {
+            let mut s = connect(p).unwrap_or_else(|e| panic!("connect to bob's port: {e}"));
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let _ = s.write_all(format!("let me in {i}\n").as_bytes());
+            let mut got = Vec::new();
+            match s.read_to_end(&mut got) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+                Err(e) => panic!("bob's connection was not closed: {e} (got {got:?})"),
+            }
+            assert!(
+                got.is_empty(),
+                "bob got data from alice's service: {:?}",
+                String::from_utf8_lossy(&got)
+            );
+        }
+    }
+    assert_eq!(
+        secret.accepted.load(Ordering::SeqCst),
+        before,
+        "a connection of bob's reached the backend of alice's service"
+    );
+    // alice still does.
+    assert_eq!(roundtrip(alice_port, "again").unwrap(), "S:again");
+}
+
+/// After 1,000 tunnels opened and closed, the hub's and the agents' open descriptors and
+/// threads are back to where they were.
+#[test]
+fn no_descriptor_or_thread_leak_after_1000_tunnels() {
+    let st = stack("tun-leak", &["root", "bob"]);
+    let lines = tagged_server("B");
+    st.add_service(1, "tcp", "lines", lines.port, None);
+    st.wait_service(0, "tcp", "lines", &[1]);
+    let port = free_port();
+    st.map_port(0, "tcp", port, "lines", None);
+    wait_tunnel(port, "B", Duration::from_secs(20));
+    // Warm up (lazily created state), then let it settle.
+    for i in 0..20 {
+        assert_eq!(
+            roundtrip(port, &format!("w{i}")).unwrap(),
+            format!("B:w{i}")
+        );
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let pids = st.pids();
+    let snapshot = |pids: &[(String, u32)]| -> Vec<(String, usize, u64)> {
+        pids.iter()
+            .map(|(n, p)| (n.clone(), fds(*p).unwrap_or(0), threads(*p).unwrap_or(0)))
+            .collect()
+    };
+    let baseline = snapshot(&pids);
+
+    let workers = 20;
+    let per = 50;
+    let handles: Vec<_> = (0..workers)
+        .map(|w| {
+            std::thread::spawn(move || -> Result<(), String> {
+                for i in 0..per {
+                    let msg = format!("t{w}-{i}");
+                    let got = roundtrip(port, &msg).map_err(|e| format!("{msg}: {e}"))?;
+                    if got != format!("B:{msg}") {
+                        return Err(format!("{msg}: answer {got:?}"));
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let errors: Vec<String> = handles
+        .into_iter()
+        .filter_map(|h| h.join().unwrap_or_else(|_| Err("panicked".into())).err())
+        .collect();
+    assert!(errors.is_empty(), "tunnels failed: {errors:?}");
+    assert!(lines.accepted.load(Ordering::SeqCst) >= 1000 + 20);
+
+    let mut last = Vec::new();
+    let settled = time_until(Duration::from_secs(40), || {
+        last = snapshot(&pids);
+        last.iter()
+            .zip(&baseline)
+            .all(|((_, f, t), (_, f0, t0))| *f <= f0 + 5 && *t <= t0 + 2)
+    });
+    assert!(
+        settled.is_some(),
+        "descriptors/threads did not return to the baseline\n(name, fds, threads) before: \
+         {baseline:?}\nafter: {last:?}"
+    );
+    eprintln!("baseline {baseline:?}, after {last:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Network namespaces: hub, router and two agents behind NAT with inbound traffic dropped.
+
+extern "C" {
+    fn setns(fd: i32, nstype: i32) -> i32;
+}
+const CLONE_NEWNET: i32 = 0x4000_0000;
+
+/// Runs `f` on a thread that has entered network namespace `ns`: sockets it creates, and
+/// processes it spawns, live in that namespace.
+fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    use std::os::fd::AsRawFd;
+    let path = ["/run/netns", "/var/run/netns"]
+        .iter()
+        .map(|d| Path::new(d).join(ns))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("network namespace {ns} not found"));
+    std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            let file = std::fs::File::open(&path).unwrap();
+            // SAFETY: setns only changes this thread's network namespace; `file` is open.
+            let rc = unsafe { setns(file.as_raw_fd(), CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
+            f()
+        });
+        h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
+    })
+}
+
+/// Removes the namespaces it names when dropped (also on panic).
+struct Namespaces(Vec<String>);
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for ns in &self.0 {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .status();
+        }
+    }
+}
+
+fn run(dir: &Path, line: &str) {
+    let (code, out, err) = sh(dir, line);
+    assert_eq!(code, 0, "{line}: {out} {err}");
+}
+
+/// Why the namespace test cannot run here, if it cannot.
+fn netns_unavailable(dir: &Path) -> Option<String> {
+    if status_field(std::process::id(), "Uid") != Some(0) {
+        return Some("not root".into());
+    }
+    for tool in ["ip", "nft"] {
+        if sh(dir, &format!("command -v {tool}")).0 != 0 {
+            return Some(format!("`{tool}` is not installed"));
+        }
+    }
+    let probe = format!("ztm-probe-{}-{:x}", std::process::id(), rand_u64() & 0xffff);
+    let (code, _, err) = sh(dir, &format!("ip netns add {probe}"));
+    if code != 0 {
+        return Some(format!("`ip netns add` failed: {err}"));
+    }
+    let (code, _, err) = sh(
+        dir,
+        &format!(
+            "ip netns exec {probe} nft add table inet probe && \
+             ip netns exec {probe} nft add chain inet probe p \
+             '{{ type nat hook postrouting priority 100; }}'"
+        ),
+    );
+    let _ = sh(dir, &format!("ip netns del {probe}"));
+    if code != 0 {
+        return Some(format!("nftables does not work in a namespace: {err}"));
+    }
+    None
+}
+
+/// B's service is reachable through A's port although A and B are each behind NAT with all
+/// inbound traffic dropped, while a direct connection from A to B's service fails.
+#[test]
+fn tunnel_crosses_nat_and_firewalls_in_namespaces() {
+    let dir = TempDir::new("tun-netns");
+    if let Some(why) = netns_unavailable(dir.path()) {
+        eprintln!("tunnel_crosses_nat_and_firewalls_in_namespaces: SKIPPED: {why}");
+        return;
+    }
+    let pid = std::process::id();
+    let tag = format!("{pid}-{:x}", rand_u64() & 0xfff);
+    let ns_hub = format!("ztm-t-{tag}-hub");
+    let ns_rt = format!("ztm-t-{tag}-rt");
+    let ns_a = format!("ztm-t-{tag}-a");
+    let ns_b = format!("ztm-t-{tag}-b");
+    // Dropped last: after every process below is gone.
+    let _guard = Namespaces(vec![
+        ns_hub.clone(),
+        ns_rt.clone(),
+        ns_a.clone(),
+        ns_b.clone(),
+    ]);
+    for ns in [&ns_hub, &ns_rt, &ns_a, &ns_b] {
+        run(dir.path(), &format!("ip netns add {ns}"));
+        run(dir.path(), &format!("ip -n {ns} link set lo up"));
+    }
+    // Addresses that exist only inside these namespaces.
+    let net = 10 + (pid % 200);
+    let hub_ip = format!("10.{net}.1.2");
+    let b_ip = format!("10.{net}.3.2");
+    for (dev, ns, sub) in [("eh", &ns_hub, 1), ("ea", &ns_a, 2), ("eb", &ns_b, 3)] {
+        run(
+            dir.path(),
+            &format!("ip -n {ns_rt} link add {dev} type veth peer name e0 netns {ns}"),
+        );
+        run(
+            dir.path(),
+            &format!("ip -n {ns_rt} addr add 10.{net}.{sub}.1/24 dev {dev}"),
+        );
+        run(dir.path(), &format!("ip -n {ns_rt} link set {dev} up"));
+        run(
+            dir.path(),
+            &format!("ip -n {ns} addr add 10.{net}.{sub}.2/24 dev e0"),
+        );
+        run(dir.path(), &format!("ip -n {ns} link set e0 up"));
+        run(
+            dir.path(),
+            &format!("ip -n {ns} route add default via 10.{net}.{sub}.1"),
+        );
+    }
+    run(
+        dir.path(),
+        &format!("ip netns exec {ns_rt} sh -c 'echo 1 > /proc/sys/net/ipv4/ip_forward'"),
+    );
+    // The router masquerades A and B towards the hub and forwards nothing inbound; A and B
+    // drop every inbound connection.
+    let router_rules = "table ip ztmnat {\n\
+         chain post {\n\
+         type nat hook postrouting priority 100; policy accept;\n\
+         oifname \"eh\" masquerade\n\
+         }\n\
+         }\n\
+         table inet ztmfw {\n\
+         chain forward {\n\
+         type filter hook forward priority 0; policy drop;\n\
+         ct state established,related accept\n\
+         iifname \"ea\" oifname \"eh\" accept\n\
+         iifname \"eb\" oifname \"eh\" accept\n\
+         }\n\
+         chain input {\n\
+         type filter hook input priority 0; policy drop;\n\
+         iif \"lo\" accept\n\
+         ct state established,related accept\n\
+         }\n\
+         }\n";
+    let host_rules = "table inet ztmfw {\n\
+         chain input {\n\
+         type filter hook input priority 0; policy drop;\n\
+         iif \"lo\" accept\n\
+         ct state established,related accept\n\
+         }\n\
+         }\n";
+    let rr = write_file(dir.path(), "router.nft", router_rules);
+    let hr = write_file(dir.path(), "host.nft", host_rules);
+    run(dir.path(), &format!("ip netns exec {ns_rt} nft -f {rr}"));
+    run(dir.path(), &format!("ip netns exec {ns_a} nft -f {hr}"));
+    run(dir.path(), &format!("ip netns exec {ns_b} nft -f {hr}"));
+
+    // CA and hub in the hub's namespace.
+    let hub_addr = format!("{hub_ip}:7443");
+    let (ca, hub, pem, root, bob) = in_ns(&ns_hub, || {
+        let ca = start_ca(dir.path());
+        let pem = ca_pem(&ca.addr);
+        let root = create_user(&ca.addr, "root");
+        let bob = create_user(&ca.addr, "bob");
+        let hub = start_hub_on(dir.path(), "hub", &ca.addr, &hub_addr);
+        (ca, hub, pem, root, bob)
+    });
+    // Agents in theirs, each on 127.0.0.1 there.
+    let a = in_ns(&ns_a, || {
+        let a = start_agent(dir.path(), "a");
+        join_ok(&a.addr, &pem, "a", &root, &[&hub_addr]);
+        a
+    });
+    let b = in_ns(&ns_b, || {
+        let b = start_agent(dir.path(), "b");
+        join_ok(&b.addr, &pem, "b", &bob, &[&hub_addr]);
+        b
+    });
+    let a_id = in_ns(&ns_a, || local_id(&a.addr));
+    let b_id = in_ns(&ns_b, || local_id(&b.addr));
+    wait_until(Duration::from_secs(30), "A and B online", || {
+        in_ns(&ns_a, || {
+            is_online(&a.addr, &a_id) && is_online(&a.addr, &b_id)
+        })
+    });
+
+    // B's backend listens on every address of B's namespace, so only the firewall stands
+    // between it and A.
+    let listener = in_ns(&ns_b, || TcpListener::bind("0.0.0.0:0").unwrap());
+    let backend = serve(listener, tagged_handler("B"));
+    in_ns(&ns_b, || {
+        add_service_at(&b.addr, &b_id, "tcp", "svc", backend.port, None)
+    });
+    wait_until(Duration::from_secs(20), "A to discover tcp/svc", || {
+        in_ns(&ns_a, || discovered(&a.addr, "tcp", "svc", &[&b_id]))
+    });
+    let port = in_ns(&ns_a, free_port);
+    in_ns(&ns_a, || {
+        map_port_at(&a.addr, &a_id, "tcp", port, "svc", None)
+    });
+    let mut last = String::new();
+    let through = time_until(Duration::from_secs(20), || {
+        match in_ns(&ns_a, || roundtrip(port, "ping")) {
+            Ok(got) if got == "B:ping" => true,
+            other => {
+                last = format!("{other:?}");
+                false
+            }
+        }
+    });
+    assert!(
+        through.is_some(),
+        "B's service is not reachable through A's port; last attempt: {last}"
+    );
+    for i in 0..5 {
+        assert_eq!(
+            in_ns(&ns_a, || roundtrip(port, &format!("p{i}"))).unwrap(),
+            format!("B:p{i}")
+        );
+    }
+
+    // The backend is there (B reaches it on its own address) ...
+    let direct: SocketAddr = format!("{b_ip}:{}", backend.port).parse().unwrap();
+    assert_eq!(
+        in_ns(&ns_b, || roundtrip_addr(direct, "self")).unwrap(),
+        "B:self"
+    );
+    // ... but neither A nor the hub can open a connection to it.
+    let accepted = backend.accepted.load(Ordering::SeqCst);
+    for ns in [&ns_a, &ns_hub] {
+        let r = in_ns(ns, || {
+            TcpStream::connect_timeout(&direct, Duration::from_secs(2))
+        });
+        assert!(
+            r.is_err(),
+            "a direct connection from {ns} to B's service at {direct} got through"
+        );
+    }
+    assert_eq!(backend.accepted.load(Ordering::SeqCst), accepted);
+    // And the tunnel still works.
+    assert_eq!(in_ns(&ns_a, || roundtrip(port, "end")).unwrap(), "B:end");
+    drop((a, b, hub, ca));
+}
