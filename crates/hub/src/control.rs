@@ -135,7 +135,14 @@ async fn handle(conn: Arc<Conn>, req: Request<RecvStream>, send: SendResponse<By
             respond_json(send, StatusCode::OK, &list);
         }
         (&Method::GET, ["api", "services"]) => {
-            let list = conn.hub.registry().services(now_ms());
+            // Each user discovers only the providers it may connect to.
+            let mut list = conn.hub.registry().services(now_ms());
+            for s in &mut list {
+                s.endpoints.retain(|e| {
+                    acl::can_connect(&conn.peer.user, &e.username, s.users.as_deref())
+                });
+            }
+            list.retain(|s| !s.endpoints.is_empty());
             respond_json(send, StatusCode::OK, &list);
         }
         (_, ["api", "endpoints", ep, "manage", ..]) => {

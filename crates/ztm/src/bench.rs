@@ -438,6 +438,16 @@ impl Report {
             1,
             true,
         );
+        for p in [50.0, 99.0] {
+            row(
+                &mut s,
+                &format!("  connection done by, p{p:.0} (ms)"),
+                c.direct.finish.percentile(p) / 1e3,
+                c.tunnel.finish.percentile(p) / 1e3,
+                1,
+                true,
+            );
+        }
         let _ = writeln!(
             s,
             "{:<36} {:>11} {:>11}",
@@ -523,6 +533,8 @@ impl Report {
                 "rounds": c.rounds,
                 "errors": c.errors,
                 "first_error": c.first_error,
+                "conn_done_p50_ms": c.finish.percentile(50.0) / 1e3,
+                "conn_done_p99_ms": c.finish.percentile(99.0) / 1e3,
             })
         };
         let mut scenarios = Vec::new();

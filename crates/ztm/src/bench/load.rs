@@ -33,10 +33,12 @@ impl Drop for Targets {
     }
 }
 
+/// A listener with a deep accept queue, so that bursts of connections (500 at once) are not
+/// dropped and retried by the client's kernel a second later.
 async fn listen() -> Result<(TcpListener, String)> {
-    let l = TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("binding a target server")?;
+    let socket = tokio::net::TcpSocket::new_v4().context("creating a target server socket")?;
+    socket.bind(([127, 0, 0, 1], 0).into())?;
+    let l = socket.listen(4096).context("binding a target server")?;
     let addr = l.local_addr()?.to_string();
     Ok((l, addr))
 }
@@ -384,6 +386,8 @@ pub async fn ping_pong(addr: &str, count: usize, max_time: Duration) -> Latency 
 
 /// Result of the concurrent-connections scenario.
 pub struct Concurrent {
+    /// Time from the start until each connection finished its round trips, microseconds.
+    pub finish: Latency,
     pub connections: usize,
     pub rounds: usize,
     pub wall: Duration,
@@ -404,7 +408,7 @@ pub async fn concurrent(addr: &str, connections: usize, rounds: usize) -> Concur
                 for r in 0..rounds {
                     round_trip(&mut s, c * rounds + r).await?;
                 }
-                Ok::<_, anyhow::Error>(())
+                Ok::<_, anyhow::Error>(us(start.elapsed()))
             })
             .await
             .map_err(|_| anyhow!("connection did not finish within 30 s"))?
@@ -412,17 +416,26 @@ pub async fn concurrent(addr: &str, connections: usize, rounds: usize) -> Concur
     }
     let mut errors = 0;
     let mut first_error = None;
+    let mut finish = Latency {
+        samples: Vec::with_capacity(connections),
+        errors: 0,
+    };
     for t in tasks {
         let r = match t.await {
             Ok(r) => r,
             Err(e) => Err(anyhow!("task failed: {e}")),
         };
-        if let Err(e) = r {
-            errors += 1;
-            first_error.get_or_insert_with(|| format!("{e:#}"));
+        match r {
+            Ok(t) => finish.samples.push(t),
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
         }
     }
+    finish.errors = errors;
     Concurrent {
+        finish,
         connections,
         rounds,
         wall: start.elapsed(),
