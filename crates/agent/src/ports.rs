@@ -21,6 +21,8 @@ use crate::store::PortRecord;
 use crate::tunnel;
 
 const RETRY: Duration = Duration::from_secs(5);
+/// Accept queue of port listeners: bursts of new connections must not overflow it.
+const LISTEN_BACKLOG: u32 = 4096;
 /// Most UDP client flows one port keeps at once.
 const MAX_UDP_FLOWS: usize = 4096;
 /// Datagrams queued per UDP flow while its tunnel is busy (more are dropped, as UDP may).
@@ -138,9 +140,14 @@ fn bind_now(port: &PortRecord) -> std::io::Result<Bound> {
     let addr = listen_addr(port)?;
     match port.protocol {
         Proto::Tcp => {
-            let l = std::net::TcpListener::bind(addr)?;
-            l.set_nonblocking(true)?;
-            Ok(Bound::Tcp(TcpListener::from_std(l)?))
+            let socket = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            socket.bind(addr)?;
+            Ok(Bound::Tcp(socket.listen(LISTEN_BACKLOG)?))
         }
         Proto::Udp => {
             let s = std::net::UdpSocket::bind(addr)?;

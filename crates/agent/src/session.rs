@@ -20,8 +20,8 @@ use ztm_pki::tokio_rustls::client::TlsStream;
 use ztm_pki::tokio_rustls::TlsConnector;
 use ztm_proto::model::TimedMessage;
 use ztm_proto::wire::{
-    Hello, Register, Registered, BACKOFF_MAX, BACKOFF_MIN, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT,
-    HEARTBEAT_INTERVAL, MAX_MANAGE_BODY, MAX_STREAMS, REQUEST_TIMEOUT, STREAM_WINDOW, USER_HEADER,
+    Hello, Register, Registered, BACKOFF_MAX, BACKOFF_MIN, HANDSHAKE_TIMEOUT, HEARTBEAT_INTERVAL,
+    MAX_MANAGE_BODY, REQUEST_TIMEOUT, USER_HEADER,
 };
 
 use crate::mesh::{HubLink, MeshRuntime};
@@ -99,7 +99,7 @@ fn describe_h2(e: &h2::Error) -> String {
     }
 }
 
-async fn dial(addr: &str, config: Arc<ClientConfig>) -> Result<TlsStream<TcpStream>> {
+async fn dial(addr: &str, config: Arc<ClientConfig>) -> Result<TlsStream<ztm_net::TlsIo>> {
     let tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| anyhow!("connecting timed out"))?
@@ -110,7 +110,7 @@ async fn dial(addr: &str, config: Arc<ClientConfig>) -> Result<TlsStream<TcpStre
         .map_err(|e| anyhow!("bad hub address: {e}"))?;
     let tls = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        TlsConnector::from(config).connect(name, tcp),
+        TlsConnector::from(config).connect(name, ztm_net::tls_io(tcp)),
     )
     .await
     .map_err(|_| anyhow!("TLS handshake timed out"))?
@@ -128,11 +128,7 @@ async fn connect_once(
         bail!("no usable TLS configuration");
     };
     let stream = dial(&link.addr, tls.control.clone()).await?;
-    let (sender, conn) = h2::client::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_concurrent_streams(MAX_STREAMS)
-        .max_send_buffer_size(256 * 1024)
+    let (sender, conn) = ztm_net::h2io::client_builder()
         .handshake::<_, Bytes>(stream)
         .await
         .map_err(|e| anyhow!("{}", describe_h2(&e)))?;
@@ -165,12 +161,7 @@ async fn connect_once(
     let registered: Registered = answer.json()?;
 
     let reverse_stream = dial(&link.addr, tls.reverse.clone()).await?;
-    let reverse = h2::server::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_concurrent_streams(MAX_STREAMS)
-        .max_send_buffer_size(256 * 1024)
-        .enable_connect_protocol()
+    let reverse = ztm_net::h2io::server_builder()
         .handshake::<_, Bytes>(reverse_stream)
         .await;
     let reverse = reverse.map_err(|e| anyhow!("reverse connection: {}", describe_h2(&e)))?;
@@ -229,7 +220,7 @@ async fn connect_once(
 
 async fn serve_reverse(
     rt: Arc<MeshRuntime>,
-    mut conn: h2::server::Connection<TlsStream<TcpStream>, Bytes>,
+    mut conn: h2::server::Connection<TlsStream<ztm_net::TlsIo>, Bytes>,
     token: String,
 ) {
     let token = Arc::new(token);

@@ -231,14 +231,7 @@ async fn connect(
         let (resp, send) = sender.send_request(req, false).map_err(|e| e.to_string())?;
         let resp = resp.await.map_err(|e| e.to_string())?;
         if resp.status() != StatusCode::OK {
-            let status = resp.status();
-            let mut body = resp.into_body();
-            let msg = h2io::read_body(&mut body, 64 * 1024)
-                .await
-                .ok()
-                .and_then(|b| serde_json::from_slice::<ztm_proto::model::ApiError>(&b).ok())
-                .map(|e| e.message)
-                .unwrap_or_else(|| status.to_string());
+            let msg = h2io::error_message_of(resp).await;
             return Err(format!(
                 "tunnel to {proto}/{service} on {ep} refused: {msg}"
             ));

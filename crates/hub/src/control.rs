@@ -16,8 +16,8 @@ use ztm_pki::tokio_rustls::server::TlsStream;
 use ztm_proto::acl;
 use ztm_proto::names::check_name;
 use ztm_proto::wire::{
-    is_endpoint_id, Proto, Register, Registered, ServiceDecl, CONNECTION_WINDOW, MAX_MANAGE_BODY,
-    MAX_STREAMS, REGISTER_TIMEOUT, REQUEST_TIMEOUT, STREAM_WINDOW, TUNNEL_PROTOCOL, USER_HEADER,
+    is_endpoint_id, Proto, Register, Registered, ServiceDecl, MAX_MANAGE_BODY, REGISTER_TIMEOUT,
+    REQUEST_TIMEOUT, TUNNEL_PROTOCOL, USER_HEADER,
 };
 
 use crate::registry::{self, RegisterError, SessionId};
@@ -48,17 +48,12 @@ impl Conn {
 
 pub async fn serve(
     hub: Arc<Hub>,
-    tls: TlsStream<tokio::net::TcpStream>,
+    tls: TlsStream<ztm_net::TlsIo>,
     peer: Peer,
     conn_id: u64,
     kill: CancellationToken,
 ) -> Result<()> {
-    let mut h2 = h2::server::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_concurrent_streams(MAX_STREAMS)
-        .max_send_buffer_size(256 * 1024)
-        .enable_connect_protocol()
+    let mut h2 = ztm_net::h2io::server_builder()
         .handshake::<_, Bytes>(tls)
         .await?;
     let conn = Arc::new(Conn {
@@ -138,9 +133,8 @@ async fn handle(conn: Arc<Conn>, req: Request<RecvStream>, send: SendResponse<By
             // Each user discovers only the providers it may connect to.
             let mut list = conn.hub.registry().services(now_ms());
             for s in &mut list {
-                s.endpoints.retain(|e| {
-                    acl::can_connect(&conn.peer.user, &e.username, s.users.as_deref())
-                });
+                s.endpoints
+                    .retain(|e| acl::can_connect(&conn.peer.user, &e.username, s.users.as_deref()));
             }
             list.retain(|s| !s.endpoints.is_empty());
             respond_json(send, StatusCode::OK, &list);
@@ -494,13 +488,7 @@ async fn tunnel(
     };
     if resp.status() != StatusCode::OK {
         let status = resp.status();
-        let mut body = resp.into_body();
-        let message = read_body(&mut body, 64 * 1024)
-            .await
-            .ok()
-            .and_then(|b| serde_json::from_slice::<ztm_proto::model::ApiError>(&b).ok())
-            .map(|e| e.message)
-            .unwrap_or_else(|| format!("endpoint {ep} answered {status}"));
+        let message = h2io::error_message_of(resp).await;
         return respond_error(send, status, message);
     }
     let mut send = send;

@@ -9,24 +9,17 @@ use http::{Method, StatusCode};
 use tokio_util::sync::CancellationToken;
 use ztm_net::h2io;
 use ztm_pki::tokio_rustls::server::TlsStream;
-use ztm_proto::wire::{
-    Hello, CONNECTION_WINDOW, MAX_STREAMS, PING_INTERVAL, PING_TIMEOUT, REQUEST_TIMEOUT,
-    STREAM_WINDOW,
-};
+use ztm_proto::wire::{Hello, PING_INTERVAL, PING_TIMEOUT, REQUEST_TIMEOUT};
 
 use crate::server::{Hub, Peer};
 
 pub async fn serve(
     hub: Arc<Hub>,
-    tls: TlsStream<tokio::net::TcpStream>,
+    tls: TlsStream<ztm_net::TlsIo>,
     peer: Peer,
     kill: CancellationToken,
 ) -> Result<()> {
-    let (sender, mut conn) = h2::client::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_concurrent_streams(MAX_STREAMS)
-        .max_send_buffer_size(256 * 1024)
+    let (sender, mut conn) = ztm_net::h2io::client_builder()
         .handshake::<_, Bytes>(tls)
         .await?;
     let mut ping = conn

@@ -309,7 +309,7 @@ async fn serve_connection(
     let _ = stream.set_nodelay(true);
     let tls = {
         let _permit = handshakes.acquire().await?;
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(ztm_net::tls_io(stream)))
             .await
             .map_err(|_| anyhow!("TLS handshake timed out"))??
     };

@@ -10,6 +10,44 @@ use h2::RecvStream;
 use http::{Request, Response, StatusCode};
 use serde::Serialize;
 use ztm_proto::model::ApiError;
+use ztm_proto::wire::{CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, SEND_BUFFER, STREAM_WINDOW};
+
+/// HTTP/2 server settings every ZTM connection uses (PROTOCOL.md, "HTTP/2 settings"), with
+/// extended CONNECT enabled for tunnels.
+pub fn server_builder() -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_send_buffer_size(SEND_BUFFER)
+        .max_frame_size(MAX_FRAME)
+        .enable_connect_protocol();
+    b
+}
+
+/// HTTP/2 client settings every ZTM connection uses.
+pub fn client_builder() -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_send_buffer_size(SEND_BUFFER)
+        .max_frame_size(MAX_FRAME);
+    b
+}
+
+/// The `message` of an error answer's body (or its status), for a response whose body has not
+/// been read yet.
+pub async fn error_message_of(resp: http::Response<RecvStream>) -> String {
+    let status = resp.status();
+    let mut body = resp.into_body();
+    read_body(&mut body, 64 * 1024)
+        .await
+        .ok()
+        .and_then(|b| serde_json::from_slice::<ApiError>(&b).ok())
+        .map(|e| e.message)
+        .unwrap_or_else(|| status.to_string())
+}
 
 /// Reads a whole body, refusing more than `limit` bytes.
 pub async fn read_body(body: &mut RecvStream, limit: usize) -> Result<Bytes> {

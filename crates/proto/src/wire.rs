@@ -119,3 +119,8 @@ pub struct ServiceInfo {
 pub fn is_endpoint_id(s: &str) -> bool {
     uuid::Uuid::parse_str(s).is_ok() && s.len() == 36
 }
+
+/// Largest DATA frame we accept (and so the peer sends).
+pub const MAX_FRAME: u32 = 16 * 1024;
+/// Most bytes h2 buffers per stream ahead of the socket.
+pub const SEND_BUFFER: usize = 256 * 1024;

@@ -152,7 +152,7 @@ fn serve(listener: TcpListener, handler: impl Fn(TcpStream) + Send + Sync + 'sta
             count.fetch_add(1, Ordering::SeqCst);
             let h = handler.clone();
             std::thread::spawn(move || {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
+                // No read timeout: an idle client may stay quiet for many minutes.
                 let _ = s.set_write_timeout(Some(Duration::from_secs(120)));
                 h(s)
             });

@@ -35,9 +35,11 @@ fn up_brings_a_working_mesh_with_the_web_ui() {
         format!("127.0.0.1:{}", free_port()),
     );
     let mut up = start_up(&dir, &ca, &hub, &agent);
-    wait_until(Duration::from_secs(30), "ztm up to print the web UI address", || {
-        up.log().contains(&format!("Web UI:  http://{agent}/"))
-    });
+    wait_until(
+        Duration::from_secs(30),
+        "ztm up to print the web UI address",
+        || up.log().contains(&format!("Web UI:  http://{agent}/")),
+    );
     let log = up.log();
     assert!(log.contains("To add another computer"), "{log}");
     let page = get(&agent, "/");
@@ -56,20 +58,28 @@ fn up_brings_a_working_mesh_with_the_web_ui() {
     let key = std::fs::read_to_string(dir.join("state/root.key")).unwrap();
     assert!(key.contains("PRIVATE KEY"));
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(dir.join("state/root.key")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(dir.join("state/root.key"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o077, 0, "root.key is owner-only");
     assert_eq!(up.stop(), Some(0), "clean exit on SIGTERM");
 
     // Again: the same mesh, still joined, comes back.
     let id = {
         let mut up = start_up(&dir, &ca, &hub, &agent);
-        wait_until(Duration::from_secs(30), "the second run", || up.log().matches("Web UI").count() >= 2);
+        wait_until(Duration::from_secs(30), "the second run", || {
+            up.log().matches("Web UI").count() >= 2
+        });
         let mesh = get(&agent, "/api/meshes/default").json();
         let id = mesh["agent"]["id"].as_str().unwrap().to_string();
         wait_until(Duration::from_secs(10), "connected again", || {
             get(&agent, "/api/meshes/default").json()["connected"] == true
         });
-        assert_eq!(get(&agent, "/api/meshes").json().as_array().unwrap().len(), 1);
+        assert_eq!(
+            get(&agent, "/api/meshes").json().as_array().unwrap().len(),
+            1
+        );
         assert_eq!(up.stop(), Some(0));
         id
     };
