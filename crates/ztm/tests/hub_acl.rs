@@ -1,0 +1,146 @@
+//! The hub's own access checks, exercised by a hand-made HTTP/2 client with a user's
+//! certificate (an agent would not even ask for what its user may not do).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::mesh::*;
+use common::*;
+use serde_json::json;
+
+/// A backend answering one line per connection.
+fn backend() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let mut w = s.try_clone().unwrap();
+            let mut line = String::new();
+            if BufReader::new(s).read_line(&mut line).is_ok() {
+                let _ = w.write_all(format!("secret:{line}").as_bytes());
+            }
+        }
+    });
+    port
+}
+
+/// Dials the hub's control connection as `user` and sends one request.
+async fn ask(
+    hub: &str,
+    ca: &str,
+    user: &User,
+    method: http::Method,
+    path: &str,
+    tunnel: bool,
+) -> (u16, String, Option<(h2::SendStream<Bytes>, h2::RecvStream)>) {
+    let config = ztm_pki::agent_client_config(ca, &user.cert, &user.key, ztm_pki::ALPN_CONTROL)
+        .expect("client config");
+    let tcp = tokio::net::TcpStream::connect(hub).await.expect("connect");
+    let name = ztm_pki::rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = ztm_pki::tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("tls");
+    let (sender, conn) = h2::client::handshake(tls).await.expect("h2");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut sender = sender.ready().await.expect("ready");
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(format!("https://hub{path}"))
+        .body(())
+        .unwrap();
+    if tunnel {
+        req.extensions_mut()
+            .insert(h2::ext::Protocol::from_static("ztm-tunnel"));
+    }
+    let (resp, send) = sender.send_request(req, !tunnel).expect("send");
+    let resp = resp.await.expect("response");
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    if status == 200 && tunnel {
+        return (status, String::new(), Some((send, body)));
+    }
+    let mut text = Vec::new();
+    while let Some(Ok(chunk)) = body.data().await {
+        text.extend_from_slice(&chunk);
+    }
+    (status, String::from_utf8_lossy(&text).into_owned(), None)
+}
+
+#[test]
+fn hub_refuses_tunnels_and_management_to_users_without_rights() {
+    let dir = TempDir::new("hub-acl");
+    let ca = start_ca(dir.path());
+    let pem = ca_pem(&ca.addr);
+    let root = create_user(&ca.addr, "root");
+    let bob = create_user(&ca.addr, "bob");
+    let alice = create_user(&ca.addr, "alice");
+    let hub = start_hub(dir.path(), "hub", &ca.addr);
+    let b = start_agent(dir.path(), "b");
+    join_ok(&b.addr, &pem, "b", &root, &[&hub.addr]);
+    let b_id = local_id(&b.addr);
+    wait_until(Duration::from_secs(10), "B online", || {
+        is_online(&b.addr, &b_id)
+    });
+    let port = backend();
+    let r = post_json(
+        &b.addr,
+        &format!("/api/meshes/m/endpoints/{b_id}/services/tcp/secret"),
+        &json!({"host": "127.0.0.1", "port": port, "users": ["alice"]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    wait_until(Duration::from_secs(10), "the service published", || {
+        discovers(&b.addr, "secret", &b_id)
+    });
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let path = format!("/api/endpoints/{b_id}/services/tcp/secret");
+        // bob is not on the list: refused by the hub.
+        let (status, body, _) =
+            ask(&hub.addr, &pem, &bob, http::Method::CONNECT, &path, true).await;
+        assert_eq!(status, 403, "{body}");
+        assert!(body.contains("may not connect"), "{body}");
+        // alice is: the tunnel opens and reaches the backend.
+        let (status, body, stream) =
+            ask(&hub.addr, &pem, &alice, http::Method::CONNECT, &path, true).await;
+        assert_eq!(status, 200, "{body}");
+        let (mut send, mut recv) = stream.unwrap();
+        send.send_data(Bytes::from_static(b"hello\n"), false)
+            .unwrap();
+        let mut got = Vec::new();
+        while !got.ends_with(b"\n") {
+            match tokio::time::timeout(Duration::from_secs(10), recv.data()).await {
+                Ok(Some(Ok(chunk))) => got.extend_from_slice(&chunk),
+                other => panic!("no reply through the tunnel: {other:?}"),
+            }
+        }
+        assert_eq!(got, b"secret:hello\n");
+        // Unknown services and endpoints are 404s.
+        let (status, _, _) = ask(
+            &hub.addr,
+            &pem,
+            &alice,
+            http::Method::CONNECT,
+            &format!("/api/endpoints/{b_id}/services/tcp/nothing"),
+            true,
+        )
+        .await;
+        assert_eq!(status, 404);
+        // bob may not manage root's endpoint through the hub; root may.
+        let manage = format!("/api/endpoints/{b_id}/manage/services");
+        let (status, body, _) = ask(&hub.addr, &pem, &bob, http::Method::GET, &manage, false).await;
+        assert_eq!(status, 403, "{body}");
+        let (status, body, _) =
+            ask(&hub.addr, &pem, &root, http::Method::GET, &manage, false).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("secret"), "{body}");
+    });
+}
