@@ -264,7 +264,7 @@ pub fn cert_info(der: &[u8]) -> Result<CertInfo, PkiError> {
 }
 
 pub fn cert_info_pem(pem: &str, what: &'static str) -> Result<CertInfo, PkiError> {
-    cert_info(parse_cert(pem, what)?.as_ref())
+    cert_info(parse_cert(pem, what)?.as_ref()).map_err(|_| PkiError::BadCertificate(what))
 }
 
 /// Checks that `key_pem` is the private key of `cert_pem`.

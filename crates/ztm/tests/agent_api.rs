@@ -1,0 +1,276 @@
+//! The agent's REST API against bad input and hostile callers: clear 4xx errors in JSON, and
+//! nothing changed by any of it.
+
+mod common;
+
+use common::mesh::*;
+use common::*;
+use serde_json::json;
+
+#[test]
+fn bad_input_gets_clear_errors_and_changes_nothing() {
+    let dir = TempDir::new("agent-bad");
+    let ca = start_ca(dir.path());
+    let pem = ca_pem(&ca.addr);
+    let root = create_user(&ca.addr, "root");
+    let agent = start_agent(dir.path(), "a");
+    // A working mesh to compare against (its hub does not exist: that is fine here).
+    let hub = format!("127.0.0.1:{}", free_port());
+    join_ok(&agent.addr, &pem, "a", &root, &[&hub]);
+    let id = local_id(&agent.addr);
+    let before = get(&agent.addr, "/api/meshes/m").json();
+
+    let good = join_body(&pem, "x", &root, &[&hub]);
+    let mut bad_ca = good.clone();
+    bad_ca["ca"] = json!("not a certificate");
+    let mut bad_cert = good.clone();
+    bad_cert["agent"]["certificate"] =
+        json!("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n");
+    let mut bad_key = good.clone();
+    bad_key["agent"]["privateKey"] = json!("garbage");
+    let mut no_hubs = good.clone();
+    no_hubs["bootstraps"] = json!([]);
+    let mut bad_hub = good.clone();
+    bad_hub["bootstraps"] = json!(["no-port-here"]);
+    let mut missing = good.clone();
+    missing.as_object_mut().unwrap().remove("agent");
+    let cases: Vec<(&str, String, Vec<u8>, u16, &str)> = vec![
+        (
+            "POST",
+            "/api/meshes/n".into(),
+            b"{not json".to_vec(),
+            400,
+            "malformed JSON",
+        ),
+        (
+            "POST",
+            "/api/meshes/n".into(),
+            missing.to_string().into_bytes(),
+            400,
+            "agent",
+        ),
+        (
+            "POST",
+            "/api/meshes/n".into(),
+            bad_ca.to_string().into_bytes(),
+            400,
+            "ca",
+        ),
+        (
+            "POST",
+            "/api/meshes/n".into(),
+            bad_cert.to_string().into_bytes(),
+            400,
+            "agent.certificate",
+        ),
+        (
+            "POST",
+            "/api/meshes/n".into(),
+            bad_key.to_string().into_bytes(),
+            400,
+            "agent.privateKey",
+        ),
+        (
+            "POST",
+            "/api/meshes/n".into(),
+            no_hubs.to_string().into_bytes(),
+            400,
+            "bootstraps",
+        ),
+        (
+            "POST",
+            "/api/meshes/n".into(),
+            bad_hub.to_string().into_bytes(),
+            400,
+            "bootstraps",
+        ),
+        (
+            "POST",
+            "/api/meshes/..".into(),
+            good.to_string().into_bytes(),
+            400,
+            "mesh name",
+        ),
+        (
+            "POST",
+            "/api/meshes/m/ca".into(),
+            b"junk".to_vec(),
+            400,
+            "ca",
+        ),
+        (
+            "POST",
+            "/api/meshes/m/agent/key".into(),
+            b"junk".to_vec(),
+            400,
+            "agent.privateKey",
+        ),
+        ("GET", "/api/meshes/nope".into(), vec![], 404, "no mesh"),
+        (
+            "GET",
+            "/api/meshes/nope/endpoints".into(),
+            vec![],
+            404,
+            "no mesh",
+        ),
+        (
+            "POST",
+            format!("/api/meshes/m/endpoints/{id}/services/tcp/web"),
+            b"[]".to_vec(),
+            400,
+            "malformed",
+        ),
+        (
+            "POST",
+            format!("/api/meshes/m/endpoints/{id}/services/tcp/web"),
+            br#"{"host":"127.0.0.1","port":0}"#.to_vec(),
+            400,
+            "port",
+        ),
+        (
+            "POST",
+            format!("/api/meshes/m/endpoints/{id}/services/tcp/web"),
+            br#"{"host":"a b","port":80}"#.to_vec(),
+            400,
+            "host",
+        ),
+        (
+            "POST",
+            format!("/api/meshes/m/endpoints/{id}/services/tcp/web"),
+            br#"{"host":"h","port":70000}"#.to_vec(),
+            400,
+            "malformed",
+        ),
+        (
+            "POST",
+            format!("/api/meshes/m/endpoints/{id}/services/sctp/web"),
+            br#"{"host":"h","port":80}"#.to_vec(),
+            400,
+            "protocol",
+        ),
+        (
+            "POST",
+            format!("/api/meshes/m/endpoints/{id}/services/tcp/a%2Fb"),
+            br#"{"host":"h","port":80}"#.to_vec(),
+            400,
+            "service name",
+        ),
+        (
+            "POST",
+            format!("/api/meshes/m/endpoints/{id}/ports/1.2.3/tcp/80"),
+            br#"{"target":{"service":"web"}}"#.to_vec(),
+            400,
+            "listen ip",
+        ),
+        (
+            "POST",
+            format!("/api/meshes/m/endpoints/{id}/ports/127.0.0.1/tcp/0"),
+            br#"{"target":{"service":"web"}}"#.to_vec(),
+            400,
+            "listen port",
+        ),
+        (
+            "POST",
+            format!("/api/meshes/m/endpoints/{id}/ports/127.0.0.1/tcp/80"),
+            br#"{"target":{}}"#.to_vec(),
+            400,
+            "malformed",
+        ),
+        (
+            "DELETE",
+            format!("/api/meshes/m/endpoints/{id}/services/tcp/none"),
+            vec![],
+            404,
+            "no service",
+        ),
+        ("PUT", "/api/meshes/m".into(), vec![], 405, "method"),
+        ("GET", "/api/nothing".into(), vec![], 404, "no such"),
+    ];
+    for (method, path, body, want, says) in &cases {
+        let r = http(
+            &agent.addr,
+            method,
+            path,
+            &[("Content-Type", "application/json")],
+            body,
+        )
+        .unwrap();
+        assert_eq!(r.status, *want, "{method} {path}: {}", r.text());
+        let err = r.json();
+        assert_eq!(err["status"], *want, "{method} {path}");
+        let message = err["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(says),
+            "{method} {path}: {message:?} should mention {says:?}"
+        );
+    }
+    // A body over the limit.
+    let huge = vec![b'x'; 2 << 20];
+    let r = http(&agent.addr, "POST", "/api/meshes/n", &[], &huge).unwrap();
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json()["status"], 413);
+
+    // Nothing changed.
+    assert_eq!(
+        get(&agent.addr, "/api/meshes")
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(get(&agent.addr, "/api/meshes/m").json()["ca"], before["ca"]);
+    let services = get(
+        &agent.addr,
+        &format!("/api/meshes/m/endpoints/{id}/services"),
+    )
+    .json();
+    assert_eq!(services, json!([]));
+    let ports = get(&agent.addr, &format!("/api/meshes/m/endpoints/{id}/ports")).json();
+    assert_eq!(ports, json!([]));
+}
+
+#[test]
+fn only_local_callers_and_same_origin_pages() {
+    let dir = TempDir::new("agent-guard");
+    let agent = start_agent(dir.path(), "a");
+    let port = agent.addr.rsplit(':').next().unwrap().to_string();
+    // DNS rebinding: a request addressed to another name is refused.
+    let raw = raw_request(
+        &agent.addr,
+        "GET /api/meshes HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+    );
+    assert!(raw.starts_with("HTTP/1.1 403"), "{raw}");
+    let ok = raw_request(
+        &agent.addr,
+        &format!("GET /api/meshes HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n"),
+    );
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    // CSRF: a state-changing request from another origin is refused, same origin is not.
+    let body = "{}";
+    let cross = raw_request(
+        &agent.addr,
+        &format!("POST /api/meshes/x HTTP/1.1\r\nHost: localhost:{port}\r\nOrigin: https://evil.example\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()),
+    );
+    assert!(cross.starts_with("HTTP/1.1 403"), "{cross}");
+    let same = raw_request(
+        &agent.addr,
+        &format!("POST /api/meshes/x HTTP/1.1\r\nHost: localhost:{port}\r\nOrigin: http://localhost:{port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()),
+    );
+    assert!(
+        same.starts_with("HTTP/1.1 400"),
+        "same origin reaches the API: {same}"
+    );
+    assert_eq!(get(&agent.addr, "/api/meshes").json(), json!([]));
+}
+
+fn raw_request(addr: &str, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
