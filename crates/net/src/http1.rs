@@ -64,3 +64,27 @@ pub async fn request(
         .await
         .map_err(|_| anyhow!("{addr} did not answer within {deadline:?}"))?
 }
+
+/// Polls `GET path` on `addr` until it answers with a status below 500, for at most `within`.
+pub async fn wait_ready(addr: &str, path: &str, within: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let answer = request(
+            addr,
+            "GET",
+            path,
+            None,
+            None,
+            Bytes::new(),
+            Duration::from_secs(2),
+        )
+        .await;
+        if answer.is_ok_and(|r| r.status < 500) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(anyhow!("{addr} did not answer within {within:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -43,28 +43,7 @@ fn local_of(listen: &str) -> String {
 }
 
 async fn wait_http(addr: &str, path: &str) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = http1::request(
-            addr,
-            "GET",
-            path,
-            None,
-            None,
-            Bytes::new(),
-            Duration::from_secs(2),
-        )
-        .await
-        {
-            if r.status < 500 {
-                return Ok(());
-            }
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("{addr} did not come up within 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    http1::wait_ready(addr, path, Duration::from_secs(30)).await
 }
 
 async fn call(addr: &str, method: &str, path: &str, body: Bytes) -> Result<String> {

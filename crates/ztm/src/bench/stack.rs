@@ -216,26 +216,7 @@ where
 }
 
 async fn wait_http(addr: &str, path: &str) -> Result<()> {
-    poll(
-        Duration::from_secs(30),
-        &format!("{addr} to answer"),
-        || async {
-            http1::request(
-                addr,
-                "GET",
-                path,
-                None,
-                None,
-                Bytes::new(),
-                Duration::from_secs(2),
-            )
-            .await
-            .ok()
-            .filter(|r| r.status < 500)
-            .map(|_| ())
-        },
-    )
-    .await
+    http1::wait_ready(addr, path, Duration::from_secs(30)).await
 }
 
 /// A service published on B and the port mapped to it on A.
