@@ -237,11 +237,7 @@ async fn register(conn: &Arc<Conn>, id: &str, req: Request<RecvStream>, send: Se
         }
         sessions.insert(
             registration.session,
-            SessionIo {
-                kill: conn.kill.clone(),
-                conn: conn.id,
-                reverse: None,
-            },
+            SessionIo::new(conn.kill.clone(), conn.id),
         );
     }
     *conn.registered.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -344,11 +340,11 @@ async fn manage(conn: &Arc<Conn>, ep: &str, req: Request<RecvStream>, send: Send
             ),
         );
     }
-    let Some(sender) = conn.hub.reverse_of(session) else {
+    let Some(sender) = conn.hub.reverse_of(session).await else {
         return respond_error(
             send,
             StatusCode::BAD_GATEWAY,
-            format!("endpoint {ep} is still connecting"),
+            format!("endpoint {ep} did not finish connecting to this hub"),
         );
     };
     let prefix = format!("/api/endpoints/{ep}/manage");
@@ -459,11 +455,11 @@ async fn tunnel(
             ),
         );
     }
-    let Some(reverse) = conn.hub.reverse_of(session) else {
+    let Some(reverse) = conn.hub.reverse_of(session).await else {
         return respond_error(
             send,
             StatusCode::BAD_GATEWAY,
-            format!("endpoint {ep} is still connecting"),
+            format!("endpoint {ep} did not finish connecting to this hub"),
         );
     };
     let started = std::time::Instant::now();

@@ -56,7 +56,7 @@ async fn bind_and_watch(
         let io = sessions
             .get_mut(&session)
             .ok_or_else(|| anyhow!("session ended"))?;
-        io.reverse = Some(sender.clone());
+        io.reverse.send_replace(Some(sender.clone()));
         io.kill.clone()
     };
     tracing::debug!("reverse connection of endpoint {} bound", hello.endpoint);
@@ -88,8 +88,8 @@ async fn bind_and_watch(
             }
         }
     };
-    if let Some(io) = hub.sessions().get_mut(&session) {
-        io.reverse = None;
+    if let Some(io) = hub.sessions().get(&session) {
+        io.reverse.send_replace(None);
     }
     outcome
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Result};
 use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use ztm_net::backoff::Backoff;
 use ztm_net::now_ms;
@@ -49,8 +49,18 @@ pub struct SessionIo {
     pub kill: CancellationToken,
     /// Which control connection registered it.
     pub conn: u64,
-    /// The reverse connection, once bound.
-    pub reverse: Option<h2::client::SendRequest<Bytes>>,
+    /// The reverse connection, once bound (`None` until the agent's hello arrives).
+    pub reverse: watch::Sender<Option<h2::client::SendRequest<Bytes>>>,
+}
+
+impl SessionIo {
+    pub fn new(kill: CancellationToken, conn: u64) -> SessionIo {
+        SessionIo {
+            kill,
+            conn,
+            reverse: watch::Sender::new(None),
+        }
+    }
 }
 
 pub struct Hub {
@@ -76,11 +86,18 @@ impl Hub {
         }
     }
 
-    /// The reverse-connection sender of an online endpoint.
-    pub fn reverse_of(&self, session: SessionId) -> Option<h2::client::SendRequest<Bytes>> {
-        self.sessions()
-            .get(&session)
-            .and_then(|s| s.reverse.clone())
+    /// The reverse-connection sender of an online endpoint. An agent dials its reverse
+    /// connection right after registering, so a request that arrives in between waits for it
+    /// (up to the handshake timeout) instead of failing.
+    pub async fn reverse_of(&self, session: SessionId) -> Option<h2::client::SendRequest<Bytes>> {
+        let mut bound = self.sessions().get(&session)?.reverse.subscribe();
+        let ready = tokio::time::timeout(HANDSHAKE_TIMEOUT, bound.wait_for(Option::is_some));
+        let sender = match ready.await {
+            Ok(Ok(sender)) => sender.clone(),
+            // Timed out, or the session ended (its sender was dropped).
+            _ => None,
+        };
+        sender
     }
 
     fn sweep(&self) {

@@ -29,6 +29,32 @@ fn backend() -> u16 {
     port
 }
 
+/// Dials the hub as `user` with ALPN `alpn`: the TLS stream, ready for HTTP/2 either way.
+async fn dial(
+    hub: &str,
+    ca: &str,
+    user: &User,
+    alpn: &[u8],
+) -> ztm_pki::tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let config = ztm_pki::agent_client_config(ca, &user.cert, &user.key, alpn).expect("config");
+    let tcp = tokio::net::TcpStream::connect(hub).await.expect("connect");
+    let name = ztm_pki::rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    ztm_pki::tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("tls")
+}
+
+/// A control connection to the hub as `user`; it stays open while the sender lives.
+async fn control(hub: &str, ca: &str, user: &User) -> h2::client::SendRequest<Bytes> {
+    let tls = dial(hub, ca, user, ztm_pki::ALPN_CONTROL).await;
+    let (sender, conn) = h2::client::handshake(tls).await.expect("h2");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    sender
+}
+
 /// Dials the hub's control connection as `user` and sends one request.
 async fn ask(
     hub: &str,
@@ -38,18 +64,18 @@ async fn ask(
     path: &str,
     tunnel: bool,
 ) -> (u16, String, Option<(h2::SendStream<Bytes>, h2::RecvStream)>) {
-    let config = ztm_pki::agent_client_config(ca, &user.cert, &user.key, ztm_pki::ALPN_CONTROL)
-        .expect("client config");
-    let tcp = tokio::net::TcpStream::connect(hub).await.expect("connect");
-    let name = ztm_pki::rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let tls = ztm_pki::tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .expect("tls");
-    let (sender, conn) = h2::client::handshake(tls).await.expect("h2");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let sender = control(hub, ca, user).await;
+    ask_on(sender, method, path, Bytes::new(), tunnel).await
+}
+
+/// Sends one request on a control connection.
+async fn ask_on(
+    sender: h2::client::SendRequest<Bytes>,
+    method: http::Method,
+    path: &str,
+    body: Bytes,
+    tunnel: bool,
+) -> (u16, String, Option<(h2::SendStream<Bytes>, h2::RecvStream)>) {
     let mut sender = sender.ready().await.expect("ready");
     let mut req = http::Request::builder()
         .method(method)
@@ -60,7 +86,12 @@ async fn ask(
         req.extensions_mut()
             .insert(h2::ext::Protocol::from_static("ztm-tunnel"));
     }
-    let (resp, send) = sender.send_request(req, !tunnel).expect("send");
+    let (resp, mut send) = sender
+        .send_request(req, !tunnel && body.is_empty())
+        .expect("send");
+    if !body.is_empty() {
+        send.send_data(body, true).expect("send body");
+    }
     let resp = resp.await.expect("response");
     let status = resp.status().as_u16();
     let mut body = resp.into_body();
@@ -142,5 +173,80 @@ fn hub_refuses_tunnels_and_management_to_users_without_rights() {
             ask(&hub.addr, &pem, &root, http::Method::GET, &manage, false).await;
         assert_eq!(status, 200, "{body}");
         assert!(body.contains("secret"), "{body}");
+    });
+}
+
+/// An agent registers on its control connection and dials its reverse connection a moment
+/// later. A management request that reaches the hub in between waits for the reverse
+/// connection instead of failing: right after joining, an endpoint is manageable.
+#[test]
+fn management_waits_for_a_late_reverse_connection() {
+    let dir = TempDir::new("hub-late-reverse");
+    let ca = start_ca(dir.path());
+    let pem = ca_pem(&ca.addr);
+    let root = create_user(&ca.addr, "root");
+    let hub = start_hub(dir.path(), "hub", &ca.addr);
+    let id = "0b1c2d3e-4f50-4617-8829-3a4b5c6d7e8f";
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // Register, as an agent would, but do not dial the reverse connection yet.
+        let agent = control(&hub.addr, &pem, &root).await;
+        let (status, body, _) = ask_on(
+            agent.clone(),
+            http::Method::POST,
+            &format!("/api/endpoints/{id}"),
+            Bytes::from(json!({"name": "late"}).to_string()),
+            false,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let registered: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let session = registered["session"].as_str().unwrap().to_string();
+
+        // Someone manages the endpoint now.
+        let asked = tokio::spawn({
+            let (hub, pem, root) = (hub.addr.clone(), pem.clone(), root.clone());
+            async move {
+                let path = format!("/api/endpoints/{id}/manage/services");
+                ask(&hub, &pem, &root, http::Method::GET, &path, false).await
+            }
+        });
+        // The agent is slow to dial its reverse connection.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(
+            !asked.is_finished(),
+            "the hub answered before the endpoint could"
+        );
+
+        let tls = dial(&hub.addr, &pem, &root, ztm_pki::ALPN_REVERSE).await;
+        let mut server = h2::server::handshake(tls).await.expect("h2 server");
+        let mut seen = Vec::new();
+        while let Some(Ok((req, mut respond))) = server.accept().await {
+            let path = req.uri().path().to_string();
+            let who = req.headers().get("ztm-user").cloned();
+            let answer = match path.as_str() {
+                "/api/hello" => json!({"endpoint": id, "session": session}).to_string(),
+                "/api/services" => "[]".to_string(),
+                other => panic!("unexpected request {other}"),
+            };
+            let resp = http::Response::builder().status(200).body(()).unwrap();
+            let mut send = respond.send_response(resp, false).expect("respond");
+            send.send_data(Bytes::from(answer), true).expect("body");
+            seen.push((path.clone(), who));
+            if path == "/api/services" {
+                break;
+            }
+        }
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert_eq!(seen[1].1.as_ref().map(|v| v.as_bytes()), Some(&b"root"[..]));
+        // Keep serving the connection while the answer travels back.
+        tokio::spawn(async move { while server.accept().await.is_some() {} });
+        let (status, body, _) = tokio::time::timeout(Duration::from_secs(10), asked)
+            .await
+            .expect("the management request never finished")
+            .unwrap();
+        assert_eq!((status, body.as_str()), (200, "[]"));
+        drop(agent);
     });
 }
