@@ -230,7 +230,7 @@ async fn tcp_accept_loop(
         let stop = stop.clone();
         tokio::spawn(async move {
             let opened = tokio::select! {
-                o = tunnel::open(&rt, Proto::Tcp, &target, &balancer) => o,
+                o = tunnel::open(&rt, Proto::Tcp, &target, &balancer, Some(tunnel::FirstBytes::new(&socket))) => o,
                 _ = stop.cancelled() => return,
             };
             let opened = match opened {
@@ -304,7 +304,7 @@ async fn udp_loop(
                 tokio::spawn(async move {
                     tokio::select! {
                         _ = async {
-                            match tunnel::open(&rt, Proto::Udp, &target, &balancer).await {
+                            match tunnel::open(&rt, Proto::Udp, &target, &balancer, None).await {
                                 Ok(opened) => tunnel::udp_client_flow(opened, socket, client, rx).await,
                                 Err(e) => rt.event("error", &format!("udp flow from {client}: {e}")),
                             }

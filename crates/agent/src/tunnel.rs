@@ -164,12 +164,53 @@ pub struct Opened {
     pub active: Active,
 }
 
-/// Client end: opens a tunnel to `target`, trying providers in balancing order.
+/// The first bytes a TCP client sends while its tunnel is being opened. They go out right
+/// behind the CONNECT (the hub passes them on before the service end answers), which saves a
+/// round trip on every fresh connection; they are kept to be sent again if a provider refuses
+/// and the next one is tried.
+pub struct FirstBytes<'a> {
+    socket: &'a TcpStream,
+    data: Option<Bytes>,
+    /// The client already half-closed (or its socket failed): the relay will see it.
+    done: bool,
+}
+
+impl<'a> FirstBytes<'a> {
+    pub fn new(socket: &'a TcpStream) -> FirstBytes<'a> {
+        FirstBytes {
+            socket,
+            data: None,
+            done: false,
+        }
+    }
+
+    /// Reads what the client has sent, if anything, without waiting.
+    fn read_ready(&mut self) {
+        let mut buf = bytes::BytesMut::with_capacity(FIRST_BYTES);
+        match self.socket.try_read_buf(&mut buf) {
+            Ok(0) => self.done = true,
+            Ok(_) => self.data = Some(buf.freeze()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => self.done = true,
+        }
+    }
+
+    fn waiting(&self) -> bool {
+        self.data.is_none() && !self.done
+    }
+}
+
+/// The most a client may send before its tunnel opens that is passed on at once.
+const FIRST_BYTES: usize = 16 * 1024;
+
+/// Client end: opens a tunnel to `target`, trying providers in balancing order. With `first`,
+/// the client's first bytes ride along (see [`FirstBytes`]).
 pub async fn open(
     rt: &Arc<MeshRuntime>,
     proto: Proto,
     target: &PortTarget,
     balancer: &Arc<Balancer>,
+    mut first: Option<FirstBytes<'_>>,
 ) -> Result<Opened, String> {
     let providers = rt
         .providers(proto, &target.service, target.endpoint.as_deref())
@@ -193,7 +234,7 @@ pub async fn open(
             continue;
         };
         for sender in &provider.links {
-            match connect(sender, &ep, proto, &target.service).await {
+            match connect(sender, &ep, proto, &target.service, first.as_mut()).await {
                 Ok((send, recv)) => {
                     let active = balancer.track(&ep);
                     return Ok(Opened {
@@ -216,6 +257,7 @@ async fn connect(
     ep: &str,
     proto: Proto,
     service: &str,
+    mut first: Option<&mut FirstBytes<'_>>,
 ) -> Result<(SendStream<Bytes>, RecvStream), String> {
     let work = async {
         let mut req = h2io::build(
@@ -228,8 +270,33 @@ async fn connect(
         req.extensions_mut()
             .insert(h2::ext::Protocol::from_static(TUNNEL_PROTOCOL));
         let mut sender = sender.clone().ready().await.map_err(|e| e.to_string())?;
-        let (resp, send) = sender.send_request(req, false).map_err(|e| e.to_string())?;
-        let resp = resp.await.map_err(|e| e.to_string())?;
+        let (resp, mut send) = sender.send_request(req, false).map_err(|e| e.to_string())?;
+        tokio::pin!(resp);
+        let resp = loop {
+            let Some(first) = first.as_deref_mut() else {
+                break resp.await;
+            };
+            if let Some(data) = &first.data {
+                // Read during an attempt a provider refused: this attempt sends it again.
+                relay::send_all(&mut send, data.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            if !first.waiting() {
+                break resp.await;
+            }
+            tokio::select! {
+                r = &mut resp => break r,
+                ready = first.socket.readable() => {
+                    if ready.is_err() {
+                        first.done = true;
+                    } else {
+                        first.read_ready();
+                    }
+                }
+            }
+        };
+        let resp = resp.map_err(|e| e.to_string())?;
         if resp.status() != StatusCode::OK {
             let msg = h2io::error_message_of(resp).await;
             return Err(format!(

@@ -463,7 +463,7 @@ async fn tunnel(
         );
     };
     let started = std::time::Instant::now();
-    let opened = async {
+    let requested = async {
         let mut b_req = h2io::build(Method::CONNECT, &format!("/api/services/{proto}/{svc}"))?
             .header(USER_HEADER, conn.peer.user.as_str())
             .body(())?;
@@ -471,36 +471,48 @@ async fn tunnel(
             .extensions_mut()
             .insert(h2::ext::Protocol::from_static(TUNNEL_PROTOCOL));
         let mut sender = reverse.ready().await?;
-        let (resp, b_send) = sender.send_request(b_req, false)?;
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, resp)
-            .await
-            .map_err(|_| anyhow::anyhow!("endpoint {ep} did not answer"))??;
-        Ok::<_, anyhow::Error>((resp, b_send))
+        Ok::<_, anyhow::Error>(sender.send_request(b_req, false)?)
     }
     .await;
-    let (resp, b_send) = match opened {
+    let (b_resp, b_send) = match requested {
         Ok(v) => v,
         Err(e) => return respond_error(send, StatusCode::BAD_GATEWAY, format!("{e:#}")),
     };
-    if resp.status() != StatusCode::OK {
-        let status = resp.status();
-        let message = h2io::error_message_of(resp).await;
-        return respond_error(send, status, message);
-    }
-    let mut send = send;
-    let Ok(a_send) = send.send_response(http::Response::new(()), false) else {
-        return;
+    // B's answer decides; meanwhile the client's first bytes already travel on to B.
+    let opened = async move {
+        let resp = match tokio::time::timeout(REQUEST_TIMEOUT, b_resp).await {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => {
+                respond_error(send, StatusCode::BAD_GATEWAY, format!("endpoint {ep}: {e}"));
+                return Err(());
+            }
+            Err(_) => {
+                let msg = format!("endpoint {ep} did not answer");
+                respond_error(send, StatusCode::GATEWAY_TIMEOUT, msg);
+                return Err(());
+            }
+        };
+        if resp.status() != StatusCode::OK {
+            let status = resp.status();
+            let message = h2io::error_message_of(resp).await;
+            respond_error(send, status, message);
+            return Err(());
+        }
+        let mut send = send;
+        let a_send = send
+            .send_response(http::Response::new(()), false)
+            .map_err(|_| ())?;
+        tracing::debug!("tunnel {} -> {proto}/{svc}@{ep} opened", conn.peer.user);
+        Ok((a_send, resp.into_body()))
     };
-    let a_recv = req.into_body();
-    let b_recv = resp.into_body();
-    tracing::debug!("tunnel {} -> {proto}/{svc}@{ep} opened", conn.peer.user);
-    match relay::relay(a_recv, a_send, b_recv, b_send).await {
-        Ok((up, down)) => tracing::debug!(
+    match relay::relay_opening(req.into_body(), b_send, opened).await {
+        Err(()) => {}
+        Ok(Ok((up, down))) => tracing::debug!(
             "tunnel {} -> {proto}/{svc}@{ep} closed: {up} bytes up, {down} down, {:?}",
             conn.peer.user,
             started.elapsed()
         ),
-        Err(e) => tracing::debug!(
+        Ok(Err(e)) => tracing::debug!(
             "tunnel {} -> {proto}/{svc}@{ep} failed after {:?}: {e}",
             conn.peer.user,
             started.elapsed()

@@ -131,38 +131,64 @@ async fn forward(recv: &mut RecvStream, send: &mut SendStream<Bytes>) -> io::Res
     Ok(total)
 }
 
-/// Relays between two h2 streams (the hub's job) until both directions ended; a failure on
-/// either side resets both. Returns (a → b, b → a) byte counts.
-pub async fn relay(
+/// Relays a tunnel between two h2 streams (the hub's job) that is still being opened: bytes
+/// from `a` (the client's side) flow on to `b` at once, before `b` has answered, so a client's
+/// first bytes travel with the CONNECT instead of a round trip after it. `opened` is `b`'s
+/// answer: `Ok((a_send, b_recv))` once the tunnel is open (the caller has told `a`), or an
+/// error (the caller has told `a` why), which stops `a → b` and resets `b`.
+///
+/// Runs until both directions ended; a failure on either side resets both. Returns the byte
+/// counts (a → b, b → a).
+pub async fn relay_opening<E>(
     mut a_recv: RecvStream,
-    mut a_send: SendStream<Bytes>,
-    mut b_recv: RecvStream,
     mut b_send: SendStream<Bytes>,
-) -> io::Result<(u64, u64)> {
-    let result = {
+    opened: impl std::future::Future<Output = Result<(SendStream<Bytes>, RecvStream), E>>,
+) -> Result<io::Result<(u64, u64)>, E> {
+    // (a_send, b_recv), once `b` accepted.
+    let mut open: Option<(SendStream<Bytes>, RecvStream)> = None;
+    let outcome = 'relay: {
         let ab = forward(&mut a_recv, &mut b_send);
-        let ba = forward(&mut b_recv, &mut a_send);
-        tokio::pin!(ab, ba);
-        let (mut n_ab, mut n_ba) = (None, None);
+        tokio::pin!(ab, opened);
+        let mut n_ab = None;
+        while open.is_none() {
+            tokio::select! {
+                r = &mut opened => match r {
+                    Ok(v) => open = Some(v),
+                    Err(e) => break 'relay Err(e),
+                },
+                r = &mut ab, if n_ab.is_none() => match r {
+                    Ok(n) => n_ab = Some(n),
+                    Err(e) => break 'relay Ok(Err(e)),
+                },
+            }
+        }
+        let Some((a_send, b_recv)) = open.as_mut() else {
+            break 'relay Ok(Err(io::Error::other("tunnel not open")));
+        };
+        let ba = forward(b_recv, a_send);
+        tokio::pin!(ba);
+        let mut n_ba = None;
         loop {
             if let (Some(x), Some(y)) = (n_ab, n_ba) {
-                break Ok((x, y));
+                break 'relay Ok(Ok((x, y)));
             }
             tokio::select! {
                 r = &mut ab, if n_ab.is_none() => match r {
                     Ok(n) => n_ab = Some(n),
-                    Err(e) => break Err(e),
+                    Err(e) => break 'relay Ok(Err(e)),
                 },
                 r = &mut ba, if n_ba.is_none() => match r {
                     Ok(n) => n_ba = Some(n),
-                    Err(e) => break Err(e),
+                    Err(e) => break 'relay Ok(Err(e)),
                 },
             }
         }
     };
-    if result.is_err() {
-        cancel(&mut a_send);
+    if !matches!(outcome, Ok(Ok(_))) {
         cancel(&mut b_send);
+        if let Some((a_send, _)) = open.as_mut() {
+            cancel(a_send);
+        }
     }
-    result
+    outcome
 }

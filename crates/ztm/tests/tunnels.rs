@@ -1004,6 +1004,42 @@ fn balancing_over_two_providers_and_failover() {
     assert_eq!(to_b, 100);
 }
 
+/// A client's first bytes travel with the tunnel's CONNECT. When the provider tried first
+/// refuses (its backend is down), the next provider must still get those bytes; and a client
+/// that sends and half-closes at once still gets its whole answer.
+#[test]
+fn first_bytes_reach_the_next_provider_after_a_refusal() {
+    let st = stack("tun-first", &["root", "bob", "carol"]);
+    let dead = free_port(); // nothing listens here
+    let c_srv = tagged_server("C");
+    st.add_service(1, "tcp", "web", dead, None);
+    st.add_service(2, "tcp", "web", c_srv.port, None);
+    st.wait_service(0, "tcp", "web", &[1, 2]);
+    let port = free_port();
+    st.map_port(0, "tcp", port, "web", None);
+    wait_tunnel(port, "C", Duration::from_secs(20));
+
+    // Lost first bytes would leave a client waiting: give up on a connection after 5 s.
+    let quick = || {
+        let s = connect(port)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok::<_, std::io::Error>(s)
+    };
+    for i in 0..40 {
+        let got = quick().and_then(|mut s| line_on(&mut s, &format!("f{i}")));
+        assert_eq!(got.ok(), Some(format!("C:f{i}")), "connection {i}");
+    }
+    // Two lines and a half-close in one go: both answers, then the end of the stream.
+    for i in 0..10 {
+        let mut s = quick().unwrap();
+        s.write_all(format!("h{i}a\nh{i}b\n").as_bytes()).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut got = String::new();
+        s.read_to_string(&mut got).unwrap();
+        assert_eq!(got, format!("C:h{i}a\nC:h{i}b\n"));
+    }
+}
+
 /// From A's API, a port created on B targets a service on A: connections to B's port reach A's
 /// backend; deleting it through A closes it on B.
 #[test]
