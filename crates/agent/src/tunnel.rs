@@ -277,7 +277,8 @@ async fn connect(
                 break resp.await;
             };
             if let Some(data) = &first.data {
-                // Read during an attempt a provider refused: this attempt sends it again.
+                // Read just now, or during an attempt a provider refused: it goes out once
+                // on every attempt.
                 relay::send_all(&mut send, data.clone())
                     .await
                     .map_err(|e| e.to_string())?;
