@@ -192,28 +192,16 @@ async fn measure(
             if streams == 1 { "" } else { "s" }
         );
         eprintln!("bench: {label} ...");
-        let direct = load::throughput(
-            direct_addr,
-            dir,
-            streams,
-            plan.warmup,
-            plan.duration,
-            &targets.sunk,
-            &pids,
-        )
-        .await
-        .with_context(|| format!("{name} direct"))?;
-        let tunnel = load::throughput(
-            tunnel_addr,
-            dir,
-            streams,
-            plan.warmup,
-            plan.duration,
-            &targets.sunk,
-            &pids,
-        )
-        .await
-        .with_context(|| format!("{name} through the tunnel"))?;
+        let run = |addr, way: &'static str| {
+            let (sunk, pids) = (&targets.sunk, &pids);
+            async move {
+                load::throughput(addr, dir, streams, plan.warmup, plan.duration, sunk, pids)
+                    .await
+                    .with_context(|| format!("{name} {way}"))
+            }
+        };
+        let direct = run(direct_addr, "direct").await?;
+        let tunnel = run(tunnel_addr, "through the tunnel").await?;
         st.check_alive()?;
         for (acc, t) in cpu_ticks.iter_mut().zip(&tunnel.cpu_ticks) {
             *acc += t;

@@ -9,7 +9,7 @@ use ztm_proto::model::{Endpoint, LogEntry, Mesh, Port, Service};
 use super::api::{decode, enc, normalize_addr, Agent, Config, DEFAULT_AGENT};
 use super::table::{age, time, yes_no, Fields, Table};
 use super::{
-    ClientCommand, Common, CreateWhat, DeleteWhat, DescribeWhat, GetWhat, MeshOpt, Output,
+    ClientCommand, Common, CreateWhat, DeleteWhat, DescribeWhat, GetWhat, MeshOpt, Output, PortRef,
     ProtoArg, Usage,
 };
 
@@ -362,7 +362,7 @@ fn ports_table(ports: &[Port]) -> Table {
 async fn describe(ctx: &Ctx, mesh_opt: &MeshOpt, what: DescribeWhat) -> Result<()> {
     match &what {
         DescribeWhat::Service { name } => drop(parse_service(name)?),
-        DescribeWhat::Port { listen, .. } => drop(parse_listen(listen)?),
+        DescribeWhat::Port(PortRef { listen, .. }) => drop(parse_listen(listen)?),
         _ => {}
     }
     let mesh = match &what {
@@ -511,7 +511,7 @@ async fn describe(ctx: &Ctx, mesh_opt: &MeshOpt, what: DescribeWhat) -> Result<(
             }
             Ok(())
         }
-        DescribeWhat::Port { listen, proto, ep } => {
+        DescribeWhat::Port(PortRef { listen, proto, ep }) => {
             let path = port_path(&mesh, ep.as_deref(), &listen, proto)?;
             let (p, raw) = ctx.agent.get_as::<Port>(&path).await?;
             if ctx.json() {
@@ -636,7 +636,7 @@ async fn create(ctx: &Ctx, mesh_opt: &MeshOpt, what: CreateWhat) -> Result<()> {
 async fn delete(ctx: &Ctx, mesh_opt: &MeshOpt, what: DeleteWhat) -> Result<()> {
     match &what {
         DeleteWhat::Service { name, .. } => drop(parse_service(name)?),
-        DeleteWhat::Port { listen, .. } => drop(parse_listen(listen)?),
+        DeleteWhat::Port(PortRef { listen, .. }) => drop(parse_listen(listen)?),
     }
     let mesh = ctx.mesh(mesh_opt).await?;
     let (path, what_text, ep) = match what {
@@ -652,7 +652,7 @@ async fn delete(ctx: &Ctx, mesh_opt: &MeshOpt, what: DeleteWhat) -> Result<()> {
                 ep,
             )
         }
-        DeleteWhat::Port { listen, proto, ep } => {
+        DeleteWhat::Port(PortRef { listen, proto, ep }) => {
             let (ip, port) = parse_listen(&listen)?;
             (
                 port_path(&mesh, ep.as_deref(), &listen, proto)?,

@@ -179,6 +179,19 @@ pub struct DescribeArgs {
     what: DescribeWhat,
 }
 
+/// Names one port mapping (`describe port`, `delete port`).
+#[derive(Args, Debug)]
+pub struct PortRef {
+    /// [IP:]PORT it listens on (IP defaults to 127.0.0.1)
+    pub listen: String,
+    /// Protocol
+    #[arg(long, value_enum, default_value_t = ProtoArg::Tcp)]
+    pub proto: ProtoArg,
+    /// The endpoint (name or id) [default: this agent's]
+    #[arg(long, value_name = "ENDPOINT")]
+    pub ep: Option<String>,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum DescribeWhat {
     /// A mesh: identity, hubs, connection, errors, recent log
@@ -201,16 +214,7 @@ pub enum DescribeWhat {
     },
     /// A port mapping
     #[command(visible_aliases = ["ports"])]
-    Port {
-        /// [IP:]PORT it listens on (IP defaults to 127.0.0.1)
-        listen: String,
-        /// Protocol
-        #[arg(long, value_enum, default_value_t = ProtoArg::Tcp)]
-        proto: ProtoArg,
-        /// The endpoint (name or id) [default: this agent's]
-        #[arg(long, value_name = "ENDPOINT")]
-        ep: Option<String>,
-    },
+    Port(PortRef),
 }
 
 #[derive(Args, Debug)]
@@ -322,16 +326,7 @@ pub enum DeleteWhat {
     },
     /// Unmap a port
     #[command(visible_aliases = ["ports"])]
-    Port {
-        /// [IP:]PORT it listens on (IP defaults to 127.0.0.1)
-        listen: String,
-        /// Protocol
-        #[arg(long, value_enum, default_value_t = ProtoArg::Tcp)]
-        proto: ProtoArg,
-        /// The endpoint (name or id) [default: this agent's]
-        #[arg(long, value_name = "ENDPOINT")]
-        ep: Option<String>,
-    },
+    Port(PortRef),
 }
 
 #[derive(Args, Debug)]
