@@ -87,12 +87,13 @@ pub struct Moved {
 
 /// Runs both directions between a socket and an h2 stream until both ended, or either failed
 /// (then the stream is reset and the socket dropped).
-pub async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
-    socket: S,
+pub async fn pump(
+    socket: tokio::net::TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
 ) -> io::Result<Moved> {
-    let (mut rd, mut wr) = tokio::io::split(socket);
+    // Owned halves: no lock shared between the two directions.
+    let (mut rd, mut wr) = socket.into_split();
     let up = read_to_h2(&mut rd, &mut send);
     let down = h2_to_write(&mut recv, &mut wr);
     tokio::pin!(up, down);

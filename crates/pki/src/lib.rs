@@ -318,8 +318,20 @@ impl Revoked {
     }
 }
 
+/// aws-lc-rs for everything but the record cipher. Records are AES-128-GCM from ring first: on
+/// CPUs with VAES and AVX2, ring seals 16 KiB records in about half the time aws-lc takes
+/// (0.14-0.16 s/GB against 0.28-0.37 s/GB for aws-lc's AES-256-GCM, measured on the benchmark
+/// machine), and every tunnel byte passes the cipher four times. The other TLS 1.3 suites stay as
+/// fallbacks for peers that do not offer AES-128-GCM.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    use rustls::crypto::{aws_lc_rs, ring};
+    let mut p = aws_lc_rs::default_provider();
+    p.cipher_suites = vec![
+        ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
+        aws_lc_rs::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(p)
 }
 
 fn roots(ca_pem: &str) -> Result<RootCertStore, PkiError> {
@@ -456,6 +468,9 @@ pub fn hub_server_config(
         )?;
     config.alpn_protocols = vec![ALPN_CONTROL.to_vec(), ALPN_REVERSE.to_vec()];
     config.send_tls13_tickets = 0;
+    // Our cipher order, not the client's: agents built with other providers still get the
+    // cheapest record cipher both sides have.
+    config.ignore_client_order = true;
     Ok(config)
 }
 
@@ -467,13 +482,23 @@ pub fn agent_client_config(
     key_pem: &str,
     alpn: &[u8],
 ) -> Result<ClientConfig, PkiError> {
+    client_config_with(provider(), ca_pem, cert_pem, key_pem, alpn)
+}
+
+fn client_config_with(
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+    alpn: &[u8],
+) -> Result<ClientConfig, PkiError> {
     let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
         Arc::new(roots(ca_pem)?),
-        provider(),
+        provider.clone(),
     )
     .build()
     .map_err(|e| PkiError::Tls(rustls::Error::General(e.to_string())))?;
-    let mut config = ClientConfig::builder_with_provider(provider())
+    let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(HubVerifier { inner }))
@@ -540,6 +565,92 @@ mod tests {
         )
         .is_err());
         assert!(cert_info(b"garbage").is_err());
+    }
+
+    /// Runs a TLS handshake in memory between an agent's client config and a hub's server config.
+    fn handshake(
+        client: ClientConfig,
+        server: ServerConfig,
+    ) -> Result<(rustls::ClientConnection, rustls::ServerConnection), rustls::Error> {
+        let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut c = rustls::ClientConnection::new(Arc::new(client), name)?;
+        let mut s = rustls::ServerConnection::new(Arc::new(server))?;
+        for _ in 0..10 {
+            let mut wire = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut wire).unwrap();
+            }
+            s.read_tls(&mut wire.as_slice()).unwrap();
+            s.process_new_packets()?;
+            wire.clear();
+            while s.wants_write() {
+                s.write_tls(&mut wire).unwrap();
+            }
+            c.read_tls(&mut wire.as_slice()).unwrap();
+            c.process_new_packets()?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                break;
+            }
+        }
+        assert!(
+            !c.is_handshaking() && !s.is_handshaking(),
+            "handshake stalled"
+        );
+        Ok((c, s))
+    }
+
+    #[test]
+    fn tunnels_use_tls13_aes128_gcm_and_fall_back_for_other_clients() {
+        let ca = create_ca().unwrap();
+        let signer = CaSigner::load(&ca.cert_pem, &ca.key_pem).unwrap();
+        let (hub_key, public) = generate_key().unwrap();
+        let (hub_cert, _) = signer
+            .sign_hub("h1", &public, &["127.0.0.1".into()])
+            .unwrap();
+        let user = signer.issue_user("alice").unwrap();
+        let server =
+            || hub_server_config(&ca.cert_pem, &hub_cert, &hub_key, Revoked::default()).unwrap();
+        let client =
+            agent_client_config(&ca.cert_pem, &user.cert_pem, &user.key_pem, ALPN_CONTROL).unwrap();
+
+        let (c, s) = handshake(client.clone(), server()).unwrap();
+        for suite in [c.negotiated_cipher_suite(), s.negotiated_cipher_suite()] {
+            assert_eq!(
+                suite.map(|s| s.suite()),
+                Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+            );
+        }
+        assert_eq!(c.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+        assert_eq!(s.alpn_protocol(), Some(ALPN_CONTROL));
+
+        // A client that prefers other ciphers still gets AES-128 (the hub's order) ...
+        let client_with = |p: rustls::crypto::CryptoProvider| {
+            client_config_with(
+                Arc::new(p),
+                &ca.cert_pem,
+                &user.cert_pem,
+                &user.key_pem,
+                ALPN_CONTROL,
+            )
+            .unwrap()
+        };
+        let mut p = (*provider()).clone();
+        p.cipher_suites.reverse();
+        let (c, _) = handshake(client_with(p), server()).unwrap();
+        assert_eq!(
+            c.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
+        // ... and one that offers only AES-256 is served with it.
+        let only_256 = client_with(rustls::crypto::CryptoProvider {
+            cipher_suites: vec![rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384],
+            ..rustls::crypto::aws_lc_rs::default_provider()
+        });
+        let (c, _) = handshake(only_256, server()).unwrap();
+        assert_eq!(
+            c.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384)
+        );
     }
 
     #[test]

@@ -77,10 +77,14 @@ const MAX_SCENARIO: Duration = Duration::from_secs(120);
 const RELAYS: [&str; 3] = ["hub", "agent-a", "agent-b"];
 const MIB: f64 = 1024.0 * 1024.0;
 
+/// Runs the benchmark. Ctrl-C or SIGTERM stops it, and the stack's processes are stopped with it.
 pub async fn run_bench(args: BenchArgs) -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     tokio::select! {
         r = bench(&args) => r,
         _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+        _ = term.recv() => anyhow::bail!("terminated"),
     }
 }
 

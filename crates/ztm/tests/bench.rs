@@ -122,3 +122,73 @@ fn quick_bench_reports_every_scenario() {
         .collect();
     assert!(leftovers.is_empty(), "bench left {leftovers:?} behind");
 }
+
+/// Child processes of `pid`, from /proc.
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let path = task.unwrap().path().join("children");
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        out.extend(
+            text.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
+    }
+    out
+}
+
+#[test]
+fn terminated_bench_stops_its_processes() {
+    use std::io::{BufRead, BufReader};
+    let dir = std::env::temp_dir().join(format!("ztm-test-bench-term-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ztm"))
+        .args(["bench", "--quick"])
+        .env("HOME", &dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // Wait (bounded by the bench's own start-up timeouts) until the stack is up.
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = String::new();
+    let up = lines.by_ref().map_while(Result::ok).any(|l| {
+        seen.push_str(&l);
+        seen.push('\n');
+        l.contains("tunnel up")
+    });
+    assert!(up, "the bench never came up:\n{seen}");
+    let stack = children(pid);
+    assert_eq!(stack.len(), 4, "expected CA, hub and two agents: {stack:?}");
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    std::thread::spawn(move || lines.for_each(drop));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the bench did not stop on SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        !status.success(),
+        "a terminated bench must not report success"
+    );
+    for p in stack {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{p}")).exists(),
+            "process {p} outlived the bench"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
