@@ -278,10 +278,11 @@ async fn connect(
             };
             if let Some(data) = &first.data {
                 // Read just now, or during an attempt a provider refused: it goes out once
-                // on every attempt.
-                relay::send_all(&mut send, data.clone())
-                    .await
-                    .map_err(|e| e.to_string())?;
+                // on every attempt. Queued without reserving capacity (h2 grants a stream
+                // capacity only once its HEADERS are written, so waiting for it would send
+                // the HEADERS alone): CONNECT and first bytes leave in one write. At most
+                // FIRST_BYTES, well within the initial window.
+                relay::send_eager(&mut send, data.clone()).map_err(|e| e.to_string())?;
             }
             if !first.waiting() {
                 break resp.await;

@@ -40,6 +40,21 @@ pub async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> io::Resu
     Ok(())
 }
 
+/// Queues `data` on a stream without waiting for capacity, so that a stream still being
+/// opened sends its HEADERS and this DATA in one write. For small, bounded amounts only (the
+/// first bytes of a tunnel): h2 holds them until the window allows.
+pub fn send_eager(send: &mut SendStream<Bytes>, data: Bytes) -> io::Result<()> {
+    // An empty DATA frame carries nothing and counts against the peer's patience (h2 ends a
+    // connection that receives too many).
+    if data.is_empty() {
+        return Ok(());
+    }
+    send.send_data(data, false).map_err(h2_io)
+}
+
+/// Most bytes the hub passes on eagerly (see [`send_eager`]) on a tunnel that is still opening.
+pub const EAGER_BYTES: usize = 16 * 1024;
+
 /// Copies a reader into an h2 stream until EOF, then ends the stream (half-close).
 pub async fn read_to_h2<R: AsyncRead + Unpin>(
     r: &mut R,
@@ -119,12 +134,24 @@ pub fn cancel(send: &mut SendStream<Bytes>) {
     send.send_reset(h2::Reason::CANCEL);
 }
 
-async fn forward(recv: &mut RecvStream, send: &mut SendStream<Bytes>) -> io::Result<u64> {
+/// Moves one direction of a relayed tunnel. The first `eager` bytes go out with
+/// [`send_eager`] (a destination stream still opening sends them with its HEADERS).
+async fn forward(
+    recv: &mut RecvStream,
+    send: &mut SendStream<Bytes>,
+    mut eager: usize,
+) -> io::Result<u64> {
     let mut total = 0u64;
     while let Some(chunk) = recv.data().await {
         let chunk = chunk.map_err(h2_io)?;
         let n = chunk.len();
-        send_all(send, chunk).await?;
+        if n <= eager {
+            eager -= n;
+            send_eager(send, chunk)?;
+        } else {
+            eager = 0;
+            send_all(send, chunk).await?;
+        }
         total += n as u64;
         let _ = recv.flow_control().release_capacity(n);
     }
@@ -148,7 +175,7 @@ pub async fn relay_opening<E>(
     // (a_send, b_recv), once `b` accepted.
     let mut open: Option<(SendStream<Bytes>, RecvStream)> = None;
     let outcome = 'relay: {
-        let ab = forward(&mut a_recv, &mut b_send);
+        let ab = forward(&mut a_recv, &mut b_send, EAGER_BYTES);
         tokio::pin!(ab, opened);
         let mut n_ab = None;
         while open.is_none() {
@@ -166,7 +193,7 @@ pub async fn relay_opening<E>(
         let Some((a_send, b_recv)) = open.as_mut() else {
             break 'relay Ok(Err(io::Error::other("tunnel not open")));
         };
-        let ba = forward(b_recv, a_send);
+        let ba = forward(b_recv, a_send, 0);
         tokio::pin!(ba);
         let mut n_ba = None;
         loop {
