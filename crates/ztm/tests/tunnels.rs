@@ -850,6 +850,85 @@ fn slow_reader_keeps_memory_bounded() {
 
 /// Twenty saturating 50 MB transfers in a row (alternately up and down) on one stack, then a
 /// fresh connection still works.
+/// Sends `count` bytes one write at a time, a little apart, so that each becomes its own
+/// DATA frame, then closes; `done` counts the bytes written.
+fn drip_server(count: usize, done: Arc<AtomicUsize>) -> Backend {
+    serve(bind_local(), move |mut s| {
+        let _ = s.set_nodelay(true);
+        for _ in 0..count {
+            if s.write_all(b"x").is_err() {
+                break;
+            }
+            done.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_micros(20));
+        }
+        let _ = s.shutdown(Shutdown::Write);
+    })
+}
+
+/// A client that stops reading while a service trickles one-byte writes: tens of thousands of
+/// tiny DATA frames cross the relays towards a reader that takes nothing. No byte may be lost,
+/// and another tunnel over the same agents and hub must keep working throughout (h2 closes a
+/// connection on which too many small frames sit unread, or that receives empty ones).
+#[test]
+fn tiny_writes_to_a_stalled_reader_lose_nothing() {
+    let st = stack("tun-drip", &["root", "bob"]);
+    let count = 60_000;
+    let written = Arc::new(AtomicUsize::new(0));
+    let drip = drip_server(count, written.clone());
+    let lines = tagged_server("B");
+    st.add_service(1, "tcp", "drip", drip.port, None);
+    st.add_service(1, "tcp", "lines", lines.port, None);
+    st.wait_service(0, "tcp", "drip", &[1]);
+    st.wait_service(0, "tcp", "lines", &[1]);
+    let port = free_port();
+    let lines_port = free_port();
+    st.map_port(0, "tcp", port, "drip", None);
+    st.map_port(0, "tcp", lines_port, "lines", None);
+    wait_tunnel(lines_port, "B", Duration::from_secs(20));
+
+    // Connect with a small receive buffer and read nothing until the service has written
+    // everything: the kernel holds little, the rest waits in the relays.
+    let mut client = {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.set_recv_buffer_size(4096).unwrap();
+            sock.connect(local(port)).await.unwrap().into_std().unwrap()
+        })
+    };
+    client.set_nonblocking(false).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut probes = 0;
+    while written.load(Ordering::SeqCst) < count {
+        assert!(
+            Instant::now() < deadline,
+            "the service wrote only {} bytes",
+            written.load(Ordering::SeqCst)
+        );
+        let msg = format!("p{probes}");
+        assert_eq!(
+            roundtrip(lines_port, &msg).map_err(|e| format!("{msg}: {e}")),
+            Ok(format!("B:{msg}")),
+            "another tunnel failed while the reader was stalled ({} bytes written)",
+            written.load(Ordering::SeqCst)
+        );
+        probes += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    client
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).unwrap();
+    assert_eq!(got.len(), count, "bytes lost on the way");
+    assert!(got.iter().all(|b| *b == b'x'));
+    assert_eq!(roundtrip(lines_port, "after").unwrap(), "B:after");
+}
+
 #[test]
 fn twenty_transfers_in_a_row() {
     let st = stack("tun-20x", &["root", "bob"]);
