@@ -200,8 +200,9 @@ impl<'a> FirstBytes<'a> {
     }
 }
 
-/// The most a client may send before its tunnel opens that is passed on at once.
-const FIRST_BYTES: usize = 16 * 1024;
+/// The most a client may send before its tunnel opens that is passed on at once: the same
+/// bound the hub applies when it passes first bytes on (`relay::EAGER_BYTES`).
+const FIRST_BYTES: usize = relay::EAGER_BYTES;
 
 /// Client end: opens a tunnel to `target`, trying providers in balancing order. With `first`,
 /// the client's first bytes ride along (see [`FirstBytes`]).

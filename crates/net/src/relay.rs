@@ -52,7 +52,8 @@ pub fn send_eager(send: &mut SendStream<Bytes>, data: Bytes) -> io::Result<()> {
     send.send_data(data, false).map_err(h2_io)
 }
 
-/// Most bytes the hub passes on eagerly (see [`send_eager`]) on a tunnel that is still opening.
+/// Most first bytes of a tunnel queued eagerly (see [`send_eager`]): what agent A sends with its
+/// CONNECT, and what the hub passes on while the far end is still opening.
 pub const EAGER_BYTES: usize = 16 * 1024;
 
 /// Copies a reader into an h2 stream until EOF, then ends the stream (half-close).
