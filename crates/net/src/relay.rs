@@ -3,10 +3,13 @@
 //! destination has flow-control capacity, and window is released to the sender only after the
 //! bytes were written on.
 
+use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -77,19 +80,136 @@ pub async fn read_to_h2<R: AsyncRead + Unpin>(
     }
 }
 
+/// Chunks below this size are joined into one buffer while they wait in a [`Backlog`].
+const JOIN_BELOW: usize = 4 * 1024;
+
+/// Tunnel bytes taken off an h2 stream and not yet written on.
+///
+/// A relay takes DATA off its stream as soon as it arrives, even while the next hop has no
+/// room. h2 ends a whole connection (GOAWAY `ENHANCE_YOUR_CALM`) when it holds too many
+/// small DATA frames unread. Without this, one tunnel towards a stalled reader could
+/// collect them and cut off every other tunnel on that connection. Small chunks are joined
+/// here, so a one-byte frame costs one byte. Memory stays bounded by the stream window: the
+/// relay releases window only for bytes it has written on.
+#[derive(Default)]
+struct Backlog {
+    /// Oldest first; `tail` follows the last of them.
+    chunks: VecDeque<Bytes>,
+    /// Small chunks joined, after `chunks`.
+    tail: BytesMut,
+    len: usize,
+}
+
+impl Backlog {
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn push(&mut self, chunk: Bytes) {
+        let n = chunk.len();
+        if n == 0 {
+            return;
+        }
+        if self.len == 0 {
+            // Nothing waiting (the usual case): keep the chunk as it came, uncopied.
+            self.chunks.push_back(chunk);
+        } else if n < JOIN_BELOW {
+            self.tail.extend_from_slice(&chunk);
+        } else {
+            if !self.tail.is_empty() {
+                self.chunks.push_back(self.tail.split().freeze());
+            }
+            self.chunks.push_back(chunk);
+        }
+        self.len += n;
+    }
+
+    /// The oldest bytes, as one slice.
+    fn front(&self) -> &[u8] {
+        self.chunks.front().map_or(&self.tail[..], |c| &c[..])
+    }
+
+    /// Drops the first `n` bytes of [`Backlog::front`].
+    fn advance(&mut self, n: usize) {
+        match self.chunks.front_mut() {
+            Some(c) => {
+                c.advance(n);
+                if c.is_empty() {
+                    self.chunks.pop_front();
+                }
+            }
+            None => self.tail.advance(n),
+        }
+        self.len -= n;
+    }
+
+    /// Removes and returns up to `max` of the oldest bytes.
+    fn take(&mut self, max: usize) -> Bytes {
+        let out = match self.chunks.front_mut() {
+            Some(c) if c.len() <= max => self.chunks.pop_front().unwrap_or_default(),
+            Some(c) => c.split_to(max),
+            None => {
+                let n = max.min(self.tail.len());
+                self.tail.split_to(n).freeze()
+            }
+        };
+        self.len -= out.len();
+        out
+    }
+}
+
+/// Moves all DATA that `recv` has ready into `backlog` (and registers for more).
+fn take_ready(
+    recv: &mut RecvStream,
+    cx: &mut Context<'_>,
+    backlog: &mut Backlog,
+    ended: &mut bool,
+) -> io::Result<()> {
+    while !*ended {
+        match recv.poll_data(cx) {
+            Poll::Ready(Some(Ok(chunk))) => backlog.push(chunk),
+            Poll::Ready(Some(Err(e))) => return Err(h2_io(e)),
+            Poll::Ready(None) => *ended = true,
+            Poll::Pending => break,
+        }
+    }
+    Ok(())
+}
+
 /// Copies an h2 stream into a writer until the stream ends, then shuts the writer down.
+/// DATA is taken off the stream while the writer is blocked (see [`Backlog`]).
 pub async fn h2_to_write<W: AsyncWrite + Unpin>(
     recv: &mut RecvStream,
     w: &mut W,
 ) -> io::Result<u64> {
+    let mut backlog = Backlog::default();
+    let mut ended = false;
     let mut total = 0u64;
-    while let Some(chunk) = recv.data().await {
-        let chunk = chunk.map_err(h2_io)?;
-        let n = chunk.len();
-        w.write_all(&chunk).await?;
-        total += n as u64;
-        let _ = recv.flow_control().release_capacity(n);
-    }
+    poll_fn(|cx| loop {
+        if let Err(e) = take_ready(recv, cx, &mut backlog, &mut ended) {
+            return Poll::Ready(Err(e));
+        }
+        if backlog.is_empty() {
+            return if ended {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            };
+        }
+        // The writer is a tokio socket: it takes part in tokio's cooperative budget, so this
+        // loop yields to other tasks after a while.
+        match Pin::new(&mut *w).poll_write(cx, backlog.front()) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => {
+                backlog.advance(n);
+                total += n as u64;
+                let _ = recv.flow_control().release_capacity(n);
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        }
+    })
+    .await?;
     w.shutdown().await?;
     Ok(total)
 }
@@ -135,27 +255,75 @@ pub fn cancel(send: &mut SendStream<Bytes>) {
     send.send_reset(h2::Reason::CANCEL);
 }
 
+/// Rounds of [`forward`]'s loop before it lets other tasks run.
+const FORWARD_ROUNDS: usize = 32;
+
 /// Moves one direction of a relayed tunnel. The first `eager` bytes go out with
-/// [`send_eager`] (a destination stream still opening sends them with its HEADERS).
+/// [`send_eager`] (a destination stream still opening sends them with its HEADERS); the rest
+/// as `send` gets capacity. DATA is taken off `recv` while `send` has none (see [`Backlog`]).
 async fn forward(
     recv: &mut RecvStream,
     send: &mut SendStream<Bytes>,
     mut eager: usize,
 ) -> io::Result<u64> {
+    let mut backlog = Backlog::default();
+    let mut ended = false;
     let mut total = 0u64;
-    while let Some(chunk) = recv.data().await {
-        let chunk = chunk.map_err(h2_io)?;
-        let n = chunk.len();
-        if n <= eager {
-            eager -= n;
-            send_eager(send, chunk)?;
-        } else {
-            eager = 0;
-            send_all(send, chunk).await?;
+    poll_fn(|cx| {
+        for _ in 0..FORWARD_ROUNDS {
+            if let Err(e) = take_ready(recv, cx, &mut backlog, &mut ended) {
+                return Poll::Ready(Err(e));
+            }
+            let mut cap = 0;
+            if eager > 0 {
+                cap = eager.min(backlog.len);
+                eager -= cap;
+            }
+            let eager_now = cap > 0;
+            if !eager_now {
+                if backlog.is_empty() {
+                    return if ended {
+                        Poll::Ready(Ok(()))
+                    } else {
+                        Poll::Pending
+                    };
+                }
+                send.reserve_capacity(backlog.len);
+                cap = send.capacity();
+                if cap == 0 {
+                    match send.poll_capacity(cx) {
+                        Poll::Ready(Some(Ok(c))) => cap = c,
+                        Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(h2_io(e))),
+                        Poll::Ready(None) => {
+                            return Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::BrokenPipe,
+                                "stream closed",
+                            )))
+                        }
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+            }
+            while cap > 0 && !backlog.is_empty() {
+                let chunk = backlog.take(cap);
+                let n = chunk.len();
+                cap -= n;
+                let sent = if eager_now {
+                    send_eager(send, chunk)
+                } else {
+                    send.send_data(chunk, false).map_err(h2_io)
+                };
+                if let Err(e) = sent {
+                    return Poll::Ready(Err(e));
+                }
+                total += n as u64;
+                let _ = recv.flow_control().release_capacity(n);
+            }
         }
-        total += n as u64;
-        let _ = recv.flow_control().release_capacity(n);
-    }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await?;
     send.send_data(Bytes::new(), true).map_err(h2_io)?;
     Ok(total)
 }
@@ -220,4 +388,202 @@ pub async fn relay_opening<E>(
         }
     }
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use h2::client::SendRequest;
+    use http::{Request, Response, StatusCode};
+    use tokio::io::{duplex, DuplexStream};
+
+    use super::*;
+    use crate::h2io::{client_builder, server_builder};
+
+    /// More one-byte DATA frames than h2's budget for small frames held unread (half the
+    /// connection window, 255 bytes charged for each): about 32,900 for our 16 MiB window.
+    const TINY_FRAMES: usize = 40_000;
+
+    /// An h2 connection over memory: the client's handle and the server's connection.
+    async fn connected() -> (
+        SendRequest<Bytes>,
+        h2::server::Connection<DuplexStream, Bytes>,
+    ) {
+        let (c, s) = duplex(1 << 20);
+        let server = tokio::spawn(async move { server_builder().handshake(s).await });
+        let (client, conn) = client_builder().handshake(c).await.unwrap();
+        tokio::spawn(conn);
+        (client, server.await.unwrap().unwrap())
+    }
+
+    fn request(path: &str) -> Request<()> {
+        Request::post(format!("http://t{path}")).body(()).unwrap()
+    }
+
+    /// Sends `bulk` bytes in large frames, then [`TINY_FRAMES`] one-byte frames, then ends.
+    /// The one-byte frames trickle: other tasks run between them, as they do when a client
+    /// writes byte by byte through agents and hubs.
+    async fn bulk_then_tiny(send: &mut SendStream<Bytes>, bulk: usize) {
+        send_all(send, Bytes::from(vec![b'b'; bulk])).await.unwrap();
+        for _ in 0..TINY_FRAMES {
+            send_all(send, Bytes::from_static(b"t")).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        send.send_data(Bytes::new(), true).unwrap();
+    }
+
+    /// A new stream on `client` gets its answer: the connection is still in service.
+    async fn still_serving(client: &mut SendRequest<Bytes>) {
+        let fresh = async {
+            let mut client = client.clone().ready().await?;
+            let (resp, _) = client.send_request(request("/ping"), true)?;
+            resp.await
+        };
+        let resp = tokio::time::timeout(Duration::from_secs(10), fresh)
+            .await
+            .expect("no answer")
+            .expect("connection ended");
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+
+    fn assert_bulk_then_tiny(got: &[u8], bulk: usize) {
+        assert_eq!(got.len(), bulk + TINY_FRAMES);
+        assert!(got[..bulk].iter().all(|&b| b == b'b'));
+        assert!(got[bulk..].iter().all(|&b| b == b't'));
+    }
+
+    /// Answers `/ping` with 200 and hands the first other stream to `tunnel`.
+    fn serve<F, Fut>(mut conn: h2::server::Connection<DuplexStream, Bytes>, tunnel: F)
+    where
+        F: FnOnce(RecvStream, SendStream<Bytes>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        tokio::spawn(async move {
+            let mut tunnel = Some(tunnel);
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                let ping = req.uri().path() == "/ping";
+                let send = respond.send_response(Response::new(()), ping).unwrap();
+                if let (false, Some(tunnel)) = (ping, tunnel.take()) {
+                    tokio::spawn(tunnel(req.into_body(), send));
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn backlog_keeps_bytes_in_order_whatever_the_chunk_sizes() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..200 {
+            let mut backlog = Backlog::default();
+            let (mut sent, mut got) = (Vec::new(), Vec::new());
+            let mut next = 0u8;
+            for _ in 0..rng.gen_range(1..60) {
+                // Chunks on both sides of JOIN_BELOW, and empty ones.
+                let n = match rng.gen_range(0..4) {
+                    0 => 0,
+                    1 => rng.gen_range(1..8),
+                    2 => rng.gen_range(JOIN_BELOW - 2..JOIN_BELOW + 2),
+                    _ => rng.gen_range(1..20_000),
+                };
+                let chunk: Vec<u8> = (0..n)
+                    .map(|_| {
+                        next = next.wrapping_add(1);
+                        next
+                    })
+                    .collect();
+                sent.extend_from_slice(&chunk);
+                backlog.push(Bytes::from(chunk));
+                assert_eq!(backlog.len, sent.len() - got.len());
+                // Drain some, either way a relay does.
+                if rng.gen_bool(0.5) && !backlog.is_empty() {
+                    let front = backlog.front();
+                    assert!(!front.is_empty());
+                    let n = rng.gen_range(1..=front.len());
+                    got.extend_from_slice(&front[..n]);
+                    backlog.advance(n);
+                } else {
+                    got.extend_from_slice(&backlog.take(rng.gen_range(1..30_000)));
+                }
+            }
+            while !backlog.is_empty() {
+                got.extend_from_slice(&backlog.take(4096));
+            }
+            assert_eq!(got, sent);
+        }
+    }
+
+    #[test]
+    fn backlog_joins_small_chunks_that_wait() {
+        let mut backlog = Backlog::default();
+        for _ in 0..10_000 {
+            backlog.push(Bytes::from_static(b"x"));
+        }
+        // The first stays as it came; the rest wait as one buffer.
+        assert_eq!(backlog.chunks.len(), 1);
+        assert_eq!(backlog.take(usize::MAX).len(), 1);
+        assert_eq!(backlog.take(usize::MAX).len(), 9_999);
+        assert!(backlog.is_empty());
+    }
+
+    #[tokio::test]
+    async fn tiny_frames_towards_a_blocked_writer_keep_the_connection() {
+        let (mut client, conn) = connected().await;
+        // The writer takes 64 KiB and then nothing until the test reads it.
+        let (mut sink_w, mut sink_r) = duplex(64 * 1024);
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        serve(conn, move |mut recv, _send| async move {
+            let r = h2_to_write(&mut recv, &mut sink_w).await;
+            let _ = done_tx.send(r.map_err(|e| e.to_string()));
+        });
+
+        let (_resp, mut send) = client.send_request(request("/tunnel"), false).unwrap();
+        bulk_then_tiny(&mut send, 128 * 1024).await;
+        still_serving(&mut client).await;
+
+        let mut got = Vec::new();
+        sink_r.read_to_end(&mut got).await.unwrap();
+        assert_bulk_then_tiny(&got, 128 * 1024);
+        assert_eq!(done_rx.await.unwrap(), Ok(128 * 1024 + TINY_FRAMES as u64));
+    }
+
+    #[tokio::test]
+    async fn tiny_frames_towards_a_full_stream_keep_the_hubs_connection() {
+        // client → (a) → hub → (b) → far end, as in `relay_opening`'s use by a hub.
+        let (mut client, conn_a) = connected().await;
+        let (to_far, conn_b) = connected().await;
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let (got_tx, got_rx) = tokio::sync::oneshot::channel();
+        // The far end reads nothing until told: its stream window fills.
+        serve(conn_b, move |mut recv, mut send| async move {
+            send.send_data(Bytes::new(), true).unwrap();
+            let _ = go_rx.await;
+            let mut got = Vec::new();
+            while let Some(Ok(chunk)) = recv.data().await {
+                let _ = recv.flow_control().release_capacity(chunk.len());
+                got.extend_from_slice(&chunk);
+            }
+            let _ = got_tx.send(got);
+        });
+        let (relayed_tx, relayed_rx) = tokio::sync::oneshot::channel();
+        serve(conn_a, move |a_recv, a_send| async move {
+            let mut to_far = to_far.ready().await.unwrap();
+            let (resp, b_send) = to_far.send_request(request("/far"), false).unwrap();
+            let opened = async move { Ok::<_, h2::Error>((a_send, resp.await?.into_body())) };
+            let r = relay_opening(a_recv, b_send, opened).await;
+            let _ = relayed_tx.send(r.map(|r| r.map_err(|e| e.to_string())));
+        });
+
+        // Enough to fill the far stream's window, and 64 KiB more that the hub holds.
+        let bulk = ztm_proto::wire::STREAM_WINDOW as usize + 64 * 1024;
+        let (_resp, mut send) = client.send_request(request("/tunnel"), false).unwrap();
+        bulk_then_tiny(&mut send, bulk).await;
+        still_serving(&mut client).await;
+
+        go_tx.send(()).unwrap();
+        assert_bulk_then_tiny(&got_rx.await.unwrap(), bulk);
+        let relayed = relayed_rx.await.unwrap().unwrap().unwrap();
+        assert_eq!(relayed.0, (bulk + TINY_FRAMES) as u64);
+    }
 }
