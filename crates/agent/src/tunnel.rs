@@ -146,8 +146,9 @@ async fn udp_service_flow(
             }
             n = socket.recv(&mut buf) => {
                 let n = n?;
-                moved.sent += n as u64;
-                relay::send_all(&mut send, capsule::encode_datagram(&buf[..n])).await?;
+                if relay::send_datagram(&mut send, capsule::encode_datagram(&buf[..n]))? {
+                    moved.sent += n as u64;
+                }
             }
             _ = tokio::time::sleep(UDP_IDLE) => break,
         }
@@ -328,7 +329,7 @@ pub async fn udp_client_flow(
         tokio::select! {
             d = rx.recv() => {
                 let Some(d) = d else { break };
-                if relay::send_all(&mut send, capsule::encode_datagram(&d)).await.is_err() {
+                if relay::send_datagram(&mut send, capsule::encode_datagram(&d)).is_err() {
                     break;
                 }
             }

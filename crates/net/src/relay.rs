@@ -55,6 +55,22 @@ pub fn send_eager(send: &mut SendStream<Bytes>, data: Bytes) -> io::Result<()> {
     send.send_data(data, false).map_err(h2_io)
 }
 
+/// Most bytes of datagrams a UDP flow has queued on its stream before it drops more.
+pub const DATAGRAM_QUEUE: usize = 256 * 1024;
+
+/// Sends one datagram (capsule) if the stream has room for it now; otherwise drops it and
+/// returns `false`, as a congested UDP path would. A flow never waits here, so it keeps taking
+/// DATA off its own stream: two flow ends that each waited for the other to read would stall,
+/// and unread small frames would end the connection (see [`Backlog`]).
+pub fn send_datagram(send: &mut SendStream<Bytes>, capsule: Bytes) -> io::Result<bool> {
+    send.reserve_capacity(DATAGRAM_QUEUE);
+    if send.capacity() < capsule.len() {
+        return Ok(false);
+    }
+    send.send_data(capsule, false).map_err(h2_io)?;
+    Ok(true)
+}
+
 /// Most first bytes of a tunnel queued eagerly (see [`send_eager`]): what agent A sends with its
 /// CONNECT, and what the hub passes on while the far end is still opening.
 pub const EAGER_BYTES: usize = 16 * 1024;
@@ -585,5 +601,59 @@ mod tests {
         assert_bulk_then_tiny(&got_rx.await.unwrap(), bulk);
         let relayed = relayed_rx.await.unwrap().unwrap().unwrap();
         assert_eq!(relayed.0, (bulk + TINY_FRAMES) as u64);
+    }
+
+    #[tokio::test]
+    async fn datagrams_are_dropped_not_waited_for_when_the_stream_is_full() {
+        let (mut client, conn) = connected().await;
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let (got_tx, got_rx) = tokio::sync::oneshot::channel();
+        serve(conn, move |mut recv, _send| async move {
+            let _ = go_rx.await;
+            let mut got = 0usize;
+            while let Some(Ok(chunk)) = recv.data().await {
+                let _ = recv.flow_control().release_capacity(chunk.len());
+                got += chunk.len();
+            }
+            let _ = got_tx.send(got);
+        });
+        let (resp, mut send) = client.send_request(request("/udp"), false).unwrap();
+        let _resp = resp.await.unwrap();
+
+        let datagram = Bytes::from(vec![b'd'; 1200]);
+        let (mut sent, mut dropped_in_a_row) = (0usize, 0);
+        // The peer reads nothing: its window fills, and from then on datagrams are dropped.
+        for _ in 0..20_000 {
+            if send_datagram(&mut send, datagram.clone()).unwrap() {
+                sent += datagram.len();
+                dropped_in_a_row = 0;
+            } else {
+                dropped_in_a_row += 1;
+                if dropped_in_a_row == 200 {
+                    break;
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(dropped_in_a_row, 200, "datagrams were never dropped");
+        let window = ztm_proto::wire::STREAM_WINDOW as usize;
+        assert!(
+            sent <= window && sent > window - 2 * datagram.len(),
+            "sent {sent}"
+        );
+
+        // Once the peer reads, datagrams go through again.
+        go_tx.send(()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !send_datagram(&mut send, datagram.clone()).unwrap() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the stream never had room again"
+            );
+            tokio::task::yield_now().await;
+        }
+        sent += datagram.len();
+        send.send_data(Bytes::new(), true).unwrap();
+        assert_eq!(got_rx.await.unwrap(), sent);
     }
 }

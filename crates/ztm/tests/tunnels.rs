@@ -770,6 +770,57 @@ fn udp_echo_through_a_port() {
     );
 }
 
+/// Sends `d` on `client` until it comes back (other datagrams may arrive first), at most
+/// `tries` times, waiting `wait` for each. Returns whether it came back.
+fn echoed(client: &UdpSocket, d: &[u8], tries: usize, wait: Duration) -> bool {
+    let mut buf = vec![0u8; 65_536];
+    for _ in 0..tries {
+        client.send(d).unwrap();
+        let until = Instant::now() + wait;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            client.set_read_timeout(Some(left)).unwrap();
+            match client.recv(&mut buf) {
+                Ok(n) if buf[..n] == *d => return true,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    }
+    false
+}
+
+/// A client floods a UDP echo service without reading the answers, so both directions of its
+/// flow are full at once. Datagrams may be dropped, as UDP allows, but the flow must not stall:
+/// it answers again as soon as the flood ends.
+#[test]
+fn udp_flood_both_ways_does_not_stall_the_flow() {
+    let st = stack("tun-udpflood", &["root", "bob"]);
+    let (svc_port, served) = udp_echo_server();
+    st.add_service(1, "udp", "uecho", svc_port, None);
+    st.wait_service(0, "udp", "uecho", &[1]);
+    let port = free_port();
+    st.map_port(0, "udp", port, "uecho", None);
+
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.connect(local(port)).unwrap();
+    assert!(echoed(&client, b"open", 40, Duration::from_millis(500)));
+    let flood = vec![0xAB; 1024];
+    for _ in 0..50_000 {
+        let _ = client.send(&flood);
+    }
+    let after = served.load(Ordering::SeqCst);
+    assert!(
+        echoed(&client, b"after the flood", 20, Duration::from_millis(500)),
+        "the flow stalled (the service got {} datagrams of the flood)",
+        after
+    );
+    eprintln!("service got {after} datagrams during the flood");
+}
+
 /// A client pushes up to 1 GB into a tunnel whose service reads slowly: the hub and both
 /// agents stay under 64 MiB RSS throughout and every byte arrives.
 #[test]
