@@ -187,10 +187,11 @@ impl<'a> FirstBytes<'a> {
 
     /// Reads what the client has sent, if anything, without waiting.
     fn read_ready(&mut self) {
-        let mut buf = bytes::BytesMut::with_capacity(FIRST_BYTES);
-        match self.socket.try_read_buf(&mut buf) {
+        // Read on the stack and keep only what came (usually a few hundred bytes).
+        let mut buf = [0u8; FIRST_BYTES];
+        match self.socket.try_read(&mut buf) {
             Ok(0) => self.done = true,
-            Ok(_) => self.data = Some(buf.freeze()),
+            Ok(n) => self.data = Some(Bytes::copy_from_slice(&buf[..n])),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(_) => self.done = true,
         }

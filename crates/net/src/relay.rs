@@ -13,8 +13,13 @@ use bytes::{Buf, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// Size of a socket read, and so the largest DATA payload we hand to h2 at once.
+/// Largest socket read, and so the largest DATA payload we hand to h2 at once.
 pub const READ_SIZE: usize = 64 * 1024;
+
+/// A tunnel's first socket read. Reads double, up to [`READ_SIZE`], while they come back
+/// full: a bulk transfer soon reads 64 KiB at a time, while idle and chatty tunnels keep a
+/// small buffer (an agent may hold thousands of them).
+pub const FIRST_READ: usize = 4 * 1024;
 
 fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
@@ -81,15 +86,20 @@ pub async fn read_to_h2<R: AsyncRead + Unpin>(
     send: &mut SendStream<Bytes>,
 ) -> io::Result<u64> {
     let mut total = 0u64;
-    let mut buf = BytesMut::with_capacity(READ_SIZE);
+    let mut size = FIRST_READ;
+    let mut buf = BytesMut::new();
     loop {
-        if buf.capacity() < READ_SIZE / 4 {
-            buf.reserve(READ_SIZE);
+        if buf.capacity() < size / 4 {
+            buf.reserve(size);
         }
+        let room = buf.capacity();
         let n = r.read_buf(&mut buf).await?;
         if n == 0 {
             send.send_data(Bytes::new(), true).map_err(h2_io)?;
             return Ok(total);
+        }
+        if n == room {
+            size = (size * 2).min(READ_SIZE);
         }
         total += n as u64;
         send_all(send, buf.split().freeze()).await?;
@@ -541,6 +551,39 @@ mod tests {
         assert_eq!(backlog.take(usize::MAX).len(), 1);
         assert_eq!(backlog.take(usize::MAX).len(), 9_999);
         assert!(backlog.is_empty());
+    }
+
+    #[tokio::test]
+    async fn reads_grow_from_small_to_full_size_during_a_bulk_transfer() {
+        let (client, conn) = connected().await;
+        let (sizes_tx, sizes_rx) = tokio::sync::oneshot::channel();
+        serve(conn, move |mut recv, _send| async move {
+            let mut sizes = Vec::new();
+            while let Some(Ok(chunk)) = recv.data().await {
+                let _ = recv.flow_control().release_capacity(chunk.len());
+                sizes.push(chunk.len());
+            }
+            let _ = sizes_tx.send(sizes);
+        });
+        let mut client = client.ready().await.unwrap();
+        let (_resp, mut send) = client.send_request(request("/bulk"), false).unwrap();
+        // The whole transfer is waiting in the source: every read fills its buffer.
+        let total = 1 << 20;
+        let (mut src_w, mut src_r) = duplex(total);
+        src_w.write_all(&vec![b'b'; total]).await.unwrap();
+        drop(src_w);
+        assert_eq!(
+            read_to_h2(&mut src_r, &mut send).await.unwrap(),
+            total as u64
+        );
+
+        let sizes = sizes_rx.await.unwrap();
+        assert_eq!(sizes.iter().sum::<usize>(), total);
+        // 4, 8, 16, 32 KiB, then 64 KiB reads (h2 may split a read when its window is short).
+        let growth: Vec<usize> = (0..5).map(|i| FIRST_READ << i).collect();
+        assert_eq!(sizes[..5], growth[..], "{sizes:?}");
+        assert_eq!(growth[4], READ_SIZE);
+        assert!(sizes.iter().all(|&n| n <= READ_SIZE), "{sizes:?}");
     }
 
     #[tokio::test]
