@@ -8,6 +8,9 @@ mod up;
 
 use clap::{Parser, Subcommand};
 
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "ztm",
