@@ -693,18 +693,24 @@ fn bulk_echo_and_200_concurrent_connections() {
     );
 }
 
-/// 1,000 datagrams of mixed sizes up to 8 KiB through a UDP port come back intact.
-#[test]
-fn udp_echo_through_a_port() {
-    let st = stack("tun-udp", &["root", "bob"]);
+/// A UDP echo service on agent 1, mapped to a port on agent 0, and a client socket connected to
+/// that port. Also returns the service's count of datagrams.
+fn udp_echo_client(st: &Stack) -> (UdpSocket, Arc<AtomicUsize>) {
     let (svc_port, served) = udp_echo_server();
     st.add_service(1, "udp", "uecho", svc_port, None);
     st.wait_service(0, "udp", "uecho", &[1]);
     let port = free_port();
     st.map_port(0, "udp", port, "uecho", None);
-
     let client = UdpSocket::bind("127.0.0.1:0").unwrap();
     client.connect(local(port)).unwrap();
+    (client, served)
+}
+
+/// 1,000 datagrams of mixed sizes up to 8 KiB through a UDP port come back intact.
+#[test]
+fn udp_echo_through_a_port() {
+    let st = stack("tun-udp", &["root", "bob"]);
+    let (client, served) = udp_echo_client(&st);
     let mut rng = Rng::new();
     let mut buf = vec![0u8; 65_536];
     let mut resent = 0usize;
@@ -799,14 +805,7 @@ fn echoed(client: &UdpSocket, d: &[u8], tries: usize, wait: Duration) -> bool {
 #[test]
 fn udp_flood_both_ways_does_not_stall_the_flow() {
     let st = stack("tun-udpflood", &["root", "bob"]);
-    let (svc_port, served) = udp_echo_server();
-    st.add_service(1, "udp", "uecho", svc_port, None);
-    st.wait_service(0, "udp", "uecho", &[1]);
-    let port = free_port();
-    st.map_port(0, "udp", port, "uecho", None);
-
-    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
-    client.connect(local(port)).unwrap();
+    let (client, served) = udp_echo_client(&st);
     assert!(echoed(&client, b"open", 40, Duration::from_millis(500)));
     let flood = vec![0xAB; 1024];
     for _ in 0..50_000 {
