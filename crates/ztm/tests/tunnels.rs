@@ -436,6 +436,23 @@ impl Stack {
     }
 
     /// Agent `i` maps 127.0.0.1:`port`/`proto` on its own endpoint to `service`.
+    /// Publishes `service` (TCP, at `svc_port`) on agent 1 beside a `lines` witness service
+    /// (a [`tagged_server`] answering "B"), maps both to new ports on agent 0 and waits until
+    /// the witness answers. Returns the witness, the service's port and the witness's port.
+    fn map_beside_lines(&self, service: &str, svc_port: u16) -> (Backend, u16, u16) {
+        let lines = tagged_server("B");
+        self.add_service(1, "tcp", service, svc_port, None);
+        self.add_service(1, "tcp", "lines", lines.port, None);
+        self.wait_service(0, "tcp", service, &[1]);
+        self.wait_service(0, "tcp", "lines", &[1]);
+        let port = free_port();
+        let lines_port = free_port();
+        self.map_port(0, "tcp", port, service, None);
+        self.map_port(0, "tcp", lines_port, "lines", None);
+        wait_tunnel(lines_port, "B", Duration::from_secs(20));
+        (lines, port, lines_port)
+    }
+
     fn map_port(
         &self,
         i: usize,
@@ -615,16 +632,7 @@ impl Drop for RssSampler {
 fn bulk_echo_and_200_concurrent_connections() {
     let st = stack("tun-bulk", &["root", "bob"]);
     let echo = echo_server();
-    let lines = tagged_server("B");
-    st.add_service(1, "tcp", "echo", echo.port, None);
-    st.add_service(1, "tcp", "lines", lines.port, None);
-    st.wait_service(0, "tcp", "echo", &[1]);
-    st.wait_service(0, "tcp", "lines", &[1]);
-    let echo_port = free_port();
-    let lines_port = free_port();
-    st.map_port(0, "tcp", echo_port, "echo", None);
-    st.map_port(0, "tcp", lines_port, "lines", None);
-    wait_tunnel(lines_port, "B", Duration::from_secs(20));
+    let (lines, echo_port, lines_port) = st.map_beside_lines("echo", echo.port);
 
     // 100 MB up, echoed back down, read concurrently.
     let size = 100 * MB;
@@ -829,16 +837,7 @@ fn slow_reader_keeps_memory_bounded() {
     let rate = 16 * MB;
     let received = Arc::new(AtomicU64::new(0));
     let sink = slow_sink(rate, received.clone());
-    let lines = tagged_server("B");
-    st.add_service(1, "tcp", "sink", sink.port, None);
-    st.add_service(1, "tcp", "lines", lines.port, None);
-    st.wait_service(0, "tcp", "sink", &[1]);
-    st.wait_service(0, "tcp", "lines", &[1]);
-    let port = free_port();
-    let lines_port = free_port();
-    st.map_port(0, "tcp", port, "sink", None);
-    st.map_port(0, "tcp", lines_port, "lines", None);
-    wait_tunnel(lines_port, "B", Duration::from_secs(20));
+    let (_lines, port, lines_port) = st.map_beside_lines("sink", sink.port);
 
     let sampler = RssSampler::start(st.pids());
     let limit = 1000 * MB;
@@ -926,16 +925,7 @@ fn tiny_writes_to_a_stalled_reader_lose_nothing() {
     let count = 60_000;
     let written = Arc::new(AtomicUsize::new(0));
     let drip = drip_server(count, written.clone());
-    let lines = tagged_server("B");
-    st.add_service(1, "tcp", "drip", drip.port, None);
-    st.add_service(1, "tcp", "lines", lines.port, None);
-    st.wait_service(0, "tcp", "drip", &[1]);
-    st.wait_service(0, "tcp", "lines", &[1]);
-    let port = free_port();
-    let lines_port = free_port();
-    st.map_port(0, "tcp", port, "drip", None);
-    st.map_port(0, "tcp", lines_port, "lines", None);
-    wait_tunnel(lines_port, "B", Duration::from_secs(20));
+    let (_lines, port, lines_port) = st.map_beside_lines("drip", drip.port);
 
     // Connect with a small receive buffer and read nothing until the service has written
     // everything: the kernel holds little, the rest waits in the relays.
@@ -983,16 +973,7 @@ fn tiny_writes_to_a_stalled_reader_lose_nothing() {
 fn twenty_transfers_in_a_row() {
     let st = stack("tun-20x", &["root", "bob"]);
     let xfer = transfer_server();
-    let lines = tagged_server("B");
-    st.add_service(1, "tcp", "xfer", xfer.port, None);
-    st.add_service(1, "tcp", "lines", lines.port, None);
-    st.wait_service(0, "tcp", "xfer", &[1]);
-    st.wait_service(0, "tcp", "lines", &[1]);
-    let port = free_port();
-    let lines_port = free_port();
-    st.map_port(0, "tcp", port, "xfer", None);
-    st.map_port(0, "tcp", lines_port, "lines", None);
-    wait_tunnel(lines_port, "B", Duration::from_secs(20));
+    let (_lines, port, lines_port) = st.map_beside_lines("xfer", xfer.port);
 
     let size = 50 * MB;
     let started = Instant::now();
