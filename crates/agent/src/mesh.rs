@@ -63,6 +63,8 @@ pub struct MeshRuntime {
     /// Recent answers of the hubs' service lists, for choosing tunnel providers quickly.
     providers_cache: Mutex<Option<(Instant, HubServices)>>,
     pub ports: Ports,
+    /// What this mesh's tunnel relays hold for stalled readers.
+    pub stalls: ztm_net::relay::StallGuard,
 }
 
 /// Each connected hub's service list, by link index.
@@ -162,6 +164,7 @@ impl MeshRuntime {
             local,
             providers_cache: Mutex::new(None),
             ports: Ports::default(),
+            stalls: Default::default(),
         });
         for e in &rt.config_errors {
             rt.event("error", &e.message);

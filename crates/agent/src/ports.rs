@@ -249,7 +249,7 @@ async fn tcp_accept_loop(
                 ..
             } = opened;
             let result = tokio::select! {
-                r = relay::pump(socket, send, recv) => r,
+                r = relay::pump(socket, send, recv, &rt.stalls) => r,
                 _ = stop.cancelled() => return,
             };
             match result {

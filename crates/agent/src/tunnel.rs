@@ -16,14 +16,15 @@ use ztm_net::h2io::{self, respond_error};
 use ztm_net::relay;
 use ztm_proto::capsule;
 use ztm_proto::model::PortTarget;
-use ztm_proto::wire::{Proto, REQUEST_TIMEOUT, TUNNEL_PROTOCOL, USER_HEADER};
+use ztm_proto::wire::{
+    Proto, REQUEST_TIMEOUT, SERVICE_CONNECT_TIMEOUT, TUNNEL_PROTOCOL, USER_HEADER,
+};
 
 use crate::balance::{Active, Balancer};
 use crate::mesh::MeshRuntime;
 
 /// A UDP flow with no datagram either way for this long is closed.
 pub const UDP_IDLE: Duration = Duration::from_secs(60);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Service end: a hub asks for `CONNECT /api/services/{proto}/{name}`.
 pub async fn accept(rt: Arc<MeshRuntime>, req: Request<RecvStream>, mut send: SendResponse<Bytes>) {
@@ -53,7 +54,7 @@ pub async fn accept(rt: Arc<MeshRuntime>, req: Request<RecvStream>, mut send: Se
     let result = match proto {
         Proto::Tcp => {
             let tcp = match tokio::time::timeout(
-                CONNECT_TIMEOUT,
+                SERVICE_CONNECT_TIMEOUT,
                 TcpStream::connect((host.as_str(), port)),
             )
             .await
@@ -78,7 +79,7 @@ pub async fn accept(rt: Arc<MeshRuntime>, req: Request<RecvStream>, mut send: Se
             let Ok(stream) = send.send_response(http::Response::new(()), false) else {
                 return;
             };
-            relay::pump(tcp, stream, recv).await
+            relay::pump(tcp, stream, recv, &rt.stalls).await
         }
         Proto::Udp => {
             let socket = match udp_connected(&host, port).await {

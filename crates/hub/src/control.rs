@@ -16,8 +16,8 @@ use ztm_pki::tokio_rustls::server::TlsStream;
 use ztm_proto::acl;
 use ztm_proto::names::check_name;
 use ztm_proto::wire::{
-    is_endpoint_id, Proto, Register, Registered, ServiceDecl, MAX_MANAGE_BODY, REGISTER_TIMEOUT,
-    REQUEST_TIMEOUT, TUNNEL_PROTOCOL, USER_HEADER,
+    is_endpoint_id, Proto, Register, Registered, ServiceDecl, HOP_TIMEOUT, MAX_MANAGE_BODY,
+    REGISTER_TIMEOUT, TUNNEL_PROTOCOL, USER_HEADER,
 };
 
 use crate::registry::{self, RegisterError, SessionId};
@@ -373,7 +373,7 @@ async fn manage(conn: &Arc<Conn>, ep: &str, req: Request<RecvStream>, send: Send
     let Ok(Ok(forwarded)) = forwarded.map(|b| b.body(())) else {
         return respond_error(send, StatusCode::BAD_REQUEST, "bad management path");
     };
-    match h2io::request(&sender, forwarded, body, MAX_MANAGE_BODY, REQUEST_TIMEOUT).await {
+    match h2io::request(&sender, forwarded, body, MAX_MANAGE_BODY, HOP_TIMEOUT).await {
         Ok(answer) => {
             let ct = answer
                 .headers
@@ -480,7 +480,7 @@ async fn tunnel(
     };
     // B's answer decides; meanwhile the client's first bytes already travel on to B.
     let opened = async move {
-        let resp = match tokio::time::timeout(REQUEST_TIMEOUT, b_resp).await {
+        let resp = match tokio::time::timeout(HOP_TIMEOUT, b_resp).await {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
                 respond_error(send, StatusCode::BAD_GATEWAY, format!("endpoint {ep}: {e}"));
@@ -505,7 +505,7 @@ async fn tunnel(
         tracing::debug!("tunnel {} -> {proto}/{svc}@{ep} opened", conn.peer.user);
         Ok((a_send, resp.into_body()))
     };
-    match relay::relay_opening(req.into_body(), b_send, opened).await {
+    match relay::relay_opening(req.into_body(), b_send, opened, &conn.hub.stalls).await {
         Err(()) => {}
         Ok(Ok((up, down))) => tracing::debug!(
             "tunnel {} -> {proto}/{svc}@{ep} closed: {up} bytes up, {down} down, {:?}",

@@ -68,6 +68,8 @@ pub struct Hub {
     registry: Mutex<Registry>,
     sessions: Mutex<HashMap<SessionId, SessionIo>>,
     pub revoked: Revoked,
+    /// What the hub's tunnel relays hold for stalled next hops.
+    pub stalls: ztm_net::relay::StallGuard,
 }
 
 impl Hub {
@@ -214,6 +216,7 @@ pub async fn run(
         registry: Mutex::new(Registry::new()),
         sessions: Mutex::new(HashMap::new()),
         revoked: revoked.clone(),
+        stalls: Default::default(),
     });
     tracing::info!(
         "hub {} listening on {local} (CA {}, names: {})",

@@ -1,17 +1,22 @@
 //! Moving tunnel bytes: between a socket and an HTTP/2 stream (agents) and between two HTTP/2
 //! streams (hub). Memory per tunnel is bounded: data is read from a source only when the
 //! destination has flow-control capacity, and window is released to the sender only after the
-//! bytes were written on.
+//! bytes were written on. A [`StallGuard`] resets tunnels whose next hop stopped taking bytes
+//! once a process holds too much for them.
 
 use std::collections::VecDeque;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::{Instant, Sleep};
+use ztm_proto::wire::{STALL_AFTER, STALL_LIMIT, STALL_MIN};
 
 /// Largest socket read, and so the largest DATA payload we hand to h2 at once.
 pub const READ_SIZE: usize = 64 * 1024;
@@ -106,6 +111,109 @@ pub async fn read_to_h2<R: AsyncRead + Unpin>(
     }
 }
 
+/// Keeps a process's memory bounded when tunnel readers stop reading, without letting such
+/// tunnels hold up the others.
+///
+/// A relay releases HTTP/2 window only for bytes its next hop took, so a tunnel whose reader
+/// stopped holds up to a stream window per hop. Every relay of a process adds what it holds
+/// here. While the total is over the limit, a tunnel that holds at least [`STALL_MIN`] and
+/// whose next hop took nothing for a whole period is reset; tunnels that move, however
+/// slowly, are left alone. The connection window is several times the limit, so stalled
+/// tunnels are reset long before they could fill it (PROTOCOL.md, "Stalled tunnels").
+#[derive(Debug)]
+pub struct StallGuard {
+    held: AtomicUsize,
+    limit: usize,
+    after: Duration,
+}
+
+impl Default for StallGuard {
+    fn default() -> Self {
+        StallGuard::new(STALL_LIMIT, STALL_AFTER)
+    }
+}
+
+impl StallGuard {
+    pub fn new(limit: usize, after: Duration) -> StallGuard {
+        StallGuard {
+            held: AtomicUsize::new(0),
+            limit,
+            after,
+        }
+    }
+
+    /// Bytes the relays hold right now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    fn add(&self, n: usize) {
+        self.held.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn sub(&self, n: usize) {
+        self.held.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// Should a tunnel that holds `mine` bytes be reset, when its next hop took nothing during the
+/// last period (`moved` false) and the process holds `total`?
+fn must_reset(total: usize, limit: usize, mine: usize, moved: bool) -> bool {
+    !moved && mine >= STALL_MIN && total > limit
+}
+
+/// One direction of a relay, watched for a stall while it waits on its next hop.
+struct StallWatch<'a> {
+    guard: &'a StallGuard,
+    /// Fires at the end of each period; armed the first time the relay waits holding
+    /// [`STALL_MIN`] or more.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Bytes written on when the period began.
+    mark: u64,
+}
+
+impl<'a> StallWatch<'a> {
+    fn new(guard: &'a StallGuard) -> StallWatch<'a> {
+        StallWatch {
+            guard,
+            timer: None,
+            mark: 0,
+        }
+    }
+
+    /// Called when the relay is about to wait on its next hop, holding `held` bytes and
+    /// having written `written` so far. Ready with the error to end the tunnel with once it
+    /// must be reset.
+    fn poll_stalled(&mut self, cx: &mut Context<'_>, held: usize, written: u64) -> Poll<io::Error> {
+        if held < STALL_MIN {
+            return Poll::Pending;
+        }
+        let after = self.guard.after;
+        if self.timer.is_none() {
+            self.mark = written;
+        }
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
+        while timer.as_mut().poll(cx).is_ready() {
+            let total = self.guard.held();
+            if must_reset(total, self.guard.limit, held, written != self.mark) {
+                let why = format!(
+                    "tunnel stalled: its next hop took nothing for {after:?} while {} MiB \
+                     waited for such hops (limit {} MiB)",
+                    total >> 20,
+                    self.guard.limit >> 20
+                );
+                tracing::warn!("{why}; resetting it");
+                return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, why));
+            }
+            self.mark = written;
+            timer.as_mut().reset(Instant::now() + after);
+        }
+        Poll::Pending
+    }
+}
+
 /// Chunks below this size are joined into one buffer while they wait in a [`Backlog`].
 const JOIN_BELOW: usize = 4 * 1024;
 
@@ -116,17 +224,33 @@ const JOIN_BELOW: usize = 4 * 1024;
 /// small DATA frames unread. Without this, one tunnel towards a stalled reader could
 /// collect them and cut off every other tunnel on that connection. Small chunks are joined
 /// here, so a one-byte frame costs one byte. Memory stays bounded by the stream window: the
-/// relay releases window only for bytes it has written on.
+/// relay releases window only for bytes it has written on. What it holds counts towards its
+/// [`StallGuard`].
 #[derive(Default)]
-struct Backlog {
+struct Backlog<'a> {
     /// Oldest first; `tail` follows the last of them.
     chunks: VecDeque<Bytes>,
     /// Small chunks joined, after `chunks`.
     tail: BytesMut,
     len: usize,
+    guard: Option<&'a StallGuard>,
 }
 
-impl Backlog {
+impl Drop for Backlog<'_> {
+    fn drop(&mut self) {
+        if let Some(g) = self.guard {
+            g.sub(self.len);
+        }
+    }
+}
+
+impl<'a> Backlog<'a> {
+    fn counted_in(guard: &'a StallGuard) -> Backlog<'a> {
+        let mut backlog = Backlog::default();
+        backlog.guard = Some(guard);
+        backlog
+    }
+
     fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -148,6 +272,9 @@ impl Backlog {
             self.chunks.push_back(chunk);
         }
         self.len += n;
+        if let Some(g) = self.guard {
+            g.add(n);
+        }
     }
 
     /// The oldest bytes, as one slice.
@@ -167,6 +294,9 @@ impl Backlog {
             None => self.tail.advance(n),
         }
         self.len -= n;
+        if let Some(g) = self.guard {
+            g.sub(n);
+        }
     }
 
     /// Removes and returns up to `max` of the oldest bytes.
@@ -180,6 +310,9 @@ impl Backlog {
             }
         };
         self.len -= out.len();
+        if let Some(g) = self.guard {
+            g.sub(out.len());
+        }
         out
     }
 }
@@ -203,12 +336,15 @@ fn take_ready(
 }
 
 /// Copies an h2 stream into a writer until the stream ends, then shuts the writer down.
-/// DATA is taken off the stream while the writer is blocked (see [`Backlog`]).
+/// DATA is taken off the stream while the writer is blocked (see [`Backlog`]); a writer that
+/// stalls may get the tunnel reset (see [`StallGuard`]).
 pub async fn h2_to_write<W: AsyncWrite + Unpin>(
     recv: &mut RecvStream,
     w: &mut W,
+    guard: &StallGuard,
 ) -> io::Result<u64> {
-    let mut backlog = Backlog::default();
+    let mut backlog = Backlog::counted_in(guard);
+    let mut watch = StallWatch::new(guard);
     let mut ended = false;
     let mut total = 0u64;
     poll_fn(|cx| loop {
@@ -232,7 +368,7 @@ pub async fn h2_to_write<W: AsyncWrite + Unpin>(
                 let _ = recv.flow_control().release_capacity(n);
             }
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Pending => return Poll::Pending,
+            Poll::Pending => return watch.poll_stalled(cx, backlog.len, total).map(Err),
         }
     })
     .await?;
@@ -253,11 +389,12 @@ pub async fn pump(
     socket: tokio::net::TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
+    guard: &StallGuard,
 ) -> io::Result<Moved> {
     // Owned halves: no lock shared between the two directions.
     let (mut rd, mut wr) = socket.into_split();
     let up = read_to_h2(&mut rd, &mut send);
-    let down = h2_to_write(&mut recv, &mut wr);
+    let down = h2_to_write(&mut recv, &mut wr, guard);
     tokio::pin!(up, down);
     let mut moved = Moved::default();
     let (mut up_done, mut down_done) = (false, false);
@@ -286,13 +423,16 @@ const FORWARD_ROUNDS: usize = 32;
 
 /// Moves one direction of a relayed tunnel. The first `eager` bytes go out with
 /// [`send_eager`] (a destination stream still opening sends them with its HEADERS); the rest
-/// as `send` gets capacity. DATA is taken off `recv` while `send` has none (see [`Backlog`]).
+/// as `send` gets capacity. DATA is taken off `recv` while `send` has none (see [`Backlog`]);
+/// if `send` stalls, the tunnel may be reset (see [`StallGuard`]).
 async fn forward(
     recv: &mut RecvStream,
     send: &mut SendStream<Bytes>,
     mut eager: usize,
+    guard: &StallGuard,
 ) -> io::Result<u64> {
-    let mut backlog = Backlog::default();
+    let mut backlog = Backlog::counted_in(guard);
+    let mut watch = StallWatch::new(guard);
     let mut ended = false;
     let mut total = 0u64;
     poll_fn(|cx| {
@@ -326,7 +466,9 @@ async fn forward(
                                 "stream closed",
                             )))
                         }
-                        Poll::Pending => return Poll::Pending,
+                        Poll::Pending => {
+                            return watch.poll_stalled(cx, backlog.len, total).map(Err)
+                        }
                     }
                 }
             }
@@ -365,12 +507,13 @@ async fn forward(
 pub async fn relay_opening<E>(
     mut a_recv: RecvStream,
     mut b_send: SendStream<Bytes>,
-    opened: impl std::future::Future<Output = Result<(SendStream<Bytes>, RecvStream), E>>,
+    opened: impl Future<Output = Result<(SendStream<Bytes>, RecvStream), E>>,
+    guard: &StallGuard,
 ) -> Result<io::Result<(u64, u64)>, E> {
     // (a_send, b_recv), once `b` accepted.
     let mut open: Option<(SendStream<Bytes>, RecvStream)> = None;
     let outcome = 'relay: {
-        let ab = forward(&mut a_recv, &mut b_send, EAGER_BYTES);
+        let ab = forward(&mut a_recv, &mut b_send, EAGER_BYTES, guard);
         tokio::pin!(ab, opened);
         let mut n_ab = None;
         while open.is_none() {
@@ -388,7 +531,7 @@ pub async fn relay_opening<E>(
         let Some((a_send, b_recv)) = open.as_mut() else {
             break 'relay Ok(Err(io::Error::other("tunnel not open")));
         };
-        let ba = forward(b_recv, a_send, 0);
+        let ba = forward(b_recv, a_send, 0, guard);
         tokio::pin!(ba);
         let mut n_ba = None;
         loop {
@@ -420,6 +563,8 @@ pub async fn relay_opening<E>(
 mod tests {
     use std::time::Duration;
 
+    use std::sync::Arc;
+
     use h2::client::SendRequest;
     use http::{Request, Response, StatusCode};
     use tokio::io::{duplex, DuplexStream};
@@ -427,9 +572,11 @@ mod tests {
     use super::*;
     use crate::h2io::{client_builder, server_builder};
 
+    const STREAM_WINDOW_BYTES: usize = ztm_proto::wire::STREAM_WINDOW as usize;
+
     /// More one-byte DATA frames than h2's budget for small frames held unread (half the
-    /// connection window, 255 bytes charged for each): about 32,900 for our 16 MiB window.
-    const TINY_FRAMES: usize = 40_000;
+    /// connection window, 255 bytes charged for each): about 263,000 for our 128 MiB window.
+    const TINY_FRAMES: usize = ztm_proto::wire::CONNECTION_WINDOW as usize / 2 / 255 * 6 / 5;
 
     /// An h2 connection over memory: the client's handle and the server's connection.
     async fn connected() -> (
@@ -593,7 +740,7 @@ mod tests {
         let (mut sink_w, mut sink_r) = duplex(64 * 1024);
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         serve(conn, move |mut recv, _send| async move {
-            let r = h2_to_write(&mut recv, &mut sink_w).await;
+            let r = h2_to_write(&mut recv, &mut sink_w, &StallGuard::default()).await;
             let _ = done_tx.send(r.map_err(|e| e.to_string()));
         });
 
@@ -630,7 +777,7 @@ mod tests {
             let mut to_far = to_far.ready().await.unwrap();
             let (resp, b_send) = to_far.send_request(request("/far"), false).unwrap();
             let opened = async move { Ok::<_, h2::Error>((a_send, resp.await?.into_body())) };
-            let r = relay_opening(a_recv, b_send, opened).await;
+            let r = relay_opening(a_recv, b_send, opened, &StallGuard::default()).await;
             let _ = relayed_tx.send(r.map(|r| r.map_err(|e| e.to_string())));
         });
 
@@ -698,5 +845,111 @@ mod tests {
         sent += datagram.len();
         send.send_data(Bytes::new(), true).unwrap();
         assert_eq!(got_rx.await.unwrap(), sent);
+    }
+
+    #[test]
+    fn only_stalled_tunnels_holding_enough_are_reset_and_only_over_the_limit() {
+        let limit = 10 * STALL_MIN;
+        // Over the limit, holding enough, nothing moved: reset.
+        assert!(must_reset(limit + 1, limit, STALL_MIN, false));
+        // Moved during the period, however little: kept.
+        assert!(!must_reset(limit + 1, limit, STALL_MIN, true));
+        // Holding little: kept.
+        assert!(!must_reset(limit + 1, limit, STALL_MIN - 1, false));
+        // At or under the limit: kept.
+        assert!(!must_reset(limit, limit, STALL_MIN, false));
+    }
+
+    /// A stream of `len` bytes into `h2_to_write` towards a writer that takes 64 KiB and then
+    /// only what `sink` reads. Returns the relay's result and the sink's reading end.
+    async fn relay_towards(
+        guard: Arc<StallGuard>,
+        len: usize,
+    ) -> (
+        tokio::sync::oneshot::Receiver<io::Result<u64>>,
+        DuplexStream,
+    ) {
+        let (client, conn) = connected().await;
+        let (mut sink_w, sink_r) = duplex(64 * 1024);
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        serve(conn, move |mut recv, _send| async move {
+            let _ = done_tx.send(h2_to_write(&mut recv, &mut sink_w, &guard).await);
+        });
+        tokio::spawn(async move {
+            let mut client = client.ready().await.unwrap();
+            let (_resp, mut send) = client.send_request(request("/tunnel"), false).unwrap();
+            // Fails once the relay resets the stream.
+            if send_all(&mut send, Bytes::from(vec![b's'; len]))
+                .await
+                .is_ok()
+            {
+                let _ = send.send_data(Bytes::new(), true);
+            }
+            // Keep the connection until the test is done.
+            std::future::pending::<()>().await
+        });
+        (done_rx, sink_r)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_tunnel_is_reset_once_the_process_holds_too_much() {
+        let guard = Arc::new(StallGuard::new(1 << 20, Duration::from_millis(500)));
+        let (done, _sink) = relay_towards(guard.clone(), 3 << 20).await;
+        let started = Instant::now();
+        let err = tokio::time::timeout(Duration::from_secs(60), done)
+            .await
+            .expect("the stalled tunnel was kept")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        // The first check finds it over the limit, having moved nothing for a period.
+        assert!(
+            started.elapsed() <= Duration::from_millis(1100),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(guard.held(), 0, "what the tunnel held was not given back");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_tunnel_under_the_limit_is_kept() {
+        let guard = Arc::new(StallGuard::new(64 << 20, Duration::from_millis(500)));
+        let len = 3 << 20;
+        let (mut done, mut sink) = relay_towards(guard.clone(), len).await;
+        // A minute of (paused) time with nothing read: the relay holds a window and waits.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(
+            done.try_recv().is_err(),
+            "the tunnel ended while under the limit"
+        );
+        let held = guard.held();
+        assert!(
+            (STALL_MIN..=STREAM_WINDOW_BYTES).contains(&held),
+            "held {held}"
+        );
+        let mut got = Vec::new();
+        sink.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), len);
+        assert_eq!(done.await.unwrap().unwrap(), len as u64);
+        assert_eq!(guard.held(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_tunnel_over_the_limit_is_kept() {
+        let guard = Arc::new(StallGuard::new(1 << 20, Duration::from_millis(500)));
+        let len = 4 << 20;
+        let (done, mut sink) = relay_towards(guard.clone(), len).await;
+        // 16 KiB every 100 ms: far slower than the sender, with a full window held, but never
+        // a whole period without progress.
+        let mut buf = vec![0u8; 16 * 1024];
+        let (mut got, mut over) = (0, false);
+        while got < len {
+            over |= guard.held() > 1 << 20;
+            sink.read_exact(&mut buf).await.unwrap();
+            got += buf.len();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(over, "the relay never held more than the limit");
+        assert_eq!(done.await.unwrap().unwrap(), len as u64);
     }
 }

@@ -14,16 +14,34 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the hub lists an endpoint as offline after its session ended.
 pub const OFFLINE_RETENTION: Duration = Duration::from_secs(3600);
+/// An agent's request through a hub (a tunnel to open, a management call) must be answered
+/// within this.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The hops behind such a request give up sooner, each inside the one before, so that the
+/// agent hears why instead of timing out itself: the hub waits this long for the far agent...
+pub const HOP_TIMEOUT: Duration = Duration::from_secs(8);
+/// ...which waits this long for its local service to accept a tunnel's connection.
+pub const SERVICE_CONNECT_TIMEOUT: Duration = Duration::from_secs(6);
 pub const BACKOFF_MIN: Duration = Duration::from_millis(500);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(8);
 /// Largest management request or answer body carried through a hub.
 pub const MAX_MANAGE_BODY: usize = 1 << 20;
 
-/// HTTP/2 flow-control windows (PROTOCOL.md, "HTTP/2 settings").
+/// HTTP/2 flow-control windows (PROTOCOL.md, "HTTP/2 settings"). A tunnel holds at most one
+/// stream window per hop. The connection window is four times [`STALL_LIMIT`]: tunnels whose
+/// readers stopped are reset long before their unreleased bytes could fill it and hold up
+/// every other tunnel on the connection.
 pub const STREAM_WINDOW: u32 = 2 << 20;
-pub const CONNECTION_WINDOW: u32 = 16 << 20;
+pub const CONNECTION_WINDOW: u32 = 128 << 20;
 pub const MAX_STREAMS: u32 = 1000;
+
+/// Most bytes a process's relays may hold for next hops that take nothing before stalled
+/// tunnels are reset (PROTOCOL.md, "Stalled tunnels").
+pub const STALL_LIMIT: usize = 32 << 20;
+/// A tunnel counts as stalled once its next hop took nothing for this long.
+pub const STALL_AFTER: Duration = Duration::from_secs(2);
+/// Tunnels holding less than this are never reset for stalling.
+pub const STALL_MIN: usize = 64 << 10;
 
 /// Header naming the user on whose behalf the hub forwards a management request.
 pub const USER_HEADER: &str = "ztm-user";

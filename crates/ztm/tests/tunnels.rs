@@ -435,7 +435,6 @@ impl Stack {
         add_service_at(self.api(i), &self.ids[i], proto, name, port, users);
     }
 
-    /// Agent `i` maps 127.0.0.1:`port`/`proto` on its own endpoint to `service`.
     /// Publishes `service` (TCP, at `svc_port`) on agent 1 beside a `lines` witness service
     /// (a [`tagged_server`] answering "B"), maps both to new ports on agent 0 and waits until
     /// the witness answers. Returns the witness, the service's port and the witness's port.
@@ -453,6 +452,7 @@ impl Stack {
         (lines, port, lines_port)
     }
 
+    /// Agent `i` maps 127.0.0.1:`port`/`proto` on its own endpoint to `service`.
     fn map_port(
         &self,
         i: usize,
@@ -966,6 +966,208 @@ fn tiny_writes_to_a_stalled_reader_lose_nothing() {
     client.read_to_end(&mut got).unwrap();
     assert_eq!(got.len(), count, "bytes lost on the way");
     assert!(got.iter().all(|b| *b == b'x'));
+    assert_eq!(roundtrip(lines_port, "after").unwrap(), "B:after");
+}
+
+/// A tokio socket for a std test: small kernel buffers keep what a stalled tunnel holds in
+/// the relays rather than in the kernel.
+fn small_buffered<T>(f: impl std::future::Future<Output = std::io::Result<T>>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+        .unwrap()
+}
+
+/// Accepts connections and never reads from them; keeps them open as long as the test runs.
+fn black_hole() -> Backend {
+    let listener = small_buffered(async {
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.set_recv_buffer_size(16 * 1024)?;
+        sock.bind(local(0))?;
+        sock.listen(1024)?.into_std()
+    });
+    listener.set_nonblocking(false).unwrap();
+    let kept = Arc::new(Mutex::new(Vec::new()));
+    serve(listener, move |s| kept.lock().unwrap().push(s))
+}
+
+/// How one client of [`stalled_tunnels_neither_block_others_nor_pile_up`] fared.
+#[derive(Default)]
+struct Pusher {
+    pushed: AtomicU64,
+    /// A write found no room for a while: the tunnel is full.
+    blocked: AtomicBool,
+    /// A write failed: the tunnel was closed under the client.
+    closed: AtomicBool,
+}
+
+/// Connects to `port` and writes until the connection fails or `stop` is set.
+fn push_until_closed(port: u16, me: Arc<Pusher>, stop: Arc<AtomicBool>) {
+    let s = small_buffered(async {
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.set_send_buffer_size(16 * 1024)?;
+        sock.connect(local(port)).await?.into_std()
+    });
+    s.set_nonblocking(false).unwrap();
+    s.set_write_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut s = s;
+    let chunk = vec![b'z'; 64 * 1024];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+        match s.write(&chunk) {
+            Ok(n) => {
+                me.pushed.fetch_add(n as u64, Ordering::SeqCst);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                me.blocked.store(true, Ordering::SeqCst)
+            }
+            Err(_) => {
+                me.closed.store(true, Ordering::SeqCst);
+                return;
+            }
+        }
+    }
+}
+
+/// Many tunnels into a service that reads nothing: other tunnels through the same agents
+/// and hub keep working (the stalled ones cannot fill a connection's window), and once the
+/// relays hold more than their limit for such tunnels, stalled tunnels are reset.
+#[test]
+fn stalled_tunnels_neither_block_others_nor_pile_up() {
+    use ztm_proto::wire::{STALL_LIMIT, STREAM_WINDOW};
+    let st = stack("tun-stall", &["root", "bob"]);
+    let hole = black_hole();
+    let (_lines, port, lines_port) = st.map_beside_lines("hole", hole.port);
+
+    // Each stalled tunnel holds about a stream window in agent B and one in the hub: more
+    // tunnels than fit under the limit, and more than filled a 16 MiB connection window.
+    let fit = STALL_LIMIT / STREAM_WINDOW as usize;
+    let count = fit + 8;
+    let stop = Arc::new(AtomicBool::new(false));
+    let pushers: Vec<Arc<Pusher>> = (0..count).map(|_| Arc::default()).collect();
+    let threads: Vec<_> = pushers
+        .iter()
+        .map(|p| {
+            let (p, stop) = (p.clone(), stop.clone());
+            std::thread::spawn(move || push_until_closed(port, p, stop))
+        })
+        .collect();
+    let stuck =
+        |p: &Arc<Pusher>| p.blocked.load(Ordering::SeqCst) || p.closed.load(Ordering::SeqCst);
+    wait_until(
+        Duration::from_secs(60),
+        "every client of the black hole stuck",
+        || pushers.iter().all(stuck),
+    );
+    let pushed: u64 = pushers
+        .iter()
+        .map(|p| p.pushed.load(Ordering::SeqCst))
+        .sum();
+    eprintln!("{count} clients pushed {pushed} bytes before they got stuck");
+
+    // Another tunnel on the same connections answers at once.
+    let mut witness = connect(lines_port).unwrap();
+    witness
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(
+        line_on(&mut witness, "during").map_err(|e| e.to_string()),
+        Ok("B:during".to_string()),
+        "a tunnel beside {count} stalled ones got no answer"
+    );
+
+    // The relays reset stalled tunnels until they hold no more than the limit: several of
+    // them, as each holds at most a window (a little less when its last frame did not fit).
+    let closed = || {
+        pushers
+            .iter()
+            .filter(|p| p.closed.load(Ordering::SeqCst))
+            .count()
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "stalled tunnels reset by the relays",
+        || closed() >= (count - fit) / 2,
+    );
+    eprintln!("{} of {count} stalled tunnels were reset", closed());
+    assert_eq!(line_on(&mut witness, "after").unwrap(), "B:after");
+    assert_eq!(roundtrip(lines_port, "fresh").unwrap(), "B:fresh");
+    stop.store(true, Ordering::SeqCst);
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+/// A listening port whose accept queue is full, with the connections that fill it: further
+/// connections hang (the kernel drops their SYNs), as towards a service behind a firewall
+/// that drops packets.
+fn deaf_service() -> (TcpListener, Vec<TcpStream>) {
+    let listener = small_buffered(async {
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.bind(local(0))?;
+        sock.listen(0)?.into_std()
+    });
+    let addr = listener.local_addr().unwrap();
+    let mut queued = Vec::new();
+    for _ in 0..8 {
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+            Ok(s) => queued.push(s),
+            Err(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+                return (listener, queued);
+            }
+        }
+    }
+    panic!("the accept queue of {addr} never filled");
+}
+
+/// A mapped service that never accepts: agent B gives up first and says why, and that reason
+/// (not a bare timeout of agent A) is what A reports. Each hop waits less than the one before.
+#[test]
+fn a_service_that_never_accepts_is_reported_with_the_far_agents_reason() {
+    let st = stack("tun-deaf", &["root", "bob"]);
+    let (deaf, _queued) = deaf_service();
+    let deaf_port = deaf.local_addr().unwrap().port();
+    let (_lines, port, lines_port) = st.map_beside_lines("deaf", deaf_port);
+
+    let started = Instant::now();
+    let mut s = connect(port).unwrap();
+    s.write_all(b"hello\n").unwrap();
+    let mut buf = [0u8; 16];
+    let read = s.read(&mut buf);
+    let waited = started.elapsed();
+    assert!(
+        matches!(read, Ok(0))
+            || matches!(&read, Err(e) if e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::TimedOut),
+        "the client's connection was not closed: {read:?} after {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(15),
+        "closed only after {waited:?}"
+    );
+
+    let want = format!("at 127.0.0.1:{deaf_port} did not accept");
+    let mut log = Vec::new();
+    let found = time_until(Duration::from_secs(5), || {
+        log = try_json(st.api(0), &format!("/api/meshes/{MESH}/log"))
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default();
+        log.iter()
+            .any(|e| e["message"].as_str().is_some_and(|m| m.contains(&want)))
+    });
+    assert!(
+        found.is_some(),
+        "A's mesh log does not say {want:?}: {log:#?}"
+    );
+    eprintln!("the client's connection closed after {waited:?}");
     assert_eq!(roundtrip(lines_port, "after").unwrap(), "B:after");
 }
 
