@@ -1,12 +1,17 @@
 //! `ztm bench`: starts a CA, a hub and two agents (A and B) on loopback as child processes,
 //! publishes in-process target servers (sink, source, 64 B echo) as services on B, maps ports
 //! to them on A, and measures each scenario directly (client → target) and through the tunnel
-//! (client → A → hub → B → target), interleaved. Prints a table with the ratios and the
-//! targets of issue 7 and can write every figure as JSON.
+//! (client → A → hub → B → target), interleaved. A third reference runs each scenario through
+//! three plain TCP relays (no TLS, no HTTP/2; see `plain.rs`): what three relay hops cost on
+//! this machine whatever the protocol. Prints a table with the ratios and the targets of
+//! issue 7 and can write every figure as JSON.
 
 mod load;
+mod plain;
 mod procfs;
 mod stack;
+
+pub use plain::{run_relay, RelayArgs};
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -107,7 +112,18 @@ async fn bench(args: &BenchArgs) -> Result<()> {
         },
     ];
     let (mut st, ports) = stack::start(&services).await?;
-    let result = measure(&plan, &mut st, &targets, &ports).await;
+    let plain = match st
+        .start_plain(&[
+            targets.sink.clone(),
+            targets.source.clone(),
+            targets.echo.clone(),
+        ])
+        .await
+    {
+        Ok(p) => p,
+        Err(e) => return Err(st.explain(e)),
+    };
+    let result = measure(&plan, &mut st, &targets, &ports, &plain).await;
     let report = match result {
         Ok(r) => r,
         Err(e) => return Err(st.explain(e)),
@@ -135,6 +151,8 @@ struct Mem {
 struct Pair<T> {
     direct: T,
     tunnel: T,
+    /// Through three plain relays.
+    plain: T,
 }
 
 struct Report {
@@ -145,6 +163,9 @@ struct Report {
     /// CPU seconds each relay used during the tunnel throughput windows.
     cpu_secs: Vec<f64>,
     tunnel_bytes: u64,
+    /// The same for the plain relays during theirs.
+    plain_cpu_secs: Vec<f64>,
+    plain_bytes: u64,
     mem: Vec<Mem>,
 }
 
@@ -157,16 +178,23 @@ async fn measure(
     st: &mut stack::Stack,
     targets: &load::Targets,
     ports: &[String],
+    plain: &[String],
 ) -> Result<Report> {
     let (t_sink, t_source, t_echo) = (&ports[0], &ports[1], &ports[2]);
-    let pids: Vec<u32> = RELAYS
-        .iter()
-        .map(|n| st.proc(n).map(|p| p.pid()).unwrap_or(0))
-        .collect();
+    let (p_sink, p_source, p_echo) = (&plain[0], &plain[1], &plain[2]);
+    let pids_of = |names: &[&str]| -> Vec<u32> {
+        names
+            .iter()
+            .map(|n| st.proc(n).map(|p| p.pid()).unwrap_or(0))
+            .collect()
+    };
+    let pids = pids_of(&RELAYS);
+    let plain_pids = pids_of(&stack::PLAIN);
     let hz = procfs::clock_ticks();
 
     load::echo_works(&targets.echo, Duration::from_secs(5)).await?;
     load::echo_works(t_echo, Duration::from_secs(30)).await?;
+    load::echo_works(p_echo, Duration::from_secs(10)).await?;
     eprintln!("bench: tunnel up; letting the stack idle");
     tokio::time::sleep(plan.settle).await;
     let idle = rss_all(&pids);
@@ -180,11 +208,12 @@ async fn measure(
         ("download_1", Direction::Download, 1),
     ];
     let mut cpu_ticks = vec![0u64; pids.len()];
-    let mut tunnel_bytes = 0;
+    let mut plain_ticks = vec![0u64; plain_pids.len()];
+    let (mut tunnel_bytes, mut plain_bytes) = (0, 0);
     for (name, dir, streams) in phases {
-        let (direct_addr, tunnel_addr) = match dir {
-            Direction::Upload => (&targets.sink, t_sink),
-            Direction::Download => (&targets.source, t_source),
+        let (direct_addr, tunnel_addr, plain_addr) = match dir {
+            Direction::Upload => (&targets.sink, t_sink, p_sink),
+            Direction::Download => (&targets.source, t_source, p_source),
         };
         let label = format!(
             "{}, {streams} stream{} (MB/s)",
@@ -196,22 +225,35 @@ async fn measure(
             if streams == 1 { "" } else { "s" }
         );
         eprintln!("bench: {label} ...");
-        let run = |addr, way: &'static str| {
-            let (sunk, pids) = (&targets.sunk, &pids);
+        let run = |addr: &str, way: &'static str, pids: Vec<u32>| {
+            let (sunk, addr) = (&targets.sunk, addr.to_string());
             async move {
-                load::throughput(addr, dir, streams, plan.warmup, plan.duration, sunk, pids)
+                load::throughput(&addr, dir, streams, plan.warmup, plan.duration, sunk, &pids)
                     .await
                     .with_context(|| format!("{name} {way}"))
             }
         };
-        let direct = run(direct_addr, "direct").await?;
-        let tunnel = run(tunnel_addr, "through the tunnel").await?;
+        let direct = run(direct_addr, "direct", Vec::new()).await?;
+        let tunnel = run(tunnel_addr, "through the tunnel", pids.clone()).await?;
+        let plain = run(plain_addr, "through the plain relays", plain_pids.clone()).await?;
         st.check_alive()?;
         for (acc, t) in cpu_ticks.iter_mut().zip(&tunnel.cpu_ticks) {
             *acc += t;
         }
+        for (acc, t) in plain_ticks.iter_mut().zip(&plain.cpu_ticks) {
+            *acc += t;
+        }
         tunnel_bytes += tunnel.bytes;
-        throughput.push((name, label, Pair { direct, tunnel }));
+        plain_bytes += plain.bytes;
+        throughput.push((
+            name,
+            label,
+            Pair {
+                direct,
+                tunnel,
+                plain,
+            },
+        ));
     }
     let tp_peak = tp_peak.finish().await;
 
@@ -219,12 +261,14 @@ async fn measure(
     let fresh = Pair {
         direct: load::fresh_connections(&targets.echo, plan.fresh, MAX_SCENARIO).await,
         tunnel: load::fresh_connections(t_echo, plan.fresh, MAX_SCENARIO).await,
+        plain: load::fresh_connections(p_echo, plan.fresh, MAX_SCENARIO).await,
     };
     st.check_alive()?;
     eprintln!("bench: {} ping-pongs on one connection ...", plan.pings);
     let pings = Pair {
         direct: load::ping_pong(&targets.echo, plan.pings, MAX_SCENARIO).await,
         tunnel: load::ping_pong(t_echo, plan.pings, MAX_SCENARIO).await,
+        plain: load::ping_pong(p_echo, plan.pings, MAX_SCENARIO).await,
     };
     st.check_alive()?;
     eprintln!(
@@ -234,6 +278,7 @@ async fn measure(
     let concurrent = Pair {
         direct: load::concurrent(&targets.echo, plan.concurrent, plan.rounds).await,
         tunnel: load::concurrent(t_echo, plan.concurrent, plan.rounds).await,
+        plain: load::concurrent(p_echo, plan.concurrent, plan.rounds).await,
     };
     st.check_alive()?;
     let load_peak = load_peak.finish().await;
@@ -256,6 +301,8 @@ async fn measure(
         concurrent,
         cpu_secs: cpu_ticks.iter().map(|t| *t as f64 / hz).collect(),
         tunnel_bytes,
+        plain_cpu_secs: plain_ticks.iter().map(|t| *t as f64 / hz).collect(),
+        plain_bytes,
         mem,
     })
 }
@@ -284,12 +331,21 @@ fn ratio(tunnel: f64, direct: f64) -> f64 {
     }
 }
 
+/// CPU seconds per GB moved.
+fn per_gb(secs: &[f64], bytes: u64) -> f64 {
+    if bytes == 0 {
+        return 0.0;
+    }
+    secs.iter().sum::<f64>() / (bytes as f64 / 1e9)
+}
+
 impl Report {
     fn cpu_per_gb(&self) -> f64 {
-        if self.tunnel_bytes == 0 {
-            return 0.0;
-        }
-        self.cpu_secs.iter().sum::<f64>() / (self.tunnel_bytes as f64 / 1e9)
+        per_gb(&self.cpu_secs, self.tunnel_bytes)
+    }
+
+    fn plain_cpu_per_gb(&self) -> f64 {
+        per_gb(&self.plain_cpu_secs, self.plain_bytes)
     }
 
     fn targets(&self) -> Vec<Target> {
@@ -370,63 +426,63 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "{:<36} {:>11} {:>11} {:>9} {:>11}",
-            "scenario", "direct", "tunnel", "ratio", "difference"
+            "plain: three plain TCP relays chained like the tunnel's hops (no TLS, no HTTP/2)\n"
         );
-        let _ = writeln!(s, "{}", "-".repeat(82));
-        let row = |s: &mut String, name: &str, d: f64, t: f64, prec: usize, diff: bool| {
-            let diff = if diff {
-                format!("{:+.prec$}", t - d)
-            } else {
-                String::new()
+        let _ = writeln!(
+            s,
+            "{:<36} {:>10} {:>10} {:>10} {:>9} {:>10} {:>9} {:>10}",
+            "scenario", "direct", "plain", "tunnel", "tunnel ×", "tunnel +", "plain ×", "plain +"
+        );
+        let _ = writeln!(s, "{}", "-".repeat(121));
+        // Figures direct, through the plain relays and through the tunnel; ratios and
+        // differences to direct (differences only for latencies).
+        let row = |s: &mut String, name: &str, [d, p, t]: [f64; 3], prec: usize, diff: bool| {
+            let plus = |x: f64| {
+                if diff {
+                    format!("{:+.prec$}", x - d)
+                } else {
+                    String::new()
+                }
             };
             let _ = writeln!(
                 s,
-                "{name:<36} {d:>11.prec$} {t:>11.prec$} {:>8.3}× {diff:>11}",
-                ratio(t, d)
+                "{name:<36} {d:>10.prec$} {p:>10.prec$} {t:>10.prec$} {:>8.3}× {:>10} {:>8.3}× {:>10}",
+                ratio(t, d),
+                plus(t),
+                ratio(p, d),
+                plus(p)
             );
         };
         for (_, label, p) in &self.throughput {
-            row(
-                &mut s,
-                label,
-                p.direct.mb_per_s(),
-                p.tunnel.mb_per_s(),
-                1,
-                false,
-            );
+            let f = [&p.direct, &p.plain, &p.tunnel].map(Throughput::mb_per_s);
+            row(&mut s, label, f, 1, false);
         }
         for (name, pair, scale, unit, prec) in [
             ("fresh conn + 64 B echo", &self.fresh, 1e3, "ms", 3),
             ("64 B ping-pong", &self.pings, 1.0, "µs", 1),
         ] {
             for p in [50.0, 99.0] {
-                row(
-                    &mut s,
-                    &format!("{name} p{p:.0} ({unit})"),
-                    pair.direct.percentile(p) / scale,
-                    pair.tunnel.percentile(p) / scale,
-                    prec,
-                    true,
-                );
+                let f = [&pair.direct, &pair.plain, &pair.tunnel].map(|l| l.percentile(p) / scale);
+                row(&mut s, &format!("{name} p{p:.0} ({unit})"), f, prec, true);
             }
             let _ = writeln!(
                 s,
-                "{:<36} {:>11} {:>11}",
+                "{:<36} {:>10} {:>10} {:>10}",
                 format!("{name} errors"),
                 pair.direct.errors,
+                pair.plain.errors,
                 pair.tunnel.errors
             );
         }
         let c = &self.concurrent;
+        let all = [&c.direct, &c.plain, &c.tunnel];
         row(
             &mut s,
             &format!(
                 "{} conns × {} round trips (ms)",
                 c.direct.connections, c.direct.rounds
             ),
-            c.direct.wall.as_secs_f64() * 1e3,
-            c.tunnel.wall.as_secs_f64() * 1e3,
+            all.map(|c| c.wall.as_secs_f64() * 1e3),
             1,
             true,
         );
@@ -434,18 +490,21 @@ impl Report {
             row(
                 &mut s,
                 &format!("  connection done by, p{p:.0} (ms)"),
-                c.direct.finish.percentile(p) / 1e3,
-                c.tunnel.finish.percentile(p) / 1e3,
+                all.map(|c| c.finish.percentile(p) / 1e3),
                 1,
                 true,
             );
         }
         let _ = writeln!(
             s,
-            "{:<36} {:>11} {:>11}",
-            "  errors", c.direct.errors, c.tunnel.errors
+            "{:<36} {:>10} {:>10} {:>10}",
+            "  errors", c.direct.errors, c.plain.errors, c.tunnel.errors
         );
-        for (what, e) in [("direct", &c.direct), ("tunnel", &c.tunnel)] {
+        for (what, e) in [
+            ("direct", &c.direct),
+            ("plain", &c.plain),
+            ("tunnel", &c.tunnel),
+        ] {
             if let Some(err) = &e.first_error {
                 let _ = writeln!(s, "  first {what} error: {err}");
             }
@@ -459,6 +518,12 @@ impl Report {
             self.cpu_secs.first().copied().unwrap_or(0.0),
             self.cpu_secs.get(1).copied().unwrap_or(0.0),
             self.cpu_secs.get(2).copied().unwrap_or(0.0),
+        );
+        let _ = writeln!(
+            s,
+            "three plain relays during theirs: {:.2} s/GB over {:.2} GB",
+            self.plain_cpu_per_gb(),
+            self.plain_bytes as f64 / 1e9,
         );
         let _ = writeln!(
             s,
@@ -537,16 +602,20 @@ impl Report {
                 "unit": "MB/s",
                 "direct": tp(&p.direct),
                 "tunnel": tp(&p.tunnel),
+                "plain": tp(&p.plain),
                 "ratio": ratio(p.tunnel.mb_per_s(), p.direct.mb_per_s()),
+                "plain_ratio": ratio(p.plain.mb_per_s(), p.direct.mb_per_s()),
             }));
         }
         for (name, pair) in [("fresh_conn_echo", &self.fresh), ("ping_pong", &self.pings)] {
-            let (d, t) = (&pair.direct, &pair.tunnel);
+            let (d, t, p) = (&pair.direct, &pair.tunnel, &pair.plain);
             scenarios.push(json!({
                 "name": name,
                 "unit": "us",
                 "direct": lat(d),
                 "tunnel": lat(t),
+                "plain": lat(p),
+                "plain_p50_diff_us": p.percentile(50.0) - d.percentile(50.0),
                 "p50_diff_us": t.percentile(50.0) - d.percentile(50.0),
                 "p99_diff_us": t.percentile(99.0) - d.percentile(99.0),
                 "p50_ratio": ratio(t.percentile(50.0), d.percentile(50.0)),
@@ -558,6 +627,7 @@ impl Report {
             "unit": "ms",
             "direct": conc(&c.direct),
             "tunnel": conc(&c.tunnel),
+            "plain": conc(&c.plain),
             "wall_diff_ms": (c.tunnel.wall.as_secs_f64() - c.direct.wall.as_secs_f64()) * 1e3,
         }));
         let mut rss = serde_json::Map::new();
@@ -599,6 +669,8 @@ impl Report {
                 "cpu_s_per_gb": self.cpu_per_gb(),
                 "tunnel_bytes": self.tunnel_bytes,
                 "cpu_s": cpu,
+                "plain_cpu_s_per_gb": self.plain_cpu_per_gb(),
+                "plain_bytes": self.plain_bytes,
             },
             "rss": rss,
             "targets": targets,

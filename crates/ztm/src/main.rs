@@ -34,6 +34,9 @@ enum Command {
     Up(up::UpArgs),
     /// Measure the mesh: CA, hub and two agents on loopback, tunnel vs. direct connections
     Bench(bench::BenchArgs),
+    /// The benchmark's plain reference relay (started by `ztm bench`)
+    #[command(hide = true)]
+    BenchRelay(bench::RelayArgs),
     #[command(flatten)]
     Client(client::ClientCommand),
 }
@@ -58,6 +61,7 @@ fn main() {
         Command::Agent(args) => ("agent", block_on(roles::run_agent(args))),
         Command::Up(args) => ("up", block_on(up::run_up(args))),
         Command::Bench(args) => ("bench", block_on(bench::run_bench(args))),
+        Command::BenchRelay(args) => ("bench-relay", block_on(bench::run_relay(args))),
         Command::Client(cmd) => client::main(cmd, <Cli as clap::CommandFactory>::command),
     };
     if let Err(e) = result {

@@ -1,6 +1,7 @@
 //! `ztm bench --quick --json FILE` runs end to end (real processes, real tunnels) and reports
-//! every scenario with positive direct and tunnel figures. No performance thresholds here: the
-//! figures are the benchmark's business, not the test's.
+//! every scenario with positive figures direct, through the tunnel and through the plain
+//! reference relays. No performance thresholds here: the figures are the benchmark's
+//! business, not the test's.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -61,6 +62,7 @@ fn quick_bench_reports_every_scenario() {
     assert!(
         stdout.contains("direct")
             && stdout.contains("tunnel")
+            && stdout.contains("plain")
             && (stdout.contains("PASS") || stdout.contains("MISS")),
         "no table printed:\n{stdout}"
     );
@@ -74,7 +76,7 @@ fn quick_bench_reports_every_scenario() {
             .iter()
             .find(|s| s["name"] == name)
             .unwrap_or_else(|| panic!("scenario {name} missing: {text}"));
-        for side in ["direct", "tunnel"] {
+        for side in ["direct", "tunnel", "plain"] {
             let v = &s[side];
             let what = format!("{name} {side}");
             positive(v, "value", &what);
@@ -100,6 +102,7 @@ fn quick_bench_reports_every_scenario() {
         }
     }
     positive(&report["relay"], "cpu_s_per_gb", "relay CPU");
+    positive(&report["relay"], "plain_cpu_s_per_gb", "plain relay CPU");
     for p in ["hub", "agent-a", "agent-b"] {
         let m = &report["rss"][p];
         for f in ["idle_mib", "peak_throughput_mib", "after_load_mib"] {
@@ -161,7 +164,11 @@ fn terminated_bench_stops_its_processes() {
     });
     assert!(up, "the bench never came up:\n{seen}");
     let stack = children(pid);
-    assert_eq!(stack.len(), 4, "expected CA, hub and two agents: {stack:?}");
+    assert_eq!(
+        stack.len(),
+        7,
+        "expected CA, hub, two agents and three plain relays: {stack:?}"
+    );
 
     let killed = Command::new("kill")
         .args(["-TERM", &pid.to_string()])

@@ -227,6 +227,33 @@ pub struct Mapping {
 
 /// Starts the processes, joins both agents as root, publishes `services` on B and maps a
 /// port on A to each; returns the stack and the tunnel address of each service (same order).
+/// The three plain reference relays, first hop first.
+pub const PLAIN: [&str; 3] = ["plain-1", "plain-2", "plain-3"];
+
+impl Stack {
+    /// Starts three chained plain relays (see `plain.rs`) in front of each of `targets`;
+    /// returns the first hop's address for each target. The processes are the stack's: checked
+    /// and stopped with it.
+    pub async fn start_plain(&mut self, targets: &[String]) -> Result<Vec<String>> {
+        let mut next: Vec<String> = targets.to_vec();
+        for name in PLAIN.iter().rev() {
+            let mut maps = Vec::new();
+            let mut listens = Vec::new();
+            for to in &next {
+                let listen = free_addr()?;
+                maps.push("--map".to_string());
+                maps.push(format!("{listen}={to}"));
+                listens.push(listen);
+            }
+            let mut args = vec!["bench-relay"];
+            args.extend(maps.iter().map(String::as_str));
+            self.spawn(name, &args)?;
+            next = listens;
+        }
+        Ok(next)
+    }
+}
+
 pub async fn start(services: &[Mapping]) -> Result<(Stack, Vec<String>)> {
     let mut stack = Stack::new()?;
     match bring_up(&mut stack, services).await {
