@@ -134,11 +134,13 @@ impl Default for StallGuard {
 }
 
 impl StallGuard {
+    /// A guard that resets stalled tunnels while its relays hold more than `limit` bytes and
+    /// counts a tunnel as stalled after `after` (at least a millisecond) without progress.
     pub fn new(limit: usize, after: Duration) -> StallGuard {
         StallGuard {
             held: AtomicUsize::new(0),
             limit,
-            after,
+            after: after.max(Duration::from_millis(1)),
         }
     }
 
@@ -561,9 +563,8 @@ pub async fn relay_opening<E>(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use std::sync::Arc;
+    use std::time::Duration;
 
     use h2::client::SendRequest;
     use http::{Request, Response, StatusCode};
