@@ -35,6 +35,8 @@ fn short(e: &rusqlite::Error) -> String {
 pub struct CaStore {
     conn: Mutex<Connection>,
     signer: CaSigner,
+    /// How long the certificates signed for hubs are valid.
+    hub_lifetime: std::time::Duration,
 }
 
 fn now() -> i64 {
@@ -107,7 +109,13 @@ impl CaStore {
         Ok(Self {
             conn: Mutex::new(conn),
             signer,
+            hub_lifetime: ztm_pki::HUB_VALIDITY,
         })
+    }
+
+    /// Signs hub certificates valid for `lifetime` from now on.
+    pub fn set_hub_cert_lifetime(&mut self, lifetime: std::time::Duration) {
+        self.hub_lifetime = lifetime;
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -232,7 +240,9 @@ impl CaStore {
         public_key_pem: &str,
         sans: &[String],
     ) -> Result<String, StoreError> {
-        let (cert, serial) = self.signer.sign_hub(name, public_key_pem, sans)?;
+        let (cert, serial) = self
+            .signer
+            .sign_hub(name, public_key_pem, sans, self.hub_lifetime)?;
         tracing::info!("signed certificate {serial} for hub {name}");
         Ok(cert)
     }

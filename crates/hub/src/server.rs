@@ -1,5 +1,6 @@
 //! The hub process: certificate at start, the TLS accept loop, and the background jobs
-//! (revocation polling, liveness sweeping). Owns the shared [`Hub`] state.
+//! (certificate renewal, revocation polling, liveness sweeping). Owns the shared [`Hub`]
+//! state.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -153,7 +154,9 @@ fn hub_name(names: &[String], local: SocketAddr) -> String {
     }
 }
 
-async fn obtain_tls(
+/// A fresh key, certified by the CA: the TLS acceptor using it, and when the certificate
+/// expires (Unix seconds).
+async fn certified(
     ca: &CaClient,
     name: &str,
     sans: &[String],
@@ -162,12 +165,30 @@ async fn obtain_tls(
     let (key_pem, public_pem) = ztm_pki::generate_key()?;
     let ca_pem = ca.ca_certificate().await?;
     let cert_pem = ca.sign_hub(name, &public_pem, sans).await?;
+    let not_after = ztm_pki::cert_info_pem(&cert_pem, "hub certificate")?.not_after;
+    let config = ztm_pki::hub_server_config(&ca_pem, &cert_pem, &key_pem, revoked.clone())?;
+    Ok((TlsAcceptor::from(Arc::new(config)), not_after))
+}
+
+/// The start-up certificate and the revocations so far (and where their feed continues).
+async fn obtain_tls(
+    ca: &CaClient,
+    name: &str,
+    sans: &[String],
+    revoked: &Revoked,
+) -> Result<((TlsAcceptor, i64), i64)> {
     let feed = ca.revocations(0).await?;
     for r in feed.revocations {
         revoked.insert(r.serial);
     }
-    let config = ztm_pki::hub_server_config(&ca_pem, &cert_pem, &key_pem, revoked.clone())?;
-    Ok((TlsAcceptor::from(Arc::new(config)), feed.last))
+    Ok((certified(ca, name, sans, revoked).await?, feed.last))
+}
+
+/// How long to wait before renewing a certificate that expires at `not_after`, at `now` (Unix
+/// seconds): two thirds of its remaining life, at least a second.
+pub fn renewal_delay(now: i64, not_after: i64) -> Duration {
+    let left = u64::try_from(not_after.saturating_sub(now)).unwrap_or(0);
+    Duration::from_secs((left / 3 * 2).max(1))
 }
 
 /// Runs the hub on `listener` until `shutdown` resolves.
@@ -196,7 +217,7 @@ pub async fn run(
 
     // Get a certificate, waiting for the CA if it is not up yet.
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
-    let (acceptor, mut since) = loop {
+    let ((acceptor, not_after), mut since) = loop {
         match obtain_tls(&ca, &name, &sans, &revoked).await {
             Ok(v) => break v,
             Err(e) => {
@@ -225,6 +246,41 @@ pub async fn run(
         sans.join(", ")
     );
 
+    // Certificate renewal: new connections get the new certificate; open ones keep theirs.
+    let (acceptor_tx, acceptor) = watch::channel(acceptor);
+    {
+        let (ca, name, sans) = (ca.clone(), name.clone(), sans.clone());
+        let (revoked, root) = (revoked.clone(), root.clone());
+        tokio::spawn(async move {
+            let mut not_after = not_after;
+            loop {
+                let now = (now_ms() / 1000) as i64;
+                tokio::select! {
+                    _ = tokio::time::sleep(renewal_delay(now, not_after)) => {}
+                    _ = root.cancelled() => return,
+                }
+                let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+                loop {
+                    match certified(&ca, &name, &sans, &revoked).await {
+                        Ok((renewed, until)) => {
+                            acceptor_tx.send_replace(renewed);
+                            not_after = until;
+                            tracing::info!("renewed the hub certificate (valid until {until})");
+                            break;
+                        }
+                        Err(e) => tracing::warn!(
+                            "cannot renew the hub certificate at the CA at {}: {e:#}; retrying",
+                            ca.addr
+                        ),
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                        _ = root.cancelled() => return,
+                    }
+                }
+            }
+        });
+    }
     // Revocations.
     {
         let hub = hub.clone();
@@ -300,7 +356,7 @@ pub async fn run(
         next_conn += 1;
         let conn_id = next_conn;
         let hub = hub.clone();
-        let acceptor = acceptor.clone();
+        let acceptor = acceptor.borrow().clone();
         let handshakes = handshakes.clone();
         let kill = root.child_token();
         tokio::spawn(async move {
@@ -367,5 +423,18 @@ mod tests {
             "hub.example.com-8888"
         );
         assert_eq!(hub_name(&[], local), "127.0.0.1-8888");
+    }
+
+    #[test]
+    fn certificates_are_renewed_after_two_thirds_of_their_remaining_life() {
+        assert_eq!(renewal_delay(1_000, 1_030), Duration::from_secs(20));
+        let year = 365 * 24 * 3600;
+        assert_eq!(
+            renewal_delay(0, year),
+            Duration::from_secs(year as u64 / 3 * 2)
+        );
+        // Expired or about to: at once (a second from now), never a busy loop.
+        assert_eq!(renewal_delay(2_000, 1_000), Duration::from_secs(1));
+        assert_eq!(renewal_delay(1_000, 1_001), Duration::from_secs(1));
     }
 }

@@ -36,7 +36,8 @@ pub const HUB_CN_PREFIX: &str = "hub/";
 
 const CA_VALIDITY_DAYS: i64 = 365 * 20;
 const USER_VALIDITY_DAYS: i64 = 365 * 5;
-const HUB_VALIDITY_DAYS: i64 = 365;
+/// How long a hub's certificate is valid unless the CA is told otherwise.
+pub const HUB_VALIDITY: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -155,7 +156,7 @@ impl CaSigner {
             &key,
             &[],
             vec![ExtendedKeyUsagePurpose::ClientAuth],
-            USER_VALIDITY_DAYS,
+            time::Duration::days(USER_VALIDITY_DAYS),
         )?;
         Ok(Issued {
             cert_pem,
@@ -165,13 +166,16 @@ impl CaSigner {
     }
 
     /// Signs a hub's public key: CN `hub/{name}`, server and client authentication, with the
-    /// given host names or addresses as subject alternative names.
+    /// given host names or addresses as subject alternative names, valid for `lifetime`.
     pub fn sign_hub(
         &self,
         name: &str,
         public_key_pem: &str,
         sans: &[String],
+        lifetime: std::time::Duration,
     ) -> Result<(String, String), PkiError> {
+        let lifetime =
+            time::Duration::seconds(i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX));
         let spki = SubjectPublicKeyInfo::from_pem(public_key_pem)
             .map_err(|_| PkiError::BadPublicKey("body"))?;
         self.sign(
@@ -182,7 +186,7 @@ impl CaSigner {
                 ExtendedKeyUsagePurpose::ServerAuth,
                 ExtendedKeyUsagePurpose::ClientAuth,
             ],
-            HUB_VALIDITY_DAYS,
+            lifetime,
         )
     }
 
@@ -192,7 +196,7 @@ impl CaSigner {
         public_key: &impl rcgen::PublicKeyData,
         sans: &[String],
         eku: Vec<ExtendedKeyUsagePurpose>,
-        days: i64,
+        lifetime: time::Duration,
     ) -> Result<(String, String), PkiError> {
         let mut params = CertificateParams::new(sans.to_vec())?;
         params.distinguished_name = dn(cn);
@@ -203,7 +207,7 @@ impl CaSigner {
         let serial = random_serial();
         params.serial_number = Some(serial.clone());
         params.not_before = now_minus_skew();
-        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(days);
+        params.not_after = time::OffsetDateTime::now_utc() + lifetime;
         let cert = params.signed_by(public_key, &self.issuer)?;
         Ok((cert.pem(), serial_hex(&serial)))
     }
@@ -547,13 +551,20 @@ mod tests {
         let signer = CaSigner::load(&ca.cert_pem, &ca.key_pem).unwrap();
         let (key, public) = generate_key().unwrap();
         let (cert, serial) = signer
-            .sign_hub("h1", &public, &["localhost".into(), "127.0.0.1".into()])
+            .sign_hub(
+                "h1",
+                &public,
+                &["localhost".into(), "127.0.0.1".into()],
+                HUB_VALIDITY,
+            )
             .unwrap();
         let info = cert_info_pem(&cert, "c").unwrap();
         assert_eq!(info.common_name, "hub/h1");
         assert_eq!(info.serial, serial);
         key_matches_cert(&cert, &key).unwrap();
-        assert!(signer.sign_hub("h1", "not a key", &[]).is_err());
+        assert!(signer
+            .sign_hub("h1", "not a key", &[], HUB_VALIDITY)
+            .is_err());
     }
 
     #[test]
@@ -605,7 +616,7 @@ mod tests {
         let signer = CaSigner::load(&ca.cert_pem, &ca.key_pem).unwrap();
         let (hub_key, public) = generate_key().unwrap();
         let (hub_cert, _) = signer
-            .sign_hub("h1", &public, &["127.0.0.1".into()])
+            .sign_hub("h1", &public, &["127.0.0.1".into()], HUB_VALIDITY)
             .unwrap();
         let user = signer.issue_user("alice").unwrap();
         let server =

@@ -2,6 +2,7 @@
 //! until SIGINT/SIGTERM.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::Args;
@@ -20,6 +21,11 @@ pub struct CaArgs {
     /// listening on a non-loopback address
     #[arg(long, env = "ZTM_CA_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Seconds the certificates signed for hubs are valid (hubs renew theirs after two thirds
+    /// of it, without restarting); at least 30
+    #[arg(long, default_value_t = ztm_pki::HUB_VALIDITY.as_secs(),
+          value_parser = clap::value_parser!(u64).range(30..=20 * 365 * 24 * 3600))]
+    hub_cert_lifetime: u64,
 }
 
 impl CaArgs {
@@ -28,6 +34,7 @@ impl CaArgs {
             listen: listen.into(),
             database: database.into(),
             token: None,
+            hub_cert_lifetime: ztm_pki::HUB_VALIDITY.as_secs(),
         }
     }
 }
@@ -40,10 +47,11 @@ pub async fn run_ca(args: CaArgs) -> Result<()> {
         );
     }
     let path = expand_home(&args.database);
-    let store = {
+    let mut store = {
         let path = path.clone();
         tokio::task::spawn_blocking(move || ztm_ca::CaStore::open(&path)).await??
     };
+    store.set_hub_cert_lifetime(Duration::from_secs(args.hub_cert_lifetime));
     let listener = bind(addr).await?;
     let state = Arc::new(ztm_ca::CaState {
         store,

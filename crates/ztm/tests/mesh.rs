@@ -284,6 +284,38 @@ fn hub_restart_is_recovered_without_touching_agents() {
     assert!(has_service(&l, "web"), "{l:?}");
 }
 
+/// A hub renews its certificate before it expires, without restarting: with 30 s hub
+/// certificates, an agent that first connects after the hub's first certificate expired is
+/// served, and the agent that joined at the start is still online.
+#[test]
+fn hub_renews_its_certificate_before_it_expires() {
+    let dir = TempDir::new("mesh-renew");
+    let ca = start_ca_with(dir.path(), &["--hub-cert-lifetime", "30"]);
+    let pem = ca_pem(&ca.addr);
+    let root = create_user(&ca.addr, "root");
+    let hub = start_hub(dir.path(), "hub", &ca.addr);
+    let started = Instant::now();
+    let a = start_agent(dir.path(), "a");
+    join_ok(&a.addr, &pem, "a", &root, &[&hub.addr]);
+    let a_id = local_id(&a.addr);
+    wait_until(S(20), "A online", || is_online(&a.addr, &a_id));
+
+    // The hub's first certificate (valid for 30 s from before `started`) has expired.
+    let expired = started + S(32);
+    wait_until(S(40), "the hub's first certificate to expire", || {
+        Instant::now() >= expired
+    });
+    let b = start_agent(dir.path(), "b");
+    join_ok(&b.addr, &pem, "b", &root, &[&hub.addr]);
+    let b_id = local_id(&b.addr);
+    wait_until(
+        S(20),
+        "B, joined after the first certificate expired, online",
+        || is_online(&b.addr, &b_id) && is_online(&b.addr, &a_id),
+    );
+    assert!(is_online(&a.addr, &a_id) && is_online(&a.addr, &b_id));
+}
+
 /// 5. A hung agent (SIGSTOP) goes offline; it comes back after SIGCONT.
 #[test]
 fn stopped_agent_goes_offline_and_comes_back() {

@@ -347,13 +347,16 @@ pub struct CaProc {
 }
 
 pub fn start_ca(dir: &Path) -> CaProc {
+    start_ca_with(dir, &[])
+}
+
+/// A CA with `extra` command-line arguments.
+pub fn start_ca_with(dir: &Path, extra: &[&str]) -> CaProc {
     let addr = format!("127.0.0.1:{}", free_port());
     let db = dir.join("ca.db");
-    let proc = Proc::spawn(
-        "ca",
-        dir,
-        &["ca", "--listen", &addr, "--database", db.to_str().unwrap()],
-    );
+    let mut args = vec!["ca", "--listen", &addr, "--database", db.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let proc = Proc::spawn("ca", dir, &args);
     wait_port(&addr, Duration::from_secs(20));
     CaProc { proc, addr }
 }
