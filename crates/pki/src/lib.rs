@@ -174,8 +174,11 @@ impl CaSigner {
         sans: &[String],
         lifetime: std::time::Duration,
     ) -> Result<(String, String), PkiError> {
-        let lifetime =
-            time::Duration::seconds(i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX));
+        // A hub certificate never outlives the CA's own.
+        let lifetime = time::Duration::seconds(
+            i64::try_from(lifetime.as_secs())
+                .map_or(i64::MAX, |s| s.min(CA_VALIDITY_DAYS * 24 * 3600)),
+        );
         let spki = SubjectPublicKeyInfo::from_pem(public_key_pem)
             .map_err(|_| PkiError::BadPublicKey("body"))?;
         self.sign(

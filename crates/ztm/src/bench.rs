@@ -112,14 +112,11 @@ async fn bench(args: &BenchArgs) -> Result<()> {
         },
     ];
     let (mut st, ports) = stack::start(&services).await?;
-    let plain = match st
-        .start_plain(&[
-            targets.sink.clone(),
-            targets.source.clone(),
-            targets.echo.clone(),
-        ])
-        .await
-    {
+    let plain = match st.start_plain(&[
+        targets.sink.clone(),
+        targets.source.clone(),
+        targets.echo.clone(),
+    ]) {
         Ok(p) => p,
         Err(e) => return Err(st.explain(e)),
     };

@@ -929,17 +929,11 @@ fn tiny_writes_to_a_stalled_reader_lose_nothing() {
 
     // Connect with a small receive buffer and read nothing until the service has written
     // everything: the kernel holds little, the rest waits in the relays.
-    let mut client = {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let sock = tokio::net::TcpSocket::new_v4().unwrap();
-            sock.set_recv_buffer_size(4096).unwrap();
-            sock.connect(local(port)).await.unwrap().into_std().unwrap()
-        })
-    };
+    let mut client = on_tokio(async {
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.set_recv_buffer_size(4096)?;
+        sock.connect(local(port)).await?.into_std()
+    });
     client.set_nonblocking(false).unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut probes = 0;
@@ -969,9 +963,9 @@ fn tiny_writes_to_a_stalled_reader_lose_nothing() {
     assert_eq!(roundtrip(lines_port, "after").unwrap(), "B:after");
 }
 
-/// A tokio socket for a std test: small kernel buffers keep what a stalled tunnel holds in
-/// the relays rather than in the kernel.
-fn small_buffered<T>(f: impl std::future::Future<Output = std::io::Result<T>>) -> T {
+/// Runs `f` (setting up a socket with tokio's options, such as kernel buffer sizes or the
+/// listen backlog) to completion and hands its result to a std test.
+fn on_tokio<T>(f: impl std::future::Future<Output = std::io::Result<T>>) -> T {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -982,7 +976,7 @@ fn small_buffered<T>(f: impl std::future::Future<Output = std::io::Result<T>>) -
 
 /// Accepts connections and never reads from them; keeps them open as long as the test runs.
 fn black_hole() -> Backend {
-    let listener = small_buffered(async {
+    let listener = on_tokio(async {
         let sock = tokio::net::TcpSocket::new_v4()?;
         sock.set_recv_buffer_size(16 * 1024)?;
         sock.bind(local(0))?;
@@ -1005,7 +999,7 @@ struct Pusher {
 
 /// Connects to `port` and writes until the connection fails or `stop` is set.
 fn push_until_closed(port: u16, me: Arc<Pusher>, stop: Arc<AtomicBool>) {
-    let s = small_buffered(async {
+    let s = on_tokio(async {
         let sock = tokio::net::TcpSocket::new_v4()?;
         sock.set_send_buffer_size(16 * 1024)?;
         sock.connect(local(port)).await?.into_std()
@@ -1110,7 +1104,7 @@ fn stalled_tunnels_neither_block_others_nor_pile_up() {
 /// connections hang (the kernel drops their SYNs), as towards a service behind a firewall
 /// that drops packets.
 fn deaf_service() -> (TcpListener, Vec<TcpStream>) {
-    let listener = small_buffered(async {
+    let listener = on_tokio(async {
         let sock = tokio::net::TcpSocket::new_v4()?;
         sock.bind(local(0))?;
         sock.listen(0)?.into_std()

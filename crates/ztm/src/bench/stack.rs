@@ -234,7 +234,7 @@ impl Stack {
     /// Starts three chained plain relays (see `plain.rs`) in front of each of `targets`;
     /// returns the first hop's address for each target. The processes are the stack's: checked
     /// and stopped with it.
-    pub async fn start_plain(&mut self, targets: &[String]) -> Result<Vec<String>> {
+    pub fn start_plain(&mut self, targets: &[String]) -> Result<Vec<String>> {
         let mut next: Vec<String> = targets.to_vec();
         for name in PLAIN.iter().rev() {
             let mut maps = Vec::new();
