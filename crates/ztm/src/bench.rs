@@ -1,10 +1,10 @@
 //! `ztm bench`: starts a CA, a hub and two agents (A and B) on loopback as child processes,
 //! publishes in-process target servers (sink, source, 64 B echo) as services on B, maps ports
 //! to them on A, and measures each scenario directly (client → target) and through the tunnel
-//! (client → A → hub → B → target), interleaved. A third reference runs each scenario through
-//! three plain TCP relays (no TLS, no HTTP/2; see `plain.rs`): what three relay hops cost on
-//! this machine whatever the protocol. Prints a table with the ratios and the targets of
-//! issue 7 and can write every figure as JSON.
+//! (client → A → hub → B → target), interleaved (the latency scenarios slice by slice). A
+//! third reference runs each scenario through three plain TCP relays (no TLS, no HTTP/2; see
+//! `plain.rs`): what three relay hops cost on this machine whatever the protocol. Prints a
+//! table with the ratios and the targets of issue 7 and can write every figure as JSON.
 
 mod load;
 mod plain;
@@ -152,6 +152,45 @@ struct Pair<T> {
     plain: T,
 }
 
+impl<T> Pair<T> {
+    fn each_mut(&mut self) -> [&mut T; 3] {
+        [&mut self.direct, &mut self.tunnel, &mut self.plain]
+    }
+
+    fn map<U>(self, f: impl Fn(T) -> U) -> Pair<U> {
+        Pair {
+            direct: f(self.direct),
+            tunnel: f(self.tunnel),
+            plain: f(self.plain),
+        }
+    }
+}
+
+/// The fresh-connection and ping-pong scenarios on the echo `targets` (direct, tunnel,
+/// plain), the three paths taking turns slice by slice (see [`load::Series`]).
+async fn latencies(plan: &Plan, targets: [&str; 3]) -> (Pair<Latency>, Pair<Latency>) {
+    let series = || Pair {
+        direct: load::Series::new(targets[0]),
+        tunnel: load::Series::new(targets[1]),
+        plain: load::Series::new(targets[2]),
+    };
+    let (mut fresh, mut pings) = (series(), series());
+    for turn in 0..load::TURNS {
+        for s in fresh.each_mut() {
+            load::fresh_connections(s, load::slice_of(plan.fresh, turn), MAX_SCENARIO).await;
+        }
+    }
+    for turn in 0..load::TURNS {
+        for s in pings.each_mut() {
+            load::ping_pong(s, load::slice_of(plan.pings, turn), MAX_SCENARIO).await;
+        }
+    }
+    (
+        fresh.map(load::Series::into_latency),
+        pings.map(load::Series::into_latency),
+    )
+}
+
 struct Report {
     throughput: Vec<(&'static str, String, Pair<Throughput>)>,
     fresh: Pair<Latency>,
@@ -254,19 +293,11 @@ async fn measure(
     }
     let tp_peak = tp_peak.finish().await;
 
-    eprintln!("bench: {} fresh connections + 64 B echo ...", plan.fresh);
-    let fresh = Pair {
-        direct: load::fresh_connections(&targets.echo, plan.fresh, MAX_SCENARIO).await,
-        tunnel: load::fresh_connections(t_echo, plan.fresh, MAX_SCENARIO).await,
-        plain: load::fresh_connections(p_echo, plan.fresh, MAX_SCENARIO).await,
-    };
-    st.check_alive()?;
-    eprintln!("bench: {} ping-pongs on one connection ...", plan.pings);
-    let pings = Pair {
-        direct: load::ping_pong(&targets.echo, plan.pings, MAX_SCENARIO).await,
-        tunnel: load::ping_pong(t_echo, plan.pings, MAX_SCENARIO).await,
-        plain: load::ping_pong(p_echo, plan.pings, MAX_SCENARIO).await,
-    };
+    eprintln!(
+        "bench: {} fresh connections + 64 B echo, {} ping-pongs on one connection ...",
+        plan.fresh, plan.pings
+    );
+    let (fresh, pings) = latencies(plan, [&targets.echo, t_echo, p_echo]).await;
     st.check_alive()?;
     eprintln!(
         "bench: {} concurrent connections × {} round trips ...",

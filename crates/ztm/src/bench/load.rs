@@ -321,67 +321,115 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-/// `count` sequential fresh connections, each connect + one 64 B echo; stops early after
-/// `max_time`.
-pub async fn fresh_connections(addr: &str, count: usize, max_time: Duration) -> Latency {
-    let begin = Instant::now();
-    let mut lat = Latency {
-        samples: Vec::with_capacity(count),
-        errors: 0,
-    };
-    for i in 0..count {
-        if begin.elapsed() > max_time {
-            lat.errors += (count - i) as u64;
-            break;
-        }
-        let t = Instant::now();
-        let r = async {
-            let mut s = connect(addr).await?;
-            round_trip(&mut s, i).await
-        }
-        .await;
-        match r {
-            Ok(()) => lat.samples.push(us(t.elapsed())),
-            Err(_) => lat.errors += 1,
-        }
-    }
-    lat
+/// A latency scenario on one path, measured a slice at a time: the paths take turns (see
+/// [`TURNS`]), so that this machine's slow drifts in wake-up latency fall on all of them alike
+/// and the differences between paths stay meaningful.
+pub struct Series {
+    addr: String,
+    lat: Latency,
+    /// The ping-pong connection, kept from one slice to the next.
+    conn: Option<TcpStream>,
+    /// Time spent in this path's operations so far, checked against the scenario's limit.
+    spent: Duration,
 }
 
-/// `count` 64 B ping-pongs on one connection (reconnecting after a failure); stops early after
-/// `max_time`.
-pub async fn ping_pong(addr: &str, count: usize, max_time: Duration) -> Latency {
-    let begin = Instant::now();
-    let mut lat = Latency {
-        samples: Vec::with_capacity(count),
-        errors: 0,
-    };
-    let mut conn: Option<TcpStream> = None;
-    for i in 0..count {
-        if begin.elapsed() > max_time {
-            lat.errors += (count - i) as u64;
-            break;
-        }
-        let s = match conn.as_mut() {
-            Some(s) => s,
-            None => match connect(addr).await {
-                Ok(s) => conn.insert(s),
-                Err(_) => {
-                    lat.errors += 1;
-                    continue;
-                }
+/// How many slices each latency scenario is split into.
+pub const TURNS: usize = 10;
+
+/// The operations of slice `turn` when `total` are split over [`TURNS`] slices.
+pub fn slice_of(total: usize, turn: usize) -> usize {
+    total / TURNS + usize::from(turn < total % TURNS)
+}
+
+impl Series {
+    pub fn new(addr: &str) -> Series {
+        Series {
+            addr: addr.to_string(),
+            lat: Latency {
+                samples: Vec::new(),
+                errors: 0,
             },
-        };
-        let t = Instant::now();
-        match round_trip(s, i).await {
-            Ok(()) => lat.samples.push(us(t.elapsed())),
-            Err(_) => {
-                lat.errors += 1;
-                conn = None;
-            }
+            conn: None,
+            spent: Duration::ZERO,
         }
     }
-    lat
+
+    pub fn into_latency(self) -> Latency {
+        self.lat
+    }
+
+    /// Whether the scenario's time on this path is up; if so, the `left` operations not run
+    /// count as errors.
+    fn out_of_time(&mut self, max_time: Duration, left: usize) -> bool {
+        let out = self.spent > max_time;
+        if out {
+            self.lat.errors += left as u64;
+        }
+        out
+    }
+
+    /// Records an operation that began at `t`.
+    fn record(&mut self, t: Instant, r: &Result<()>) {
+        let took = t.elapsed();
+        self.spent += took;
+        match r {
+            Ok(()) => self.lat.samples.push(us(took)),
+            Err(_) => self.lat.errors += 1,
+        }
+    }
+
+    fn seed(&self) -> usize {
+        self.lat.samples.len() + self.lat.errors as usize
+    }
+}
+
+/// `count` more sequential fresh connections on `series`, each connect + one 64 B echo.
+pub async fn fresh_connections(series: &mut Series, count: usize, max_time: Duration) {
+    for i in 0..count {
+        if series.out_of_time(max_time, count - i) {
+            return;
+        }
+        let seed = series.seed();
+        let t = Instant::now();
+        let r = async {
+            let mut s = connect(&series.addr).await?;
+            round_trip(&mut s, seed).await
+        }
+        .await;
+        series.record(t, &r);
+    }
+}
+
+/// `count` more 64 B ping-pongs on `series`'s connection (connecting first, untimed, and
+/// again after a failure).
+pub async fn ping_pong(series: &mut Series, count: usize, max_time: Duration) {
+    for i in 0..count {
+        if series.out_of_time(max_time, count - i) {
+            return;
+        }
+        let mut s = match series.conn.take() {
+            Some(s) => s,
+            None => {
+                let t = Instant::now();
+                let c = connect(&series.addr).await;
+                series.spent += t.elapsed();
+                match c {
+                    Ok(s) => s,
+                    Err(_) => {
+                        series.lat.errors += 1;
+                        continue;
+                    }
+                }
+            }
+        };
+        let seed = series.seed();
+        let t = Instant::now();
+        let r = round_trip(&mut s, seed).await;
+        series.record(t, &r);
+        if r.is_ok() {
+            series.conn = Some(s);
+        }
+    }
 }
 
 /// Result of the concurrent-connections scenario.
@@ -441,5 +489,23 @@ pub async fn concurrent(addr: &str, connections: usize, rounds: usize) -> Concur
         wall: start.elapsed(),
         errors,
         first_error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_add_up_to_the_total_and_differ_by_at_most_one() {
+        for total in [0, 1, 9, 10, 11, 200, 1_000, 2_000, 10_000, 10_007] {
+            let slices: Vec<usize> = (0..TURNS).map(|t| slice_of(total, t)).collect();
+            assert_eq!(slices.iter().sum::<usize>(), total, "{total}: {slices:?}");
+            let (min, max) = (slices.iter().min(), slices.iter().max());
+            assert!(
+                max.zip(min).is_some_and(|(a, b)| a - b <= 1),
+                "{total}: {slices:?}"
+            );
+        }
     }
 }
