@@ -9,6 +9,7 @@ use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -123,6 +124,7 @@ pub async fn read_to_h2<R: AsyncRead + Unpin>(
 #[derive(Debug)]
 pub struct StallGuard {
     held: AtomicUsize,
+    resets: Mutex<ResetLog>,
     limit: usize,
     after: Duration,
 }
@@ -139,6 +141,7 @@ impl StallGuard {
     pub fn new(limit: usize, after: Duration) -> StallGuard {
         StallGuard {
             held: AtomicUsize::new(0),
+            resets: Mutex::new(ResetLog::default()),
             limit,
             after: after.max(Duration::from_millis(1)),
         }
@@ -149,6 +152,19 @@ impl StallGuard {
         self.held.load(Ordering::Relaxed)
     }
 
+    /// Counts a reset at `now`. Some(n) when it is to be logged, `n` being the resets not
+    /// logged since the last warning; resets are logged at most once per [`RESET_LOG_EVERY`],
+    /// so that many tunnels stalling at once cannot flood the log.
+    fn note_reset(&self, now: Instant) -> Option<u64> {
+        let mut log = self.resets.lock().unwrap_or_else(|e| e.into_inner());
+        if log.last.is_some_and(|last| now < last + RESET_LOG_EVERY) {
+            log.unlogged += 1;
+            return None;
+        }
+        log.last = Some(now);
+        Some(std::mem::take(&mut log.unlogged))
+    }
+
     fn add(&self, n: usize) {
         self.held.fetch_add(n, Ordering::Relaxed);
     }
@@ -156,6 +172,15 @@ impl StallGuard {
     fn sub(&self, n: usize) {
         self.held.fetch_sub(n, Ordering::Relaxed);
     }
+}
+
+/// Stalled-tunnel resets are logged at most once per this period.
+pub const RESET_LOG_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Default)]
+struct ResetLog {
+    last: Option<Instant>,
+    unlogged: u64,
 }
 
 /// Should a tunnel that holds `mine` bytes be reset, when its next hop took nothing during the
@@ -206,7 +231,13 @@ impl<'a> StallWatch<'a> {
                     total >> 20,
                     self.guard.limit >> 20
                 );
-                tracing::warn!("{why}; resetting it");
+                match self.guard.note_reset(Instant::now()) {
+                    Some(0) => tracing::warn!("{why}; resetting it"),
+                    Some(n) => tracing::warn!(
+                        "{why}; resetting it ({n} more reset since the last such warning)"
+                    ),
+                    None => {}
+                }
                 return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, why));
             }
             self.mark = written;
@@ -859,6 +890,22 @@ mod tests {
         assert!(!must_reset(limit + 1, limit, STALL_MIN - 1, false));
         // At or under the limit: kept.
         assert!(!must_reset(limit, limit, STALL_MIN, false));
+    }
+
+    #[test]
+    fn resets_are_logged_at_most_once_per_period_with_a_count_of_the_others() {
+        let guard = StallGuard::default();
+        let t0 = Instant::now();
+        // The first is logged at once, with none before it.
+        assert_eq!(guard.note_reset(t0), Some(0));
+        // Three more within the period are counted, not logged.
+        for ms in [1, 500, 9_999] {
+            assert_eq!(guard.note_reset(t0 + Duration::from_millis(ms)), None);
+        }
+        // The first after the period is logged with the three it stood for.
+        assert_eq!(guard.note_reset(t0 + RESET_LOG_EVERY), Some(3));
+        // And the count starts again.
+        assert_eq!(guard.note_reset(t0 + RESET_LOG_EVERY * 2), Some(0));
     }
 
     /// A stream of `len` bytes into `h2_to_write` towards a writer that takes 64 KiB and then
