@@ -126,24 +126,11 @@ impl Store {
             path: path.display().to_string(),
             reason: short(&e),
         };
-        // The database holds private keys: create it (and so its WAL files) owner-only.
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            if let Err(e) = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-            {
-                if e.kind() != std::io::ErrorKind::AlreadyExists {
-                    return Err(StoreError::Open {
-                        path: path.display().to_string(),
-                        reason: e.to_string(),
-                    });
-                }
-            }
-        }
+        // The database holds private keys.
+        ztm_pki::owner_only_file(path).map_err(|e| StoreError::Open {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
         let conn = Connection::open(path).map_err(open_err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(open_err)?;

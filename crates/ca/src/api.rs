@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
+use ztm_proto::local::{refusal, Refusal};
 use ztm_proto::model::ApiError;
 use ztm_proto::names::{check_name, check_user_name, decode_segment, is_reserved_user, NameError};
 
@@ -26,6 +27,10 @@ pub struct CaState {
     /// When set, every request but `GET /api/certificates/ca` must carry
     /// `Authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// The address the API listens on. Without a token, only requests addressed to it or to a
+    /// loopback name are answered, and state-changing ones only from our own origin: a web page
+    /// must not get keys from a CA on the user's computer (DNS rebinding, cross-site requests).
+    pub listen: std::net::SocketAddr,
 }
 
 pub fn router(state: Arc<CaState>) -> Router {
@@ -115,7 +120,16 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn authorize(State(state): State<Arc<CaState>>, req: Request, next: Next) -> Response {
     let Some(token) = &state.token else {
-        return next.run(req).await;
+        return match refusal(req.method(), req.headers(), &state.listen) {
+            Some(Refusal::NotLocal) => error(
+                StatusCode::FORBIDDEN,
+                "this CA has no admin token, so it only answers requests addressed to localhost",
+            ),
+            Some(Refusal::CrossOrigin) => {
+                error(StatusCode::FORBIDDEN, "cross-origin requests are refused")
+            }
+            None => next.run(req).await,
+        };
     };
     if req.method() == Method::GET && req.uri().path() == "/api/certificates/ca" {
         return next.run(req).await;

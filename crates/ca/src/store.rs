@@ -76,6 +76,11 @@ impl CaStore {
             path: path.display().to_string(),
             reason: short(&e),
         };
+        // The database holds the CA's private key: anyone who reads it can sign certificates.
+        ztm_pki::owner_only_file(path).map_err(|e| StoreError::Open {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
         let mut conn = Connection::open(path).map_err(open_err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(open_err)?;

@@ -5,6 +5,7 @@
 
 pub mod acl;
 pub mod capsule;
+pub mod local;
 pub mod model;
 pub mod names;
 pub mod wire;

@@ -56,6 +56,7 @@ pub async fn run_ca(args: CaArgs) -> Result<()> {
     let state = Arc::new(ztm_ca::CaState {
         store,
         token: args.token.filter(|t| !t.is_empty()),
+        listen: listener.local_addr()?,
     });
     tracing::info!(
         "CA listening on http://{} (database {})",

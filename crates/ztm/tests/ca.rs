@@ -103,6 +103,34 @@ fn duplicate_and_concurrent_creation() {
     assert_eq!(names, ["alice", "bob"]);
 }
 
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// The database holds the CA's private key: a new one is created owner-only, and one left
+/// readable by others (as earlier versions created it) is made owner-only at start.
+#[test]
+fn the_database_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("ca-mode");
+    let db = dir.join("ca.db");
+    let mut ca = start_ca(dir.path());
+    assert_eq!(post(&ca.addr, "/api/certificates/carol", "").status, 200);
+    assert_eq!(mode(&db), 0o600);
+    assert_eq!(ca.proc.stop(), Some(0));
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let ca2 = start_ca(dir.path());
+    assert_eq!(mode(&db), 0o600);
+    for journal in ["ca.db-wal", "ca.db-shm"] {
+        let path = dir.join(journal);
+        if path.exists() {
+            assert_eq!(mode(&path) & 0o077, 0, "{journal}");
+        }
+    }
+    assert_eq!(get(&ca2.addr, "/api/certificates/carol").status, 200);
+}
+
 #[test]
 fn restart_keeps_the_ca() {
     let dir = TempDir::new("ca-restart");
@@ -245,6 +273,71 @@ fn admin_token_guards_everything_but_the_ca_certificate() {
     .unwrap();
     assert_eq!(ok.status, 200);
     assert!(ok.text().contains("PRIVATE KEY"));
+}
+
+/// A CA without a token answers anyone who can reach it, so like the agent it answers only
+/// requests addressed to localhost (a web page that rebinds its DNS name to 127.0.0.1 must not
+/// get keys) and refuses state-changing requests from pages of another origin.
+#[test]
+fn without_a_token_only_local_callers_and_same_origin_pages() {
+    let dir = TempDir::new("ca-guard");
+    let ca = start_ca(dir.path());
+    let port = ca.addr.rsplit(':').next().unwrap().to_string();
+    let evil_host = format!("evil.example:{port}");
+    for (method, path) in [
+        ("GET", "/api/certificates"),
+        ("POST", "/api/certificates/alice"),
+        ("POST", "/api/sign/hub/h1"),
+    ] {
+        let r = http(&ca.addr, method, path, &[("Host", &evil_host)], b"").unwrap();
+        assert_eq!(r.status, 403, "{method} {path} rebound: {}", r.text());
+        assert!(r.text().contains("localhost"), "{}", r.text());
+    }
+    for header in [
+        ("Origin", "https://evil.example"),
+        ("Sec-Fetch-Site", "cross-site"),
+    ] {
+        for (method, path) in [
+            ("POST", "/api/certificates/alice"),
+            ("DELETE", "/api/certificates/root"),
+        ] {
+            let r = http(&ca.addr, method, path, &[header], b"").unwrap();
+            assert_eq!(
+                r.status,
+                403,
+                "{method} {path} with {header:?}: {}",
+                r.text()
+            );
+        }
+    }
+    // Nothing was created or revoked.
+    assert_eq!(get(&ca.addr, "/api/certificates/alice").status, 404);
+    assert_eq!(
+        get(&ca.addr, "/api/revocations").json()["revocations"],
+        serde_json::json!([])
+    );
+    // Local callers and same-origin pages are served.
+    let local = format!("localhost:{port}");
+    let r = http(
+        &ca.addr,
+        "GET",
+        "/api/certificates/ca",
+        &[("Host", &local)],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let same_origin = format!("http://localhost:{port}");
+    let r = http(
+        &ca.addr,
+        "POST",
+        "/api/certificates/alice",
+        &[("Host", &local), ("Origin", &same_origin)],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("PRIVATE KEY"));
 }
 
 fn run_to_exit(dir: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {

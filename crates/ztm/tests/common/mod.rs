@@ -228,7 +228,8 @@ impl Resp {
     }
 }
 
-/// One HTTP/1.1 request with `Connection: close`; the path is sent exactly as given.
+/// One HTTP/1.1 request with `Connection: close`; the path is sent exactly as given, and the
+/// `Host` header is `addr` unless `headers` has one.
 pub fn http(
     addr: &str,
     method: &str,
@@ -242,9 +243,12 @@ pub fn http(
     let mut s = TcpStream::connect_timeout(&sa, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("Host: {addr}\r\n"));
+    }
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
