@@ -177,7 +177,7 @@ async fn obtain_tls(
     sans: &[String],
     revoked: &Revoked,
 ) -> Result<((TlsAcceptor, i64), i64)> {
-    let feed = ca.revocations(0).await?;
+    let feed = ca.all_revocations(0).await?;
     for r in feed.revocations {
         revoked.insert(r.serial);
     }
@@ -293,7 +293,7 @@ pub async fn run(
                     _ = tokio::time::sleep(REVOCATION_POLL) => {}
                     _ = root.cancelled() => return,
                 }
-                match ca.revocations(since).await {
+                match ca.all_revocations(since).await {
                     Ok(feed) => {
                         failing = false;
                         for r in &feed.revocations {
