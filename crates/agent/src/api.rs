@@ -369,8 +369,13 @@ async fn resolve_endpoint(rt: &MeshRuntime, ep: &str) -> ApiResult<ztm_proto::mo
             "no endpoint {ep} in mesh {}",
             rt.name()
         ))),
-        _ => Err(ApiError::bad(format!(
-            "several endpoints are named {ep}; use the endpoint id"
+        several => Err(ApiError::bad(format!(
+            "several endpoints are named {ep} ({}); use the endpoint id",
+            several
+                .iter()
+                .map(|e| format!("{} of user {}", e.id, e.username))
+                .collect::<Vec<_>>()
+                .join(", ")
         ))),
     }
 }
@@ -504,9 +509,24 @@ async fn endpoint_scoped(
         }
         (Method::POST, ["ports", ip, proto, port]) => {
             let (ip, proto, port) = port_key(ip, proto, port)?;
-            let body: PortBody = parse_json(&body)?;
+            let mut body: PortBody = parse_json(&body)?;
             check_name(&body.target.service)
                 .map_err(|e| ApiError::bad(format!("target.service: {e}")))?;
+            if let Some(name) = body.target.endpoint.as_deref() {
+                // Endpoint names are not unique (any user may call an endpoint anything): a
+                // target given by name is pinned to the id of the one endpoint that has it now,
+                // so that an endpoint taking the same name later cannot receive this port's
+                // connections.
+                let pinned = if is_endpoint_id(name) {
+                    name.to_ascii_lowercase()
+                } else {
+                    resolve_endpoint(&rt, name)
+                        .await
+                        .map_err(|e| ApiError::bad(format!("target.endpoint: {}", e.message)))?
+                        .id
+                };
+                body.target.endpoint = Some(pinned);
+            }
             let record = PortRecord {
                 ip: ip.clone(),
                 protocol: proto,

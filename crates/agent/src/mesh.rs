@@ -14,7 +14,7 @@ use ztm_net::now_ms;
 use ztm_pki::rustls::ClientConfig;
 use ztm_proto::model::{Endpoint, EndpointRef, Service, TimedMessage};
 use ztm_proto::wire::{
-    EndpointInfo, Proto, ServiceDecl, ServiceInfo, MAX_MANAGE_BODY, REQUEST_TIMEOUT,
+    is_endpoint_id, EndpointInfo, Proto, ServiceDecl, ServiceInfo, MAX_MANAGE_BODY, REQUEST_TIMEOUT,
 };
 
 use crate::ports::{PortKey, PortState, Ports};
@@ -248,7 +248,11 @@ impl MeshRuntime {
                 .filter(|s| s.protocol == proto && s.name == name)
             {
                 for e in &s.endpoints {
-                    if endpoint.is_some_and(|want| want != e.id && want != e.name) {
+                    // A port's target endpoint is an id (pinned when the port was created); a
+                    // name is matched only in a port stored by an earlier version.
+                    if endpoint.is_some_and(|want| {
+                        want != e.id && (is_endpoint_id(want) || want != e.name)
+                    }) {
                         continue;
                     }
                     if !ztm_proto::acl::can_connect(&self.username, &e.username, s.users.as_deref())

@@ -1235,6 +1235,75 @@ fn idle_tunnel_survives_ten_minutes() {
     assert_eq!(roundtrip(port, "fresh").unwrap(), "B:fresh");
 }
 
+/// A port whose target names an endpoint goes there only. Endpoint names are not unique (any
+/// user may call an endpoint anything), so a name is pinned to that endpoint's id when the port
+/// is created: another user's endpoint taking the same name later, and publishing the same
+/// service, must not receive the port's connections. A name two endpoints share is refused,
+/// naming both.
+#[test]
+fn a_target_endpoint_given_by_name_is_pinned_to_its_id() {
+    let st = stack("tun-pin", &["root", "bob"]);
+    let b_srv = tagged_server("B");
+    st.add_service(1, "tcp", "svc", b_srv.port, None);
+    st.wait_service(0, "tcp", "svc", &[1]);
+    let port = free_port();
+    let v = st.map_port(0, "tcp", port, "svc", Some("b"));
+    assert_eq!(v["target"]["endpoint"], st.ids[1], "pinned to B's id: {v}");
+    wait_tunnel(port, "B", Duration::from_secs(20));
+
+    // Carol's endpoint, also named "b", publishes the same service.
+    let carol = create_user(&st._ca.addr, "carol");
+    let c = start_agent(st._dir.path(), "c");
+    join_ok(&c.addr, &ca_pem(&st._ca.addr), "b", &carol, &[&st.hub.addr]);
+    let c_id = local_id(&c.addr);
+    let c_srv = tagged_server("C");
+    add_service_at(&c.addr, &c_id, "tcp", "svc", c_srv.port, None);
+    wait_until(
+        Duration::from_secs(20),
+        "A to discover svc on B and C",
+        || discovered(st.api(0), "tcp", "svc", &[&st.ids[1], &c_id]),
+    );
+
+    // Every connection through the pinned port still reaches B, over 3 s: longer than A
+    // keeps its list of providers (2 s), so the list that includes C is used too.
+    for i in 0..30 {
+        let got = roundtrip(port, &format!("n{i}"));
+        assert_eq!(
+            got.as_deref().ok(),
+            Some(format!("B:n{i}").as_str()),
+            "{got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A new port naming "b" is refused: the name is ambiguous now.
+    let path = format!(
+        "/api/meshes/{MESH}/endpoints/{}/ports/127.0.0.1/tcp/{}",
+        st.ids[0],
+        free_port()
+    );
+    let r = post_json(
+        st.api(0),
+        &path,
+        &json!({"target": {"service": "svc", "endpoint": "b"}}),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    let msg = r.json()["message"].as_str().unwrap_or("").to_string();
+    assert!(
+        msg.contains(&st.ids[1]) && msg.contains(&c_id) && msg.contains("carol"),
+        "{msg}"
+    );
+    assert_eq!(
+        get(st.api(0), &path).status,
+        404,
+        "a refused port was not created"
+    );
+    // By id, either is fine.
+    let by_id = free_port();
+    let v = st.map_port(0, "tcp", by_id, "svc", Some(&c_id));
+    assert_eq!(v["target"]["endpoint"], c_id.as_str(), "{v}");
+    wait_tunnel(by_id, "C", Duration::from_secs(20));
+}
+
 /// Two endpoints provide one service: connections through a port with no fixed endpoint reach
 /// both; with one provider killed, every next connection still succeeds.
 #[test]
