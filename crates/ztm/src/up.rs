@@ -2,6 +2,7 @@
 //! this process, gives user `root` a certificate (kept in the state directory), joins the agent
 //! to a mesh as root and prints the web UI address and how to add more computers.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -33,6 +34,23 @@ pub struct UpArgs {
     /// Agent (REST API and web UI) listen address
     #[arg(long, default_value = "127.0.0.1:7777")]
     agent_listen: String,
+}
+
+/// Stands for this computer's address in the printed steps when no `--hub-name` says it.
+const THIS_COMPUTER: &str = "THIS-COMPUTER";
+
+/// The hub address another computer should join with: the first `--hub-name`, else the listen
+/// address, with a placeholder for a wildcard host (127.0.0.1 would be the other computer).
+fn hub_for_others(hub_names: &[String], hub_listen: &str) -> String {
+    if let Some(name) = hub_names.first() {
+        return name.clone();
+    }
+    match hub_listen.rsplit_once(':') {
+        Some((host, port)) if host == "0.0.0.0" || host == "[::]" => {
+            format!("{THIS_COMPUTER}:{port}")
+        }
+        _ => hub_listen.to_string(),
+    }
 }
 
 fn local_of(listen: &str) -> String {
@@ -103,7 +121,7 @@ fn write_private(path: &Path, text: &str) -> Result<()> {
     Ok(())
 }
 
-async fn setup(args: &UpArgs, dir: &Path, hub_public: &[String]) -> Result<()> {
+async fn setup(args: &UpArgs, dir: &Path) -> Result<()> {
     let ca = local_of(&args.ca_listen);
     let agent = local_of(&args.agent_listen);
     let hub_local = local_of(&args.hub_listen);
@@ -129,7 +147,15 @@ async fn setup(args: &UpArgs, dir: &Path, hub_public: &[String]) -> Result<()> {
         )
         .await?;
     }
-    let hub_addr = hub_public.first().cloned().unwrap_or(hub_local);
+    let hub_addr = hub_for_others(&args.hub_names, &args.hub_listen);
+    let placeholder = if hub_addr.starts_with(THIS_COMPUTER) {
+        format!(
+            "\x20 ({THIS_COMPUTER}: an address of this computer that the other one can reach; \
+             `ztm up --hub-name HOST:PORT` prints it here)\n"
+        )
+    } else {
+        String::new()
+    };
     println!(
         "\nZTM is up: CA on {ca}, hub on {}, agent joined to mesh '{}' as root.\n\
          \n  Web UI:  http://{agent}/\n\
@@ -139,6 +165,7 @@ async fn setup(args: &UpArgs, dir: &Path, hub_public: &[String]) -> Result<()> {
          \x20 copy NAME.key, NAME.crt and {} to it, then there:\n\
          \x20         ztm agent &\n\
          \x20         ztm join {} --as NAME --hub {hub_addr} --ca ca.crt --cert NAME.crt --key NAME.key\n\
+         {placeholder}\
          \x20 (or open http://127.0.0.1:7777 there and join with the three files)\n",
         args.hub_listen,
         args.mesh,
@@ -150,7 +177,14 @@ async fn setup(args: &UpArgs, dir: &Path, hub_public: &[String]) -> Result<()> {
 
 pub async fn run_up(args: UpArgs) -> Result<()> {
     let dir = expand_home(&args.dir);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    if !dir.exists() {
+        // It will hold the CA's database and the root user's key.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
     let db = |name: &str| dir.join(name).to_string_lossy().into_owned();
     let hub_public = if args.hub_names.is_empty() {
         vec![local_of(&args.hub_listen)]
@@ -165,7 +199,7 @@ pub async fn run_up(args: UpArgs) -> Result<()> {
     ));
     let agent = run_agent(AgentArgs::new(&args.agent_listen, &db("agent.db")));
     let setup = async {
-        if let Err(e) = setup(&args, &dir, &hub_public).await {
+        if let Err(e) = setup(&args, &dir).await {
             tracing::error!("setting up the mesh failed: {e:#}");
         }
         std::future::pending::<Result<()>>().await
@@ -176,5 +210,22 @@ pub async fn run_up(args: UpArgs) -> Result<()> {
         r = hub => r.map_err(|e| anyhow!("hub: {e:#}")),
         r = agent => r.map_err(|e| anyhow!("agent: {e:#}")),
         r = setup => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn other_computers_are_told_a_reachable_hub_address() {
+        let names = vec!["hub.example.org:8888".to_string()];
+        assert_eq!(
+            hub_for_others(&names, "0.0.0.0:8888"),
+            "hub.example.org:8888"
+        );
+        assert_eq!(hub_for_others(&[], "0.0.0.0:8888"), "THIS-COMPUTER:8888");
+        assert_eq!(hub_for_others(&[], "[::]:9000"), "THIS-COMPUTER:9000");
+        assert_eq!(hub_for_others(&[], "192.0.2.7:8888"), "192.0.2.7:8888");
     }
 }
