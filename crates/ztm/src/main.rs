@@ -52,8 +52,69 @@ fn init_logging() {
         .init();
 }
 
+/// Parses the command line. Help and version go out as clap writes them; a mistake is one line
+/// on stderr and exit code 2.
+fn parse_cli() -> Cli {
+    use clap::error::ErrorKind;
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) =>
+        {
+            e.exit()
+        }
+        Err(e) => {
+            eprintln!("{}", one_line_error(&e.render().to_string()));
+            std::process::exit(2);
+        }
+    }
+}
+
+/// clap's several-line error message as one line: the error, its tip if any, and where to
+/// read more (the command of its usage line).
+fn one_line_error(rendered: &str) -> String {
+    let mut error: Option<&str> = None;
+    // The error's own lines (what is missing, say) run until the first blank line.
+    let mut details = Vec::new();
+    let mut in_error = false;
+    let mut tips = Vec::new();
+    let mut command = "ztm".to_string();
+    for line in rendered.lines().map(str::trim) {
+        if line.is_empty() {
+            in_error = false;
+        } else if let Some(e) = line.strip_prefix("error: ") {
+            in_error = error.is_none();
+            error.get_or_insert(e.trim_end_matches(':'));
+        } else if in_error {
+            details.push(line);
+        } else if let Some(t) = line.strip_prefix("tip: ") {
+            tips.push(t);
+        } else if let Some(usage) = line.strip_prefix("Usage: ") {
+            command = usage
+                .split_whitespace()
+                .take_while(|w| !w.starts_with(['[', '<', '-']))
+                .collect::<Vec<_>>()
+                .join(" ");
+        }
+    }
+    let mut out = format!("ztm: error: {}", error.unwrap_or("bad command line"));
+    if !details.is_empty() {
+        out.push_str(&format!(": {}", details.join(", ")));
+    }
+    for tip in tips {
+        out.push_str(&format!("; {tip}"));
+    }
+    out.push_str(&format!(" (see '{command} --help')"));
+    out
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     init_logging();
     let (role, result) = match cli.command {
         Command::Ca(args) => ("ca", block_on(roles::run_ca(args))),
@@ -85,4 +146,38 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         builder.worker_threads(n);
     }
     Ok(builder.enable_all().build()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_mistakes_are_one_line() {
+        let rendered = "error: unexpected argument '--lisen' found\n\n  tip: a similar argument \
+                        exists: '--listen'\n\nUsage: ztm ca --listen <LISTEN>\n\nFor more \
+                        information, try '--help'.\n";
+        assert_eq!(
+            one_line_error(rendered),
+            "ztm: error: unexpected argument '--lisen' found; a similar argument exists: \
+             '--listen' (see 'ztm ca --help')"
+        );
+        for args in [
+            &["ztm", "ca", "--bogus-flag"][..],
+            &["ztm", "hub", "--listen"],
+            &["ztm", "agent", "--listen", "a", "--listen", "b"],
+            &["ztm", "nonsense"],
+            &["ztm", "create", "service"],
+        ] {
+            let Err(e) = Cli::try_parse_from(args) else {
+                panic!("{args:?} parsed");
+            };
+            let line = one_line_error(&e.render().to_string());
+            assert!(!line.contains('\n'), "{args:?}: {line}");
+            assert!(
+                line.starts_with("ztm: error: ") && line.ends_with("--help')"),
+                "{line}"
+            );
+        }
+    }
 }

@@ -396,4 +396,11 @@ fn startup_errors_are_one_line_and_non_zero() {
     assert!(log.contains("admin token"), "{log}");
     let (code, log) = run_to_exit(dir.path(), &["ca", "--bogus-flag"]);
     assert_eq!(code, Some(2), "{log}");
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line for a bad flag: {log}");
+    assert!(
+        lines[0].contains("unexpected argument '--bogus-flag'")
+            && lines[0].contains("ztm ca --help"),
+        "{log}"
+    );
 }
