@@ -589,6 +589,7 @@ fn local_services(rt: &MeshRuntime) -> ApiResult<Vec<Service>> {
             endpoints: vec![ztm_proto::model::EndpointRef {
                 id: rt.id().to_string(),
                 name: rt.record.agent_name.clone(),
+                users: s.users.clone(),
             }],
             is_discovered: false,
             is_local: true,

@@ -255,7 +255,7 @@ impl MeshRuntime {
                     }) {
                         continue;
                     }
-                    if !ztm_proto::acl::can_connect(&self.username, &e.username, s.users.as_deref())
+                    if !ztm_proto::acl::can_connect(&self.username, &e.username, e.users.as_deref())
                     {
                         continue;
                     }
@@ -434,13 +434,14 @@ impl MeshRuntime {
                         is_local: false,
                         host: None,
                         port: None,
-                        users: s.users.clone(),
+                        users: None,
                     });
                 for e in s.endpoints {
                     if !entry.endpoints.iter().any(|x| x.id == e.id) {
                         entry.endpoints.push(EndpointRef {
                             id: e.id,
                             name: e.name,
+                            users: e.users,
                         });
                     }
                 }
@@ -462,17 +463,22 @@ impl MeshRuntime {
             entry.is_local = true;
             entry.host = Some(s.host.clone());
             entry.port = Some(s.port);
-            entry.users = s.users.clone();
-            if !entry
+            // This endpoint's own list, fresher than what the hubs last heard.
+            match entry
                 .endpoints
-                .iter()
-                .any(|x| x.id == self.record.endpoint_id)
+                .iter_mut()
+                .find(|x| x.id == self.record.endpoint_id)
             {
-                entry.endpoints.push(EndpointRef {
+                Some(me) => me.users = s.users.clone(),
+                None => entry.endpoints.push(EndpointRef {
                     id: self.record.endpoint_id.clone(),
                     name: self.record.agent_name.clone(),
-                });
+                    users: s.users.clone(),
+                }),
             }
+        }
+        for s in merged.values_mut() {
+            s.users = EndpointRef::common_users(&s.endpoints);
         }
         merged.into_values().collect()
     }

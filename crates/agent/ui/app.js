@@ -108,7 +108,7 @@ function renderServices() {
         el("td", { "data-label": "Service" }, `${s.protocol}/${s.name}`),
         el("td", { "data-label": "Provided by" }, p.name),
         el("td", { "data-label": "Local target" }, local && s.host ? `${s.host}:${s.port}` : ""),
-        el("td", { "data-label": "Allowed users" }, s.users ? s.users.join(", ") : "everyone"),
+        el("td", { "data-label": "Allowed users" }, p.users ? p.users.join(", ") : "everyone"),
         el("td", {}, [del, err]),
       ]));
     }

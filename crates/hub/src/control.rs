@@ -16,8 +16,8 @@ use ztm_pki::tokio_rustls::server::TlsStream;
 use ztm_proto::acl;
 use ztm_proto::names::check_name;
 use ztm_proto::wire::{
-    is_endpoint_id, Proto, Register, Registered, ServiceDecl, HOP_TIMEOUT, MAX_MANAGE_BODY,
-    REGISTER_TIMEOUT, TUNNEL_PROTOCOL, USER_HEADER,
+    is_endpoint_id, Proto, Register, Registered, ServiceDecl, ServiceInfo, HOP_TIMEOUT,
+    MAX_MANAGE_BODY, REGISTER_TIMEOUT, TUNNEL_PROTOCOL, USER_HEADER,
 };
 
 use crate::registry::{self, RegisterError, SessionId};
@@ -130,11 +130,12 @@ async fn handle(conn: Arc<Conn>, req: Request<RecvStream>, send: SendResponse<By
             respond_json(send, StatusCode::OK, &list);
         }
         (&Method::GET, ["api", "services"]) => {
-            // Each user discovers only the providers it may connect to.
+            // Each user discovers only the providers it may connect to, each by its own list.
             let mut list = conn.hub.registry().services(now_ms());
             for s in &mut list {
                 s.endpoints
-                    .retain(|e| acl::can_connect(&conn.peer.user, &e.username, s.users.as_deref()));
+                    .retain(|e| acl::can_connect(&conn.peer.user, &e.username, e.users.as_deref()));
+                s.users = ServiceInfo::common_users(&s.endpoints);
             }
             list.retain(|s| !s.endpoints.is_empty());
             respond_json(send, StatusCode::OK, &list);

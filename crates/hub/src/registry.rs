@@ -243,17 +243,22 @@ impl Registry {
                     .or_insert_with(|| ServiceInfo {
                         protocol: s.protocol,
                         name: s.name.clone(),
-                        users: s.users.clone(),
+                        users: None,
                         endpoints: Vec::new(),
                     });
                 info.endpoints.push(ServiceEndpoint {
                     id: e.id.clone(),
                     name: e.name.clone(),
                     username: e.user.clone(),
+                    users: s.users.clone(),
                 });
             }
         }
-        by_key.into_values().collect()
+        let mut list: Vec<ServiceInfo> = by_key.into_values().collect();
+        for s in &mut list {
+            s.users = ServiceInfo::common_users(&s.endpoints);
+        }
+        list
     }
 
     pub fn online_count(&self, now: u64) -> usize {

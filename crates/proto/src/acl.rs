@@ -19,9 +19,29 @@ pub fn can_connect(user: &str, owner: &str, users: Option<&[String]>) -> bool {
     }
 }
 
+/// The `users` list that every one of several providers of a service has, if they all have
+/// the same one (`None` also when they differ: each provider's own list decides).
+pub fn common_list<'a>(
+    mut lists: impl Iterator<Item = &'a Option<Vec<String>>>,
+) -> Option<Vec<String>> {
+    let first = lists.next()?;
+    lists.all(|l| l == first).then(|| first.clone()).flatten()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn common_lists() {
+        let a = Some(vec!["alice".to_string()]);
+        let b = Some(vec!["bob".to_string()]);
+        assert_eq!(common_list([].iter()), None);
+        assert_eq!(common_list([a.clone(), a.clone()].iter()), a);
+        assert_eq!(common_list([a.clone(), b].iter()), None);
+        assert_eq!(common_list([a, None].iter()), None);
+        assert_eq!(common_list([None, None].iter()), None);
+    }
 
     #[test]
     fn manage() {

@@ -112,6 +112,16 @@ pub struct Endpoint {
 pub struct EndpointRef {
     pub id: String,
     pub name: String,
+    /// The users this provider admits, if it lists them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users: Option<Vec<String>>,
+}
+
+impl EndpointRef {
+    /// The list every one of `providers` shares, if they share one.
+    pub fn common_users(providers: &[EndpointRef]) -> Option<Vec<String>> {
+        crate::acl::common_list(providers.iter().map(|e| &e.users))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -122,15 +122,27 @@ pub struct ServiceEndpoint {
     pub id: String,
     pub name: String,
     pub username: String,
+    /// The users this provider admits (its service's `users`); none: every user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceInfo {
     pub protocol: Proto,
     pub name: String,
+    /// The providers' `users` when they all have the same list; each provider's own list is
+    /// in `endpoints` and is what access is decided by.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub users: Option<Vec<String>>,
     pub endpoints: Vec<ServiceEndpoint>,
+}
+
+impl ServiceInfo {
+    /// The list every provider shares, if they share one.
+    pub fn common_users(endpoints: &[ServiceEndpoint]) -> Option<Vec<String>> {
+        crate::acl::common_list(endpoints.iter().map(|e| &e.users))
+    }
 }
 
 /// Is `s` a canonical UUID (what agents use as endpoint ids)?

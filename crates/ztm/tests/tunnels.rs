@@ -524,19 +524,33 @@ fn map_port_at(
 /// Whether `GET /api/meshes/{MESH}/services` on `api` lists `{proto}/{name}` provided by all
 /// of `ids`.
 fn discovered(api: &str, proto: &str, name: &str, ids: &[&str]) -> bool {
-    let Some(list) = try_json(api, &format!("/api/meshes/{MESH}/services")) else {
-        return false;
-    };
-    list.as_array().is_some_and(|l| {
-        l.iter().any(|s| {
-            s["name"] == name
-                && s["protocol"] == proto
-                && s["endpoints"].as_array().is_some_and(|eps| {
-                    ids.iter()
-                        .all(|id| eps.iter().any(|e| e["id"].as_str() == Some(*id)))
-                })
+    service_seen(api, proto, name).is_some_and(|s| {
+        s["endpoints"].as_array().is_some_and(|eps| {
+            ids.iter()
+                .all(|id| eps.iter().any(|e| e["id"].as_str() == Some(*id)))
         })
     })
+}
+
+/// `{proto}/{name}` as `GET /api/meshes/{MESH}/services` on `api` lists it.
+fn service_seen(api: &str, proto: &str, name: &str) -> Option<Value> {
+    let list = try_json(api, &format!("/api/meshes/{MESH}/services"))?;
+    list.as_array()?
+        .iter()
+        .find(|s| s["name"] == name && s["protocol"] == proto)
+        .cloned()
+}
+
+/// The ids of the endpoints `api` lists as providing `{proto}/{name}`, sorted.
+fn providers_seen(api: &str, proto: &str, name: &str) -> Vec<String> {
+    let mut ids: Vec<String> = service_seen(api, proto, name)
+        .and_then(|s| s["endpoints"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| e["id"].as_str().map(str::to_string))
+        .collect();
+    ids.sort();
+    ids
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1233,6 +1247,63 @@ fn idle_tunnel_survives_ten_minutes() {
         "B:after ten minutes"
     );
     assert_eq!(roundtrip(port, "fresh").unwrap(), "B:fresh");
+}
+
+/// Two providers of one service may admit different users. Each user discovers, and is sent
+/// to, exactly the providers whose own list admits it, whichever provider the hub happens to
+/// list first; the others see each provider's list.
+#[test]
+fn each_provider_admits_users_by_its_own_list() {
+    let st = stack("tun-users", &["dave", "bob", "carol"]);
+    let (b_srv, c_srv) = (tagged_server("B"), tagged_server("C"));
+    let erin: &[&str] = &["erin"];
+    // s1: B admits only erin, C everyone; s2 the other way round.
+    st.add_service(1, "tcp", "s1", b_srv.port, Some(erin));
+    st.add_service(2, "tcp", "s1", c_srv.port, None);
+    st.add_service(1, "tcp", "s2", b_srv.port, None);
+    st.add_service(2, "tcp", "s2", c_srv.port, Some(erin));
+    // Bob owns B's providers and may use C's s1: he sees both, each with its own list.
+    st.wait_service(1, "tcp", "s1", &[1, 2]);
+    let s1 = service_seen(st.api(1), "tcp", "s1").unwrap();
+    assert!(
+        s1.get("users").is_none(),
+        "the providers' lists differ: {s1}"
+    );
+    for e in s1["endpoints"].as_array().unwrap() {
+        let want = if e["id"] == st.ids[1].as_str() {
+            json!(["erin"])
+        } else {
+            Value::Null
+        };
+        assert_eq!(e["users"], want, "{s1}");
+    }
+    // Dave sees exactly the provider that admits him, for each service.
+    let (mut only_c, mut only_b) = (vec![st.ids[2].clone()], vec![st.ids[1].clone()]);
+    only_c.sort();
+    only_b.sort();
+    wait_until(
+        Duration::from_secs(20),
+        "dave to discover s1 at C and s2 at B",
+        || {
+            providers_seen(st.api(0), "tcp", "s1") == only_c
+                && providers_seen(st.api(0), "tcp", "s2") == only_b
+        },
+    );
+    let (p1, p2) = (free_port(), free_port());
+    st.map_port(0, "tcp", p1, "s1", None);
+    st.map_port(0, "tcp", p2, "s2", None);
+    wait_tunnel(p1, "C", Duration::from_secs(20));
+    wait_tunnel(p2, "B", Duration::from_secs(20));
+    for i in 0..10 {
+        assert_eq!(
+            roundtrip(p1, &format!("n{i}")).ok(),
+            Some(format!("C:n{i}"))
+        );
+        assert_eq!(
+            roundtrip(p2, &format!("n{i}")).ok(),
+            Some(format!("B:n{i}"))
+        );
+    }
 }
 
 /// A port whose target names an endpoint goes there only. Endpoint names are not unique (any

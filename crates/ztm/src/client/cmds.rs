@@ -185,6 +185,18 @@ fn users_text(users: &Option<Vec<String>>) -> String {
     }
 }
 
+/// Who may use a service: its providers' shared list, or each provider's when they differ.
+fn service_users_text(s: &Service) -> String {
+    if s.users.is_some() || s.endpoints.iter().all(|e| e.users.is_none()) {
+        return users_text(&s.users);
+    }
+    s.endpoints
+        .iter()
+        .map(|e| format!("{}:{}", e.name, users_text(&e.users)))
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
 fn endpoint_names(s: &Service) -> String {
     let names: Vec<&str> = s.endpoints.iter().map(|e| e.name.as_str()).collect();
     if names.is_empty() {
@@ -335,7 +347,7 @@ fn services_table(svcs: &[Service]) -> Table {
             endpoint_names(s),
             yes_no(s.is_local),
             target_text(s),
-            users_text(&s.users),
+            service_users_text(s),
         ]);
     }
     t
@@ -496,7 +508,7 @@ async fn describe(ctx: &Ctx, mesh_opt: &MeshOpt, what: DescribeWhat) -> Result<(
             if s.is_local {
                 f.add("Target", target_text(&s));
             }
-            f.add("Users", users_text(&s.users));
+            f.add("Users", service_users_text(&s));
             if s.endpoints.is_empty() {
                 f.add("Endpoints", "(none)");
             }
