@@ -394,6 +394,12 @@ mod tests {
         assert!(s.delete_mesh("m").unwrap());
         assert!(s.services("m").unwrap().is_empty());
         assert!(s.ports("m").unwrap().is_empty());
-        let _ = std::fs::remove_file(path);
+        drop(s);
+        // The database and its WAL files.
+        for suffix in ["", "-wal", "-shm"] {
+            let mut name = path.clone().into_os_string();
+            name.push(suffix);
+            let _ = std::fs::remove_file(name);
+        }
     }
 }
