@@ -16,13 +16,12 @@ use ztm_net::h2io::{self, read_body, respond, respond_error, respond_json};
 use ztm_net::now_ms;
 use ztm_pki::rustls::pki_types::ServerName;
 use ztm_pki::rustls::ClientConfig;
-use ztm_pki::tokio_rustls::client::TlsStream;
-use ztm_pki::tokio_rustls::TlsConnector;
 use ztm_proto::model::TimedMessage;
 use ztm_proto::wire::{
     Hello, Register, Registered, BACKOFF_MAX, BACKOFF_MIN, HANDSHAKE_TIMEOUT, HEARTBEAT_INTERVAL,
     MAX_MANAGE_BODY, REQUEST_TIMEOUT, USER_HEADER,
 };
+use ztm_tls::TlsStream;
 
 use crate::mesh::{HubLink, MeshRuntime};
 use crate::Forwarded;
@@ -99,7 +98,7 @@ fn describe_h2(e: &h2::Error) -> String {
     }
 }
 
-async fn dial(addr: &str, config: Arc<ClientConfig>) -> Result<TlsStream<ztm_net::TlsIo>> {
+async fn dial(addr: &str, config: Arc<ClientConfig>) -> Result<TlsStream> {
     let tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| anyhow!("connecting timed out"))?
@@ -108,13 +107,10 @@ async fn dial(addr: &str, config: Arc<ClientConfig>) -> Result<TlsStream<ztm_net
     let name = ServerName::try_from(host_of(addr).to_string())
         .or_else(|_| ServerName::try_from("ztm-hub".to_string()))
         .map_err(|e| anyhow!("bad hub address: {e}"))?;
-    let tls = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        TlsConnector::from(config).connect(name, ztm_net::tls_io(tcp)),
-    )
-    .await
-    .map_err(|_| anyhow!("TLS handshake timed out"))?
-    .map_err(|e| anyhow!("{}", describe(&e)))?;
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, ztm_tls::connect(config, name, tcp))
+        .await
+        .map_err(|_| anyhow!("TLS handshake timed out"))?
+        .map_err(|e| anyhow!("{}", describe(&e)))?;
     Ok(tls)
 }
 
@@ -220,7 +216,7 @@ async fn connect_once(
 
 async fn serve_reverse(
     rt: Arc<MeshRuntime>,
-    mut conn: h2::server::Connection<TlsStream<ztm_net::TlsIo>, Bytes>,
+    mut conn: h2::server::Connection<TlsStream, Bytes>,
     token: String,
 ) {
     let token = Arc::new(token);

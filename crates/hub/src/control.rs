@@ -12,13 +12,13 @@ use tokio_util::sync::CancellationToken;
 use ztm_net::h2io::{self, read_body, respond, respond_error, respond_json};
 use ztm_net::now_ms;
 use ztm_net::relay;
-use ztm_pki::tokio_rustls::server::TlsStream;
 use ztm_proto::acl;
 use ztm_proto::names::check_name;
 use ztm_proto::wire::{
     is_endpoint_id, Proto, Register, Registered, ServiceDecl, ServiceInfo, HOP_TIMEOUT,
     MAX_MANAGE_BODY, REGISTER_TIMEOUT, TUNNEL_PROTOCOL, USER_HEADER,
 };
+use ztm_tls::TlsStream;
 
 use crate::registry::{self, RegisterError, SessionId};
 use crate::server::{Hub, Peer, SessionIo};
@@ -48,7 +48,7 @@ impl Conn {
 
 pub async fn serve(
     hub: Arc<Hub>,
-    tls: TlsStream<ztm_net::TlsIo>,
+    tls: TlsStream,
     peer: Peer,
     conn_id: u64,
     kill: CancellationToken,

@@ -8,14 +8,14 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use tokio_util::sync::CancellationToken;
 use ztm_net::h2io;
-use ztm_pki::tokio_rustls::server::TlsStream;
 use ztm_proto::wire::{Hello, PING_INTERVAL, PING_TIMEOUT, REQUEST_TIMEOUT};
+use ztm_tls::TlsStream;
 
 use crate::server::{Hub, Peer};
 
 pub async fn serve(
     hub: Arc<Hub>,
-    tls: TlsStream<ztm_net::TlsIo>,
+    tls: TlsStream,
     peer: Peer,
     kill: CancellationToken,
 ) -> Result<()> {

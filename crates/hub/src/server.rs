@@ -15,7 +15,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use ztm_net::backoff::Backoff;
 use ztm_net::now_ms;
-use ztm_pki::tokio_rustls::TlsAcceptor;
+use ztm_pki::rustls::ServerConfig;
 use ztm_pki::{Revoked, ALPN_CONTROL, ALPN_REVERSE};
 use ztm_proto::wire::{HANDSHAKE_TIMEOUT, REVOCATION_POLL};
 
@@ -154,20 +154,20 @@ fn hub_name(names: &[String], local: SocketAddr) -> String {
     }
 }
 
-/// A fresh key, certified by the CA: the TLS acceptor using it, and when the certificate
+/// A fresh key, certified by the CA: the TLS configuration using it, and when the certificate
 /// expires (Unix seconds).
 async fn certified(
     ca: &CaClient,
     name: &str,
     sans: &[String],
     revoked: &Revoked,
-) -> Result<(TlsAcceptor, i64)> {
+) -> Result<(Arc<ServerConfig>, i64)> {
     let (key_pem, public_pem) = ztm_pki::generate_key()?;
     let ca_pem = ca.ca_certificate().await?;
     let cert_pem = ca.sign_hub(name, &public_pem, sans).await?;
     let not_after = ztm_pki::cert_info_pem(&cert_pem, "hub certificate")?.not_after;
     let config = ztm_pki::hub_server_config(&ca_pem, &cert_pem, &key_pem, revoked.clone())?;
-    Ok((TlsAcceptor::from(Arc::new(config)), not_after))
+    Ok((Arc::new(config), not_after))
 }
 
 /// The start-up certificate and the revocations so far (and where their feed continues).
@@ -176,7 +176,7 @@ async fn obtain_tls(
     name: &str,
     sans: &[String],
     revoked: &Revoked,
-) -> Result<((TlsAcceptor, i64), i64)> {
+) -> Result<((Arc<ServerConfig>, i64), i64)> {
     let feed = ca.all_revocations(0).await?;
     for r in feed.revocations {
         revoked.insert(r.serial);
@@ -375,7 +375,7 @@ pub async fn run(
 
 async fn serve_connection(
     hub: Arc<Hub>,
-    acceptor: TlsAcceptor,
+    acceptor: Arc<ServerConfig>,
     handshakes: Arc<Semaphore>,
     stream: TcpStream,
     addr: SocketAddr,
@@ -385,17 +385,16 @@ async fn serve_connection(
     let _ = stream.set_nodelay(true);
     let tls = {
         let _permit = handshakes.acquire().await?;
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(ztm_net::tls_io(stream)))
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, ztm_tls::accept(acceptor, stream))
             .await
             .map_err(|_| anyhow!("TLS handshake timed out"))??
     };
-    let (_, session) = tls.get_ref();
-    let cert = session
+    let cert = tls
         .peer_certificates()
-        .and_then(|c| c.first())
+        .first()
         .ok_or_else(|| anyhow!("no client certificate"))?;
     let info = ztm_pki::cert_info(cert.as_ref())?;
-    let alpn = session.alpn_protocol().map(|a| a.to_vec());
+    let alpn = tls.alpn_protocol().map(|a| a.to_vec());
     let peer = Peer {
         user: info.common_name,
         serial: info.serial,

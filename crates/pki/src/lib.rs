@@ -24,7 +24,6 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
 pub use rustls;
-pub use tokio_rustls;
 
 /// ALPN of the agent's control connection (agent is the HTTP/2 client).
 pub const ALPN_CONTROL: &[u8] = b"h2";
@@ -478,6 +477,8 @@ pub fn hub_server_config(
     // Our cipher order, not the client's: agents built with other providers still get the
     // cheapest record cipher both sides have.
     config.ignore_client_order = true;
+    // ztm-tls moves the records itself once rustls has finished the handshake.
+    config.enable_secret_extraction = true;
     Ok(config)
 }
 
@@ -514,6 +515,7 @@ fn client_config_with(
             parse_key(key_pem, "privateKey")?,
         )?;
     config.alpn_protocols = vec![alpn.to_vec()];
+    config.enable_secret_extraction = true;
     Ok(config)
 }
 

@@ -35,11 +35,11 @@ async fn dial(
     ca: &str,
     user: &User,
     alpn: &[u8],
-) -> ztm_pki::tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let config = ztm_pki::agent_client_config(ca, &user.cert, &user.key, alpn).expect("config");
     let tcp = tokio::net::TcpStream::connect(hub).await.expect("connect");
     let name = ztm_pki::rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    ztm_pki::tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
         .expect("tls")
