@@ -354,28 +354,48 @@ async fn list_endpoints(
 }
 
 /// Finds an endpoint by id or by (unique) name.
-async fn resolve_endpoint(rt: &MeshRuntime, ep: &str) -> ApiResult<ztm_proto::model::Endpoint> {
-    if ep == rt.id() || ep == rt.record.agent_name {
+/// The one endpoint `ep` (an id or a name) of user `user` (any user if `None`) names.
+async fn resolve_endpoint(
+    rt: &MeshRuntime,
+    ep: &str,
+    user: Option<&str>,
+) -> ApiResult<ztm_proto::model::Endpoint> {
+    let of_user = |e: &&ztm_proto::model::Endpoint| user.is_none_or(|u| e.username == u);
+    if (ep == rt.id() || ep == rt.record.agent_name) && user.is_none_or(|u| u == rt.username) {
         return Ok(rt.local_endpoint());
     }
     let all = rt.endpoints().await;
-    if let Some(e) = all.iter().find(|e| e.id == ep) {
-        return Ok(e.clone());
-    }
-    let named: Vec<_> = all.iter().filter(|e| e.name == ep).collect();
-    match named.as_slice() {
+    let by_id: Vec<_> = all
+        .iter()
+        .filter(|e| e.id.eq_ignore_ascii_case(ep))
+        .filter(of_user)
+        .collect();
+    let candidates = if by_id.is_empty() {
+        all.iter()
+            .filter(|e| e.name == ep)
+            .filter(of_user)
+            .collect()
+    } else {
+        by_id
+    };
+    match candidates.as_slice() {
         [one] => Ok((*one).clone()),
-        [] => Err(ApiError::not_found(format!(
-            "no endpoint {ep} in mesh {}",
-            rt.name()
-        ))),
+        [] => Err(ApiError::not_found(match user {
+            Some(u) => format!("no endpoint {ep} of user {u} in mesh {}", rt.name()),
+            None => format!("no endpoint {ep} in mesh {}", rt.name()),
+        })),
         several => Err(ApiError::bad(format!(
-            "several endpoints are named {ep} ({}); use the endpoint id",
+            "several endpoints are {ep} ({}); {}",
             several
                 .iter()
                 .map(|e| format!("{} of user {}", e.id, e.username))
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join(", "),
+            if several.iter().all(|e| e.id == several[0].id) {
+                "different users claim this id on different hubs"
+            } else {
+                "use the endpoint id"
+            }
         ))),
     }
 }
@@ -385,7 +405,7 @@ async fn get_endpoint(
     Path((mesh, ep)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     let rt = runtime(&agent, &mesh)?;
-    Ok(Json(resolve_endpoint(&rt, &ep).await?).into_response())
+    Ok(Json(resolve_endpoint(&rt, &ep, None).await?).into_response())
 }
 
 async fn list_services(
@@ -447,17 +467,22 @@ async fn endpoint_scoped(
                 "forwarded requests are for this endpoint only",
             ));
         }
-        let target = if is_endpoint_id(&ep) {
-            ep.clone()
-        } else {
-            resolve_endpoint(&rt, &ep).await?.id
-        };
+        // Resolved even when given by id, for the user it belongs to: the hubs carry the
+        // request only to the endpoint of that user.
+        let target = resolve_endpoint(&rt, &ep, None).await?;
         let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
         let ct = headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok());
         let answer = rt
-            .forward(&target, method, &format!("{rest_raw}{query}"), ct, body)
+            .forward(
+                &target.id,
+                &target.username,
+                method,
+                &format!("{rest_raw}{query}"),
+                ct,
+                body,
+            )
             .await?;
         let mut resp = (answer.status, answer.body).into_response();
         if let Some(ct) = answer.headers.get(header::CONTENT_TYPE) {
@@ -513,19 +538,26 @@ async fn endpoint_scoped(
             check_name(&body.target.service)
                 .map_err(|e| ApiError::bad(format!("target.service: {e}")))?;
             if let Some(name) = body.target.endpoint.as_deref() {
-                // Endpoint names are not unique (any user may call an endpoint anything): a
-                // target given by name is pinned to the id of the one endpoint that has it now,
-                // so that an endpoint taking the same name later cannot receive this port's
+                // Endpoint names are not unique (any user may call an endpoint anything), and
+                // ids are chosen by agents (on a hub its owner is not connected to, another
+                // user could claim one): a target is pinned to the id and the user of the one
+                // endpoint it names now, so that no other endpoint can receive this port's
                 // connections.
-                let pinned = if is_endpoint_id(name) {
-                    name.to_ascii_lowercase()
-                } else {
-                    resolve_endpoint(&rt, name)
-                        .await
-                        .map_err(|e| ApiError::bad(format!("target.endpoint: {}", e.message)))?
-                        .id
-                };
-                body.target.endpoint = Some(pinned);
+                let pinned = resolve_endpoint(&rt, name, body.target.user.as_deref()).await;
+                match pinned {
+                    Ok(e) => {
+                        body.target.endpoint = Some(e.id);
+                        body.target.user = Some(e.username);
+                    }
+                    // An endpoint no hub has seen lately can be named by its id; its user is
+                    // pinned only if given.
+                    Err(e) if e.status == StatusCode::NOT_FOUND && is_endpoint_id(name) => {
+                        body.target.endpoint = Some(name.to_ascii_lowercase());
+                    }
+                    Err(e) => return Err(ApiError::bad(format!("target.endpoint: {}", e.message))),
+                }
+            } else if body.target.user.is_some() {
+                return Err(ApiError::bad("target.user is the user of target.endpoint"));
             }
             let record = PortRecord {
                 ip: ip.clone(),

@@ -14,7 +14,8 @@ use ztm_net::now_ms;
 use ztm_pki::rustls::ClientConfig;
 use ztm_proto::model::{Endpoint, EndpointRef, Service, TimedMessage};
 use ztm_proto::wire::{
-    is_endpoint_id, EndpointInfo, Proto, ServiceDecl, ServiceInfo, MAX_MANAGE_BODY, REQUEST_TIMEOUT,
+    is_endpoint_id, EndpointInfo, Proto, ServiceDecl, ServiceInfo, ENDPOINT_USER_HEADER,
+    MAX_MANAGE_BODY, REQUEST_TIMEOUT,
 };
 
 use crate::ports::{PortKey, PortState, Ports};
@@ -73,6 +74,8 @@ type HubServices = Arc<Vec<(usize, Vec<ServiceInfo>)>>;
 /// An endpoint providing a service, and the hub connections it can be reached through.
 pub struct Provider {
     pub endpoint: String,
+    /// The user the endpoint is registered by at the hubs in `links`.
+    pub user: String,
     pub links: Vec<h2::client::SendRequest<Bytes>>,
 }
 
@@ -206,12 +209,15 @@ impl MeshRuntime {
     }
 
     /// Online endpoints that provide `proto/name` and that this agent's user may reach,
-    /// restricted to `endpoint` (an id or a name) when given.
+    /// restricted to `endpoint` (an id or a name) and to endpoints of `user` when given. An
+    /// endpoint is its id and its user: should two users claim one id on different hubs, they
+    /// are two providers.
     pub async fn providers(
         &self,
         proto: Proto,
         name: &str,
         endpoint: Option<&str>,
+        user: Option<&str>,
     ) -> Vec<Provider> {
         let cached = {
             let cache = self
@@ -252,17 +258,22 @@ impl MeshRuntime {
                     // name is matched only in a port stored by an earlier version.
                     if endpoint.is_some_and(|want| {
                         want != e.id && (is_endpoint_id(want) || want != e.name)
-                    }) {
+                    }) || user.is_some_and(|u| u != e.username)
+                    {
                         continue;
                     }
                     if !ztm_proto::acl::can_connect(&self.username, &e.username, e.users.as_deref())
                     {
                         continue;
                     }
-                    match out.iter_mut().find(|p| p.endpoint == e.id) {
+                    match out
+                        .iter_mut()
+                        .find(|p| p.endpoint == e.id && p.user == e.username)
+                    {
                         Some(p) => p.links.push(sender.clone()),
                         None => out.push(Provider {
                             endpoint: e.id.clone(),
+                            user: e.username.clone(),
                             links: vec![sender.clone()],
                         }),
                     }
@@ -382,12 +393,15 @@ impl MeshRuntime {
     }
 
     /// Every endpoint the hubs know, merged; this endpoint always included.
+    /// Endpoints as the hubs list them, one entry per id and user (two users claiming one id
+    /// on different hubs show as two endpoints).
     pub async fn endpoints(&self) -> Vec<Endpoint> {
-        let mut merged: BTreeMap<String, Endpoint> = BTreeMap::new();
+        let mut merged: BTreeMap<(String, String), Endpoint> = BTreeMap::new();
         for list in self.query_hubs::<Vec<EndpointInfo>>("/api/endpoints").await {
             for e in list {
-                let is_local = e.id == self.record.endpoint_id;
-                let entry = merged.entry(e.id.clone()).or_insert_with(|| Endpoint {
+                let is_local = e.id == self.record.endpoint_id && e.username == self.username;
+                let key = (e.id.clone(), e.username.clone());
+                let entry = merged.entry(key).or_insert_with(|| Endpoint {
                     id: e.id.clone(),
                     name: e.name.clone(),
                     username: e.username.clone(),
@@ -408,7 +422,7 @@ impl MeshRuntime {
         }
         let local = self.local_endpoint();
         merged
-            .entry(local.id.clone())
+            .entry((local.id.clone(), local.username.clone()))
             .and_modify(|e| {
                 e.online = local.online;
                 e.is_local = true;
@@ -483,10 +497,12 @@ impl MeshRuntime {
         merged.into_values().collect()
     }
 
-    /// Sends a management request to endpoint `ep` through the first hub that has it online.
+    /// Sends a management request to endpoint `ep` of `user` through the first hub that has
+    /// it online.
     pub async fn forward(
         &self,
         ep: &str,
+        user: &str,
         method: Method,
         rest: &str,
         content_type: Option<&str>,
@@ -508,6 +524,7 @@ impl MeshRuntime {
                 req = req.header(http::header::CONTENT_TYPE, ct);
             }
             let req = req
+                .header(ENDPOINT_USER_HEADER, user)
                 .body(())
                 .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
             match h2io::request(&sender, req, body.clone(), MAX_MANAGE_BODY, REQUEST_TIMEOUT).await

@@ -378,6 +378,7 @@ mod tests {
             target: PortTarget {
                 service: "dns".into(),
                 endpoint: None,
+                user: None,
             },
         };
         s.put_port("m", &port).unwrap();

@@ -17,11 +17,12 @@ use ztm_net::relay;
 use ztm_proto::capsule;
 use ztm_proto::model::PortTarget;
 use ztm_proto::wire::{
-    Proto, REQUEST_TIMEOUT, SERVICE_CONNECT_TIMEOUT, TUNNEL_PROTOCOL, USER_HEADER,
+    Proto, ENDPOINT_USER_HEADER, REQUEST_TIMEOUT, SERVICE_CONNECT_TIMEOUT, TUNNEL_PROTOCOL,
+    USER_HEADER,
 };
 
 use crate::balance::{Active, Balancer};
-use crate::mesh::MeshRuntime;
+use crate::mesh::{MeshRuntime, Provider};
 
 /// A UDP flow with no datagram either way for this long is closed.
 pub const UDP_IDLE: Duration = Duration::from_secs(60);
@@ -217,12 +218,22 @@ pub async fn open(
     mut first: Option<FirstBytes<'_>>,
 ) -> Result<Opened, String> {
     let providers = rt
-        .providers(proto, &target.service, target.endpoint.as_deref())
+        .providers(
+            proto,
+            &target.service,
+            target.endpoint.as_deref(),
+            target.user.as_deref(),
+        )
         .await;
     if providers.is_empty() {
         return Err(match &target.endpoint {
             Some(ep) => format!(
-                "endpoint {ep} does not provide {proto}/{} (or is offline)",
+                "endpoint {ep}{} does not provide {proto}/{} (or is offline)",
+                target
+                    .user
+                    .as_ref()
+                    .map(|u| format!(" of user {u}"))
+                    .unwrap_or_default(),
                 target.service
             ),
             None => format!(
@@ -231,24 +242,26 @@ pub async fn open(
             ),
         });
     }
-    let ids: Vec<String> = providers.iter().map(|p| p.endpoint.clone()).collect();
+    let mut ids: Vec<String> = providers.iter().map(|p| p.endpoint.clone()).collect();
+    ids.sort();
+    ids.dedup();
     let mut last_error = String::new();
     for ep in balancer.order(&ids) {
-        let Some(provider) = providers.iter().find(|p| p.endpoint == ep) else {
-            continue;
-        };
-        for sender in &provider.links {
-            match connect(sender, &ep, proto, &target.service, first.as_mut()).await {
-                Ok((send, recv)) => {
-                    let active = balancer.track(&ep);
-                    return Ok(Opened {
-                        send,
-                        recv,
-                        endpoint: ep,
-                        active,
-                    });
+        // Usually one provider; two if two users claim this id on different hubs.
+        for provider in providers.iter().filter(|p| p.endpoint == ep) {
+            for sender in &provider.links {
+                match connect(sender, provider, proto, &target.service, first.as_mut()).await {
+                    Ok((send, recv)) => {
+                        let active = balancer.track(&ep);
+                        return Ok(Opened {
+                            send,
+                            recv,
+                            endpoint: ep,
+                            active,
+                        });
+                    }
+                    Err(e) => last_error = e,
                 }
-                Err(e) => last_error = e,
             }
         }
     }
@@ -258,7 +271,7 @@ pub async fn open(
 
 async fn connect(
     sender: &h2::client::SendRequest<Bytes>,
-    ep: &str,
+    provider: &Provider,
     proto: Proto,
     service: &str,
     mut first: Option<&mut FirstBytes<'_>>,
@@ -266,9 +279,13 @@ async fn connect(
     let work = async {
         let mut req = h2io::build(
             Method::CONNECT,
-            &format!("/api/endpoints/{ep}/services/{proto}/{service}"),
+            &format!(
+                "/api/endpoints/{}/services/{proto}/{service}",
+                provider.endpoint
+            ),
         )
         .map_err(|e| e.to_string())?
+        .header(ENDPOINT_USER_HEADER, provider.user.as_str())
         .body(())
         .map_err(|e| e.to_string())?;
         req.extensions_mut()
@@ -302,6 +319,7 @@ async fn connect(
                 }
             }
         };
+        let ep = &provider.endpoint;
         let resp = resp.map_err(|e| e.to_string())?;
         if resp.status() != StatusCode::OK {
             let msg = h2io::error_message_of(resp).await;
@@ -313,7 +331,12 @@ async fn connect(
     };
     tokio::time::timeout(REQUEST_TIMEOUT, work)
         .await
-        .map_err(|_| format!("tunnel to {proto}/{service} on {ep}: no answer"))?
+        .map_err(|_| {
+            format!(
+                "tunnel to {proto}/{service} on {}: no answer",
+                provider.endpoint
+            )
+        })?
 }
 
 /// Client end of a UDP flow: datagrams from `rx` into the tunnel, capsules back to `client`.

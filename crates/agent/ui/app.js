@@ -12,8 +12,8 @@ function localEndpoint() {
   return state.endpoints.find((e) => e.isLocal);
 }
 
-function endpointName(id) {
-  const e = state.endpoints.find((x) => x.id === id);
+function endpointName(id, user) {
+  const e = state.endpoints.find((x) => x.id === id && (!user || x.username === user));
   return e ? e.name : id;
 }
 
@@ -173,7 +173,7 @@ function renderPorts(ports, error) {
     return el("tr", { "data-port": `${p.listen.ip}:${p.listen.port}/${p.protocol}` }, [
       el("td", { "data-label": "Listen" }, `${p.listen.ip}:${p.listen.port}`),
       el("td", { "data-label": "Protocol" }, p.protocol),
-      el("td", { "data-label": "Target" }, p.target.service + (p.target.endpoint ? ` @ ${endpointName(p.target.endpoint)}` : "")),
+      el("td", { "data-label": "Target" }, p.target.service + (p.target.endpoint ? ` @ ${endpointName(p.target.endpoint, p.target.user)}` : "")),
       el("td", { "data-label": "State", class: p.open ? "online" : "offline" }, p.open ? "open" : (p.error || "closed")),
       el("td", {}, [del, err]),
     ]);

@@ -15,8 +15,8 @@ use ztm_net::relay;
 use ztm_proto::acl;
 use ztm_proto::names::check_name;
 use ztm_proto::wire::{
-    is_endpoint_id, Proto, Register, Registered, ServiceDecl, ServiceInfo, HOP_TIMEOUT,
-    MAX_MANAGE_BODY, REGISTER_TIMEOUT, TUNNEL_PROTOCOL, USER_HEADER,
+    is_endpoint_id, Proto, Register, Registered, ServiceDecl, ServiceInfo, ENDPOINT_USER_HEADER,
+    HOP_TIMEOUT, MAX_MANAGE_BODY, REGISTER_TIMEOUT, TUNNEL_PROTOCOL, USER_HEADER,
 };
 use ztm_tls::TlsStream;
 
@@ -331,6 +331,9 @@ async fn manage(conn: &Arc<Conn>, ep: &str, req: Request<RecvStream>, send: Send
             format!("endpoint {ep} is not online at this hub"),
         );
     };
+    if let Some(refusal) = other_users_endpoint(&req, ep, &owner) {
+        return respond_error(send, StatusCode::NOT_FOUND, refusal);
+    }
     if !acl::can_manage(&conn.peer.user, &owner) {
         return respond_error(
             send,
@@ -391,6 +394,19 @@ async fn manage(conn: &Arc<Conn>, ep: &str, req: Request<RecvStream>, send: Send
     }
 }
 
+/// When the caller names the user it knows endpoint `ep` by ([`ENDPOINT_USER_HEADER`]) and
+/// the id is registered here by `owner`, someone else: the answer, as for an endpoint that is
+/// not here (the caller then tries its other hubs).
+fn other_users_endpoint(req: &Request<RecvStream>, ep: &str, owner: &str) -> Option<String> {
+    let expected = req.headers().get(ENDPOINT_USER_HEADER)?;
+    (expected.as_bytes() != owner.as_bytes()).then(|| {
+        format!(
+            "endpoint {ep} of user {} is not online at this hub",
+            String::from_utf8_lossy(expected.as_bytes())
+        )
+    })
+}
+
 fn is_tunnel(req: &Request<RecvStream>) -> bool {
     req.extensions()
         .get::<h2::ext::Protocol>()
@@ -435,6 +451,9 @@ async fn tunnel(
             format!("endpoint {ep} is not online at this hub"),
         );
     };
+    if let Some(refusal) = other_users_endpoint(&req, ep, &owner) {
+        return respond_error(send, StatusCode::NOT_FOUND, refusal);
+    }
     let Some(service) = service else {
         return respond_error(
             send,

@@ -155,6 +155,10 @@ pub struct PortTarget {
     pub service: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// The user of the target endpoint, pinned with it when the port is created: endpoint ids
+    /// are chosen by agents, so on another hub another user could claim the same id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

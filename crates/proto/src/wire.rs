@@ -45,6 +45,11 @@ pub const STALL_MIN: usize = 64 << 10;
 
 /// Header naming the user on whose behalf the hub forwards a management request.
 pub const USER_HEADER: &str = "ztm-user";
+/// Header of tunnel and management requests naming the user the caller knows the target
+/// endpoint by. A hub where that endpoint id is registered by another user answers as if the
+/// endpoint were not there (endpoint ids are chosen by agents; each hub binds an id to a user
+/// only while it is online there).
+pub const ENDPOINT_USER_HEADER: &str = "ztm-endpoint-user";
 /// `:protocol` of tunnel CONNECT requests.
 pub const TUNNEL_PROTOCOL: &str = "ztm-tunnel";
 

@@ -65,7 +65,7 @@ async fn ask(
     tunnel: bool,
 ) -> (u16, String, Option<(h2::SendStream<Bytes>, h2::RecvStream)>) {
     let sender = control(hub, ca, user).await;
-    ask_on(sender, method, path, Bytes::new(), tunnel).await
+    ask_on(sender, method, path, Bytes::new(), tunnel, None).await
 }
 
 /// Sends one request on a control connection.
@@ -75,6 +75,7 @@ async fn ask_on(
     path: &str,
     body: Bytes,
     tunnel: bool,
+    endpoint_user: Option<&str>,
 ) -> (u16, String, Option<(h2::SendStream<Bytes>, h2::RecvStream)>) {
     let mut sender = sender.ready().await.expect("ready");
     let mut req = http::Request::builder()
@@ -82,6 +83,10 @@ async fn ask_on(
         .uri(format!("https://hub{path}"))
         .body(())
         .unwrap();
+    if let Some(user) = endpoint_user {
+        req.headers_mut()
+            .insert("ztm-endpoint-user", user.parse().unwrap());
+    }
     if tunnel {
         req.extensions_mut()
             .insert(h2::ext::Protocol::from_static("ztm-tunnel"));
@@ -154,6 +159,36 @@ fn hub_refuses_tunnels_and_management_to_users_without_rights() {
             }
         }
         assert_eq!(got, b"secret:hello\n");
+        // A caller that knows this endpoint id as another user's is told it is not here,
+        // tunnel or management alike; as root's, it gets through.
+        for (method, path, tunnel) in [
+            (http::Method::CONNECT, path.as_str(), true),
+            (
+                http::Method::GET,
+                &format!("/api/endpoints/{b_id}/manage/services"),
+                false,
+            ),
+        ] {
+            let sender = control(&hub.addr, &pem, &root).await;
+            let (status, body, _) = ask_on(
+                sender,
+                method.clone(),
+                path,
+                Bytes::new(),
+                tunnel,
+                Some("bob"),
+            )
+            .await;
+            assert_eq!(status, 404, "{body}");
+            assert!(
+                body.contains("of user bob is not online at this hub"),
+                "{body}"
+            );
+            let sender = control(&hub.addr, &pem, &root).await;
+            let (status, body, _) =
+                ask_on(sender, method, path, Bytes::new(), tunnel, Some("root")).await;
+            assert_eq!(status, 200, "{body}");
+        }
         // Unknown services and endpoints are 404s.
         let (status, _, _) = ask(
             &hub.addr,
@@ -198,6 +233,7 @@ fn management_waits_for_a_late_reverse_connection() {
             &format!("/api/endpoints/{id}"),
             Bytes::from(json!({"name": "late"}).to_string()),
             false,
+            None,
         )
         .await;
         assert_eq!(status, 200, "{body}");

@@ -376,6 +376,8 @@ struct Stack {
     /// First, so that agents stop before the hub and the CA.
     agents: Vec<AgentProc>,
     ids: Vec<String>,
+    /// The users' certificates, one per user name.
+    users: Vec<User>,
     hub: HubProc,
     /// Kept running (and its log printed on failure) for the whole test.
     _ca: CaProc,
@@ -409,6 +411,7 @@ fn stack(tag: &str, users: &[&str]) -> Stack {
     let st = Stack {
         agents,
         ids,
+        users: issued,
         hub,
         _ca: ca,
         _dir: dir,
@@ -1897,4 +1900,97 @@ fn tunnel_crosses_nat_and_firewalls_in_namespaces() {
     // And the tunnel still works.
     assert_eq!(in_ns(&ns_a, || roundtrip(port, "end")).unwrap(), "B:end");
     drop((a, b, hub, ca));
+}
+
+/// Endpoint ids are chosen by agents, and a hub binds an id to a user only while it is online
+/// there. Mallory's agent registers Bob's endpoint id at a second hub Bob does not use, and
+/// publishes the same service: A's port to Bob's endpoint still reaches only Bob, and A refuses
+/// to guess which of the two claims a request by id means.
+#[test]
+fn another_user_claiming_an_endpoint_id_at_another_hub_gets_nothing() {
+    let st = stack("tun-claim", &["root", "bob"]);
+    let hub2 = start_hub(st._dir.path(), "hub2", &st._ca.addr);
+    let pem = ca_pem(&st._ca.addr);
+    let root = st.users.iter().find(|u| u.name == "root").unwrap();
+    // A uses both hubs, the second one first; Bob only the first.
+    join_ok(st.api(0), &pem, "a", root, &[&hub2.addr, &st.hub.addr]);
+    let b_srv = tagged_server("B");
+    st.add_service(1, "tcp", "svc", b_srv.port, None);
+    st.wait_service(0, "tcp", "svc", &[1]);
+    let port = free_port();
+    let v = st.map_port(0, "tcp", port, "svc", Some(&st.ids[1]));
+    assert_eq!(v["target"]["endpoint"], st.ids[1], "{v}");
+    assert_eq!(v["target"]["user"], "bob", "pinned to Bob's endpoint: {v}");
+    wait_tunnel(port, "B", Duration::from_secs(20));
+
+    // Mallory's agent, on the second hub only, takes Bob's id (written into its database).
+    let mallory = create_user(&st._ca.addr, "mallory");
+    let mut m = start_agent(st._dir.path(), "m");
+    join_ok(&m.addr, &pem, "m", &mallory, &[&hub2.addr]);
+    m.proc.stop();
+    rusqlite::Connection::open(&m.db)
+        .unwrap()
+        .execute("UPDATE meshes SET endpoint_id = ?1", [&st.ids[1]])
+        .unwrap();
+    m.restart();
+    assert_eq!(local_id(&m.addr), st.ids[1]);
+    let m_srv = tagged_server("M");
+    add_service_at(&m.addr, &st.ids[1], "tcp", "svc", m_srv.port, None);
+    wait_until(
+        Duration::from_secs(20),
+        "A to list Mallory's claim of Bob's id",
+        || {
+            endpoints(st.api(0)).is_some_and(|l| {
+                l.iter()
+                    .any(|e| e["id"] == st.ids[1].as_str() && e["username"] == "mallory")
+            })
+        },
+    );
+
+    // Every connection through the port still reaches Bob, over 3 s (A's list of providers,
+    // which includes Mallory's claim, is renewed every 2 s).
+    for i in 0..30 {
+        let got = roundtrip(port, &format!("n{i}"));
+        assert_eq!(
+            got.as_deref().ok(),
+            Some(format!("B:n{i}").as_str()),
+            "{got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // By id alone, A cannot tell the two apart: a new port or a management request is
+    // refused with both claims named, and a port naming the user is made.
+    let new_port = format!(
+        "/api/meshes/{MESH}/endpoints/{}/ports/127.0.0.1/tcp/{}",
+        st.ids[0],
+        free_port()
+    );
+    let r = post_json(
+        st.api(0),
+        &new_port,
+        &json!({"target": {"service": "svc", "endpoint": st.ids[1]}}),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text().contains("bob") && r.text().contains("mallory"),
+        "{}",
+        r.text()
+    );
+    let manage = get(
+        st.api(0),
+        &format!("/api/meshes/{MESH}/endpoints/{}/services", st.ids[1]),
+    );
+    assert_eq!(manage.status, 400, "{}", manage.text());
+    let by_user = free_port();
+    let path = format!(
+        "/api/meshes/{MESH}/endpoints/{}/ports/127.0.0.1/tcp/{by_user}",
+        st.ids[0]
+    );
+    let r = post_json(
+        st.api(0),
+        &path,
+        &json!({"target": {"service": "svc", "endpoint": st.ids[1], "user": "bob"}}),
+    );
+    assert!(is_2xx(&r), "{} {}", r.status, r.text());
+    wait_tunnel(by_user, "B", Duration::from_secs(20));
 }

@@ -536,10 +536,11 @@ async fn describe(ctx: &Ctx, mesh_opt: &MeshOpt, what: DescribeWhat) -> Result<(
             f.add("Service", &p.target.service);
             f.add(
                 "Target endpoint",
-                p.target
-                    .endpoint
-                    .clone()
-                    .unwrap_or_else(|| "(any provider)".to_string()),
+                match (&p.target.endpoint, &p.target.user) {
+                    (Some(ep), Some(user)) => format!("{ep} (user {user})"),
+                    (Some(ep), None) => ep.clone(),
+                    (None, _) => "(any provider)".to_string(),
+                },
             );
             f.add("Open", yes_no(p.open));
             f.add("Error", p.error.clone().unwrap_or_else(|| "-".to_string()));
