@@ -258,11 +258,19 @@ async fn join_mesh(
     check_name(&mesh).map_err(|e| ApiError::bad(format!("mesh name: {e}")))?;
     let req: JoinRequest = parse_json(&body)?;
     let existing = agent.store.mesh(&mesh)?;
+    let key = match (
+        req.agent.private_key.filter(|k| !k.trim().is_empty()),
+        &existing,
+    ) {
+        (Some(key), _) => key,
+        (None, Some(e)) => e.key.clone(),
+        (None, None) => return Err(ApiError::bad("agent.privateKey: required to join a mesh")),
+    };
     let record = MeshRecord {
         name: mesh,
         ca: req.ca,
         cert: req.agent.certificate,
-        key: req.agent.private_key,
+        key,
         agent_name: req
             .agent
             .name
@@ -325,14 +333,70 @@ async fn get_cert(
     Ok(pem_text(runtime(&agent, &mesh)?.record.cert.clone()))
 }
 
+/// `POST .../agent/certificate` and `.../agent/key`: a new certificate or key for the mesh.
+/// The two must match, so a body may carry both (one PEM text with the certificate and its
+/// private key) to change the agent's identity in one step.
+fn set_identity(agent: &Agent, mesh: &str, body: &Bytes, field: &str) -> ApiResult<Json<Mesh>> {
+    let mut record = runtime(agent, mesh)?.record.clone();
+    let text = pem_body(body, field)?;
+    let (certs, key) = split_pem(&text);
+    let both = certs.is_some() && key.is_some();
+    match (field, certs, key) {
+        (_, Some(c), Some(k)) => (record.cert, record.key) = (c, k),
+        ("agent.certificate", Some(c), None) => record.cert = c,
+        ("agent.privateKey", None, Some(k)) => record.key = k,
+        _ => {
+            return Err(ApiError::bad(format!(
+                "{field}: no PEM {field} in the body"
+            )))
+        }
+    }
+    if !both && ztm_pki::key_matches_cert(&record.cert, &record.key).is_err() {
+        return Err(ApiError::bad(format!(
+            "{field}: does not match the mesh's {}; to change both, send the certificate and \
+             its private key together in one PEM body",
+            if field == "agent.certificate" {
+                "private key"
+            } else {
+                "certificate"
+            }
+        )));
+    }
+    apply(agent, record, false)
+}
+
+/// The certificate blocks and the (first) private key block of a PEM text, each as PEM text.
+fn split_pem(text: &str) -> (Option<String>, Option<String>) {
+    const BEGIN: &str = "-----BEGIN ";
+    const END: &str = "-----END ";
+    let (mut certs, mut key) = (String::new(), None);
+    let mut rest = text;
+    while let Some(begin) = rest.find(BEGIN) {
+        let block = &rest[begin..];
+        let Some(end) = block.find(END) else {
+            break;
+        };
+        let Some(close) = block[end + END.len()..].find("-----") else {
+            break;
+        };
+        let (block, after) = block.split_at(end + END.len() + close + 5);
+        if block.contains("PRIVATE KEY-----") {
+            key.get_or_insert_with(|| format!("{block}\n"));
+        } else if block.starts_with("-----BEGIN CERTIFICATE-----") {
+            certs.push_str(block);
+            certs.push('\n');
+        }
+        rest = after;
+    }
+    ((!certs.is_empty()).then_some(certs), key)
+}
+
 async fn set_cert(
     State(agent): State<Arc<Agent>>,
     Path(mesh): Path<String>,
     body: Bytes,
 ) -> ApiResult<Json<Mesh>> {
-    let mut record = runtime(&agent, &mesh)?.record.clone();
-    record.cert = pem_body(&body, "agent.certificate")?;
-    apply(&agent, record, false)
+    set_identity(&agent, &mesh, &body, "agent.certificate")
 }
 
 async fn set_key(
@@ -340,9 +404,7 @@ async fn set_key(
     Path(mesh): Path<String>,
     body: Bytes,
 ) -> ApiResult<Json<Mesh>> {
-    let mut record = runtime(&agent, &mesh)?.record.clone();
-    record.key = pem_body(&body, "agent.privateKey")?;
-    apply(&agent, record, false)
+    set_identity(&agent, &mesh, &body, "agent.privateKey")
 }
 
 async fn list_endpoints(
@@ -353,7 +415,6 @@ async fn list_endpoints(
     Ok(Json(rt.endpoints().await).into_response())
 }
 
-/// Finds an endpoint by id or by (unique) name.
 /// The one endpoint `ep` (an id or a name) of user `user` (any user if `None`) names.
 async fn resolve_endpoint(
     rt: &MeshRuntime,
@@ -725,4 +786,34 @@ fn local_ports(rt: &MeshRuntime) -> ApiResult<Vec<ztm_proto::model::Port>> {
             }
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_pem;
+
+    #[test]
+    fn a_pem_body_splits_into_certificates_and_a_key() {
+        let cert = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----";
+        let key = "-----BEGIN PRIVATE KEY-----\nBBBB\n-----END PRIVATE KEY-----";
+        let both = format!("{cert}\n{key}\n");
+        assert_eq!(
+            split_pem(&both),
+            (Some(format!("{cert}\n")), Some(format!("{key}\n")))
+        );
+        // Order, surrounding text and a chain of two certificates.
+        let chain = format!("note\n{key}\r\n{cert}\n{cert}\n");
+        let (certs, k) = split_pem(&chain);
+        assert_eq!(certs, Some(format!("{cert}\n{cert}\n")));
+        assert_eq!(k, Some(format!("{key}\n")));
+        assert_eq!(split_pem(cert), (Some(format!("{cert}\n")), None));
+        assert_eq!(split_pem("garbage"), (None, None));
+        // A block without its end is not taken.
+        assert_eq!(
+            split_pem("-----BEGIN CERTIFICATE-----\nAAAA\n"),
+            (None, None)
+        );
+        let ec = "-----BEGIN EC PRIVATE KEY-----\nCC\n-----END EC PRIVATE KEY-----";
+        assert_eq!(split_pem(ec).1, Some(format!("{ec}\n")));
+    }
 }

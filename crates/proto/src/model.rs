@@ -59,7 +59,9 @@ pub struct JoinAgent {
     #[serde(default)]
     pub name: Option<String>,
     pub certificate: String,
-    pub private_key: String,
+    /// Required to join; updating a joined mesh without it keeps the key it has.
+    #[serde(default)]
+    pub private_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -6,6 +6,7 @@ mod common;
 use common::mesh::*;
 use common::*;
 use serde_json::json;
+use std::time::Duration;
 
 #[test]
 fn bad_input_gets_clear_errors_and_changes_nothing() {
@@ -273,4 +274,58 @@ fn raw_request(addr: &str, request: &str) -> String {
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A certificate or a key alone must match what the mesh has; the two together, in one PEM
+/// body, change the agent's identity. Updating a joined mesh does not need the key again.
+#[test]
+fn an_agent_changes_its_identity_in_one_step() {
+    let dir = TempDir::new("agent-identity");
+    let ca = start_ca(dir.path());
+    let pem = ca_pem(&ca.addr);
+    let alice = create_user(&ca.addr, "alice");
+    let bob = create_user(&ca.addr, "bob");
+    let hub = start_hub(dir.path(), "hub", &ca.addr);
+    let agent = start_agent(dir.path(), "a");
+    join_ok(&agent.addr, &pem, "a", &alice, &[&hub.addr]);
+    let id = local_id(&agent.addr);
+    let user_at_hub = |want: &str| {
+        endpoint(&agent.addr, &id).is_some_and(|e| e["username"] == want && e["online"] == true)
+    };
+    wait_until(Duration::from_secs(15), "alice online", || {
+        user_at_hub("alice")
+    });
+
+    // Bob's certificate alone does not match alice's key: refused, nothing changed.
+    let r = post(&agent.addr, "/api/meshes/m/agent/certificate", &bob.cert);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("together"), "{}", r.text());
+    let r = post(&agent.addr, "/api/meshes/m/agent/key", &bob.key);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(mesh_info(&agent.addr)["agent"]["username"], "alice");
+    // Both in one body: the agent is bob's now, at the hub too.
+    let r = post(
+        &agent.addr,
+        "/api/meshes/m/agent/certificate",
+        &format!("{}{}", bob.cert, bob.key),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["agent"]["username"], "bob");
+    assert!(!r.text().contains("PRIVATE KEY"), "{}", r.text());
+    wait_until(Duration::from_secs(15), "bob online", || user_at_hub("bob"));
+
+    // An update without the key keeps the key; joining without one is refused.
+    let mut update = join_body(&pem, "renamed", &bob, &[&hub.addr]);
+    update["agent"]
+        .as_object_mut()
+        .unwrap()
+        .remove("privateKey");
+    let r = post_json(&agent.addr, "/api/meshes/m", &update);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["agent"]["name"], "renamed");
+    assert_eq!(r.json()["agent"]["username"], "bob");
+    let r = post_json(&agent.addr, "/api/meshes/n", &update);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("privateKey"), "{}", r.text());
+    assert_eq!(get(&agent.addr, "/api/meshes/n").status, 404);
 }
