@@ -1061,4 +1061,47 @@ mod tests {
         let told = client.await.unwrap().expect_err("the client read data");
         assert!(told.to_string().contains("alert"), "{told}");
     }
+
+    /// A rustls server that, once the handshake is done, writes `raw` to the socket itself
+    /// and closes it; what our client reads.
+    async fn read_after_raw(raw: &'static [u8]) -> io::Error {
+        let pki = pki("alice");
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = pki.server.clone();
+        let peer = std::thread::spawn(move || {
+            let (sock, _) = listener.accept().unwrap();
+            let conn = rustls::ServerConnection::new(config).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, sock);
+            while tls.conn.is_handshaking() {
+                tls.conn.complete_io(&mut tls.sock).unwrap();
+            }
+            tls.write_all(b"fine").unwrap();
+            tls.flush().unwrap();
+            tls.sock.write_all(raw).unwrap();
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut tls = connect(pki.client.clone(), name(), tcp).await.unwrap();
+        let mut got = [0u8; 4];
+        tls.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"fine");
+        peer.join().unwrap();
+        tls.read(&mut [0u8; 64]).await.expect_err("read garbage")
+    }
+
+    #[tokio::test]
+    async fn malformed_or_cut_records_are_errors() {
+        // A record longer than TLS allows.
+        let e = read_after_raw(&[23, 3, 3, 0x4f, 0xff, 0, 0]).await;
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        assert!(e.to_string().contains("20479 bytes"), "{e}");
+        // A plaintext record type after the handshake.
+        let e = read_after_raw(&[22, 3, 3, 0, 4, 1, 2, 3, 4]).await;
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        // The connection ends inside a record, or between records without close_notify.
+        let e = read_after_raw(&[23, 3, 3, 0, 40, 1, 2]).await;
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+        let e = read_after_raw(&[]).await;
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+    }
 }
