@@ -347,7 +347,12 @@ fn set_identity(agent: &Agent, mesh: &str, body: &Bytes, field: &str) -> ApiResu
         ("agent.privateKey", None, Some(k)) => record.key = k,
         _ => {
             return Err(ApiError::bad(format!(
-                "{field}: no PEM {field} in the body"
+                "{field}: the body holds no PEM {}",
+                if field == "agent.certificate" {
+                    "certificate"
+                } else {
+                    "private key"
+                }
             )))
         }
     }

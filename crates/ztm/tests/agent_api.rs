@@ -302,6 +302,9 @@ fn an_agent_changes_its_identity_in_one_step() {
     assert!(r.text().contains("together"), "{}", r.text());
     let r = post(&agent.addr, "/api/meshes/m/agent/key", &bob.key);
     assert_eq!(r.status, 400, "{}", r.text());
+    let r = post(&agent.addr, "/api/meshes/m/agent/certificate", "junk");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("no PEM certificate"), "{}", r.text());
     assert_eq!(mesh_info(&agent.addr)["agent"]["username"], "alice");
     // Both in one body: the agent is bob's now, at the hub too.
     let r = post(
