@@ -392,9 +392,8 @@ impl MeshRuntime {
         }
     }
 
-    /// Every endpoint the hubs know, merged; this endpoint always included.
-    /// Endpoints as the hubs list them, one entry per id and user (two users claiming one id
-    /// on different hubs show as two endpoints).
+    /// Every endpoint the hubs know, merged, this endpoint always included: one entry per id
+    /// and user (two users claiming one id on different hubs show as two endpoints).
     pub async fn endpoints(&self) -> Vec<Endpoint> {
         let mut merged: BTreeMap<(String, String), Endpoint> = BTreeMap::new();
         for list in self.query_hubs::<Vec<EndpointInfo>>("/api/endpoints").await {
