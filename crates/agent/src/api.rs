@@ -333,26 +333,50 @@ async fn get_cert(
     Ok(pem_text(runtime(&agent, &mesh)?.record.cert.clone()))
 }
 
+/// Which half of the agent's identity a request sets.
+#[derive(Clone, Copy, PartialEq)]
+enum Half {
+    Certificate,
+    Key,
+}
+
+impl Half {
+    fn field(self) -> &'static str {
+        match self {
+            Half::Certificate => "agent.certificate",
+            Half::Key => "agent.privateKey",
+        }
+    }
+    fn what(self) -> &'static str {
+        match self {
+            Half::Certificate => "certificate",
+            Half::Key => "private key",
+        }
+    }
+    fn other(self) -> Half {
+        match self {
+            Half::Certificate => Half::Key,
+            Half::Key => Half::Certificate,
+        }
+    }
+}
+
 /// `POST .../agent/certificate` and `.../agent/key`: a new certificate or key for the mesh.
 /// The two must match, so a body may carry both (one PEM text with the certificate and its
 /// private key) to change the agent's identity in one step.
-fn set_identity(agent: &Agent, mesh: &str, body: &Bytes, field: &str) -> ApiResult<Json<Mesh>> {
+fn set_identity(agent: &Agent, mesh: &str, body: &Bytes, half: Half) -> ApiResult<Json<Mesh>> {
     let mut record = runtime(agent, mesh)?.record.clone();
-    let text = pem_body(body, field)?;
-    let (certs, key) = split_pem(&text);
+    let field = half.field();
+    let (certs, key) = split_pem(&pem_body(body, field)?);
     let both = certs.is_some() && key.is_some();
-    match (field, certs, key) {
+    match (half, certs, key) {
         (_, Some(c), Some(k)) => (record.cert, record.key) = (c, k),
-        ("agent.certificate", Some(c), None) => record.cert = c,
-        ("agent.privateKey", None, Some(k)) => record.key = k,
+        (Half::Certificate, Some(c), None) => record.cert = c,
+        (Half::Key, None, Some(k)) => record.key = k,
         _ => {
             return Err(ApiError::bad(format!(
                 "{field}: the body holds no PEM {}",
-                if field == "agent.certificate" {
-                    "certificate"
-                } else {
-                    "private key"
-                }
+                half.what()
             )))
         }
     }
@@ -360,11 +384,7 @@ fn set_identity(agent: &Agent, mesh: &str, body: &Bytes, field: &str) -> ApiResu
         return Err(ApiError::bad(format!(
             "{field}: does not match the mesh's {}; to change both, send the certificate and \
              its private key together in one PEM body",
-            if field == "agent.certificate" {
-                "private key"
-            } else {
-                "certificate"
-            }
+            half.other().what()
         )));
     }
     apply(agent, record, false)
@@ -401,7 +421,7 @@ async fn set_cert(
     Path(mesh): Path<String>,
     body: Bytes,
 ) -> ApiResult<Json<Mesh>> {
-    set_identity(&agent, &mesh, &body, "agent.certificate")
+    set_identity(&agent, &mesh, &body, Half::Certificate)
 }
 
 async fn set_key(
@@ -409,7 +429,7 @@ async fn set_key(
     Path(mesh): Path<String>,
     body: Bytes,
 ) -> ApiResult<Json<Mesh>> {
-    set_identity(&agent, &mesh, &body, "agent.privateKey")
+    set_identity(&agent, &mesh, &body, Half::Key)
 }
 
 async fn list_endpoints(

@@ -347,6 +347,20 @@ fn roundtrip(port: u16, msg: &str) -> std::io::Result<String> {
 }
 
 /// Waits until a fresh connection through `port` gets `{tag}:ping` back.
+/// 30 connections through `port`, 100 ms apart (3 s: longer than an agent keeps its list of
+/// providers), all answered by the server tagged `tag`.
+fn every_connection_reaches(port: u16, tag: &str) {
+    for i in 0..30 {
+        let got = roundtrip(port, &format!("n{i}"));
+        assert_eq!(
+            got.as_deref().ok(),
+            Some(format!("{tag}:n{i}").as_str()),
+            "{got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn wait_tunnel(port: u16, tag: &str, within: Duration) {
     let want = format!("{tag}:ping");
     let mut last = String::new();
@@ -1340,15 +1354,7 @@ fn a_target_endpoint_given_by_name_is_pinned_to_its_id() {
 
     // Every connection through the pinned port still reaches B, over 3 s: longer than A
     // keeps its list of providers (2 s), so the list that includes C is used too.
-    for i in 0..30 {
-        let got = roundtrip(port, &format!("n{i}"));
-        assert_eq!(
-            got.as_deref().ok(),
-            Some(format!("B:n{i}").as_str()),
-            "{got:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    every_connection_reaches(port, "B");
     // A new port naming "b" is refused: the name is ambiguous now.
     let path = format!(
         "/api/meshes/{MESH}/endpoints/{}/ports/127.0.0.1/tcp/{}",
@@ -1949,15 +1955,7 @@ fn another_user_claiming_an_endpoint_id_at_another_hub_gets_nothing() {
 
     // Every connection through the port still reaches Bob, over 3 s (A's list of providers,
     // which includes Mallory's claim, is renewed every 2 s).
-    for i in 0..30 {
-        let got = roundtrip(port, &format!("n{i}"));
-        assert_eq!(
-            got.as_deref().ok(),
-            Some(format!("B:n{i}").as_str()),
-            "{got:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    every_connection_reaches(port, "B");
     // By id alone, A cannot tell the two apart: a new port or a management request is
     // refused with both claims named, and a port naming the user is made.
     let new_port = format!(
