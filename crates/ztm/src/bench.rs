@@ -167,12 +167,19 @@ impl<T> Pair<T> {
 }
 
 /// The fresh-connection and ping-pong scenarios on the echo `targets` (direct, tunnel,
-/// plain), the three paths taking turns slice by slice (see [`load::Series`]).
-async fn latencies(plan: &Plan, targets: [&str; 3]) -> (Pair<Latency>, Pair<Latency>) {
+/// plain), the three paths taking turns slice by slice (see [`load::Series`]), with the CPU
+/// time of the tunnel's relays `pids` and of the plain ones `plain_pids`.
+async fn latencies(
+    plan: &Plan,
+    targets: [&str; 3],
+    pids: &[u32],
+    plain_pids: &[u32],
+    hz: f64,
+) -> (Pair<Latency>, Pair<Latency>) {
     let series = || Pair {
-        direct: load::Series::new(targets[0]),
-        tunnel: load::Series::new(targets[1]),
-        plain: load::Series::new(targets[2]),
+        direct: load::Series::new(targets[0], Vec::new()),
+        tunnel: load::Series::new(targets[1], pids.to_vec()),
+        plain: load::Series::new(targets[2], plain_pids.to_vec()),
     };
     let (mut fresh, mut pings) = (series(), series());
     for turn in 0..load::TURNS {
@@ -186,8 +193,8 @@ async fn latencies(plan: &Plan, targets: [&str; 3]) -> (Pair<Latency>, Pair<Late
         }
     }
     (
-        fresh.map(load::Series::into_latency),
-        pings.map(load::Series::into_latency),
+        fresh.map(|s| s.into_latency(hz)),
+        pings.map(|s| s.into_latency(hz)),
     )
 }
 
@@ -297,7 +304,14 @@ async fn measure(
         "bench: {} fresh connections + 64 B echo, {} ping-pongs on one connection ...",
         plan.fresh, plan.pings
     );
-    let (fresh, pings) = latencies(plan, [&targets.echo, t_echo, p_echo]).await;
+    let (fresh, pings) = latencies(
+        plan,
+        [&targets.echo, t_echo, p_echo],
+        &pids,
+        &plain_pids,
+        hz,
+    )
+    .await;
     st.check_alive()?;
     eprintln!(
         "bench: {} concurrent connections × {} round trips ...",
@@ -495,6 +509,14 @@ impl Report {
             }
             let _ = writeln!(
                 s,
+                "{:<36} {:>10} {:>10.1} {:>10.1}",
+                "  relay CPU per operation (µs)",
+                "-",
+                pair.plain.relay_cpu_us_per_op(),
+                pair.tunnel.relay_cpu_us_per_op()
+            );
+            let _ = writeln!(
+                s,
                 "{:<36} {:>10} {:>10} {:>10}",
                 format!("{name} errors"),
                 pair.direct.errors,
@@ -644,6 +666,8 @@ impl Report {
                 "tunnel": lat(t),
                 "plain": lat(p),
                 "plain_p50_diff_us": p.percentile(50.0) - d.percentile(50.0),
+                "relay_cpu_us_per_op": t.relay_cpu_us_per_op(),
+                "plain_relay_cpu_us_per_op": p.relay_cpu_us_per_op(),
                 "p50_diff_us": t.percentile(50.0) - d.percentile(50.0),
                 "p99_diff_us": t.percentile(99.0) - d.percentile(99.0),
                 "p50_ratio": ratio(t.percentile(50.0), d.percentile(50.0)),

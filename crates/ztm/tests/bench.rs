@@ -76,6 +76,11 @@ fn quick_bench_reports_every_scenario() {
             .iter()
             .find(|s| s["name"] == name)
             .unwrap_or_else(|| panic!("scenario {name} missing: {text}"));
+        if matches!(name, "fresh_conn_echo" | "ping_pong") {
+            // What each operation cost the relays on the path, in CPU time.
+            positive(s, "relay_cpu_us_per_op", name);
+            positive(s, "plain_relay_cpu_us_per_op", name);
+        }
         for side in ["direct", "tunnel", "plain"] {
             let v = &s[side];
             let what = format!("{name} {side}");

@@ -291,6 +291,9 @@ async fn settle(sunk: &Arc<AtomicU64>) {
 pub struct Latency {
     pub samples: Vec<f64>,
     pub errors: u64,
+    /// CPU seconds the path's relays used while the operations ran (0 when nothing was
+    /// watched, as for direct connections).
+    pub relay_cpu_secs: f64,
 }
 
 impl Latency {
@@ -315,6 +318,15 @@ impl Latency {
         }
         self.samples.iter().sum::<f64>() / self.samples.len() as f64
     }
+
+    /// Relay CPU per successful operation, microseconds: what each round trip costs the
+    /// processes on the path, apart from the time it waits for them to be woken.
+    pub fn relay_cpu_us_per_op(&self) -> f64 {
+        if self.samples.is_empty() {
+            return 0.0;
+        }
+        self.relay_cpu_secs * 1e6 / self.samples.len() as f64
+    }
 }
 
 fn us(d: Duration) -> f64 {
@@ -331,6 +343,9 @@ pub struct Series {
     conn: Option<TcpStream>,
     /// Time spent in this path's operations so far, checked against the scenario's limit.
     spent: Duration,
+    /// The relays on this path, and the CPU ticks they used during its slices.
+    pids: Vec<u32>,
+    cpu_ticks: u64,
 }
 
 /// How many slices each latency scenario is split into.
@@ -342,20 +357,35 @@ pub fn slice_of(total: usize, turn: usize) -> usize {
 }
 
 impl Series {
-    pub fn new(addr: &str) -> Series {
+    /// A series on `addr`, watching the CPU time of the relays `pids` on its path.
+    pub fn new(addr: &str, pids: Vec<u32>) -> Series {
         Series {
             addr: addr.to_string(),
             lat: Latency {
                 samples: Vec::new(),
                 errors: 0,
+                relay_cpu_secs: 0.0,
             },
             conn: None,
             spent: Duration::ZERO,
+            pids,
+            cpu_ticks: 0,
         }
     }
 
-    pub fn into_latency(self) -> Latency {
+    /// The latencies, with the relays' CPU time converted at `hz` ticks per second.
+    pub fn into_latency(mut self, hz: f64) -> Latency {
+        self.lat.relay_cpu_secs = self.cpu_ticks as f64 / hz;
         self.lat
+    }
+
+    fn relay_ticks(&self) -> u64 {
+        ticks(&self.pids).iter().sum()
+    }
+
+    /// Adds the relays' CPU time since `before` (from [`Series::relay_ticks`]).
+    fn add_relay_ticks(&mut self, before: u64) {
+        self.cpu_ticks += self.relay_ticks().saturating_sub(before);
     }
 
     /// Whether the scenario's time on this path is up; if so, the `left` operations not run
@@ -385,9 +415,10 @@ impl Series {
 
 /// `count` more sequential fresh connections on `series`, each connect + one 64 B echo.
 pub async fn fresh_connections(series: &mut Series, count: usize, max_time: Duration) {
+    let before = series.relay_ticks();
     for i in 0..count {
         if series.out_of_time(max_time, count - i) {
-            return;
+            break;
         }
         let seed = series.seed();
         let t = Instant::now();
@@ -398,14 +429,16 @@ pub async fn fresh_connections(series: &mut Series, count: usize, max_time: Dura
         .await;
         series.record(t, &r);
     }
+    series.add_relay_ticks(before);
 }
 
 /// `count` more 64 B ping-pongs on `series`'s connection (connecting first, untimed, and
 /// again after a failure).
 pub async fn ping_pong(series: &mut Series, count: usize, max_time: Duration) {
+    let before = series.relay_ticks();
     for i in 0..count {
         if series.out_of_time(max_time, count - i) {
-            return;
+            break;
         }
         let mut s = match series.conn.take() {
             Some(s) => s,
@@ -430,6 +463,7 @@ pub async fn ping_pong(series: &mut Series, count: usize, max_time: Duration) {
             series.conn = Some(s);
         }
     }
+    series.add_relay_ticks(before);
 }
 
 /// Result of the concurrent-connections scenario.
@@ -465,6 +499,7 @@ pub async fn concurrent(addr: &str, connections: usize, rounds: usize) -> Concur
     let mut errors = 0;
     let mut first_error = None;
     let mut finish = Latency {
+        relay_cpu_secs: 0.0,
         samples: Vec::with_capacity(connections),
         errors: 0,
     };

@@ -105,7 +105,11 @@ impl Stack {
         let out =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
-        let child = Command::new(&exe)
+        let mut cmd = Command::new(&exe);
+        if let Ok(n) = std::env::var("ZTM_BENCH_THREADS") {
+            cmd.env("ZTM_THREADS", n);
+        }
+        let child = cmd
             .args(args)
             .current_dir(&self.dir)
             .env("HOME", &self.dir)
