@@ -1,32 +1,31 @@
 //! The control connection (agent = HTTP/2 client): registration, heartbeats, publishing,
-//! discovery, management forwarding and outgoing tunnels. See PROTOCOL.md.
+//! discovery, management forwarding and outgoing tunnels. See PROTOCOL.md. Who may do what is
+//! decided in [`crate::admission`]; this module reads requests and acts on the answers.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Result;
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{Method, Request, StatusCode};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use ztm_net::h2io::{self, read_body, respond, respond_error, respond_json};
+use ztm_net::h2io::{self, read_body, respond, respond_error, respond_json, BodyError};
 use ztm_net::now_ms;
 use ztm_net::relay;
-use ztm_proto::acl;
 use ztm_proto::names::check_name;
 use ztm_proto::wire::{
-    is_endpoint_id, Proto, Register, Registered, ServiceDecl, ServiceInfo, ENDPOINT_USER_HEADER,
-    HOP_TIMEOUT, MAX_MANAGE_BODY, REGISTER_TIMEOUT, TUNNEL_PROTOCOL, USER_HEADER,
+    is_endpoint_id, Proto, Register, Registered, ServiceDecl, ENDPOINT_USER_HEADER, HOP_TIMEOUT,
+    MAX_MANAGE_BODY, REGISTER_TIMEOUT, TUNNEL_PROTOCOL, USER_HEADER,
 };
 use ztm_tls::TlsStream;
 
+use crate::admission::{self, Refusal, Target};
+use crate::limits::{Refused, Slot, BODY_TIMEOUT, MAX_CONTROL_BODY};
 use crate::registry::{self, RegisterError, SessionId};
-use crate::server::{Hub, Peer, SessionIo};
-
-/// Largest body of a registration or a service list.
-const MAX_CONTROL_BODY: usize = 1 << 20;
-/// Most services one endpoint may publish.
-const MAX_SERVICES: usize = 10_000;
+use crate::state::{Hub, Peer, RegisterRefusal};
 
 struct Conn {
     hub: Arc<Hub>,
@@ -35,6 +34,10 @@ struct Conn {
     kill: CancellationToken,
     /// The endpoint registered on this connection and its session.
     registered: Mutex<Option<(String, SessionId)>>,
+    /// Held through a registration, so that two on one connection cannot interleave.
+    registering: tokio::sync::Mutex<()>,
+    /// Requests with a body in progress on this connection.
+    bodies: Arc<Semaphore>,
 }
 
 impl Conn {
@@ -56,12 +59,15 @@ pub async fn serve(
     let mut h2 = ztm_net::h2io::server_builder()
         .handshake::<_, Bytes>(tls)
         .await?;
+    let bodies = Arc::new(Semaphore::new(hub.limits.bodies_per_connection));
     let conn = Arc::new(Conn {
         hub,
         peer,
         id: conn_id,
         kill,
         registered: Mutex::new(None),
+        registering: tokio::sync::Mutex::new(()),
+        bodies,
     });
     let register_deadline = tokio::time::sleep(REGISTER_TIMEOUT);
     tokio::pin!(register_deadline);
@@ -92,25 +98,49 @@ pub async fn serve(
             .get(&id)
             .map(|e| e.name.clone())
             .unwrap_or_default();
-        conn.hub.registry().end_session(&id, session);
-        let mine = {
-            let mut sessions = conn.hub.sessions();
-            let mine = sessions.get(&session).map(|s| s.conn) == Some(conn.id);
-            if mine {
-                if let Some(io) = sessions.remove(&session) {
-                    io.kill.cancel();
-                }
-            }
-            mine
-        };
-        if mine {
+        if conn.hub.end_session(&id, session, conn.id) {
             tracing::info!("endpoint {name} ({id}) of user {} offline", conn.peer.user);
         }
     }
     Ok(())
 }
 
+/// Answers every request on a control connection the hub does not admit with `refusal`, then
+/// closes it: the agent learns why instead of seeing a connection drop.
+pub async fn refuse(tls: TlsStream, refusal: Refusal) {
+    let work = async {
+        let Ok(mut h2) = ztm_net::h2io::server_builder()
+            .handshake::<_, Bytes>(tls)
+            .await
+        else {
+            return;
+        };
+        if let Some(Ok((_, send))) = h2.accept().await {
+            respond_error(send, refusal.status, refusal.message);
+        }
+        h2.graceful_shutdown();
+        while h2.accept().await.is_some() {}
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), work).await;
+}
+
+fn refuse_with(send: SendResponse<Bytes>, refusal: Refusal) {
+    respond_error(send, refusal.status, refusal.message)
+}
+
 async fn handle(conn: Arc<Conn>, req: Request<RecvStream>, send: SendResponse<Bytes>) {
+    // A certificate revoked since the handshake gets nothing more, whatever it asks.
+    if conn.hub.revoked.contains(&conn.peer.serial) {
+        conn.kill.cancel();
+        return respond_error(
+            send,
+            StatusCode::FORBIDDEN,
+            format!(
+                "the certificate of user {} has been revoked",
+                conn.peer.user
+            ),
+        );
+    }
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method().clone();
@@ -126,19 +156,13 @@ async fn handle(conn: Arc<Conn>, req: Request<RecvStream>, send: SendResponse<By
             publish(&conn, id, req, send).await
         }
         (&Method::GET, ["api", "endpoints"]) => {
-            let list = conn.hub.registry().endpoints(now_ms());
-            respond_json(send, StatusCode::OK, &list);
+            let body = conn.hub.endpoints_json(&conn.peer.user);
+            respond(send, StatusCode::OK, Some("application/json"), body)
         }
         (&Method::GET, ["api", "services"]) => {
             // Each user discovers only the providers it may connect to, each by its own list.
-            let mut list = conn.hub.registry().services(now_ms());
-            for s in &mut list {
-                s.endpoints
-                    .retain(|e| acl::can_connect(&conn.peer.user, &e.username, e.users.as_deref()));
-                s.users = ServiceInfo::common_users(&s.endpoints);
-            }
-            list.retain(|s| !s.endpoints.is_empty());
-            respond_json(send, StatusCode::OK, &list);
+            let body = conn.hub.services_json(&conn.peer.user);
+            respond(send, StatusCode::OK, Some("application/json"), body)
         }
         (_, ["api", "endpoints", ep, "manage", ..]) => {
             let ep = ep.to_string();
@@ -152,41 +176,95 @@ async fn handle(conn: Arc<Conn>, req: Request<RecvStream>, send: SendResponse<By
     }
 }
 
-fn check_services(services: &[ServiceDecl]) -> Result<(), String> {
-    if services.len() > MAX_SERVICES {
-        return Err(format!("more than {MAX_SERVICES} services"));
+/// What a request with a body holds while it reads and handles it.
+struct BodyPermit {
+    _conn: OwnedSemaphorePermit,
+    _user: Slot<String>,
+}
+
+/// A place for one more request with a body, within the connection's, the user's and the
+/// hub's bounds.
+fn body_permit(conn: &Conn) -> Result<BodyPermit, Refusal> {
+    let Ok(on_conn) = conn.bodies.clone().try_acquire_owned() else {
+        return Err(Refusal::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "{} requests with a body are in progress on this connection; wait for them",
+                conn.hub.limits.bodies_per_connection
+            ),
+        ));
+    };
+    match conn.hub.bodies.try_take(conn.peer.user.clone()) {
+        Ok(slot) => Ok(BodyPermit {
+            _conn: on_conn,
+            _user: slot,
+        }),
+        Err(Refused::Key(n)) => Err(Refusal::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "user {} has {n} requests with a body in progress at this hub; wait for them",
+                conn.peer.user
+            ),
+        )),
+        Err(Refused::Total(_)) => Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the hub is busy; try again",
+        )),
     }
-    for s in services {
-        check_name(&s.name).map_err(|e| format!("service {:?}: {e}", s.name))?;
+}
+
+/// Reads a whole body of at most `limit` bytes within [`BODY_TIMEOUT`].
+async fn read_bounded(body: &mut RecvStream, limit: usize) -> Result<Bytes, Refusal> {
+    match tokio::time::timeout(BODY_TIMEOUT, read_body(body, limit)).await {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(e @ BodyError::TooLarge(_))) => {
+            Err(Refusal::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()))
+        }
+        Ok(Err(e)) => Err(Refusal::new(StatusCode::BAD_REQUEST, e.to_string())),
+        Err(_) => Err(Refusal::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the body did not arrive within {BODY_TIMEOUT:?}"),
+        )),
     }
-    Ok(())
+}
+
+/// Reads and parses a JSON body of at most `limit` bytes.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    body: &mut RecvStream,
+    limit: usize,
+    what: &str,
+) -> Result<T, Refusal> {
+    let bytes = read_bounded(body, limit).await?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("bad {what}: {e}")))
 }
 
 async fn register(conn: &Arc<Conn>, id: &str, req: Request<RecvStream>, send: SendResponse<Bytes>) {
     if !is_endpoint_id(id) {
-        return respond_error(send, StatusCode::BAD_REQUEST, "endpoint id must be a UUID");
+        return respond_error(
+            send,
+            StatusCode::BAD_REQUEST,
+            "endpoint id must be a UUID in lower case",
+        );
     }
-    let mut body = req.into_body();
-    let reg: Register = match read_body(&mut body, MAX_CONTROL_BODY)
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-    {
-        Ok(r) => r,
-        Err(e) => {
-            return respond_error(
-                send,
-                StatusCode::BAD_REQUEST,
-                format!("bad registration: {e}"),
-            )
-        }
+    let _permit = match body_permit(conn) {
+        Ok(p) => p,
+        Err(r) => return refuse_with(send, r),
     };
-    if let Err(e) = check_name(&reg.name)
-        .map_err(|e| e.to_string())
-        .and_then(|_| check_services(&reg.services))
-    {
-        return respond_error(send, StatusCode::BAD_REQUEST, e);
+    let mut body = req.into_body();
+    let reg: Register = match read_json(&mut body, MAX_CONTROL_BODY, "registration").await {
+        Ok(r) => r,
+        Err(r) => return refuse_with(send, r),
+    };
+    if let Err(e) = check_name(&reg.name) {
+        return respond_error(send, StatusCode::BAD_REQUEST, format!("name: {e}"));
     }
+    if let Err(r) = admission::services(&reg.services) {
+        return refuse_with(send, r);
+    }
+    // One registration at a time on a connection: the check below and the recording after
+    // it must not interleave with another's.
+    let _registering = conn.registering.lock().await;
     if let Some((existing, _)) = conn.registered() {
         if existing != id {
             return respond_error(
@@ -197,7 +275,7 @@ async fn register(conn: &Arc<Conn>, id: &str, req: Request<RecvStream>, send: Se
         }
     }
     let token = format!("{:032x}", rand::random::<u128>());
-    let outcome = conn.hub.registry().register(
+    let outcome = conn.hub.register(
         registry::Register {
             id,
             user: &conn.peer.user,
@@ -208,39 +286,13 @@ async fn register(conn: &Arc<Conn>, id: &str, req: Request<RecvStream>, send: Se
             services: reg.services,
             token: token.clone(),
         },
-        now_ms(),
+        conn.id,
+        &conn.kill,
     );
     let registration = match outcome {
         Ok(r) => r,
-        Err(RegisterError::Taken { .. }) => {
-            tracing::warn!(
-                "user {} tried to register endpoint {id}, which another user holds",
-                conn.peer.user
-            );
-            return respond_error(
-                send,
-                StatusCode::FORBIDDEN,
-                format!("endpoint {id} is online under another user"),
-            );
-        }
-        Err(RegisterError::Full) => {
-            return respond_error(send, StatusCode::SERVICE_UNAVAILABLE, "the hub is full")
-        }
+        Err(refusal) => return refuse_with(send, register_refusal(conn, id, refusal)),
     };
-    {
-        let mut sessions = conn.hub.sessions();
-        if let Some(old) = registration.replaced {
-            if let Some(io) = sessions.remove(&old) {
-                if io.conn != conn.id {
-                    io.kill.cancel();
-                }
-            }
-        }
-        sessions.insert(
-            registration.session,
-            SessionIo::new(conn.kill.clone(), conn.id),
-        );
-    }
     *conn.registered.lock().unwrap_or_else(|p| p.into_inner()) =
         Some((id.to_string(), registration.session));
     tracing::info!(
@@ -257,6 +309,34 @@ async fn register(conn: &Arc<Conn>, id: &str, req: Request<RecvStream>, send: Se
             hub: conn.hub.name.clone(),
         },
     );
+}
+
+fn register_refusal(conn: &Conn, id: &str, refusal: RegisterRefusal) -> Refusal {
+    let user = &conn.peer.user;
+    match refusal {
+        RegisterRefusal::Registry(RegisterError::Taken { .. }) => {
+            tracing::warn!("user {user} tried to register endpoint {id}, which another user holds");
+            Refusal::new(
+                StatusCode::FORBIDDEN,
+                format!("endpoint {id} is online under another user"),
+            )
+        }
+        RegisterRefusal::Registry(RegisterError::UserFull { limit }) => Refusal::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("user {user} has {limit} endpoints online at this hub, as many as it may"),
+        ),
+        RegisterRefusal::Registry(RegisterError::UserServices { limit }) => Refusal::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("the endpoints of user {user} would publish more than {limit} services"),
+        ),
+        RegisterRefusal::Registry(RegisterError::Full) => {
+            Refusal::new(StatusCode::SERVICE_UNAVAILABLE, "the hub is full")
+        }
+        RegisterRefusal::Stale => Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the hub cannot reach its CA to check revocations; try again later",
+        ),
+    }
 }
 
 /// The session registered on this connection, if it is for endpoint `id`.
@@ -287,33 +367,56 @@ async fn publish(conn: &Arc<Conn>, id: &str, req: Request<RecvStream>, send: Sen
             "no such session; register again",
         );
     };
-    let mut body = req.into_body();
-    let services: Vec<ServiceDecl> = match read_body(&mut body, MAX_CONTROL_BODY)
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-    {
-        Ok(s) => s,
-        Err(e) => {
-            return respond_error(
-                send,
-                StatusCode::BAD_REQUEST,
-                format!("bad service list: {e}"),
-            )
-        }
+    let _permit = match body_permit(conn) {
+        Ok(p) => p,
+        Err(r) => return refuse_with(send, r),
     };
-    if let Err(e) = check_services(&services) {
-        return respond_error(send, StatusCode::BAD_REQUEST, e);
+    let mut body = req.into_body();
+    let services: Vec<ServiceDecl> =
+        match read_json(&mut body, MAX_CONTROL_BODY, "service list").await {
+            Ok(s) => s,
+            Err(r) => return refuse_with(send, r),
+        };
+    if let Err(r) = admission::services(&services) {
+        return refuse_with(send, r);
     }
-    if conn.hub.registry().publish(id, session, services) {
-        respond(send, StatusCode::NO_CONTENT, None, Bytes::new())
-    } else {
-        respond_error(
+    let published = conn.hub.registry().publish(id, session, services);
+    match published {
+        Ok(true) => respond(send, StatusCode::NO_CONTENT, None, Bytes::new()),
+        Ok(false) => respond_error(
             send,
             StatusCode::NOT_FOUND,
             "no such session; register again",
-        )
+        ),
+        Err(e) => refuse_with(
+            send,
+            register_refusal(conn, id, RegisterRefusal::Registry(e)),
+        ),
     }
+}
+
+/// The `ztm-endpoint-user` header of a request, if it has one.
+fn endpoint_user(req: &Request<RecvStream>) -> Option<String> {
+    req.headers()
+        .get(ENDPOINT_USER_HEADER)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+}
+
+/// Is a management answer one the hub relays: JSON (or no body at all)?
+fn relayable(answer: &h2io::Answer) -> bool {
+    if answer.body.is_empty() {
+        return true;
+    }
+    let json = answer
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            ct.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+        });
+    json && serde_json::from_slice::<serde::de::IgnoredAny>(&answer.body).is_ok()
 }
 
 /// Forwards a management request to endpoint `ep` over its reverse connection.
@@ -324,26 +427,24 @@ async fn manage(conn: &Arc<Conn>, ep: &str, req: Request<RecvStream>, send: Send
             .online_entry(ep, now_ms())
             .map(|e| (e.user.clone(), e.session.as_ref().map(|s| s.id)))
     };
-    let Some((owner, Some(session))) = target else {
+    let view = target.as_ref().map(|(owner, _)| Target {
+        id: ep,
+        owner: owner.as_str(),
+    });
+    if let Err(r) = admission::manage(&conn.peer.user, ep, view, endpoint_user(&req).as_deref()) {
+        return refuse_with(send, r);
+    }
+    let Some((_, Some(session))) = target else {
         return respond_error(
             send,
             StatusCode::NOT_FOUND,
             format!("endpoint {ep} is not online at this hub"),
         );
     };
-    if let Some(refusal) = other_users_endpoint(&req, ep, &owner) {
-        return respond_error(send, StatusCode::NOT_FOUND, refusal);
-    }
-    if !acl::can_manage(&conn.peer.user, &owner) {
-        return respond_error(
-            send,
-            StatusCode::FORBIDDEN,
-            format!(
-                "user {} may not manage endpoints of user {owner}",
-                conn.peer.user
-            ),
-        );
-    }
+    let _permit = match body_permit(conn) {
+        Ok(p) => p,
+        Err(r) => return refuse_with(send, r),
+    };
     let Some(sender) = conn.hub.reverse_of(session).await else {
         return respond_error(
             send,
@@ -363,9 +464,9 @@ async fn manage(conn: &Arc<Conn>, ep: &str, req: Request<RecvStream>, send: Send
     let method = req.method().clone();
     let content_type = req.headers().get(http::header::CONTENT_TYPE).cloned();
     let mut body = req.into_body();
-    let body = match read_body(&mut body, MAX_MANAGE_BODY).await {
+    let body = match read_bounded(&mut body, MAX_MANAGE_BODY).await {
         Ok(b) => b,
-        Err(e) => return respond_error(send, StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
+        Err(r) => return refuse_with(send, r),
     };
     let forwarded = h2io::build(method, &format!("/api{rest}")).map(|b| {
         let b = b.header(USER_HEADER, conn.peer.user.as_str());
@@ -378,13 +479,22 @@ async fn manage(conn: &Arc<Conn>, ep: &str, req: Request<RecvStream>, send: Send
         return respond_error(send, StatusCode::BAD_REQUEST, "bad management path");
     };
     match h2io::request(&sender, forwarded, body, MAX_MANAGE_BODY, HOP_TIMEOUT).await {
+        Ok(answer) if relayable(&answer) => {
+            let ct = (!answer.body.is_empty()).then_some("application/json");
+            respond(send, answer.status, ct, answer.body)
+        }
         Ok(answer) => {
-            let ct = answer
-                .headers
-                .get(http::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            respond(send, answer.status, ct.as_deref(), answer.body)
+            tracing::warn!(
+                "endpoint {ep} answered a management request of user {} with {:?}, which is \
+                 not JSON; not relayed",
+                conn.peer.user,
+                answer.headers.get(http::header::CONTENT_TYPE)
+            );
+            respond_error(
+                send,
+                StatusCode::BAD_GATEWAY,
+                format!("endpoint {ep} answered with something other than JSON"),
+            )
         }
         Err(e) => respond_error(
             send,
@@ -392,19 +502,6 @@ async fn manage(conn: &Arc<Conn>, ep: &str, req: Request<RecvStream>, send: Send
             format!("endpoint {ep} did not answer: {e:#}"),
         ),
     }
-}
-
-/// When the caller names the user it knows endpoint `ep` by ([`ENDPOINT_USER_HEADER`]) and
-/// the id is registered here by `owner`, someone else: the answer, as for an endpoint that is
-/// not here (the caller then tries its other hubs).
-fn other_users_endpoint(req: &Request<RecvStream>, ep: &str, owner: &str) -> Option<String> {
-    let expected = req.headers().get(ENDPOINT_USER_HEADER)?;
-    (expected.as_bytes() != owner.as_bytes()).then(|| {
-        format!(
-            "endpoint {ep} of user {} is not online at this hub",
-            String::from_utf8_lossy(expected.as_bytes())
-        )
-    })
 }
 
 fn is_tunnel(req: &Request<RecvStream>) -> bool {
@@ -444,37 +541,34 @@ async fn tunnel(
             (e.user.clone(), e.session.as_ref().map(|s| s.id), service)
         })
     };
-    let Some((owner, Some(session), service)) = target else {
+    let view = target.as_ref().map(|(owner, _, _)| Target {
+        id: ep,
+        owner: owner.as_str(),
+    });
+    let decision = admission::tunnel(
+        &conn.peer.user,
+        ep,
+        view,
+        endpoint_user(&req).as_deref(),
+        target.as_ref().and_then(|(_, _, s)| s.as_ref()),
+        &format!("{proto}/{svc}"),
+    );
+    if let Err(r) = decision {
+        if r.status == StatusCode::FORBIDDEN {
+            tracing::warn!(
+                "user {} refused a tunnel to {proto}/{svc} on endpoint {ep}",
+                conn.peer.user
+            );
+        }
+        return refuse_with(send, r);
+    }
+    let Some((_, Some(session), _)) = target else {
         return respond_error(
             send,
             StatusCode::NOT_FOUND,
             format!("endpoint {ep} is not online at this hub"),
         );
     };
-    if let Some(refusal) = other_users_endpoint(&req, ep, &owner) {
-        return respond_error(send, StatusCode::NOT_FOUND, refusal);
-    }
-    let Some(service) = service else {
-        return respond_error(
-            send,
-            StatusCode::NOT_FOUND,
-            format!("endpoint {ep} has no service {proto}/{svc}"),
-        );
-    };
-    if !acl::can_connect(&conn.peer.user, &owner, service.users.as_deref()) {
-        tracing::warn!(
-            "user {} refused a tunnel to {proto}/{svc} on endpoint {ep}",
-            conn.peer.user
-        );
-        return respond_error(
-            send,
-            StatusCode::FORBIDDEN,
-            format!(
-                "user {} may not connect to service {proto}/{svc}",
-                conn.peer.user
-            ),
-        );
-    }
     let Some(reverse) = conn.hub.reverse_of(session).await else {
         return respond_error(
             send,
@@ -537,5 +631,44 @@ async fn tunnel(
             conn.peer.user,
             started.elapsed()
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(ct: Option<&str>, body: &'static [u8]) -> h2io::Answer {
+        let mut headers = http::HeaderMap::new();
+        if let Some(ct) = ct {
+            headers.insert(http::header::CONTENT_TYPE, ct.parse().unwrap());
+        }
+        h2io::Answer {
+            status: StatusCode::OK,
+            headers,
+            body: Bytes::from_static(body),
+        }
+    }
+
+    #[test]
+    fn only_json_answers_are_relayed() {
+        for (ct, body, ok) in [
+            (Some("application/json"), &b"[]"[..], true),
+            (Some("application/json; charset=utf-8"), b"{\"a\":1}", true),
+            (Some("Application/JSON"), b"null", true),
+            (None, b"", true),
+            (Some("text/html"), b"", true),
+            (Some("text/html"), b"<script>alert(1)</script>", false),
+            (
+                Some("application/json"),
+                b"<script>alert(1)</script>",
+                false,
+            ),
+            (None, b"[]", false),
+            (Some("application/javascript"), b"[]", false),
+            (Some("text/plain"), b"{}", false),
+        ] {
+            assert_eq!(relayable(&answer(ct, body)), ok, "{ct:?} {body:?}");
+        }
     }
 }

@@ -47,18 +47,12 @@ async fn bind_and_watch(
         bail!("hello answered {}", answer.status);
     }
     let hello: Hello = answer.json()?;
-    let session = hub
-        .registry()
-        .check_hello(&hello.endpoint, &hello.session, &peer.user)
+    if hub.revoked.contains(&peer.serial) {
+        bail!("the certificate of user {} has been revoked", peer.user);
+    }
+    let (session, session_kill) = hub
+        .bind_reverse(&hello.endpoint, &hello.session, &peer.user, sender.clone())
         .ok_or_else(|| anyhow!("reverse connection for an unknown session"))?;
-    let session_kill = {
-        let mut sessions = hub.sessions();
-        let io = sessions
-            .get_mut(&session)
-            .ok_or_else(|| anyhow!("session ended"))?;
-        io.reverse.send_replace(Some(sender.clone()));
-        io.kill.clone()
-    };
     tracing::debug!("reverse connection of endpoint {} bound", hello.endpoint);
     let outcome = loop {
         tokio::select! {
@@ -88,8 +82,6 @@ async fn bind_and_watch(
             }
         }
     };
-    if let Some(io) = hub.sessions().get(&session) {
-        io.reverse.send_replace(None);
-    }
+    hub.unbind_reverse(session);
     outcome
 }

@@ -1,17 +1,17 @@
 //! The hub process: certificate at start, the TLS accept loop, and the background jobs
-//! (certificate renewal, revocation polling, liveness sweeping). Owns the shared [`Hub`]
-//! state.
+//! (certificate renewal, revocation polling, liveness sweeping). The accept loop owns the
+//! listening socket and what strangers may hold before they are authenticated; [`Hub`] owns
+//! the shared state.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
-use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use ztm_net::backoff::Backoff;
 use ztm_net::now_ms;
@@ -20,13 +20,13 @@ use ztm_pki::{Revoked, ALPN_CONTROL, ALPN_REVERSE};
 use ztm_proto::wire::{HANDSHAKE_TIMEOUT, REVOCATION_POLL};
 
 use crate::ca_client::CaClient;
-use crate::registry::{Registry, SessionId};
+use crate::limits::{source_key, Counter, Limits, Refused, CLIENT_HELLO_TIMEOUT};
+pub use crate::state::{Hub, Peer};
 
-/// Most TLS handshakes in progress at once; more wait in the kernel's backlog.
-const MAX_HANDSHAKES: usize = 256;
-/// Most connections served at once.
-const MAX_CONNECTIONS: usize = 50_000;
 const SWEEP_INTERVAL: Duration = Duration::from_secs(2);
+/// How long a hub may go without fresh revocations before it refuses new sessions, unless the
+/// operator says otherwise.
+pub const DEFAULT_REVOCATION_MAX_AGE: Duration = Duration::from_secs(120);
 
 pub struct HubConfig {
     /// HOST:PORT of the CA.
@@ -34,90 +34,19 @@ pub struct HubConfig {
     pub ca_token: Option<String>,
     /// Addresses (HOST:PORT) agents reach this hub at.
     pub names: Vec<String>,
+    pub limits: Limits,
+    /// Past this age of the last successful revocation poll, new sessions are refused.
+    pub revocation_max_age: Duration,
 }
 
-/// Who is on the other end of a TLS connection.
-#[derive(Clone, Debug)]
-pub struct Peer {
-    pub user: String,
-    pub serial: String,
-    pub addr: SocketAddr,
-}
-
-/// The I/O handles of a registered session.
-pub struct SessionIo {
-    /// Cancelled to close the session's connections.
-    pub kill: CancellationToken,
-    /// Which control connection registered it.
-    pub conn: u64,
-    /// The reverse connection, once bound (`None` until the agent's hello arrives).
-    pub reverse: watch::Sender<Option<h2::client::SendRequest<Bytes>>>,
-}
-
-impl SessionIo {
-    pub fn new(kill: CancellationToken, conn: u64) -> SessionIo {
-        SessionIo {
-            kill,
-            conn,
-            reverse: watch::Sender::new(None),
-        }
-    }
-}
-
-pub struct Hub {
-    pub name: String,
-    registry: Mutex<Registry>,
-    sessions: Mutex<HashMap<SessionId, SessionIo>>,
-    pub revoked: Revoked,
-    /// What the hub's tunnel relays hold for stalled next hops.
-    pub stalls: ztm_net::relay::StallGuard,
-}
-
-impl Hub {
-    pub fn registry(&self) -> MutexGuard<'_, Registry> {
-        self.registry.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn sessions(&self) -> MutexGuard<'_, HashMap<SessionId, SessionIo>> {
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Closes a session's connections (if it still exists).
-    pub fn kill_session(&self, session: SessionId) {
-        if let Some(io) = self.sessions().remove(&session) {
-            io.kill.cancel();
-        }
-    }
-
-    /// The reverse-connection sender of an online endpoint. An agent dials its reverse
-    /// connection right after registering, so a request that arrives in between waits for it
-    /// (up to the handshake timeout) instead of failing.
-    pub async fn reverse_of(&self, session: SessionId) -> Option<h2::client::SendRequest<Bytes>> {
-        let mut bound = self.sessions().get(&session)?.reverse.subscribe();
-        let ready = tokio::time::timeout(HANDSHAKE_TIMEOUT, bound.wait_for(Option::is_some));
-        let sender = match ready.await {
-            Ok(Ok(sender)) => sender.clone(),
-            // Timed out, or the session ended (its sender was dropped).
-            _ => None,
-        };
-        sender
-    }
-
-    fn sweep(&self) {
-        let stale = self.registry().sweep(now_ms());
-        for s in stale {
-            tracing::info!("session {s} missed its heartbeats; closing it");
-            self.kill_session(s);
-        }
-    }
-
-    fn drop_revoked(&self) {
-        let sessions = self
-            .registry()
-            .sessions_revoked(|serial| self.revoked.contains(serial));
-        for s in sessions {
-            tracing::info!("session {s} uses a revoked certificate; closing it");
-            self.kill_session(s);
+impl HubConfig {
+    pub fn new(ca: &str, names: Vec<String>) -> Self {
+        Self {
+            ca: ca.to_string(),
+            ca_token: None,
+            names,
+            limits: Limits::default(),
+            revocation_max_age: DEFAULT_REVOCATION_MAX_AGE,
         }
     }
 }
@@ -191,12 +120,56 @@ pub fn renewal_delay(now: i64, not_after: i64) -> Duration {
     Duration::from_secs((left / 3 * 2).max(1))
 }
 
+/// Raises this process's open-file limit to its hard limit (each connection is a file):
+/// how many it may hold, if known.
+fn raise_file_limit() -> Option<u64> {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            tracing::warn!("cannot raise the open-file limit: {e}");
+            None
+        }
+    }
+}
+
+/// Logs a repeated warning at most once per period, with how many were not logged.
+struct Throttled {
+    period: Duration,
+    last: Option<Instant>,
+    skipped: u64,
+}
+
+impl Throttled {
+    fn new(period: Duration) -> Self {
+        Self {
+            period,
+            last: None,
+            skipped: 0,
+        }
+    }
+
+    /// Whether to log now, and how many were skipped since the last one logged.
+    fn tick(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|l| now.duration_since(l) < self.period)
+        {
+            self.skipped += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.skipped))
+    }
+}
+
 /// Runs the hub on `listener` until `shutdown` resolves.
 pub async fn run(
     listener: TcpListener,
     config: HubConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
+    let files = raise_file_limit();
     let local = listener.local_addr()?;
     let name = hub_name(&config.names, local);
     let mut sans: Vec<String> = config
@@ -232,18 +205,22 @@ pub async fn run(
             }
         }
     };
-    let hub = Arc::new(Hub {
-        name: format!("hub/{name}"),
-        registry: Mutex::new(Registry::new()),
-        sessions: Mutex::new(HashMap::new()),
-        revoked: revoked.clone(),
-        stalls: Default::default(),
-    });
+    let limits = config.limits.clone();
+    let hub = Arc::new(Hub::new(
+        format!("hub/{name}"),
+        limits.clone(),
+        revoked.clone(),
+        config.revocation_max_age,
+    ));
     tracing::info!(
-        "hub {} listening on {local} (CA {}, names: {})",
+        "hub {} listening on {local} (CA {}, names: {}); open-file limit {}",
         hub.name,
         ca.addr,
-        sans.join(", ")
+        sans.join(", "),
+        files.map_or("unknown".to_string(), |n| format!(
+            "{n}: about {} endpoints",
+            n / 2
+        ))
     );
 
     // Certificate renewal: new connections get the new certificate; open ones keep theirs.
@@ -281,13 +258,15 @@ pub async fn run(
             }
         });
     }
-    // Revocations.
+    // Revocations: every poll sweeps every connection against the whole set, so a connection
+    // opened before a revocation and used only after it is found too.
     {
         let hub = hub.clone();
         let ca = ca.clone();
         let root = root.clone();
         tokio::spawn(async move {
             let mut failing = false;
+            let mut stale_logged = false;
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(REVOCATION_POLL) => {}
@@ -295,7 +274,12 @@ pub async fn run(
                 }
                 match ca.all_revocations(since).await {
                     Ok(feed) => {
+                        if failing {
+                            tracing::info!("the CA answers again; revocations are up to date");
+                        }
                         failing = false;
+                        stale_logged = false;
+                        hub.revocations.polled(now_ms());
                         for r in &feed.revocations {
                             tracing::info!(
                                 "certificate of user {} (serial {}) revoked",
@@ -305,15 +289,24 @@ pub async fn run(
                             hub.revoked.insert(r.serial.clone());
                         }
                         since = feed.last;
-                        if !feed.revocations.is_empty() {
-                            hub.drop_revoked();
-                        }
                     }
                     Err(e) if !failing => {
                         failing = true;
                         tracing::warn!("cannot poll revocations from the CA: {e:#}");
                     }
                     Err(_) => {}
+                }
+                let closed = hub.drop_revoked();
+                if closed > 0 {
+                    tracing::info!("closed {closed} connections that use revoked certificates");
+                }
+                if !hub.revocations.fresh(now_ms()) && !stale_logged {
+                    stale_logged = true;
+                    tracing::error!(
+                        "no revocations from the CA for over {:?}: refusing new sessions until \
+                         it answers (a certificate revoked meanwhile could not be refused)",
+                        hub.revocations.max_age
+                    );
                 }
             }
         });
@@ -332,8 +325,11 @@ pub async fn run(
         });
     }
 
-    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let handshakes = Arc::new(Semaphore::new(limits.handshakes));
+    let strangers: Counter<IpAddr> =
+        Counter::new(limits.unauthenticated_per_source, limits.unauthenticated);
+    let mut refused_log = Throttled::new(Duration::from_secs(10));
+    let mut accept_log = Throttled::new(Duration::from_secs(10));
     let mut next_conn: u64 = 0;
     loop {
         let accepted = tokio::select! {
@@ -344,14 +340,28 @@ pub async fn run(
             Ok(v) => v,
             Err(e) => {
                 // Out of file descriptors and the like: back off briefly rather than spin.
-                tracing::warn!("accept failed: {e}");
+                if let Some(skipped) = accept_log.tick() {
+                    tracing::warn!("accept failed: {e} ({skipped} more not logged)");
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let Ok(conn_permit) = connections.clone().try_acquire_owned() else {
-            tracing::warn!("connection limit reached; refusing {addr}");
-            continue;
+        let slot = match strangers.try_take(source_key(addr.ip())) {
+            Ok(slot) => slot,
+            Err(why) => {
+                if let Some(skipped) = refused_log.tick() {
+                    let why = match why {
+                        Refused::Key(n) => format!("{n} from that address"),
+                        Refused::Total(n) => format!("{n} in all"),
+                    };
+                    tracing::warn!(
+                        "refused a connection from {addr}: as many connections as allowed are \
+                         still handshaking ({why}); {skipped} more refused since the last warning"
+                    );
+                }
+                continue;
+            }
         };
         next_conn += 1;
         let conn_id = next_conn;
@@ -360,9 +370,8 @@ pub async fn run(
         let handshakes = handshakes.clone();
         let kill = root.child_token();
         tokio::spawn(async move {
-            let _conn_permit = conn_permit;
             if let Err(e) =
-                serve_connection(hub, acceptor, handshakes, stream, addr, conn_id, kill).await
+                serve_connection(hub, acceptor, handshakes, slot, stream, addr, conn_id, kill).await
             {
                 tracing::debug!("connection from {addr}: {e:#}");
             }
@@ -373,22 +382,44 @@ pub async fn run(
     Ok(())
 }
 
+/// Waits for the first bytes of a ClientHello; false if the connection closed first.
+async fn client_hello_arrives(stream: &TcpStream) -> Result<bool> {
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(CLIENT_HELLO_TIMEOUT, stream.peek(&mut byte)).await {
+        Ok(Ok(0)) => Ok(false),
+        Ok(Ok(_)) => Ok(true),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(anyhow!(
+            "no TLS ClientHello within {CLIENT_HELLO_TIMEOUT:?}"
+        )),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn serve_connection(
     hub: Arc<Hub>,
     acceptor: Arc<ServerConfig>,
     handshakes: Arc<Semaphore>,
+    stranger: crate::limits::Slot<IpAddr>,
     stream: TcpStream,
     addr: SocketAddr,
     conn_id: u64,
     kill: CancellationToken,
 ) -> Result<()> {
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let _ = stream.set_nodelay(true);
-    let tls = {
+    if !client_hello_arrives(&stream).await? {
+        return Ok(());
+    }
+    // Waiting for a handshake slot counts against the same deadline as the handshake itself:
+    // a stranger holds a connection for at most that long.
+    let tls = tokio::time::timeout_at(deadline, async {
         let _permit = handshakes.acquire().await?;
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, ztm_tls::accept(acceptor, stream))
-            .await
-            .map_err(|_| anyhow!("TLS handshake timed out"))??
-    };
+        Ok::<_, anyhow::Error>(ztm_tls::accept(acceptor, stream).await?)
+    })
+    .await
+    .map_err(|_| anyhow!("TLS handshake not done within {HANDSHAKE_TIMEOUT:?}"))??;
+    drop(stranger);
     let cert = tls
         .peer_certificates()
         .first()
@@ -400,11 +431,27 @@ async fn serve_connection(
         serial: info.serial,
         addr,
     };
-    match alpn.as_deref() {
+    let handle = match hub.admit(conn_id, &peer, kill.clone()) {
+        Ok(h) => h,
+        Err(refusal) => {
+            tracing::warn!(
+                "connection of user {} from {addr} refused: {}",
+                peer.user,
+                refusal.message
+            );
+            if alpn.as_deref() == Some(ALPN_CONTROL) {
+                crate::control::refuse(tls, refusal).await;
+            }
+            return Ok(());
+        }
+    };
+    let result = match alpn.as_deref() {
         Some(a) if a == ALPN_CONTROL => crate::control::serve(hub, tls, peer, conn_id, kill).await,
         Some(a) if a == ALPN_REVERSE => crate::reverse::serve(hub, tls, peer, kill).await,
         _ => Err(anyhow!("no known ALPN protocol")),
-    }
+    };
+    drop(handle);
+    result
 }
 
 #[cfg(test)]
@@ -435,5 +482,15 @@ mod tests {
         // Expired or about to: at once (a second from now), never a busy loop.
         assert_eq!(renewal_delay(2_000, 1_000), Duration::from_secs(1));
         assert_eq!(renewal_delay(1_000, 1_001), Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn repeated_warnings_are_throttled() {
+        let mut t = Throttled::new(Duration::from_secs(10));
+        assert_eq!(t.tick(), Some(0));
+        assert_eq!(t.tick(), None);
+        assert_eq!(t.tick(), None);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(t.tick(), Some(2));
     }
 }

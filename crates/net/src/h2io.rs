@@ -3,14 +3,16 @@
 
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, Result};
 use bytes::{Bytes, BytesMut};
 use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{Request, Response, StatusCode};
 use serde::Serialize;
 use ztm_proto::model::ApiError;
-use ztm_proto::wire::{CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, SEND_BUFFER, STREAM_WINDOW};
+use ztm_proto::wire::{
+    CONNECTION_WINDOW, MAX_FRAME, MAX_HEADER_LIST, MAX_STREAMS, SEND_BUFFER, STREAM_WINDOW,
+};
 
 /// HTTP/2 server settings every ZTM connection uses (PROTOCOL.md, "HTTP/2 settings"), with
 /// extended CONNECT enabled for tunnels.
@@ -21,6 +23,7 @@ pub fn server_builder() -> h2::server::Builder {
         .max_concurrent_streams(MAX_STREAMS)
         .max_send_buffer_size(SEND_BUFFER)
         .max_frame_size(MAX_FRAME)
+        .max_header_list_size(MAX_HEADER_LIST)
         .enable_connect_protocol();
     b
 }
@@ -32,7 +35,8 @@ pub fn client_builder() -> h2::client::Builder {
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_concurrent_streams(MAX_STREAMS)
         .max_send_buffer_size(SEND_BUFFER)
-        .max_frame_size(MAX_FRAME);
+        .max_frame_size(MAX_FRAME)
+        .max_header_list_size(MAX_HEADER_LIST);
     b
 }
 
@@ -49,14 +53,23 @@ pub async fn error_message_of(resp: http::Response<RecvStream>) -> String {
         .unwrap_or_else(|| status.to_string())
 }
 
+/// Why a body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("body larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("reading the body: {0}")]
+    Stream(#[from] h2::Error),
+}
+
 /// Reads a whole body, refusing more than `limit` bytes.
-pub async fn read_body(body: &mut RecvStream, limit: usize) -> Result<Bytes> {
+pub async fn read_body(body: &mut RecvStream, limit: usize) -> Result<Bytes, BodyError> {
     let mut buf = BytesMut::new();
     while let Some(chunk) = body.data().await {
         let chunk = chunk?;
         let _ = body.flow_control().release_capacity(chunk.len());
         if buf.len() + chunk.len() > limit {
-            bail!("body larger than {limit} bytes");
+            return Err(BodyError::TooLarge(limit));
         }
         buf.extend_from_slice(&chunk);
     }

@@ -150,14 +150,18 @@ impl ServiceInfo {
     }
 }
 
-/// Is `s` a canonical UUID (what agents use as endpoint ids)?
+/// Is `s` a canonical UUID in lower case (what agents use as endpoint ids)? One spelling per
+/// id: an upper-case twin of another endpoint's id is not an id.
 pub fn is_endpoint_id(s: &str) -> bool {
-    uuid::Uuid::parse_str(s).is_ok() && s.len() == 36
+    uuid::Uuid::parse_str(s).is_ok_and(|u| u.hyphenated().to_string() == s)
 }
 
 /// Largest DATA frame we accept (and so the peer sends). As large as a tunnel's socket read
 /// (`ztm_net::relay::READ_SIZE`), so each read travels as one frame: a quarter of the frames,
 /// TLS writes and wake-ups per byte that the HTTP/2 default of 16 KiB costs.
 pub const MAX_FRAME: u32 = 64 * 1024;
+/// Largest header list (all headers of one request or response, as HTTP/2 counts them) either
+/// side accepts.
+pub const MAX_HEADER_LIST: u32 = 16 * 1024;
 /// Most bytes h2 buffers per stream ahead of the socket.
 pub const SEND_BUFFER: usize = 256 * 1024;

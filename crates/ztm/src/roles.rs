@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
+use clap::builder::TypedValueParser;
 use clap::Args;
 
 use crate::serve::{bind, expand_home, parse_listen, shutdown_signal};
@@ -83,15 +84,37 @@ pub struct HubArgs {
     /// An address agents can reach this hub at (HOST:PORT); repeatable
     #[arg(long = "name")]
     names: Vec<String>,
+    /// Endpoints one user may have online at this hub
+    #[arg(long, default_value_t = ztm_hub::Limits::default().endpoints_per_user,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000).map(|n| n as usize))]
+    max_endpoints_per_user: usize,
+    /// Connections one user may hold (each endpoint uses two)
+    #[arg(long, default_value_t = ztm_hub::Limits::default().connections_per_user,
+          value_parser = clap::value_parser!(u64).range(2..=2_000_000).map(|n| n as usize))]
+    max_connections_per_user: usize,
+    /// Connections one address may have in their TLS handshake at once
+    #[arg(long, default_value_t = ztm_hub::Limits::default().unauthenticated_per_source,
+          value_parser = clap::value_parser!(u64).range(1..=100_000).map(|n| n as usize))]
+    max_handshakes_per_address: usize,
+    /// Seconds the hub goes on admitting new sessions while the CA does not answer its
+    /// revocation polls (a certificate revoked meanwhile could not be refused)
+    #[arg(long, default_value_t = ztm_hub::server::DEFAULT_REVOCATION_MAX_AGE.as_secs(),
+          value_parser = clap::value_parser!(u64).range(10..=7 * 24 * 3600))]
+    revocation_max_age: u64,
 }
 
 impl HubArgs {
     pub fn new(listen: &str, ca: &str, names: Vec<String>) -> Self {
+        let limits = ztm_hub::Limits::default();
         Self {
             listen: listen.into(),
             ca: ca.into(),
             ca_token: None,
             names,
+            max_endpoints_per_user: limits.endpoints_per_user,
+            max_connections_per_user: limits.connections_per_user,
+            max_handshakes_per_address: limits.unauthenticated_per_source,
+            revocation_max_age: ztm_hub::server::DEFAULT_REVOCATION_MAX_AGE.as_secs(),
         }
     }
 }
@@ -105,6 +128,13 @@ pub async fn run_hub(args: HubArgs) -> Result<()> {
             ca: args.ca,
             ca_token: args.ca_token.filter(|t| !t.is_empty()),
             names: args.names,
+            limits: ztm_hub::Limits {
+                endpoints_per_user: args.max_endpoints_per_user,
+                connections_per_user: args.max_connections_per_user,
+                unauthenticated_per_source: args.max_handshakes_per_address,
+                ..ztm_hub::Limits::default()
+            },
+            revocation_max_age: Duration::from_secs(args.revocation_max_age),
         },
         shutdown_signal(),
     )

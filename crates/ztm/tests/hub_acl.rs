@@ -266,7 +266,11 @@ fn management_waits_for_a_late_reverse_connection() {
                 "/api/services" => "[]".to_string(),
                 other => panic!("unexpected request {other}"),
             };
-            let resp = http::Response::builder().status(200).body(()).unwrap();
+            let resp = http::Response::builder()
+                .status(200)
+                .header("content-type", "application/json")
+                .body(())
+                .unwrap();
             let mut send = respond.send_response(resp, false).expect("respond");
             send.send_data(Bytes::from(answer), true).expect("body");
             seen.push((path.clone(), who));

@@ -93,10 +93,11 @@ fn two_agents_join_and_see_each_other() {
         assert!(!log.text().contains("PRIVATE KEY"));
     }
 
-    // Each agent's view: itself local, the other remote, with user names and addresses.
-    for (agent, local, remote, local_user, remote_user) in [
-        (&a, &a_id, &b_id, "root", "bob"),
-        (&b, &b_id, &a_id, "bob", "root"),
+    // Each agent's view: itself local, the other remote, with user names. Addresses are
+    // shown to root and to the endpoint's own user only: root sees bob's, bob not root's.
+    for (agent, local, remote, local_user, remote_user, remote_ip) in [
+        (&a, &a_id, &b_id, "root", "bob", "127.0.0.1"),
+        (&b, &b_id, &a_id, "bob", "root", ""),
     ] {
         let me = endpoint(&agent.addr, local).unwrap();
         let other = endpoint(&agent.addr, remote).unwrap();
@@ -104,7 +105,7 @@ fn two_agents_join_and_see_each_other() {
         assert_eq!(other["isLocal"], false, "{other}");
         assert_eq!(me["username"], local_user, "{me}");
         assert_eq!(other["username"], remote_user, "{other}");
-        assert_eq!(other["ip"], "127.0.0.1", "{other}");
+        assert_eq!(other["ip"], remote_ip, "{other}");
         assert!(other["heartbeat"].as_i64().unwrap_or(0) > 0, "{other}");
         let one = get(
             &agent.addr,

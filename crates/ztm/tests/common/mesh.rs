@@ -83,11 +83,28 @@ pub fn start_hub_on(dir: &Path, tag: &str, ca_addr: &str, addr: &str) -> HubProc
 
 /// Spawns `ztm hub` on `addr` without waiting for its port.
 pub fn spawn_hub(dir: &Path, tag: &str, ca_addr: &str, addr: &str) -> Proc {
-    Proc::spawn(
-        tag,
-        dir,
-        &["hub", "--listen", addr, "--ca", ca_addr, "--name", addr],
-    )
+    spawn_hub_with(dir, tag, ca_addr, addr, &[])
+}
+
+/// Spawns `ztm hub` on `addr` with `extra` flags, without waiting for its port.
+pub fn spawn_hub_with(dir: &Path, tag: &str, ca_addr: &str, addr: &str, extra: &[&str]) -> Proc {
+    let mut args = vec!["hub", "--listen", addr, "--ca", ca_addr, "--name", addr];
+    args.extend_from_slice(extra);
+    Proc::spawn(tag, dir, &args)
+}
+
+/// Starts `ztm hub` with `extra` flags on a fresh port and waits until it accepts connections.
+pub fn start_hub_with(dir: &Path, tag: &str, ca_addr: &str, extra: &[&str]) -> HubProc {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let proc = spawn_hub_with(dir, tag, ca_addr, &addr, extra);
+    wait_port(&addr, Duration::from_secs(20));
+    HubProc {
+        proc,
+        addr,
+        tag: tag.to_string(),
+        dir: dir.to_path_buf(),
+        ca_addr: ca_addr.to_string(),
+    }
 }
 
 impl HubProc {

@@ -1,0 +1,426 @@
+//! The hub's shared state and the operations that change its parts together: the [`Registry`]
+//! (who is registered), the sessions' I/O handles, every authenticated connection (registered
+//! or not, so revocation reaches them all), the revoked serials and the lists built from the
+//! registry. Lock order, where two are held: registry, then sessions.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use ztm_net::now_ms;
+use ztm_pki::Revoked;
+use ztm_proto::acl;
+use ztm_proto::wire::{EndpointInfo, HANDSHAKE_TIMEOUT};
+
+use crate::admission;
+use crate::limits::{Counter, Limits, Refused, Slot};
+use crate::registry::{self, RegisterError, Registration, Registry, SessionId, Snapshot};
+
+/// Who is on the other end of a TLS connection.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub user: String,
+    pub serial: String,
+    pub addr: SocketAddr,
+}
+
+/// The I/O handles of a registered session.
+pub struct SessionIo {
+    /// Cancelled to close the session's connections.
+    pub kill: CancellationToken,
+    /// Which control connection registered it.
+    pub conn: u64,
+    /// The reverse connection, once bound (`None` until the agent's hello arrives).
+    pub reverse: watch::Sender<Option<h2::client::SendRequest<Bytes>>>,
+}
+
+impl SessionIo {
+    fn new(kill: CancellationToken, conn: u64) -> SessionIo {
+        SessionIo {
+            kill,
+            conn,
+            reverse: watch::Sender::new(None),
+        }
+    }
+}
+
+/// An authenticated connection, as the revocation sweep sees it.
+struct ConnEntry {
+    serial: String,
+    kill: CancellationToken,
+}
+
+/// How fresh the hub's copy of the CA's revocations is.
+pub struct RevocationStatus {
+    /// When the CA last answered a poll (ms since the epoch).
+    last_ok: AtomicU64,
+    /// Past this age, new sessions are refused.
+    pub max_age: Duration,
+}
+
+impl RevocationStatus {
+    pub fn new(max_age: Duration) -> Self {
+        Self {
+            last_ok: AtomicU64::new(now_ms()),
+            max_age,
+        }
+    }
+    pub fn polled(&self, now: u64) {
+        self.last_ok.store(now, Ordering::Relaxed);
+    }
+    pub fn last_ok(&self) -> u64 {
+        self.last_ok.load(Ordering::Relaxed)
+    }
+    pub fn fresh(&self, now: u64) -> bool {
+        admission::revocations_fresh(self.last_ok(), now, self.max_age.as_millis() as u64)
+    }
+}
+
+/// Lists older than this are rebuilt even if nothing was registered (heartbeat times and
+/// liveness change with time alone).
+const LIST_MAX_AGE_MS: u64 = 1_000;
+
+/// The lists of one registry version, with the answers shared by every caller that sees the
+/// same thing.
+struct Lists {
+    snapshot: Snapshot,
+    /// `GET /api/endpoints` for callers who see every address (root).
+    endpoints_all: Option<Bytes>,
+    /// `GET /api/services` for callers who see every provider (when none is restricted).
+    services_all: Option<Bytes>,
+}
+
+/// What a connection holds while it lives: its place in the connection table and its user's
+/// connection slot. Dropping it gives both back.
+pub struct ConnHandle {
+    hub: Arc<Hub>,
+    id: u64,
+    _slot: Slot<String>,
+}
+
+impl Drop for ConnHandle {
+    fn drop(&mut self) {
+        self.hub.conns().remove(&self.id);
+    }
+}
+
+pub struct Hub {
+    pub name: String,
+    pub limits: Limits,
+    registry: Mutex<Registry>,
+    sessions: Mutex<HashMap<SessionId, SessionIo>>,
+    conns: Mutex<HashMap<u64, ConnEntry>>,
+    user_conns: Counter<String>,
+    /// Requests with a body in progress, by user and in all.
+    pub bodies: Counter<String>,
+    lists: Mutex<Option<Lists>>,
+    pub revoked: Revoked,
+    pub revocations: RevocationStatus,
+    /// What the hub's tunnel relays hold for stalled next hops.
+    pub stalls: ztm_net::relay::StallGuard,
+}
+
+/// Why a registration was refused.
+#[derive(Debug)]
+pub enum RegisterRefusal {
+    Registry(RegisterError),
+    /// The hub cannot tell whether the certificate was revoked.
+    Stale,
+}
+
+impl Hub {
+    pub fn new(name: String, limits: Limits, revoked: Revoked, max_staleness: Duration) -> Hub {
+        Hub {
+            name,
+            registry: Mutex::new(Registry::new(limits.clone())),
+            sessions: Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
+            user_conns: Counter::new(limits.connections_per_user, usize::MAX),
+            bodies: Counter::new(limits.bodies_per_user, limits.bodies),
+            lists: Mutex::new(None),
+            revoked,
+            revocations: RevocationStatus::new(max_staleness),
+            stalls: Default::default(),
+            limits,
+        }
+    }
+
+    pub fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn sessions(&self) -> MutexGuard<'_, HashMap<SessionId, SessionIo>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn conns(&self) -> MutexGuard<'_, HashMap<u64, ConnEntry>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits an authenticated connection: within its user's bound, and not with a revoked
+    /// certificate. It is in the connection table (and so reached by revocation sweeps) until
+    /// the handle is dropped.
+    pub fn admit(
+        self: &Arc<Self>,
+        id: u64,
+        peer: &Peer,
+        kill: CancellationToken,
+    ) -> Result<ConnHandle, admission::Refusal> {
+        if self.revoked.contains(&peer.serial) {
+            return Err(admission::Refusal::new(
+                http::StatusCode::FORBIDDEN,
+                format!("the certificate of user {} has been revoked", peer.user),
+            ));
+        }
+        let slot = self.user_conns.try_take(peer.user.clone()).map_err(|r| {
+            let limit = match r {
+                Refused::Key(n) | Refused::Total(n) => n,
+            };
+            admission::Refusal::new(
+                http::StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "user {} holds {limit} connections to this hub, as many as it may",
+                    peer.user
+                ),
+            )
+        })?;
+        self.conns().insert(
+            id,
+            ConnEntry {
+                serial: peer.serial.clone(),
+                kill,
+            },
+        );
+        Ok(ConnHandle {
+            hub: self.clone(),
+            id,
+            _slot: slot,
+        })
+    }
+
+    /// Registers an endpoint for the control connection `conn` (closed with `kill`), closing
+    /// the session it replaces if another connection held it.
+    pub fn register(
+        &self,
+        r: registry::Register<'_>,
+        conn: u64,
+        kill: &CancellationToken,
+    ) -> Result<Registration, RegisterRefusal> {
+        let now = now_ms();
+        if !self.revocations.fresh(now) {
+            return Err(RegisterRefusal::Stale);
+        }
+        let mut registry = self.registry();
+        let registration = registry
+            .register(r, now)
+            .map_err(RegisterRefusal::Registry)?;
+        let mut sessions = self.sessions();
+        if let Some(old) = registration.replaced {
+            if let Some(io) = sessions.remove(&old) {
+                if io.conn != conn {
+                    io.kill.cancel();
+                }
+            }
+        }
+        sessions.insert(registration.session, SessionIo::new(kill.clone(), conn));
+        Ok(registration)
+    }
+
+    /// Ends the session of endpoint `id` that control connection `conn` registered. True if it
+    /// was still that connection's (and so the endpoint went offline).
+    pub fn end_session(&self, id: &str, session: SessionId, conn: u64) -> bool {
+        let mut registry = self.registry();
+        registry.end_session(id, session);
+        let mut sessions = self.sessions();
+        let mine = sessions.get(&session).map(|s| s.conn) == Some(conn);
+        if mine {
+            if let Some(io) = sessions.remove(&session) {
+                io.kill.cancel();
+            }
+        }
+        mine
+    }
+
+    /// Closes a session's connections and takes it offline (if it still exists).
+    pub fn kill_session(&self, session: SessionId) {
+        let mut registry = self.registry();
+        if let Some(id) = registry.id_of_session(session) {
+            registry.end_session(&id, session);
+        }
+        if let Some(io) = self.sessions().remove(&session) {
+            io.kill.cancel();
+        }
+    }
+
+    /// Binds a reverse connection to the session its hello names (token and user must match):
+    /// the session, and the token that ends it.
+    pub fn bind_reverse(
+        &self,
+        endpoint: &str,
+        token: &str,
+        user: &str,
+        sender: h2::client::SendRequest<Bytes>,
+    ) -> Option<(SessionId, CancellationToken)> {
+        let registry = self.registry();
+        let session = registry.check_hello(endpoint, token, user)?;
+        let mut sessions = self.sessions();
+        let io = sessions.get_mut(&session)?;
+        io.reverse.send_replace(Some(sender));
+        Some((session, io.kill.clone()))
+    }
+
+    pub fn unbind_reverse(&self, session: SessionId) {
+        if let Some(io) = self.sessions().get(&session) {
+            io.reverse.send_replace(None);
+        }
+    }
+
+    /// The reverse-connection sender of an online endpoint. An agent dials its reverse
+    /// connection right after registering, so a request that arrives in between waits for it
+    /// (up to the handshake timeout) instead of failing.
+    pub async fn reverse_of(&self, session: SessionId) -> Option<h2::client::SendRequest<Bytes>> {
+        let mut bound = self.sessions().get(&session)?.reverse.subscribe();
+        let ready = tokio::time::timeout(HANDSHAKE_TIMEOUT, bound.wait_for(Option::is_some));
+        let sender = match ready.await {
+            Ok(Ok(sender)) => sender.clone(),
+            // Timed out, or the session ended (its sender was dropped).
+            _ => None,
+        };
+        sender
+    }
+
+    /// Closes sessions whose heartbeats stopped.
+    pub fn sweep(&self) {
+        let stale = self.registry().sweep(now_ms());
+        for s in stale {
+            tracing::info!("session {s} missed its heartbeats; closing it");
+            if let Some(io) = self.sessions().remove(&s) {
+                io.kill.cancel();
+            }
+        }
+    }
+
+    /// Closes every connection — registered or not, control or reverse — and every session
+    /// that uses a revoked certificate. Returns how many connections it closed.
+    pub fn drop_revoked(&self) -> usize {
+        let sessions = self
+            .registry()
+            .sessions_revoked(|serial| self.revoked.contains(serial));
+        for s in sessions {
+            tracing::info!("session {s} uses a revoked certificate; closing it");
+            self.kill_session(s);
+        }
+        let mut closed = 0;
+        for c in self.conns().values() {
+            if !c.kill.is_cancelled() && self.revoked.contains(&c.serial) {
+                c.kill.cancel();
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    pub fn connections(&self) -> usize {
+        self.conns().len()
+    }
+
+    /// The current lists, rebuilt if the registry changed or they are over a second old.
+    fn with_lists<T>(&self, f: impl FnOnce(&mut Lists) -> T) -> T {
+        let now = now_ms();
+        let mut lists = self.lists.lock().unwrap_or_else(|p| p.into_inner());
+        let version = self.registry().version();
+        let current = lists.as_ref().is_some_and(|l| {
+            l.snapshot.version == version && now.saturating_sub(l.snapshot.built) < LIST_MAX_AGE_MS
+        });
+        if !current {
+            *lists = None;
+        }
+        let lists = lists.get_or_insert_with(|| Lists {
+            snapshot: self.registry().snapshot(now),
+            endpoints_all: None,
+            services_all: None,
+        });
+        f(lists)
+    }
+
+    /// `GET /api/endpoints` as `caller` sees it (JSON).
+    pub fn endpoints_json(&self, caller: &str) -> Bytes {
+        let (all, cached) = self.with_lists(|l| {
+            let cached = (caller == acl::ROOT)
+                .then(|| l.endpoints_all.clone())
+                .flatten();
+            (l.snapshot.endpoints.clone(), cached)
+        });
+        if let Some(body) = cached {
+            return body;
+        }
+        let body = endpoints_body(caller, &all);
+        if caller == acl::ROOT {
+            self.with_lists(|l| {
+                if Arc::ptr_eq(&l.snapshot.endpoints, &all) {
+                    l.endpoints_all = Some(body.clone());
+                }
+            });
+        }
+        body
+    }
+
+    /// `GET /api/services` as `caller` sees it (JSON): only the providers that admit it.
+    pub fn services_json(&self, caller: &str) -> Bytes {
+        let (services, restricted, cached) = self.with_lists(|l| {
+            (
+                l.snapshot.services.clone(),
+                l.snapshot.restricted,
+                l.services_all.clone(),
+            )
+        });
+        let everyone = !restricted || caller == acl::ROOT;
+        if everyone {
+            if let Some(body) = cached {
+                return body;
+            }
+        }
+        let body = if everyone {
+            to_json(services.as_ref())
+        } else {
+            let visible: Vec<_> = services
+                .iter()
+                .filter_map(|s| admission::service_for(caller, s))
+                .collect();
+            to_json(&visible)
+        };
+        if !restricted {
+            self.with_lists(|l| {
+                if Arc::ptr_eq(&l.snapshot.services, &services) {
+                    l.services_all = Some(body.clone());
+                }
+            });
+        }
+        body
+    }
+}
+
+fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> Bytes {
+    serde_json::to_vec(value)
+        .map(Bytes::from)
+        .unwrap_or_default()
+}
+
+fn endpoints_body(caller: &str, all: &[EndpointInfo]) -> Bytes {
+    if caller == acl::ROOT {
+        return to_json(all);
+    }
+    let visible: Vec<std::borrow::Cow<'_, EndpointInfo>> = all
+        .iter()
+        .map(|e| match admission::redacted_for(caller, e) {
+            Some(r) => std::borrow::Cow::Owned(r),
+            None => std::borrow::Cow::Borrowed(e),
+        })
+        .collect();
+    to_json(&visible)
+}
