@@ -277,10 +277,15 @@ async fn join_mesh(
             .filter(|n| !n.is_empty())
             .or_else(|| existing.as_ref().map(|e| e.agent_name.clone()))
             .unwrap_or_else(default_agent_name),
+        // A new mesh's id is derived from its user when it starts (`identity::bind`).
         endpoint_id: existing
             .as_ref()
             .map(|e| e.endpoint_id.clone())
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            .unwrap_or_default(),
+        id_nonce: existing
+            .as_ref()
+            .map(|e| e.id_nonce.clone())
+            .unwrap_or_default(),
         bootstraps: req.bootstraps,
     };
     apply(&agent, record, existing.is_none())
@@ -645,6 +650,7 @@ async fn endpoint_scoped(
             } else if body.target.user.is_some() {
                 return Err(ApiError::bad("target.user is the user of target.endpoint"));
             }
+            check_trust(&body.target)?;
             let record = PortRecord {
                 ip: ip.clone(),
                 protocol: proto,
@@ -689,6 +695,29 @@ async fn endpoint_scoped(
         ),
         _ => Err(ApiError::not_found(format!("no such API: {}", uri.path()))),
     }
+}
+
+/// Checks a port target's `trust` list: for targets without an endpoint, at most 1,000 user
+/// names or `*`.
+fn check_trust(target: &ztm_proto::model::PortTarget) -> ApiResult<()> {
+    let Some(trust) = &target.trust else {
+        return Ok(());
+    };
+    if target.endpoint.is_some() {
+        return Err(ApiError::bad(
+            "target.trust: only for a target without target.endpoint (an endpoint is trusted \
+             by naming it)",
+        ));
+    }
+    if trust.len() > 1000 {
+        return Err(ApiError::bad("target.trust: at most 1000 names"));
+    }
+    for u in trust {
+        if u != ztm_proto::acl::ANY_USER {
+            check_name(u).map_err(|e| ApiError::bad(format!("target.trust: {u:?}: {e}")))?;
+        }
+    }
+    Ok(())
 }
 
 fn by_whom(user: Option<&str>) -> String {

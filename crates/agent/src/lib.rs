@@ -5,6 +5,7 @@
 pub mod api;
 pub mod balance;
 pub mod guard;
+pub mod identity;
 pub mod mesh;
 pub mod ports;
 pub mod session;
@@ -82,11 +83,32 @@ impl Agent {
         list
     }
 
-    /// Starts (or restarts, with a new configuration) a mesh's runtime.
-    pub fn start_mesh(&self, record: MeshRecord) -> Arc<MeshRuntime> {
+    /// Starts (or restarts, with a new configuration) a mesh's runtime. A mesh whose endpoint
+    /// id is not derived from its certificate's user gets one that is (see [`identity`]).
+    pub fn start_mesh(&self, mut record: MeshRecord) -> Arc<MeshRuntime> {
         let router = self.router.get().cloned().unwrap_or_default();
         let name = record.name.clone();
+        let user = ztm_pki::cert_info_pem(&record.cert, "certificate")
+            .map(|i| i.common_name)
+            .ok();
+        let rebound = user.as_deref().and_then(|user| {
+            let old = identity::bind(&mut record, user)?;
+            if let Err(e) = self.store.put_mesh(&record) {
+                tracing::error!("cannot save the endpoint id of mesh {name}: {e}");
+            }
+            Some((old, user.to_string()))
+        });
         let rt = MeshRuntime::start(record, self.store.clone(), router);
+        if let Some((old, user)) = rebound.filter(|(old, _)| !old.is_empty()) {
+            rt.event(
+                "info",
+                &format!(
+                    "endpoint id is now {} (derived from user {user}; it was {old}): ports \
+                     elsewhere that named the old id must be mapped again",
+                    rt.id()
+                ),
+            );
+        }
         let old = self
             .meshes
             .write()

@@ -209,15 +209,16 @@ impl MeshRuntime {
     }
 
     /// Online endpoints that provide `proto/name` and that this agent's user may reach,
-    /// restricted to `endpoint` (an id or a name) and to endpoints of `user` when given. An
-    /// endpoint is its id and its user: should two users claim one id on different hubs, they
-    /// are two providers.
+    /// restricted to `endpoint` (an id or a name) and to endpoints of `user` when given, and
+    /// without an endpoint to users the port trusts (`acl::trusts`). An endpoint is its id and
+    /// its user: should two users claim one id on different hubs, they are two providers.
     pub async fn providers(
         &self,
         proto: Proto,
         name: &str,
         endpoint: Option<&str>,
         user: Option<&str>,
+        trust: Option<&[String]>,
     ) -> Vec<Provider> {
         let cached = {
             let cache = self
@@ -263,6 +264,11 @@ impl MeshRuntime {
                         continue;
                     }
                     if !ztm_proto::acl::can_connect(&self.username, &e.username, e.users.as_deref())
+                    {
+                        continue;
+                    }
+                    if endpoint.is_none()
+                        && !ztm_proto::acl::trusts(&self.username, trust, &e.username)
                     {
                         continue;
                     }

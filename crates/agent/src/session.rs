@@ -136,6 +136,7 @@ async fn connect_once(
     let register = Register {
         name: rt.record.agent_name.clone(),
         services: services_rx.borrow_and_update().clone(),
+        nonce: Some(rt.record.id_nonce.clone()),
     };
     let req = h2io::build(Method::POST, &format!("/api/endpoints/{}", rt.id()))?
         .header(http::header::CONTENT_TYPE, "application/json")

@@ -39,6 +39,9 @@ pub struct MeshRecord {
     pub key: String,
     pub agent_name: String,
     pub endpoint_id: String,
+    /// The nonce the endpoint id is derived from with the certificate's user
+    /// (`ztm_proto::wire::endpoint_id`); empty for an id from before ids were derived.
+    pub id_nonce: String,
     pub bootstraps: Vec<String>,
 }
 
@@ -96,6 +99,26 @@ CREATE TABLE IF NOT EXISTS log (
 CREATE INDEX IF NOT EXISTS log_mesh ON log (mesh, id);
 ";
 
+/// Changes to [`SCHEMA`], in order; `PRAGMA user_version` counts those applied. A new
+/// database gets the schema above and then every one of them.
+const MIGRATIONS: &[&str] = &[
+    // Endpoint ids derived from the user's name and a nonce.
+    "ALTER TABLE meshes ADD COLUMN id_nonce TEXT NOT NULL DEFAULT ''",
+];
+
+/// Brings the database's schema up to date, each step in its own transaction.
+fn migrate(conn: &mut Connection) -> Result<(), rusqlite::Error> {
+    let applied: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let applied = usize::try_from(applied).unwrap_or(0);
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(step)?;
+        tx.pragma_update(None, "user_version", i64::try_from(i + 1).unwrap_or(i64::MAX))?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
 pub struct Store {
     conn: Mutex<Connection>,
 }
@@ -131,7 +154,7 @@ impl Store {
             path: path.display().to_string(),
             reason: e.to_string(),
         })?;
-        let conn = Connection::open(path).map_err(open_err)?;
+        let mut conn = Connection::open(path).map_err(open_err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(open_err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
@@ -139,6 +162,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(open_err)?;
         conn.execute_batch(SCHEMA).map_err(open_err)?;
+        migrate(&mut conn).map_err(open_err)?;
         if reset {
             conn.execute_batch(
                 "BEGIN; DELETE FROM meshes; DELETE FROM services; DELETE FROM ports; DELETE FROM log; COMMIT;",
@@ -157,7 +181,8 @@ impl Store {
     pub fn meshes(&self) -> Result<Vec<MeshRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT name, ca, cert, key, agent_name, endpoint_id, bootstraps FROM meshes ORDER BY name",
+            "SELECT name, ca, cert, key, agent_name, endpoint_id, bootstraps, id_nonce FROM meshes \
+             ORDER BY name",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok(MeshRecord {
@@ -168,6 +193,7 @@ impl Store {
                 agent_name: r.get(4)?,
                 endpoint_id: r.get(5)?,
                 bootstraps: json_col(r.get(6)?)?,
+                id_nonce: r.get(7)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -179,10 +205,10 @@ impl Store {
 
     pub fn put_mesh(&self, m: &MeshRecord) -> Result<(), StoreError> {
         self.conn().execute(
-            "INSERT INTO meshes (name, ca, cert, key, agent_name, endpoint_id, bootstraps)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+            "INSERT INTO meshes (name, ca, cert, key, agent_name, endpoint_id, bootstraps, id_nonce)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
              ON CONFLICT (name) DO UPDATE SET ca = ?2, cert = ?3, key = ?4, agent_name = ?5,
-               endpoint_id = ?6, bootstraps = ?7",
+               endpoint_id = ?6, bootstraps = ?7, id_nonce = ?8",
             params![
                 m.name,
                 m.ca,
@@ -190,7 +216,8 @@ impl Store {
                 m.key,
                 m.agent_name,
                 m.endpoint_id,
-                to_json(&m.bootstraps)
+                to_json(&m.bootstraps),
+                m.id_nonce
             ],
         )?;
         Ok(())
@@ -358,6 +385,7 @@ mod tests {
             key: "k".into(),
             agent_name: "a".into(),
             endpoint_id: "id".into(),
+            id_nonce: "n".into(),
             bootstraps: vec!["h:1".into()],
         };
         s.put_mesh(&m).unwrap();
@@ -378,6 +406,7 @@ mod tests {
             target: PortTarget {
                 service: "dns".into(),
                 endpoint: None,
+                trust: None,
                 user: None,
             },
         };

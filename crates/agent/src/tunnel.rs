@@ -223,6 +223,7 @@ pub async fn open(
             &target.service,
             target.endpoint.as_deref(),
             target.user.as_deref(),
+            target.trust.as_deref(),
         )
         .await;
     if providers.is_empty() {
@@ -237,8 +238,14 @@ pub async fn open(
                 target.service
             ),
             None => format!(
-                "no online endpoint provides {proto}/{} to user {}",
-                target.service, rt.username
+                "no online endpoint of a trusted user ({}) provides {proto}/{} to user {}",
+                match &target.trust {
+                    Some(list) => list.join(", "),
+                    None if rt.username == ztm_proto::acl::ROOT => rt.username.clone(),
+                    None => format!("{}, {}", rt.username, ztm_proto::acl::ROOT),
+                },
+                target.service,
+                rt.username
             ),
         });
     }

@@ -6,7 +6,10 @@ use std::collections::HashSet;
 use http::StatusCode;
 use ztm_proto::acl;
 use ztm_proto::names::check_name;
-use ztm_proto::wire::{EndpointInfo, ServiceDecl, ServiceInfo};
+use ztm_proto::wire::{
+    id_belongs_to, is_endpoint_id, is_id_nonce, EndpointInfo, ServiceDecl, ServiceInfo,
+    ID_NONCE_LEN,
+};
 
 use crate::limits::{MAX_SERVICES, MAX_SERVICE_USERS, MAX_USER_ENTRIES};
 
@@ -94,6 +97,37 @@ pub fn tunnel(
         return Err(Refusal::new(
             StatusCode::FORBIDDEN,
             format!("user {caller} may not connect to service {svc_label}"),
+        ));
+    }
+    Ok(())
+}
+
+/// May `user` register endpoint `id`, derived with `nonce`? An id is derived from its user
+/// (`ztm_proto::wire::endpoint_id`), so no other user can ever hold it.
+pub fn endpoint_id(id: &str, user: &str, nonce: Option<&str>) -> Decision {
+    if !is_endpoint_id(id) {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "endpoint id must be a UUID in lower case",
+        ));
+    }
+    let Some(nonce) = nonce else {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "the registration has no nonce: endpoint ids are derived from their user's name and \
+             a nonce (PROTOCOL.md, Identity); this agent is too old for this hub",
+        ));
+    };
+    if !is_id_nonce(nonce) {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("nonce must be {ID_NONCE_LEN} lower-case hex digits"),
+        ));
+    }
+    if !id_belongs_to(id, user, nonce) {
+        return Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            format!("endpoint id {id} is not derived from user {user} and this nonce"),
         ));
     }
     Ok(())
@@ -275,6 +309,30 @@ mod tests {
             manage("alice", "e1", bob, None).unwrap_err().message,
             "user alice may not manage endpoints of user bob"
         );
+    }
+
+    #[test]
+    fn endpoint_ids_belong_to_their_user() {
+        let nonce = "0123456789abcdef0123456789abcdef";
+        let alices = ztm_proto::wire::endpoint_id("alice", nonce);
+        for (id, user, nonce, want) in [
+            (alices.as_str(), "alice", Some(nonce), None),
+            (alices.as_str(), "mallory", Some(nonce), Some(403)),
+            (alices.as_str(), "root", Some(nonce), Some(403)),
+            (alices.as_str(), "alice", Some("0123456789abcdef0123456789abcdee"), Some(403)),
+            (alices.as_str(), "alice", None, Some(400)),
+            (alices.as_str(), "alice", Some("0123"), Some(400)),
+            (&alices.to_uppercase(), "alice", Some(nonce), Some(400)),
+            ("0b1c2d3e-4f50-4617-8829-3a4b5c6d7e8f", "alice", Some(nonce), Some(403)),
+            ("x", "alice", Some(nonce), Some(400)),
+        ] {
+            let got = endpoint_id(id, user, nonce);
+            assert_eq!(
+                got.as_ref().err().map(|r| r.status.as_u16()),
+                want,
+                "{id} {user} {nonce:?}: {got:?}"
+            );
+        }
     }
 
     #[test]

@@ -259,6 +259,15 @@ async fn register(conn: &Arc<Conn>, id: &str, req: Request<RecvStream>, send: Se
     if let Err(e) = check_name(&reg.name) {
         return respond_error(send, StatusCode::BAD_REQUEST, format!("name: {e}"));
     }
+    if let Err(r) = admission::endpoint_id(id, &conn.peer.user, reg.nonce.as_deref()) {
+        if r.status == StatusCode::FORBIDDEN {
+            tracing::warn!(
+                "user {} tried to register endpoint {id}, which is not its own",
+                conn.peer.user
+            );
+        }
+        return refuse_with(send, r);
+    }
     if let Err(r) = admission::services(&reg.services) {
         return refuse_with(send, r);
     }

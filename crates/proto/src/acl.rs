@@ -19,6 +19,20 @@ pub fn can_connect(user: &str, owner: &str, users: Option<&[String]>) -> bool {
     }
 }
 
+/// Written in a port's `trust` list: providers of any user.
+pub const ANY_USER: &str = "*";
+
+/// May a port of user `owner` that names no endpoint send its connections to a provider of
+/// user `provider`? Only to users the port trusts: those in `trust` (`*` for any), or without
+/// a list its own user and root. Anyone may publish a service of any name, so a port that
+/// trusted every provider would hand its connections to whoever published the name.
+pub fn trusts(owner: &str, trust: Option<&[String]>, provider: &str) -> bool {
+    match trust {
+        Some(list) => list.iter().any(|u| u == ANY_USER || u == provider),
+        None => provider == owner || provider == ROOT,
+    }
+}
+
 /// The `users` list that every one of several providers of a service has, if they all have
 /// the same one (`None` also when they differ: each provider's own list decides).
 pub fn common_list<'a>(
@@ -41,6 +55,28 @@ mod tests {
         assert_eq!(common_list([a.clone(), b].iter()), None);
         assert_eq!(common_list([a, None].iter()), None);
         assert_eq!(common_list([None, None].iter()), None);
+    }
+
+    #[test]
+    fn ports_trust_their_own_user_and_root_unless_told() {
+        let list = |l: &[&str]| l.iter().map(|u| u.to_string()).collect::<Vec<_>>();
+        let (alice_bob, any, none) = (list(&["alice", "bob"]), list(&["*"]), list(&[]));
+        for (owner, trust, provider, ok) in [
+            ("alice", None, "alice", true),
+            ("alice", None, "root", true),
+            ("alice", None, "mallory", false),
+            ("root", None, "alice", false),
+            ("alice", Some(&alice_bob), "bob", true),
+            ("alice", Some(&alice_bob), "root", false),
+            ("alice", Some(&any), "mallory", true),
+            ("alice", Some(&none), "alice", false),
+        ] {
+            assert_eq!(
+                trusts(owner, trust.map(Vec::as_slice), provider),
+                ok,
+                "{owner} {trust:?} {provider}"
+            );
+        }
     }
 
     #[test]

@@ -157,10 +157,13 @@ pub struct PortTarget {
     pub service: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
-    /// The user of the target endpoint, pinned with it when the port is created: endpoint ids
-    /// are chosen by agents, so on another hub another user could claim the same id.
+    /// The user of the target endpoint, pinned with it when the port is created.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// For a target with no endpoint: the users whose endpoints may provide the service
+    /// (`*`: any user). Unset: the port's own user and root (`acl::trusts`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -96,6 +96,9 @@ pub struct Register {
     pub name: String,
     #[serde(default)]
     pub services: Vec<ServiceDecl>,
+    /// The nonce the endpoint id is derived from with the user's name ([`endpoint_id`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,6 +153,53 @@ impl ServiceInfo {
     }
 }
 
+/// Length of an endpoint id's nonce: 32 lower-case hex digits (128 random bits).
+pub const ID_NONCE_LEN: usize = 32;
+
+/// Is `s` a nonce an endpoint id may be derived from?
+pub fn is_id_nonce(s: &str) -> bool {
+    s.len() == ID_NONCE_LEN && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// A fresh random nonce for a new endpoint id.
+pub fn new_id_nonce() -> String {
+    use std::fmt::Write;
+    let mut bytes = [0u8; ID_NONCE_LEN / 2];
+    // The system's generator failing is not something a nonce can do without; fall back on
+    // a UUID's randomness, which comes from the same source by another path.
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
+        bytes = *uuid::Uuid::new_v4().as_bytes();
+    }
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// The endpoint id of user `user` with nonce `nonce`: a version-8 UUID made of the first 128
+/// bits of SHA-256 over both. A hub admits a registration only if the id is derived from the
+/// certificate's user this way, so no other user can ever hold an endpoint's id (finding a
+/// nonce that gives another user's id would take a second preimage of SHA-256).
+pub fn endpoint_id(user: &str, nonce: &str) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"ztm endpoint id\n");
+    ctx.update(user.as_bytes());
+    ctx.update(b"\n");
+    ctx.update(nonce.as_bytes());
+    let digest = ctx.finish();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest.as_ref()[..16]);
+    uuid::Builder::from_custom_bytes(bytes)
+        .into_uuid()
+        .hyphenated()
+        .to_string()
+}
+
+/// Is `id` the endpoint id of `user` with `nonce`?
+pub fn id_belongs_to(id: &str, user: &str, nonce: &str) -> bool {
+    is_id_nonce(nonce) && endpoint_id(user, nonce) == id
+}
+
 /// Is `s` a canonical UUID in lower case (what agents use as endpoint ids)? One spelling per
 /// id: an upper-case twin of another endpoint's id is not an id.
 pub fn is_endpoint_id(s: &str) -> bool {
@@ -165,3 +215,41 @@ pub const MAX_FRAME: u32 = 64 * 1024;
 pub const MAX_HEADER_LIST: u32 = 16 * 1024;
 /// Most bytes h2 buffers per stream ahead of the socket.
 pub const SEND_BUFFER: usize = 256 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_ids_are_bound_to_their_user() {
+        let nonce = "00112233445566778899aabbccddeeff";
+        let id = endpoint_id("alice", nonce);
+        assert!(is_endpoint_id(&id), "{id}");
+        assert_eq!(id.as_bytes()[14], b'8', "version 8: {id}");
+        assert!(matches!(id.as_bytes()[19], b'8' | b'9' | b'a' | b'b'), "variant: {id}");
+        assert_eq!(endpoint_id("alice", nonce), id, "the same inputs give the same id");
+        assert!(id_belongs_to(&id, "alice", nonce));
+        assert!(!id_belongs_to(&id, "mallory", nonce));
+        assert!(!id_belongs_to(&id, "alice", "00112233445566778899aabbccddeefe"));
+        assert_ne!(endpoint_id("alice", nonce), endpoint_id("alicf", nonce));
+        // User and nonce cannot be shifted into each other.
+        assert_ne!(endpoint_id("ab", "c"), endpoint_id("a", "bc"));
+        // Nonces are 32 lower-case hex digits.
+        assert!(!id_belongs_to(&id, "alice", &nonce.to_uppercase()));
+        assert!(!is_id_nonce("0011"));
+        assert!(!is_id_nonce(&format!("{nonce}00")));
+        let fresh = new_id_nonce();
+        assert!(is_id_nonce(&fresh), "{fresh}");
+        assert_ne!(fresh, new_id_nonce());
+    }
+
+    #[test]
+    fn endpoint_ids_have_one_spelling() {
+        let id = "0b1c2d3e-4f50-4617-8829-3a4b5c6d7e8f";
+        assert!(is_endpoint_id(id));
+        assert!(!is_endpoint_id(&id.to_uppercase()));
+        assert!(!is_endpoint_id("0b1c2d3e4f5046178829-3a4b5c6d7e8f"));
+        assert!(!is_endpoint_id("{0b1c2d3e-4f50-4617-8829-3a4b5c6d7e8f}"));
+        assert!(!is_endpoint_id("not an id"));
+    }
+}
