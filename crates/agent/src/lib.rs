@@ -2,6 +2,7 @@
 //! [`mesh::MeshRuntime`] per joined mesh (hub links in [`session`]), and serves the REST API
 //! ([`api`], guarded by [`guard`]) that the web UI and the CLI use.
 
+pub mod admission;
 pub mod api;
 pub mod balance;
 pub mod guard;

@@ -1,12 +1,16 @@
 //! Attacks on the agent: by a hostile mesh user whose endpoint answers remote management with
-//! a web page, and by a page in the browser of the agent's owner.
+//! a web page, by a compromised hub that forwards tunnels and management requests the hub
+//! should have refused, and by a page in the browser of the agent's owner.
 
 mod common;
 
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::fake_hub::{sign_hub, FakeHub};
 use common::mesh::*;
 use common::*;
 use http::Method;
@@ -217,4 +221,195 @@ fn every_answer_carries_the_security_headers() {
         );
         assert!(!csp.contains("unsafe-inline"), "{path}: {csp}");
     }
+}
+
+/// A backend that counts its connections and answers one line.
+fn counting_backend() -> (u16, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            seen.fetch_add(1, Ordering::SeqCst);
+            let mut s = s;
+            let _ = std::io::Write::write_all(&mut s, b"secret\n");
+        }
+    });
+    (port, count)
+}
+
+/// A real agent of `user` joined through a fake (compromised) hub; returns the agent, the
+/// hub, and the reverse connection the agent dialled.
+struct Compromised {
+    agent: AgentProc,
+    _hub: FakeHub,
+    reverse: common::fake_hub::Reverse,
+    id: String,
+    rt: tokio::runtime::Runtime,
+    _ca: CaProc,
+    _dir: TempDir,
+}
+
+fn compromised(tag: &str, user: &str) -> Compromised {
+    let dir = TempDir::new(tag);
+    let ca = start_ca(dir.path());
+    let pem = ca_pem(&ca.addr);
+    let owner = create_user(&ca.addr, user);
+    let (cert, key) = sign_hub(&ca.addr, "fake");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut hub = rt.block_on(FakeHub::start(&pem, &cert, &key));
+    let agent = start_agent(dir.path(), "a");
+    join_ok(&agent.addr, &pem, "a", &owner, &[&hub.addr]);
+    let reverse = rt.block_on(hub.next_reverse(Duration::from_secs(15)));
+    let id = local_id(&agent.addr);
+    assert_eq!(reverse.hello["endpoint"], id.as_str(), "{}", reverse.hello);
+    Compromised {
+        agent,
+        _hub: hub,
+        reverse,
+        id,
+        rt,
+        _ca: ca,
+        _dir: dir,
+    }
+}
+
+fn mesh_log(agent: &str) -> String {
+    get(agent, &format!("/api/meshes/{MESH}/log")).text()
+}
+
+/// The hub decides who may open a tunnel to a service, but a compromised hub must not get a
+/// user through whom the service does not admit: the agent checks again.
+#[test]
+fn a_compromised_hub_cannot_open_tunnels_a_service_does_not_admit() {
+    let c = compromised("attack-tunnel", "bob");
+    let (port, connections) = counting_backend();
+    let r = post_json(
+        &c.agent.addr,
+        &svc_path(&c.id, "secret"),
+        &json!({"host": "127.0.0.1", "port": port, "users": ["alice"]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let path = "/api/services/tcp/secret";
+
+    let (answer, _stream) = c.rt.block_on(c.reverse.tunnel(path, Some("mallory")));
+    assert_eq!(
+        answer.status,
+        403,
+        "a tunnel for mallory to a service of alice's was answered {answer:?}; the backend \
+         got {} connection(s)",
+        connections.load(Ordering::SeqCst)
+    );
+    assert!(answer.body.contains("mallory"), "{answer:?}");
+    let (answer, _) = c.rt.block_on(c.reverse.tunnel(path, None));
+    assert_eq!(answer.status, 400, "{answer:?}");
+    let (answer, _) = c.rt.block_on(c.reverse.tunnel(path, Some("bad user")));
+    assert_eq!(answer.status, 400, "{answer:?}");
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        0,
+        "the backend was reached"
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "the refusal in the mesh log",
+        || mesh_log(&c.agent.addr).contains("refused a tunnel to tcp/secret for user mallory"),
+    );
+    assert!(
+        c.agent.proc.log().contains("WARN"),
+        "{}",
+        c.agent.proc.log()
+    );
+
+    // Those the service admits get through: alice (listed), bob (its owner) and root.
+    for user in ["alice", "bob", "root"] {
+        let (answer, stream) = c.rt.block_on(c.reverse.tunnel(path, Some(user)));
+        assert_eq!(answer.status, 200, "{user}: {answer:?}");
+        let (_send, mut recv) = stream.unwrap();
+        let got = c
+            .rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(10), recv.data()).await });
+        assert!(
+            matches!(&got, Ok(Some(Ok(b))) if b.starts_with(b"secret")),
+            "{user}: {got:?}"
+        );
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 3);
+}
+
+/// Management of an endpoint is for its user and root. A compromised hub forwarding another
+/// user's requests is refused by the agent, reads and changes alike.
+#[test]
+fn a_compromised_hub_cannot_manage_for_users_who_may_not() {
+    let c = compromised("attack-manage", "bob");
+    let listen = free_port();
+    let port_path = format!("/api/ports/127.0.0.1/tcp/{listen}");
+    let port_body = json!({"target": {"service": "x"}}).to_string();
+    let service_body = json!({"host": "127.0.0.1", "port": 22}).to_string();
+    let attempts = [
+        (Method::GET, "/api/services".to_string(), String::new()),
+        (Method::GET, "/api/ports".to_string(), String::new()),
+        (Method::POST, port_path.clone(), port_body.clone()),
+        (
+            Method::POST,
+            "/api/services/tcp/planted".to_string(),
+            service_body,
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (method, path, body) in &attempts {
+        let answer = c.rt.block_on(
+            c.reverse
+                .request(method.clone(), path, Some("mallory"), body),
+        );
+        if answer.status != 403 {
+            failures.push(format!("{method} {path} as mallory: {answer:?}"));
+        }
+        let answer =
+            c.rt.block_on(c.reverse.request(method.clone(), path, None, body));
+        if answer.status != 400 {
+            failures.push(format!("{method} {path} without a user: {answer:?}"));
+        }
+    }
+    let local = |what: &str| {
+        get(
+            &c.agent.addr,
+            &format!("/api/meshes/{MESH}/endpoints/{}/{what}", c.id),
+        )
+        .json()
+    };
+    assert!(
+        failures.is_empty(),
+        "the agent obeyed the compromised hub:\n{}\nports now: {}\nservices now: {}\nport \
+         {listen} open: {}",
+        failures.join("\n"),
+        local("ports"),
+        local("services"),
+        port_open(&format!("127.0.0.1:{listen}"))
+    );
+    assert_eq!(local("ports"), json!([]));
+    assert_eq!(local("services"), json!([]));
+    assert!(!port_open(&format!("127.0.0.1:{listen}")));
+    assert!(
+        mesh_log(&c.agent.addr).contains("refused management by user mallory"),
+        "{}",
+        mesh_log(&c.agent.addr)
+    );
+
+    // The endpoint's user and root may.
+    for user in ["bob", "root"] {
+        let answer = c.rt.block_on(
+            c.reverse
+                .request(Method::GET, "/api/services", Some(user), ""),
+        );
+        assert_eq!(answer.status, 200, "{user}: {answer:?}");
+    }
+    let answer =
+        c.rt.block_on(
+            c.reverse
+                .request(Method::POST, &port_path, Some("bob"), &port_body),
+        );
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(local("ports").as_array().map(Vec::len), Some(1));
 }
