@@ -1,8 +1,18 @@
-//! Who may talk to the agent's API, and what a browser may do with its answers. The API has no
-//! login, so it only answers requests addressed to a loopback name (against DNS rebinding) and
-//! refuses state-changing requests that a web page of another origin sends (against cross-site
-//! request forgery). Every answer carries headers that keep a browser from running or framing
-//! anything but the UI's own files ([`headers`]).
+//! Who may talk to the agent's API, and what a browser may do with its answers.
+//!
+//! Without a token (the default, on loopback) the API has no login, so it only answers requests
+//! addressed to a loopback name (against DNS rebinding) and refuses state-changing requests
+//! that a web page of another origin sends (against cross-site request forgery).
+//!
+//! With a token (`ztm agent --token`, mandatory off loopback), every request but the UI's own
+//! files must carry `Authorization: Bearer <token>`, and the token is the whole guard, as at the
+//! CA: a page of another origin (a rebound DNS name is one) can neither read the token, which
+//! the UI keeps in its own origin's session storage, nor attach it to a request without a
+//! CORS preflight that the agent never approves. The Host check would only refuse the names
+//! by which the agent is meant to be reached off loopback.
+//!
+//! Every answer carries headers that keep a browser from running or framing anything but the
+//! UI's own files ([`headers`]).
 
 use std::sync::Arc;
 
@@ -11,11 +21,39 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 
-use ztm_proto::local::{refusal, Refusal};
+use ztm_proto::local::{bearer_matches, refusal, Refusal};
 
-use crate::{Agent, ApiError};
+use crate::{Agent, ApiError, Forwarded};
 
 pub async fn guard(State(agent): State<Arc<Agent>>, req: Request, next: Next) -> Response {
+    // Requests a hub forwarded come from the reverse connection, not from HTTP (no client can
+    // set this mark); `crate::admission` decided on them.
+    if req.extensions().get::<Forwarded>().is_some() {
+        return next.run(req).await;
+    }
+    if let Some(token) = &agent.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if is_ui(req.uri().path()) || bearer_matches(given, token) {
+            return next.run(req).await;
+        }
+        let mut resp = ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            if given.is_some() {
+                "this agent refused the API token given"
+            } else {
+                "this agent requires its API token: send 'Authorization: Bearer <token>'"
+            },
+        )
+        .into_response_json();
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"ztm-agent\""),
+        );
+        return resp;
+    }
     match refusal(req.method(), req.headers(), &agent.listen) {
         Some(Refusal::NotLocal) => ApiError::new(
             StatusCode::FORBIDDEN,

@@ -36,6 +36,7 @@ impl Ctx {
         Ok(Ctx {
             agent: Agent {
                 addr: normalize_addr(&raw)?,
+                token: common.token.clone().filter(|t| !t.is_empty()),
             },
             output: common.output,
             config,

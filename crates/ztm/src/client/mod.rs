@@ -62,6 +62,15 @@ pub struct Common {
     /// The agent's API address [default: $ZTM_AGENT, `agent = ...` in ~/.ztm/config, else 127.0.0.1:7777]
     #[arg(long, global = true, value_name = "HOST:PORT")]
     agent: Option<String>,
+    /// The agent's API token, if it was started with one
+    #[arg(
+        long,
+        global = true,
+        value_name = "TOKEN",
+        env = "ZTM_AGENT_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
     /// Output format: aligned tables, or the agent's JSON answer (pretty-printed)
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
