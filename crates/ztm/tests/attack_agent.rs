@@ -243,12 +243,12 @@ fn counting_backend() -> (u16, Arc<AtomicUsize>) {
 /// hub, and the reverse connection the agent dialled.
 struct Compromised {
     agent: AgentProc,
-    _hub: FakeHub,
+    hub: FakeHub,
     reverse: common::fake_hub::Reverse,
     id: String,
     rt: tokio::runtime::Runtime,
     _ca: CaProc,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 fn compromised(tag: &str, user: &str) -> Compromised {
@@ -266,12 +266,12 @@ fn compromised(tag: &str, user: &str) -> Compromised {
     assert_eq!(reverse.hello["endpoint"], id.as_str(), "{}", reverse.hello);
     Compromised {
         agent,
-        _hub: hub,
+        hub,
         reverse,
         id,
         rt,
         _ca: ca,
-        _dir: dir,
+        dir,
     }
 }
 
@@ -412,4 +412,84 @@ fn a_compromised_hub_cannot_manage_for_users_who_may_not() {
         );
     assert_eq!(answer.status, 200, "{answer:?}");
     assert_eq!(local("ports").as_array().map(Vec::len), Some(1));
+}
+
+/// Whether `text` holds anything that drives a terminal: C0 controls but newline and tab, DEL,
+/// C1 controls, or Unicode bidi controls.
+fn drives_terminal(text: &str) -> Option<char> {
+    text.chars().find(|&c| {
+        (c.is_control() && c != '\n' && c != '\t')
+            || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    })
+}
+
+/// Names come from the mesh: hubs check them, but a compromised hub (or old data) need not.
+/// What the CLI prints of them cannot move the cursor, retitle the terminal, clear the screen
+/// or reorder text; `-o json` keeps them exact, as JSON escapes.
+#[test]
+fn names_from_a_compromised_hub_cannot_drive_the_terminal() {
+    let c = compromised("attack-terminal", "bob");
+    let evil_name = "pc\u{1b}]0;pwned\u{7}\u{1b}[2J\u{1b}[1;31mroot\u{9b}31m\r\nfake\u{7f}";
+    let evil_user = "mal\u{202e}lory\u{2066}";
+    let evil_id = "0f0e0d0c-0b0a-4908-8706-050403020100";
+    c.hub.set_endpoints(json!([{
+        "id": evil_id, "name": evil_name, "username": evil_user,
+        "ip": "127.0.0.1\u{1b}[8m", "port": 1, "heartbeat": 1, "online": true,
+    }]));
+    c.hub.set_services(json!([{
+        "protocol": "tcp", "name": "web\u{1b}[5m",
+        "users": ["eve\u{1b}c"],
+        "endpoints": [{"id": evil_id, "name": evil_name, "username": evil_user, "users": ["eve\u{1b}c"]}],
+    }]));
+    let home = c.dir.path();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(ztm_bin())
+            .args(args)
+            .args(["--agent", &c.agent.addr])
+            .env("HOME", home)
+            .env_remove("ZTM_AGENT")
+            .env_remove("ZTM_AGENT_TOKEN")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let mut failures = Vec::new();
+    for args in [
+        &["get", "ep"][..],
+        &["get", "svc"],
+        &["describe", "ep", evil_id],
+        &["describe", "svc", "tcp/web\u{1b}[5m"],
+        &["get", "svc", "--ep", evil_id],
+    ] {
+        let (code, out, err) = run(args);
+        for (what, text) in [("stdout", &out), ("stderr", &err)] {
+            if let Some(ch) = drives_terminal(text) {
+                failures.push(format!(
+                    "ztm {args:?} ({code:?}) printed {ch:?} on {what}:\n{text:?}"
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // The tables show the names escaped, on one line each.
+    let (_, out, _) = run(&["get", "ep"]);
+    assert!(out.contains("\\x1b]0;pwned\\x07"), "{out}");
+    assert_eq!(out.lines().count(), 3, "{out}");
+    // JSON keeps them exactly, as JSON escapes.
+    let (code, out, _) = run(&["get", "ep", "-o", "json"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(drives_terminal(&out), None, "{out:?}");
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let evil = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == evil_id)
+        .unwrap();
+    assert_eq!(evil["name"], evil_name);
+    assert_eq!(evil["username"], evil_user);
 }

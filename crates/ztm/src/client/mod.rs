@@ -19,6 +19,13 @@ macro_rules! outln {
     ($($t:tt)*) => { $crate::client::write_out(&format!("{}\n", format_args!($($t)*))) };
 }
 
+/// `eprintln!` through [`table::clean_text`]: what it says may come from the mesh.
+macro_rules! errln {
+    ($($t:tt)*) => {
+        eprintln!("{}", $crate::client::table::clean_text(&format!($($t)*)))
+    };
+}
+
 mod api;
 mod cmds;
 mod table;
@@ -356,8 +363,14 @@ pub struct CompletionArgs {
     shell: clap_complete::Shell,
 }
 
-/// Writes to stdout; a closed pipe (`ztm get ep | head -1`) ends the process quietly.
+/// Writes to stdout, through [`table::clean_text`] (what the client prints comes from the mesh
+/// in good part); a closed pipe (`ztm get ep | head -1`) ends the process quietly.
 pub fn write_out(text: &str) {
+    write_raw(&table::clean_text(text));
+}
+
+/// Writes to stdout as it is (for text the client made itself, such as completion scripts).
+fn write_raw(text: &str) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
@@ -375,7 +388,7 @@ pub fn main(cmd: ClientCommand, command: impl FnOnce() -> clap::Command) -> ! {
         let mut c = command();
         let mut script = Vec::new();
         clap_complete::generate(args.shell, &mut c, "ztm", &mut script);
-        write_out(&String::from_utf8_lossy(&script));
+        write_raw(&String::from_utf8_lossy(&script));
         std::process::exit(0);
     }
     let result = tokio::runtime::Builder::new_current_thread()
@@ -392,7 +405,7 @@ pub fn main(cmd: ClientCommand, command: impl FnOnce() -> clap::Command) -> ! {
                 1
             };
             let msg = format!("{e:#}").replace(['\n', '\r'], " ");
-            eprintln!("ztm: {}", msg.trim());
+            errln!("ztm: {}", msg.trim());
             std::process::exit(code);
         }
     }
