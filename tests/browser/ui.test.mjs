@@ -204,3 +204,41 @@ test("a new user joins, sees endpoints, publishes a service, maps a port and cle
   const keyText = readFileSync(join(dir, "root.key"), "utf8");
   assert.ok(!(await call(a, "GET", "/api/meshes/demo")).includes(keyText.trim().split("\n")[1]), "the API never returns the key");
 });
+
+test("an agent started with a token asks for it once and keeps it for the tab", async () => {
+  const port = await freePort();
+  const addr = `127.0.0.1:${port}`;
+  start("t", ["agent", "--listen", addr, "--database", join(dir, "t.db"), "--token", "s3cret token"]);
+  await until("agent T", async () => (await get(port, "/")).status === 200);
+  if (!browser) {
+    browser = await chromium.launch({
+      executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+      args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run", "--disable-sync"],
+    });
+  }
+  const page = await browser.newPage({ viewport: { width: 1200, height: 800 } });
+  const pageErrors = [];
+  page.on("pageerror", (e) => pageErrors.push(e.message));
+  await page.goto(`http://${addr}/`);
+
+  // The API answers 401: the token form instead of the views.
+  const form = page.locator("#token-form");
+  await form.waitFor();
+  assert.equal(await page.locator("main").isHidden(), true);
+  await form.getByLabel("API token").fill("wrong");
+  await form.getByRole("button", { name: "Continue" }).click();
+  await form.locator("[data-error]").filter({ hasText: /refused this token/ }).waitFor();
+
+  // The right one: the views, and it is sent with every request from then on.
+  await form.getByLabel("API token").fill("s3cret token");
+  await form.getByRole("button", { name: "Continue" }).click();
+  await page.getByText("has not joined a mesh yet").waitFor();
+  await form.waitFor({ state: "hidden" });
+  await page.getByRole("tab", { name: "Log" }).click();
+  await page.reload();
+  await page.getByText("has not joined a mesh yet").waitFor();
+  assert.equal(await form.isHidden(), true, "the tab keeps the token across reloads");
+  assert.equal(await page.evaluate(() => localStorage.getItem("ztm.token")), null, "never kept beyond the tab");
+  assert.deepEqual(pageErrors, [], "no script errors in the page");
+  await page.close();
+});

@@ -106,6 +106,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
             crate::guard::guard,
         ))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn(crate::guard::headers))
         .with_state(agent)
 }
 
@@ -575,11 +576,7 @@ async fn endpoint_scoped(
                 body,
             )
             .await?;
-        let mut resp = (answer.status, answer.body).into_response();
-        if let Some(ct) = answer.headers.get(header::CONTENT_TYPE) {
-            resp.headers_mut().insert(header::CONTENT_TYPE, ct.clone());
-        }
-        return Ok(resp);
+        return relayed(answer, &target.id);
     }
     let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
     let by = forwarded.map(|Extension(f)| f.user);
@@ -720,6 +717,41 @@ fn check_trust(target: &ztm_proto::model::PortTarget) -> ApiResult<()> {
     Ok(())
 }
 
+/// A remote endpoint's answer to a management request, as this agent passes it on. The API
+/// speaks only JSON, and whatever is relayed is served from this agent's origin: a web page
+/// the far endpoint (or a hub) sent would run here with the whole API at its disposal. So an
+/// answer is relayed only if its body is JSON (or empty, for 204), and always as JSON;
+/// anything else is a 502.
+fn relayed(answer: ztm_net::h2io::Answer, ep: &str) -> ApiResult<Response> {
+    if answer.body.is_empty() && answer.status == StatusCode::NO_CONTENT {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    if answer.body.is_empty()
+        || serde_json::from_slice::<serde::de::IgnoredAny>(&answer.body).is_err()
+    {
+        let content_type = answer
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.chars().take(64).collect::<String>())
+            .unwrap_or_else(|| "no content type".to_string());
+        return Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "endpoint {ep} answered something that is not JSON ({} {content_type}, {} bytes)",
+                answer.status.as_u16(),
+                answer.body.len()
+            ),
+        ));
+    }
+    Ok((
+        answer.status,
+        [(header::CONTENT_TYPE, "application/json")],
+        answer.body,
+    )
+        .into_response())
+}
+
 fn by_whom(user: Option<&str>) -> String {
     user.map(|u| format!(" by {u} (remote)"))
         .unwrap_or_default()
@@ -844,7 +876,52 @@ fn local_ports(rt: &MeshRuntime) -> ApiResult<Vec<ztm_proto::model::Port>> {
 
 #[cfg(test)]
 mod tests {
-    use super::split_pem;
+    use super::{relayed, split_pem};
+    use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+    use bytes::Bytes;
+    use ztm_net::h2io::Answer;
+
+    fn answer(status: u16, content_type: &'static str, body: &'static str) -> Answer {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        Answer {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers,
+            body: Bytes::from_static(body.as_bytes()),
+        }
+    }
+
+    #[test]
+    fn only_json_is_relayed_and_always_as_json() {
+        let ct = |r: &axum::response::Response| {
+            r.headers()
+                .get(header::CONTENT_TYPE)
+                .map(|v| v.to_str().unwrap().to_string())
+        };
+        for (status, content_type, body) in [
+            (200, "text/html", "[1]"),
+            (404, "application/json", r#"{"status":404,"message":"x"}"#),
+            (200, "application/json", " {\"a\": \"<script>\"} \n"),
+        ] {
+            let r = relayed(answer(status, content_type, body), "ep").unwrap();
+            assert_eq!(r.status().as_u16(), status);
+            assert_eq!(ct(&r).as_deref(), Some("application/json"));
+        }
+        let r = relayed(answer(204, "text/html", ""), "ep").unwrap();
+        assert_eq!(r.status(), StatusCode::NO_CONTENT);
+        for (status, content_type, body) in [
+            (200, "text/html", "<script>alert(1)</script>"),
+            (200, "application/json", "<script>alert(1)</script>"),
+            (200, "application/json", "[1] <script>"),
+            (200, "application/json", ""),
+            (500, "text/plain", "oops"),
+        ] {
+            let e = relayed(answer(status, content_type, body), "ep").unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_GATEWAY, "{body}");
+            assert!(e.message.contains("not JSON"), "{}", e.message);
+            assert!(!e.message.contains("<script"), "{}", e.message);
+        }
+    }
 
     #[test]
     fn a_pem_body_splits_into_certificates_and_a_key() {

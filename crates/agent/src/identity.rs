@@ -55,7 +55,12 @@ mod tests {
             // A new mesh has none yet.
             ("", "", "alice", true),
             // A nonce that does not give this id.
-            (alices.as_str(), "00000000000000000000000000000000", "alice", true),
+            (
+                alices.as_str(),
+                "00000000000000000000000000000000",
+                "alice",
+                true,
+            ),
         ] {
             let mut r = record(id, n);
             let old = bind(&mut r, user);

@@ -2,6 +2,7 @@
 //! [`mesh::MeshRuntime`] per joined mesh (hub links in [`session`]), and serves the REST API
 //! ([`api`], guarded by [`guard`]) that the web UI and the CLI use.
 
+pub mod admission;
 pub mod api;
 pub mod balance;
 pub mod guard;
@@ -32,20 +33,25 @@ pub struct Agent {
     pub store: Arc<Store>,
     /// The address the REST API listens on (for the Host check).
     pub listen: SocketAddr,
+    /// When set, every API request must carry `Authorization: Bearer <token>` ([`guard`]).
+    pub token: Option<String>,
     meshes: RwLock<HashMap<String, Arc<MeshRuntime>>>,
     router: OnceLock<axum::Router>,
 }
 
 impl Agent {
+    /// Opens the database; the API will listen on `listen` and, with a `token`, require it.
     pub fn open(
         database: &Path,
         reset: bool,
         listen: SocketAddr,
+        token: Option<String>,
     ) -> Result<Arc<Agent>, store::StoreError> {
         let store = Arc::new(Store::open(database, reset)?);
         Ok(Arc::new(Agent {
             store,
             listen,
+            token: token.filter(|t| !t.is_empty()),
             meshes: RwLock::new(HashMap::new()),
             router: OnceLock::new(),
         }))

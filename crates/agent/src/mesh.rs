@@ -59,8 +59,10 @@ pub struct MeshRuntime {
     pub tls: Option<TlsConfigs>,
     /// The agent's REST API, to answer management requests forwarded by hubs.
     pub router: axum::Router,
-    /// Local services by protocol and name: (host, port), for incoming tunnels.
-    local: RwLock<HashMap<(Proto, String), (String, u16)>>,
+    /// Local services by protocol and name, for incoming tunnels.
+    local: RwLock<HashMap<(Proto, String), LocalService>>,
+    /// Requests from hubs refused by [`crate::admission`], for the warnings about them.
+    refusals: Mutex<RefusalLog>,
     /// Recent answers of the hubs' service lists, for choosing tunnel providers quickly.
     providers_cache: Mutex<Option<(Instant, HubServices)>>,
     pub ports: Ports,
@@ -82,11 +84,40 @@ pub struct Provider {
 /// How long a hub's service list is trusted for choosing tunnel providers.
 const PROVIDERS_TTL: Duration = Duration::from_secs(2);
 
-fn local_map(services: &[ServiceRecord]) -> HashMap<(Proto, String), (String, u16)> {
+/// A service of this endpoint, as an incoming tunnel needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalService {
+    pub host: String,
+    pub port: u16,
+    /// The users it admits besides root and this endpoint's user (`None`: every user).
+    pub users: Option<Vec<String>>,
+}
+
+fn local_map(services: &[ServiceRecord]) -> HashMap<(Proto, String), LocalService> {
     services
         .iter()
-        .map(|s| ((s.protocol, s.name.clone()), (s.host.clone(), s.port)))
+        .map(|s| {
+            (
+                (s.protocol, s.name.clone()),
+                LocalService {
+                    host: s.host.clone(),
+                    port: s.port,
+                    users: s.users.clone(),
+                },
+            )
+        })
         .collect()
+}
+
+/// Refusals of what a hub forwarded are warned about at most once per this period, with the
+/// number of those not warned about: a compromised hub sending them in a loop must not flood
+/// the log and push everything else out of the mesh's event log.
+const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<Instant>,
+    unreported: u64,
 }
 
 pub fn decls(services: &[ServiceRecord]) -> Vec<ServiceDecl> {
@@ -165,6 +196,7 @@ impl MeshRuntime {
             tls,
             router,
             local,
+            refusals: Mutex::new(RefusalLog::default()),
             providers_cache: Mutex::new(None),
             ports: Ports::default(),
             stalls: Default::default(),
@@ -193,7 +225,7 @@ impl MeshRuntime {
         self.ports.state(key)
     }
 
-    pub fn local_service(&self, proto: Proto, name: &str) -> Option<(String, u16)> {
+    pub fn local_service(&self, proto: Proto, name: &str) -> Option<LocalService> {
         self.local
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -297,9 +329,31 @@ impl MeshRuntime {
         &self.record.endpoint_id
     }
 
+    /// Warns (process log and mesh log, kind `warning`) that a request hub `hub` forwarded was
+    /// refused, at most once per [`REFUSAL_WARN_EVERY`].
+    pub fn refused(&self, hub: &str, message: &str) {
+        let unreported = {
+            let mut log = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+            if log.last.is_some_and(|at| at.elapsed() < REFUSAL_WARN_EVERY) {
+                log.unreported += 1;
+                return;
+            }
+            log.last = Some(Instant::now());
+            std::mem::take(&mut log.unreported)
+        };
+        let more = match unreported {
+            0 => String::new(),
+            n => format!(" ({n} more refused since the last warning)"),
+        };
+        self.event(
+            "warning",
+            &format!("hub {hub}: {message}; a hub should not have sent it{more}"),
+        );
+    }
+
     /// Records an event in the mesh's log and the process log.
     pub fn event(&self, kind: &str, message: &str) {
-        if kind == "error" {
+        if kind == "error" || kind == "warning" {
             tracing::warn!("mesh {}: {message}", self.record.name);
         } else {
             tracing::info!("mesh {}: {message}", self.record.name);

@@ -23,6 +23,7 @@ use ztm_proto::wire::{
 };
 use ztm_tls::TlsStream;
 
+use crate::admission;
 use crate::mesh::{HubLink, MeshRuntime};
 use crate::Forwarded;
 
@@ -164,6 +165,7 @@ async fn connect_once(
     let reverse = reverse.map_err(|e| anyhow!("reverse connection: {}", describe_h2(&e)))?;
     let mut reverse_task = AbortOnDrop(tokio::spawn(serve_reverse(
         rt.clone(),
+        link.addr.clone(),
         reverse,
         registered.session,
     )));
@@ -215,22 +217,27 @@ async fn connect_once(
     outcome
 }
 
+/// Serves what hub `hub` sends over the reverse connection.
 async fn serve_reverse(
     rt: Arc<MeshRuntime>,
+    hub: String,
     mut conn: h2::server::Connection<TlsStream, Bytes>,
     token: String,
 ) {
     let token = Arc::new(token);
+    let hub: Arc<str> = hub.into();
     while let Some(next) = conn.accept().await {
         let Ok((req, send)) = next else { break };
         let rt = rt.clone();
         let token = token.clone();
-        tokio::spawn(async move { handle_reverse(rt, &token, req, send).await });
+        let hub = hub.clone();
+        tokio::spawn(async move { handle_reverse(rt, &hub, &token, req, send).await });
     }
 }
 
 async fn handle_reverse(
     rt: Arc<MeshRuntime>,
+    hub: &str,
     token: &str,
     req: Request<RecvStream>,
     send: SendResponse<Bytes>,
@@ -247,21 +254,23 @@ async fn handle_reverse(
         );
     }
     if req.method() == Method::CONNECT {
-        return crate::tunnel::accept(rt, req, send).await;
+        return crate::tunnel::accept(rt, hub, req, send).await;
     }
-    forwarded(rt, req, send).await
+    forwarded(rt, hub, req, send).await
 }
 
-/// Answers a management request a hub forwarded from another endpoint by running it through
-/// this agent's own REST API, scoped to this endpoint.
-async fn forwarded(rt: Arc<MeshRuntime>, req: Request<RecvStream>, send: SendResponse<Bytes>) {
-    let Some(user) = req
-        .headers()
-        .get(USER_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-    else {
-        return respond_error(send, StatusCode::BAD_REQUEST, "missing user header");
+/// Answers a management request hub `hub` forwarded from another endpoint by running it
+/// through this agent's own REST API, scoped to this endpoint, if the user it names may
+/// manage this endpoint (checked here again: see [`crate::admission`]).
+async fn forwarded(
+    rt: Arc<MeshRuntime>,
+    hub: &str,
+    req: Request<RecvStream>,
+    send: SendResponse<Bytes>,
+) {
+    let user = match admission::user(req.headers().get(USER_HEADER).map(|v| v.as_bytes())) {
+        Ok(u) => u.to_string(),
+        Err(refusal) => return respond_error(send, refusal.status(), refusal.to_string()),
     };
     let pq = req
         .uri()
@@ -269,6 +278,19 @@ async fn forwarded(rt: Arc<MeshRuntime>, req: Request<RecvStream>, send: SendRes
         .map(|p| p.as_str().to_string())
         .unwrap_or_default();
     let rest = pq.strip_prefix("/api/").unwrap_or("");
+    if let Err(refusal) = admission::manage(&user, &rt.username) {
+        let what: String = format!("{} {rest}", req.method())
+            .chars()
+            .take(200)
+            .collect();
+        rt.refused(
+            hub,
+            &format!(
+                "refused management by user {user}, who may not manage this endpoint ({what})"
+            ),
+        );
+        return respond_error(send, refusal.status(), refusal.to_string());
+    }
     if !(rest.starts_with("services") || rest.starts_with("ports")) {
         return respond_error(send, StatusCode::NOT_FOUND, "no such management API");
     }

@@ -21,14 +21,22 @@ use ztm_proto::wire::{
     USER_HEADER,
 };
 
+use crate::admission;
 use crate::balance::{Active, Balancer};
-use crate::mesh::{MeshRuntime, Provider};
+use crate::mesh::{LocalService, MeshRuntime, Provider};
 
 /// A UDP flow with no datagram either way for this long is closed.
 pub const UDP_IDLE: Duration = Duration::from_secs(60);
 
-/// Service end: a hub asks for `CONNECT /api/services/{proto}/{name}`.
-pub async fn accept(rt: Arc<MeshRuntime>, req: Request<RecvStream>, mut send: SendResponse<Bytes>) {
+/// Service end: hub `hub` asks for `CONNECT /api/services/{proto}/{name}` on behalf of the
+/// user in `ztm-user`, whom the service must admit (checked here again: see
+/// [`crate::admission`]).
+pub async fn accept(
+    rt: Arc<MeshRuntime>,
+    hub: &str,
+    req: Request<RecvStream>,
+    mut send: SendResponse<Bytes>,
+) {
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let ["api", "services", proto, name] = segments.as_slice() else {
@@ -37,19 +45,28 @@ pub async fn accept(rt: Arc<MeshRuntime>, req: Request<RecvStream>, mut send: Se
     let Some(proto) = Proto::parse(proto) else {
         return respond_error(send, StatusCode::BAD_REQUEST, "protocol must be tcp or udp");
     };
-    let Some((host, port)) = rt.local_service(proto, name) else {
+    let user = match admission::user(req.headers().get(USER_HEADER).map(|v| v.as_bytes())) {
+        Ok(u) => u.to_string(),
+        Err(refusal) => return respond_error(send, refusal.status(), refusal.to_string()),
+    };
+    let Some(service) = rt.local_service(proto, name) else {
         return respond_error(
             send,
             StatusCode::NOT_FOUND,
             format!("no service {proto}/{name} here"),
         );
     };
-    let user = req
-        .headers()
-        .get(USER_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("?")
-        .to_string();
+    let service_name = format!("{proto}/{name}");
+    if let Err(refusal) =
+        admission::tunnel(&user, &rt.username, &service_name, service.users.as_deref())
+    {
+        rt.refused(
+            hub,
+            &format!("refused a tunnel to {service_name} for user {user}, whom it does not admit"),
+        );
+        return respond_error(send, refusal.status(), refusal.to_string());
+    }
+    let LocalService { host, port, .. } = service;
     let recv = req.into_body();
     let started = Instant::now();
     let result = match proto {

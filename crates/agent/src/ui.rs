@@ -13,23 +13,16 @@ fn file(content_type: &'static str, body: &'static str) -> Response {
         [
             (header::CONTENT_TYPE, content_type),
             (header::CACHE_CONTROL, "no-cache"),
-            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-            (header::X_FRAME_OPTIONS, "DENY"),
         ],
         body,
     )
         .into_response()
 }
 
+/// The UI's only page. Its security headers (a policy that admits only the UI's own files,
+/// no framing) are set for every answer by [`crate::guard::headers`].
 pub async fn index() -> Response {
-    let mut resp = file("text/html; charset=utf-8", INDEX);
-    resp.headers_mut().insert(
-        header::CONTENT_SECURITY_POLICY,
-        header::HeaderValue::from_static(
-            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
-        ),
-    );
-    resp
+    file("text/html; charset=utf-8", INDEX)
 }
 
 pub async fn asset(axum::extract::Path(name): axum::extract::Path<String>) -> Response {

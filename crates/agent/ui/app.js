@@ -1,7 +1,7 @@
 // The agent's web UI: talks only to the agent's REST API (same origin) and refreshes the
 // visible view every two seconds. Data is always inserted as text, never as HTML.
 
-import { api, el, fill, formError, readFile } from "/ui/lib.js";
+import { api, el, fill, formError, readFile, setToken, TokenRequired } from "/ui/lib.js";
 
 const REFRESH_MS = 2000;
 const state = { view: "meshes", mesh: null, meshes: [], endpoints: [], services: [] };
@@ -173,7 +173,7 @@ function renderPorts(ports, error) {
     return el("tr", { "data-port": `${p.listen.ip}:${p.listen.port}/${p.protocol}` }, [
       el("td", { "data-label": "Listen" }, `${p.listen.ip}:${p.listen.port}`),
       el("td", { "data-label": "Protocol" }, p.protocol),
-      el("td", { "data-label": "Target" }, p.target.service + (p.target.endpoint ? ` @ ${endpointName(p.target.endpoint, p.target.user)}` : "")),
+      el("td", { "data-label": "Target" }, p.target.service + (p.target.endpoint ? ` @ ${endpointName(p.target.endpoint, p.target.user)}` : p.target.trust ? ` @ any of ${p.target.trust.join(", ")}` : "")),
       el("td", { "data-label": "State", class: p.open ? "online" : "offline" }, p.open ? "open" : (p.error || "closed")),
       el("td", {}, [del, err]),
     ]);
@@ -192,6 +192,8 @@ async function createPort(ev) {
   if (!service) { formError(form, "Choose a service (create one on the Services tab first)."); return; }
   const target = { service };
   if (f.get("target")) target.endpoint = String(f.get("target"));
+  const trust = String(f.get("trust") || "").split(",").map((u) => u.trim()).filter(Boolean);
+  if (!target.endpoint && trust.length) target.trust = trust;
   try {
     const port = await api("POST", `/api/meshes/${enc(state.mesh)}/endpoints/${enc(ep)}/ports/${enc(String(f.get("ip")).trim())}/${f.get("proto")}/${Number(f.get("port"))}`, { target });
     if (!port.open && port.error) formError(form, port.error);
@@ -229,6 +231,7 @@ async function refresh() {
   refreshing = (async () => {
     try {
       state.meshes = await api("GET", "/api/meshes");
+      askToken(null);
       if (!state.meshes.some((m) => m.name === state.mesh)) {
         const saved = localStorage.getItem("ztm.mesh");
         state.mesh = state.meshes.some((m) => m.name === saved) ? saved : (state.meshes[0] || {}).name || null;
@@ -247,6 +250,10 @@ async function refresh() {
       }
       if (state.view === "log") renderLog(await api("GET", `/api/meshes/${m}/log`));
     } catch (e) {
+      if (e instanceof TokenRequired) {
+        askToken(e);
+        return;
+      }
       const status = $("#status");
       status.textContent = `agent unreachable: ${e.message}`;
       status.className = "status bad";
@@ -255,6 +262,33 @@ async function refresh() {
     }
   })();
   return refreshing;
+}
+
+// ---- API token ----------------------------------------------------------------
+
+// Shows the token form instead of the views while the agent asks for its token (`refusal`),
+// and the views again once it answers.
+function askToken(refusal) {
+  const form = $("#token-form");
+  const asking = refusal !== null;
+  if (!asking && form.hidden) return;
+  form.hidden = !asking;
+  $("main").hidden = asking;
+  $("#tabs").hidden = asking;
+  if (asking) {
+    formError(form, refusal.hadToken ? "The agent refused this token." : "");
+    const status = $("#status");
+    status.textContent = "API token required";
+    status.className = "status bad";
+  }
+}
+
+async function submitToken(ev) {
+  ev.preventDefault();
+  const form = ev.target;
+  setToken(String(new FormData(form).get("token") || "").trim());
+  form.reset();
+  await refresh();
 }
 
 function show(view) {
@@ -271,6 +305,7 @@ document.addEventListener("DOMContentLoaded", () => {
     localStorage.setItem("ztm.mesh", state.mesh);
     refresh();
   });
+  $("#token-form").addEventListener("submit", submitToken);
   $("#join-form").addEventListener("submit", join);
   $("#service-form").addEventListener("submit", createService);
   $("#port-form").addEventListener("submit", createPort);

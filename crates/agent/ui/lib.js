@@ -1,8 +1,27 @@
 // Small helpers for the UI: the API client (errors become Error with the agent's message),
 // element creation with text-only content, and file reading.
 
+// An agent started with --token answers API requests only with it. The UI asks for it once
+// and keeps it for this browser tab only.
+const TOKEN_KEY = "ztm.token";
+
+export function setToken(token) {
+  if (token) sessionStorage.setItem(TOKEN_KEY, token);
+  else sessionStorage.removeItem(TOKEN_KEY);
+}
+
+// The agent asks for its API token (none was given, or the one given is wrong).
+export class TokenRequired extends Error {
+  constructor(message, hadToken) {
+    super(message);
+    this.hadToken = hadToken;
+  }
+}
+
 export async function api(method, path, body) {
   const init = { method, headers: {} };
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) init.headers.Authorization = `Bearer ${token}`;
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
@@ -16,6 +35,10 @@ export async function api(method, path, body) {
   const text = await resp.text();
   let data = null;
   try { data = text ? JSON.parse(text) : null; } catch { data = null; }
+  // Only the agent's own refusal carries the challenge (a far endpoint's 401 does not).
+  if (resp.status === 401 && /^Bearer/.test(resp.headers.get("WWW-Authenticate") || "")) {
+    throw new TokenRequired((data && data.message) || "this agent requires its API token", Boolean(token));
+  }
   if (!resp.ok) {
     throw new Error((data && data.message) || `${resp.status} ${resp.statusText}`);
   }

@@ -319,11 +319,21 @@ mod tests {
             (alices.as_str(), "alice", Some(nonce), None),
             (alices.as_str(), "mallory", Some(nonce), Some(403)),
             (alices.as_str(), "root", Some(nonce), Some(403)),
-            (alices.as_str(), "alice", Some("0123456789abcdef0123456789abcdee"), Some(403)),
+            (
+                alices.as_str(),
+                "alice",
+                Some("0123456789abcdef0123456789abcdee"),
+                Some(403),
+            ),
             (alices.as_str(), "alice", None, Some(400)),
             (alices.as_str(), "alice", Some("0123"), Some(400)),
             (&alices.to_uppercase(), "alice", Some(nonce), Some(400)),
-            ("0b1c2d3e-4f50-4617-8829-3a4b5c6d7e8f", "alice", Some(nonce), Some(403)),
+            (
+                "0b1c2d3e-4f50-4617-8829-3a4b5c6d7e8f",
+                "alice",
+                Some(nonce),
+                Some(403),
+            ),
             ("x", "alice", Some(nonce), Some(400)),
         ] {
             let got = endpoint_id(id, user, nonce);

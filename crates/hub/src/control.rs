@@ -502,7 +502,7 @@ async fn manage(conn: &Arc<Conn>, ep: &str, req: Request<RecvStream>, send: Send
             respond_error(
                 send,
                 StatusCode::BAD_GATEWAY,
-                format!("endpoint {ep} answered with something other than JSON"),
+                format!("endpoint {ep} answered with something that is not JSON"),
             )
         }
         Err(e) => respond_error(

@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 #[derive(Debug)]
 pub struct Reply {
     pub status: u16,
+    pub headers: http::HeaderMap,
     pub body: Bytes,
 }
 
@@ -53,12 +54,18 @@ pub async fn request(
         }
         let resp = sender.send_request(req.body(Full::new(body))?).await?;
         let status = resp.status().as_u16();
-        let body = Limited::new(resp.into_body(), 16 << 20)
+        let (parts, body) = resp.into_parts();
+        let headers = parts.headers;
+        let body = Limited::new(body, 16 << 20)
             .collect()
             .await
             .map_err(|e| anyhow!("reading the answer from {addr}: {e}"))?
             .to_bytes();
-        Ok::<_, anyhow::Error>(Reply { status, body })
+        Ok::<_, anyhow::Error>(Reply {
+            status,
+            headers,
+            body,
+        })
     };
     tokio::time::timeout(deadline, work)
         .await

@@ -92,9 +92,38 @@ pub fn refusal(
     None
 }
 
+/// Does an `Authorization` header's value carry `token` (`Bearer <token>`)? Compared in time
+/// that does not depend on where the two differ.
+pub fn bearer_matches(authorization: Option<&str>, token: &str) -> bool {
+    let Some(given) = authorization.and_then(|v| v.strip_prefix("Bearer ")) else {
+        return false;
+    };
+    let (a, b) = (given.as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bearer_tokens() {
+        assert!(bearer_matches(Some("Bearer s3cret"), "s3cret"));
+        for bad in [
+            None,
+            Some(""),
+            Some("s3cret"),
+            Some("Bearer "),
+            Some("Bearer s3cre"),
+            Some("Bearer s3cret2"),
+            Some("Bearer S3cret"),
+            Some("Basic s3cret"),
+            Some("bearer s3cret"),
+            Some("Bearer  s3cret"),
+        ] {
+            assert!(!bearer_matches(bad, "s3cret"), "{bad:?}");
+        }
+    }
 
     #[test]
     fn hosts() {

@@ -226,11 +226,22 @@ mod tests {
         let id = endpoint_id("alice", nonce);
         assert!(is_endpoint_id(&id), "{id}");
         assert_eq!(id.as_bytes()[14], b'8', "version 8: {id}");
-        assert!(matches!(id.as_bytes()[19], b'8' | b'9' | b'a' | b'b'), "variant: {id}");
-        assert_eq!(endpoint_id("alice", nonce), id, "the same inputs give the same id");
+        assert!(
+            matches!(id.as_bytes()[19], b'8' | b'9' | b'a' | b'b'),
+            "variant: {id}"
+        );
+        assert_eq!(
+            endpoint_id("alice", nonce),
+            id,
+            "the same inputs give the same id"
+        );
         assert!(id_belongs_to(&id, "alice", nonce));
         assert!(!id_belongs_to(&id, "mallory", nonce));
-        assert!(!id_belongs_to(&id, "alice", "00112233445566778899aabbccddeefe"));
+        assert!(!id_belongs_to(
+            &id,
+            "alice",
+            "00112233445566778899aabbccddeefe"
+        ));
         assert_ne!(endpoint_id("alice", nonce), endpoint_id("alicf", nonce));
         // User and nonce cannot be shifted into each other.
         assert_ne!(endpoint_id("ab", "c"), endpoint_id("a", "bc"));

@@ -152,6 +152,10 @@ pub struct AgentArgs {
     /// Forget every mesh, service and port in the database before starting
     #[arg(long)]
     reset: bool,
+    /// API token required on every API request (Authorization: Bearer TOKEN); mandatory when
+    /// listening on a non-loopback address
+    #[arg(long, env = "ZTM_AGENT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 impl AgentArgs {
@@ -160,24 +164,43 @@ impl AgentArgs {
             listen: listen.into(),
             database: database.into(),
             reset: false,
+            token: None,
         }
+    }
+
+    /// The API token to require (`--token`).
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
     }
 }
 
 pub async fn run_agent(args: AgentArgs) -> Result<()> {
     let addr = parse_listen(&args.listen)?;
+    let token = args.token.filter(|t| !t.is_empty());
+    if !addr.ip().is_loopback() && token.is_none() {
+        bail!(
+            "listening on {addr} (not loopback) needs an API token: pass --token or set ZTM_AGENT_TOKEN"
+        );
+    }
     let path = expand_home(&args.database);
     let agent = {
         let path = path.clone();
-        tokio::task::spawn_blocking(move || ztm_agent::Agent::open(&path, args.reset, addr))
+        let reset = args.reset;
+        tokio::task::spawn_blocking(move || ztm_agent::Agent::open(&path, reset, addr, token))
             .await??
     };
     let listener = bind(addr).await?;
     let router = agent.start()?;
     tracing::info!(
-        "agent listening on http://{} (database {})",
+        "agent listening on http://{} (database {}{})",
         listener.local_addr()?,
-        path.display()
+        path.display(),
+        if agent.token.is_some() {
+            "; the API requires the token"
+        } else {
+            ""
+        }
     );
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown_signal())

@@ -34,6 +34,10 @@ pub struct UpArgs {
     /// Agent (REST API and web UI) listen address
     #[arg(long, default_value = "127.0.0.1:7777")]
     agent_listen: String,
+    /// The agent's API token (see `ztm agent --help`); mandatory when --agent-listen is not a
+    /// loopback address
+    #[arg(long, env = "ZTM_AGENT_TOKEN", hide_env_values = true)]
+    agent_token: Option<String>,
 }
 
 /// Stands for this computer's address in the printed steps when no `--hub-name` says it.
@@ -65,11 +69,21 @@ async fn wait_http(addr: &str, path: &str) -> Result<()> {
 }
 
 async fn call(addr: &str, method: &str, path: &str, body: Bytes) -> Result<String> {
+    call_with(addr, None, method, path, body).await
+}
+
+async fn call_with(
+    addr: &str,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Bytes,
+) -> Result<String> {
     let r = http1::request(
         addr,
         method,
         path,
-        None,
+        token,
         Some("application/json"),
         body,
         Duration::from_secs(10),
@@ -124,12 +138,13 @@ fn write_private(path: &Path, text: &str) -> Result<()> {
 async fn setup(args: &UpArgs, dir: &Path) -> Result<()> {
     let ca = local_of(&args.ca_listen);
     let agent = local_of(&args.agent_listen);
+    let token = args.agent_token.as_deref().filter(|t| !t.is_empty());
     let hub_local = local_of(&args.hub_listen);
     wait_http(&ca, "/api/certificates/ca").await?;
     let (ca_pem, cert, key) = root_identity(&ca, dir).await?;
     wait_http(&agent, "/api/meshes").await?;
     let meshes: serde_json::Value =
-        serde_json::from_str(&call(&agent, "GET", "/api/meshes", Bytes::new()).await?)?;
+        serde_json::from_str(&call_with(&agent, token, "GET", "/api/meshes", Bytes::new()).await?)?;
     let joined = meshes
         .as_array()
         .is_some_and(|m| m.iter().any(|m| m["name"] == args.mesh.as_str()));
@@ -139,8 +154,9 @@ async fn setup(args: &UpArgs, dir: &Path) -> Result<()> {
             "agent": {"name": "root-agent", "certificate": cert, "privateKey": key},
             "bootstraps": [hub_local],
         });
-        call(
+        call_with(
             &agent,
+            token,
             "POST",
             &format!("/api/meshes/{}", args.mesh),
             body.to_string().into(),
@@ -197,7 +213,9 @@ pub async fn run_up(args: UpArgs) -> Result<()> {
         &local_of(&args.ca_listen),
         hub_public.clone(),
     ));
-    let agent = run_agent(AgentArgs::new(&args.agent_listen, &db("agent.db")));
+    let agent = run_agent(
+        AgentArgs::new(&args.agent_listen, &db("agent.db")).with_token(args.agent_token.clone()),
+    );
     let setup = async {
         if let Err(e) = setup(&args, &dir).await {
             tracing::error!("setting up the mesh failed: {e:#}");

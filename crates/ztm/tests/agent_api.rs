@@ -265,6 +265,136 @@ fn only_local_callers_and_same_origin_pages() {
     assert_eq!(get(&agent.addr, "/api/meshes").json(), json!([]));
 }
 
+/// An agent told to listen off loopback refuses to start without an API token (its API has
+/// no login otherwise); with one, it gets past that check. The addresses are TEST-NET ones no
+/// interface has, so nothing is ever bound off loopback.
+#[test]
+fn an_agent_off_loopback_needs_a_token() {
+    let dir = TempDir::new("agent-no-token");
+    let db = dir.join("a.db");
+    let db = db.to_str().unwrap();
+    for (listen, env) in [
+        ("192.0.2.1:7777", &[][..]),
+        ("192.0.2.1:7777", &[("ZTM_AGENT_TOKEN", "")][..]),
+        ("[2001:db8::1]:7777", &[][..]),
+    ] {
+        let mut p = Proc::spawn_env(
+            "agent",
+            dir.path(),
+            &["agent", "--listen", listen, "--database", db],
+            env,
+        );
+        let code = p.wait_exit(Duration::from_secs(10));
+        let log = p.log();
+        assert_eq!(code, Some(1), "{listen} {env:?}: {log}");
+        assert!(
+            log.contains(&format!(
+                "ztm agent: error: listening on {listen} (not loopback) needs an API token: \
+                 pass --token or set ZTM_AGENT_TOKEN"
+            )),
+            "{listen} {env:?}: {log}"
+        );
+        assert_eq!(log.trim().lines().count(), 1, "{log}");
+        std::fs::remove_file(p.log_path.clone()).unwrap();
+    }
+    // With a token it goes on, and fails only because no interface has that address.
+    for (args, env) in [
+        (&["--token", "s3cret"][..], &[][..]),
+        (&[][..], &[("ZTM_AGENT_TOKEN", "s3cret")][..]),
+    ] {
+        let mut all = vec!["agent", "--listen", "192.0.2.1:7777", "--database", db];
+        all.extend_from_slice(args);
+        let mut p = Proc::spawn_env("agent", dir.path(), &all, env);
+        assert_eq!(p.wait_exit(Duration::from_secs(10)), Some(1));
+        let log = p.log();
+        assert!(log.contains("cannot listen on 192.0.2.1:7777"), "{log}");
+        assert!(!log.contains("token"), "{log}");
+        std::fs::remove_file(p.log_path.clone()).unwrap();
+    }
+}
+
+/// With a token, every API request must carry it, on any address; the UI's files load without
+/// it (the UI then asks for it). The token replaces the Host and Origin checks: a page of
+/// another origin cannot read it or attach it to a request.
+#[test]
+fn a_token_guards_every_api_request() {
+    let dir = TempDir::new("agent-token");
+    let token = "correct horse battery staple";
+    let agent = start_agent_with(dir.path(), "a", &["--token", token]);
+    let bearer = format!("Bearer {token}");
+    let refused = |r: &Resp, what: &str| {
+        assert_eq!(r.status, 401, "{what}: {}", r.text());
+        assert_eq!(r.json()["status"], 401, "{what}");
+        assert_eq!(
+            r.header("www-authenticate"),
+            Some("Bearer realm=\"ztm-agent\""),
+            "{what}"
+        );
+    };
+    for (method, path, body) in [
+        ("GET", "/api/meshes", ""),
+        ("GET", "/api/meshes/m/endpoints", ""),
+        ("POST", "/api/meshes/m", "{}"),
+        ("DELETE", "/api/meshes/m", ""),
+        ("GET", "/api/nothing", ""),
+        ("GET", "/nothing", ""),
+    ] {
+        for auth in [
+            None,
+            Some("Bearer wrong"),
+            Some("Bearer correct horse battery stapl"),
+            Some("Bearer correct horse battery staple2"),
+            Some("correct horse battery staple"),
+            Some("Basic Y29ycmVjdA=="),
+        ] {
+            let headers: Vec<(&str, &str)> =
+                auth.map(|a| ("Authorization", a)).into_iter().collect();
+            let r = http(&agent.addr, method, path, &headers, body.as_bytes()).unwrap();
+            refused(&r, &format!("{method} {path} with {auth:?}"));
+        }
+    }
+    let with = |method: &str, path: &str, extra: &[(&str, &str)], body: &str| {
+        let mut headers = vec![("Authorization", bearer.as_str())];
+        headers.extend_from_slice(extra);
+        http(&agent.addr, method, path, &headers, body.as_bytes()).unwrap()
+    };
+    let r = with("GET", "/api/meshes", &[], "");
+    assert_eq!((r.status, r.json()), (200, json!([])));
+    let r = with(
+        "GET",
+        "/api/meshes/m",
+        &[("Host", "agent.example:7777")],
+        "",
+    );
+    assert_eq!(
+        r.status,
+        404,
+        "the token, not the Host, decides: {}",
+        r.text()
+    );
+    let r = with(
+        "POST",
+        "/api/meshes/m",
+        &[
+            ("Origin", "http://agent.example:7777"),
+            ("Content-Type", "application/json"),
+        ],
+        "{}",
+    );
+    assert_eq!(
+        r.status,
+        400,
+        "the token, not the Origin, decides: {}",
+        r.text()
+    );
+    // The UI's own files load without it.
+    for path in ["/", "/ui/app.js", "/ui/lib.js", "/ui/style.css"] {
+        let r = get(&agent.addr, path);
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+    }
+    assert!(get(&agent.addr, "/").text().contains("token-form"));
+}
+
 fn raw_request(addr: &str, request: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -289,7 +419,9 @@ fn an_agent_changes_its_identity_in_one_step() {
     let agent = start_agent(dir.path(), "a");
     join_ok(&agent.addr, &pem, "a", &alice, &[&hub.addr]);
     let id = local_id(&agent.addr);
+    // An endpoint id belongs to its user: the agent's id, online at the hub as `want`.
     let user_at_hub = |want: &str| {
+        let id = local_id(&agent.addr);
         endpoint(&agent.addr, &id).is_some_and(|e| e["username"] == want && e["online"] == true)
     };
     wait_until(Duration::from_secs(15), "alice online", || {
@@ -316,6 +448,11 @@ fn an_agent_changes_its_identity_in_one_step() {
     assert_eq!(r.json()["agent"]["username"], "bob");
     assert!(!r.text().contains("PRIVATE KEY"), "{}", r.text());
     wait_until(Duration::from_secs(15), "bob online", || user_at_hub("bob"));
+    assert_ne!(
+        local_id(&agent.addr),
+        id,
+        "alice's endpoint id is not bob's"
+    );
 
     // An update without the key keeps the key; joining without one is refused.
     let mut update = join_body(&pem, "renamed", &bob, &[&hub.addr]);

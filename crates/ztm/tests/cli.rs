@@ -62,6 +62,7 @@ fn ztm_env(home: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
         .env("HOME", home)
         .env_remove("ZTM_AGENT")
         .env_remove("ZTM_MESH")
+        .env_remove("ZTM_AGENT_TOKEN")
         .env_remove("ZTM_LOG")
         .stdin(Stdio::null());
     for (k, v) in env {
@@ -465,6 +466,46 @@ fn unreachable_agent_is_one_line_and_exit_1() {
     let r = ztm_env(dir.path(), &["get", "ep"], &[("ZTM_AGENT", &addr)]);
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.err.contains(&addr), "{r:?}");
+}
+
+/// An agent started with a token: the client sends it when given `--token` or
+/// `ZTM_AGENT_TOKEN`, and says what is missing when it is not.
+#[test]
+fn cli_sends_the_agent_token() {
+    let dir = TempDir::new("cli-token");
+    let home = dir.path();
+    let agent = start_agent_with(home, "a", &["--token", "t0ken"]);
+    let addr = agent.addr.as_str();
+    let r = ztm_at(home, addr, &["get", "mesh"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert_eq!(
+        r.err.trim(),
+        format!(
+            "ztm: the agent at {addr} requires its API token: pass --token or set ZTM_AGENT_TOKEN"
+        ),
+        "{r:?}"
+    );
+    let r = ztm_at(home, addr, &["get", "mesh", "--token", "wrong"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert_eq!(
+        r.err.trim(),
+        format!("ztm: the agent at {addr} refused the API token given"),
+        "{r:?}"
+    );
+    let r = ztm_at(
+        home,
+        addr,
+        &["get", "mesh", "-o", "json", "--token", "t0ken"],
+    );
+    assert!(r.ok(), "{r:?}");
+    assert_eq!(r.json(), serde_json::json!([]));
+    let r = ztm_env(
+        home,
+        &["leave", "nothing", "--agent", addr],
+        &[("ZTM_AGENT_TOKEN", "t0ken")],
+    );
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.err.contains("no mesh named nothing"), "{r:?}");
 }
 
 /// Usage errors exit 2; a mistyped subcommand gets a suggestion.

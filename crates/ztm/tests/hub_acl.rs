@@ -221,7 +221,9 @@ fn management_waits_for_a_late_reverse_connection() {
     let pem = ca_pem(&ca.addr);
     let root = create_user(&ca.addr, "root");
     let hub = start_hub(dir.path(), "hub", &ca.addr);
-    let id = "0b1c2d3e-4f50-4617-8829-3a4b5c6d7e8f";
+    // An id derived from root's name, as agents make them (PROTOCOL.md, Identity).
+    let nonce = ztm_proto::wire::new_id_nonce();
+    let id: &'static str = Box::leak(ztm_proto::wire::endpoint_id("root", &nonce).into_boxed_str());
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -231,7 +233,7 @@ fn management_waits_for_a_late_reverse_connection() {
             agent.clone(),
             http::Method::POST,
             &format!("/api/endpoints/{id}"),
-            Bytes::from(json!({"name": "late"}).to_string()),
+            Bytes::from(json!({"name": "late", "nonce": nonce}).to_string()),
             false,
             None,
         )

@@ -97,6 +97,8 @@ pub fn enc(segment: &str) -> String {
 /// A running agent's REST API.
 pub struct Agent {
     pub addr: String,
+    /// Its API token, sent as `Authorization: Bearer` on every request when given.
+    pub token: Option<String>,
 }
 
 impl Agent {
@@ -112,10 +114,35 @@ impl Agent {
             Some(v) => (Some("application/json"), Bytes::from(v.to_string())),
             None => (None, Bytes::new()),
         };
-        let reply = http1::request(&self.addr, method, path, None, ct, bytes, REQUEST_DEADLINE)
-            .await
-            .map_err(|e| self.transport_error(e))?;
+        let reply = http1::request(
+            &self.addr,
+            method,
+            path,
+            self.token.as_deref(),
+            ct,
+            bytes,
+            REQUEST_DEADLINE,
+        )
+        .await
+        .map_err(|e| self.transport_error(e))?;
         let text = reply.text();
+        // The agent's own refusal (a far endpoint's 401, relayed, carries no challenge).
+        let challenged = reply
+            .headers
+            .get(http::header::WWW_AUTHENTICATE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"Bearer"));
+        if reply.status == 401 && challenged {
+            return Err(anyhow!(
+                "{}",
+                match self.token {
+                    None => format!(
+                        "the agent at {} requires its API token: pass --token or set ZTM_AGENT_TOKEN",
+                        self.addr
+                    ),
+                    Some(_) => format!("the agent at {} refused the API token given", self.addr),
+                }
+            ));
+        }
         if reply.status >= 400 {
             let message = serde_json::from_str::<ztm_proto::model::ApiError>(&text)
                 .map(|e| e.message)

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use ztm_proto::model::{Endpoint, LogEntry, Mesh, Port, Service};
 
 use super::api::{decode, enc, normalize_addr, Agent, Config, DEFAULT_AGENT};
-use super::table::{age, time, yes_no, Fields, Table};
+use super::table::{age, clean, json_text, time, yes_no, Fields, Table};
 use super::{
     ClientCommand, Common, CreateWhat, DeleteWhat, DescribeWhat, GetWhat, MeshOpt, Output, PortRef,
     ProtoArg, Usage,
@@ -36,6 +36,7 @@ impl Ctx {
         Ok(Ctx {
             agent: Agent {
                 addr: normalize_addr(&raw)?,
+                token: common.token.clone().filter(|t| !t.is_empty()),
             },
             output: common.output,
             config,
@@ -81,8 +82,9 @@ impl Ctx {
     }
 }
 
+/// Prints the agent's JSON, pretty, with controls in its strings as JSON escapes.
 fn print_json(v: &Value) -> Result<()> {
-    outln!("{}", serde_json::to_string_pretty(v)?);
+    outln!("{}", json_text(&serde_json::to_string_pretty(v)?));
     Ok(())
 }
 
@@ -243,7 +245,7 @@ async fn get(ctx: &Ctx, mesh_opt: &MeshOpt, what: GetWhat) -> Result<()> {
             return print_json(&raw);
         }
         if meshes.is_empty() {
-            eprintln!("This agent has joined no mesh (see `ztm join --help`).");
+            errln!("This agent has joined no mesh (see `ztm join --help`).");
             return Ok(());
         }
         let mut t = Table::new(&["NAME", "USER", "ENDPOINT", "CONNECTED", "HUBS", "ERRORS"]);
@@ -283,11 +285,11 @@ async fn get(ctx: &Ctx, mesh_opt: &MeshOpt, what: GetWhat) -> Result<()> {
             }
             if svcs.is_empty() {
                 match &ep {
-                    Some(_) => eprintln!(
+                    Some(_) => errln!(
                         "No services on endpoint {}.",
                         ep_label(&mesh, ep.as_deref())
                     ),
-                    None => eprintln!("No services in mesh {}.", mesh.name),
+                    None => errln!("No services in mesh {}.", mesh.name),
                 }
                 return Ok(());
             }
@@ -301,7 +303,7 @@ async fn get(ctx: &Ctx, mesh_opt: &MeshOpt, what: GetWhat) -> Result<()> {
                 return print_json(&raw);
             }
             if ports.is_empty() {
-                eprintln!("No ports on endpoint {}.", ep_label(&mesh, ep.as_deref()));
+                errln!("No ports on endpoint {}.", ep_label(&mesh, ep.as_deref()));
                 return Ok(());
             }
             out!("{}", ports_table(&ports).render());
@@ -405,7 +407,7 @@ async fn describe(ctx: &Ctx, mesh_opt: &MeshOpt, what: DescribeWhat) -> Result<(
             if !mesh.errors.is_empty() {
                 outln!("Errors:");
                 for e in &mesh.errors {
-                    outln!("  {}  {}", time(e.time), e.message);
+                    outln!("  {}  {}", time(e.time), clean(&e.message));
                 }
             }
             let log_path = format!("{}/log", mesh_path(&mesh));
@@ -413,7 +415,12 @@ async fn describe(ctx: &Ctx, mesh_opt: &MeshOpt, what: DescribeWhat) -> Result<(
                 if !log.is_empty() {
                     outln!("Recent log:");
                     for e in &log[log.len().saturating_sub(10)..] {
-                        outln!("  {}  {:<5}  {}", time(e.time), e.kind, e.message);
+                        outln!(
+                            "  {}  {:<5}  {}",
+                            time(e.time),
+                            clean(&e.kind),
+                            clean(&e.message)
+                        );
                     }
                 }
             }
@@ -539,7 +546,10 @@ async fn describe(ctx: &Ctx, mesh_opt: &MeshOpt, what: DescribeWhat) -> Result<(
                 match (&p.target.endpoint, &p.target.user) {
                     (Some(ep), Some(user)) => format!("{ep} (user {user})"),
                     (Some(ep), None) => ep.clone(),
-                    (None, _) => "(any provider)".to_string(),
+                    (None, _) => match &p.target.trust {
+                        Some(users) => format!("(any provider of {})", users.join(", ")),
+                        None => "(any provider of this user or root)".to_string(),
+                    },
                 },
             );
             f.add("Open", yes_no(p.open));
@@ -598,6 +608,7 @@ async fn create(ctx: &Ctx, mesh_opt: &MeshOpt, what: CreateWhat) -> Result<()> {
             proto,
             service,
             target_ep,
+            trust,
             ep,
         } => {
             // `--service tcp/NAME` is accepted when the protocol matches.
@@ -616,6 +627,9 @@ async fn create(ctx: &Ctx, mesh_opt: &MeshOpt, what: CreateWhat) -> Result<()> {
             let mut target = json!({"service": service});
             if let Some(t) = &target_ep {
                 target["endpoint"] = json!(t);
+            }
+            if !trust.is_empty() {
+                target["trust"] = json!(trust);
             }
             let answer = ctx
                 .agent
@@ -639,7 +653,7 @@ async fn create(ctx: &Ctx, mesh_opt: &MeshOpt, what: CreateWhat) -> Result<()> {
                 ep_label(&mesh, ep.as_deref())
             );
             if let Some(err) = port.and_then(|p| p.error) {
-                eprintln!("ztm: warning: the port is not open yet: {err}");
+                errln!("ztm: warning: the port is not open yet: {err}");
             }
             Ok(())
         }

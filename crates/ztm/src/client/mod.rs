@@ -19,6 +19,13 @@ macro_rules! outln {
     ($($t:tt)*) => { $crate::client::write_out(&format!("{}\n", format_args!($($t)*))) };
 }
 
+/// `eprintln!` through [`table::clean_text`]: what it says may come from the mesh.
+macro_rules! errln {
+    ($($t:tt)*) => {
+        eprintln!("{}", $crate::client::table::clean_text(&format!($($t)*)))
+    };
+}
+
 mod api;
 mod cmds;
 mod table;
@@ -62,6 +69,15 @@ pub struct Common {
     /// The agent's API address [default: $ZTM_AGENT, `agent = ...` in ~/.ztm/config, else 127.0.0.1:7777]
     #[arg(long, global = true, value_name = "HOST:PORT")]
     agent: Option<String>,
+    /// The agent's API token, if it was started with one
+    #[arg(
+        long,
+        global = true,
+        value_name = "TOKEN",
+        env = "ZTM_AGENT_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
     /// Output format: aligned tables, or the agent's JSON answer (pretty-printed)
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -96,7 +112,8 @@ Examples:
   ztm create svc tcp/ssh --port 22                        # publish this computer's SSH
   ztm create svc tcp/web --host 10.0.0.5 --port 80 --users alice,bob --ep office-pc
   ztm create port 2222 --service ssh --target-ep home-pc  # 127.0.0.1:2222 -> home-pc's ssh
-  ztm create port 0.0.0.0:5353 --proto udp --service dns";
+  ztm create port 0.0.0.0:5353 --proto udp --service dns
+  ztm create port 8080 --service web --trust alice,bob    # any provider of alice or bob";
 
 const DELETE_EXAMPLES: &str = "\
 Examples:
@@ -294,9 +311,19 @@ pub enum CreateWhat {
         /// The service connections go to
         #[arg(long, value_name = "NAME")]
         service: String,
-        /// Always use this provider of the service (name or id) [default: any provider]
+        /// Always use this provider of the service (name or id) [default: any provider of a
+        /// trusted user]
         #[arg(long, value_name = "ENDPOINT")]
         target_ep: Option<String>,
+        /// Without --target-ep: users whose endpoints may provide the service, comma-separated
+        /// or repeated; `*` for any user [default: the port's own user and root]
+        #[arg(
+            long,
+            value_name = "USERS",
+            value_delimiter = ',',
+            conflicts_with = "target_ep"
+        )]
+        trust: Vec<String>,
         /// The endpoint that listens (name or id) [default: this agent's]
         #[arg(long, value_name = "ENDPOINT")]
         ep: Option<String>,
@@ -347,8 +374,14 @@ pub struct CompletionArgs {
     shell: clap_complete::Shell,
 }
 
-/// Writes to stdout; a closed pipe (`ztm get ep | head -1`) ends the process quietly.
+/// Writes to stdout, through [`table::clean_text`] (what the client prints comes from the mesh
+/// in good part); a closed pipe (`ztm get ep | head -1`) ends the process quietly.
 pub fn write_out(text: &str) {
+    write_raw(&table::clean_text(text));
+}
+
+/// Writes to stdout as it is (for text the client made itself, such as completion scripts).
+fn write_raw(text: &str) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
@@ -366,7 +399,7 @@ pub fn main(cmd: ClientCommand, command: impl FnOnce() -> clap::Command) -> ! {
         let mut c = command();
         let mut script = Vec::new();
         clap_complete::generate(args.shell, &mut c, "ztm", &mut script);
-        write_out(&String::from_utf8_lossy(&script));
+        write_raw(&String::from_utf8_lossy(&script));
         std::process::exit(0);
     }
     let result = tokio::runtime::Builder::new_current_thread()
@@ -383,7 +416,7 @@ pub fn main(cmd: ClientCommand, command: impl FnOnce() -> clap::Command) -> ! {
                 1
             };
             let msg = format!("{e:#}").replace(['\n', '\r'], " ");
-            eprintln!("ztm: {}", msg.trim());
+            errln!("ztm: {}", msg.trim());
             std::process::exit(code);
         }
     }

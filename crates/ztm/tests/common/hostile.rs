@@ -107,33 +107,45 @@ pub async fn call(
     })
 }
 
-/// A random endpoint id (a version 4 UUID, lower case).
-pub fn new_id() -> String {
-    let a = super::rand_u64();
-    let b = super::rand_u64() ^ 0x5555_5555_5555_5555;
-    let hex = format!("{a:016x}{b:016x}");
-    format!(
-        "{}-{}-4{}-a{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[13..16],
-        &hex[17..20],
-        &hex[20..32]
-    )
+/// An endpoint identity: an id and the nonce it is derived from with its user's name.
+#[derive(Clone, Debug)]
+pub struct Ident {
+    pub id: String,
+    pub nonce: String,
 }
 
-/// Registers endpoint `id` named `name` with the services in `services` (a JSON array).
+impl Ident {
+    /// A fresh endpoint identity of `user`.
+    pub fn of(user: &str) -> Ident {
+        let nonce = ztm_proto::wire::new_id_nonce();
+        Ident {
+            id: ztm_proto::wire::endpoint_id(user, &nonce),
+            nonce,
+        }
+    }
+
+    /// Another user's id `id`, claimed with a nonce of our own.
+    pub fn claim(id: &str) -> Ident {
+        Ident {
+            id: id.to_string(),
+            nonce: ztm_proto::wire::new_id_nonce(),
+        }
+    }
+}
+
+/// Registers endpoint `ident` named `name` with the services in `services` (a JSON array).
 pub async fn register(
     sender: &h2::client::SendRequest<Bytes>,
-    id: &str,
+    ident: &Ident,
     name: &str,
     services: Value,
 ) -> Result<Answer, String> {
-    let body = serde_json::json!({"name": name, "services": services}).to_string();
+    let body =
+        serde_json::json!({"name": name, "services": services, "nonce": ident.nonce}).to_string();
     call(
         sender,
         "POST",
-        &format!("/api/endpoints/{id}"),
+        &format!("/api/endpoints/{}", ident.id),
         &[("content-type", "application/json")],
         Bytes::from(body),
     )

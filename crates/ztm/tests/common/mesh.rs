@@ -122,13 +122,20 @@ pub struct AgentProc {
     pub db: PathBuf,
     pub tag: String,
     dir: PathBuf,
+    extra: Vec<String>,
 }
 
 /// Starts `ztm agent` on a fresh port with database `dir/{tag}.db`.
 pub fn start_agent(dir: &Path, tag: &str) -> AgentProc {
+    start_agent_with(dir, tag, &[])
+}
+
+/// Like `start_agent`, with `extra` command-line arguments (`--token T`, say).
+pub fn start_agent_with(dir: &Path, tag: &str, extra: &[&str]) -> AgentProc {
     let addr = format!("127.0.0.1:{}", free_port());
     let db = dir.join(format!("{tag}.db"));
-    let proc = spawn_agent(dir, tag, &addr, &db);
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    let proc = spawn_agent(dir, tag, &addr, &db, &extra);
     wait_port(&addr, Duration::from_secs(20));
     AgentProc {
         proc,
@@ -136,27 +143,26 @@ pub fn start_agent(dir: &Path, tag: &str) -> AgentProc {
         db,
         tag: tag.to_string(),
         dir: dir.to_path_buf(),
+        extra,
     }
 }
 
-fn spawn_agent(dir: &Path, tag: &str, addr: &str, db: &Path) -> Proc {
-    Proc::spawn(
-        &format!("agent-{tag}"),
-        dir,
-        &[
-            "agent",
-            "--listen",
-            addr,
-            "--database",
-            db.to_str().unwrap(),
-        ],
-    )
+fn spawn_agent(dir: &Path, tag: &str, addr: &str, db: &Path, extra: &[String]) -> Proc {
+    let mut args = vec![
+        "agent",
+        "--listen",
+        addr,
+        "--database",
+        db.to_str().unwrap(),
+    ];
+    args.extend(extra.iter().map(String::as_str));
+    Proc::spawn(&format!("agent-{tag}"), dir, &args)
 }
 
 impl AgentProc {
     /// Starts the agent again on the same port and database (after `stop` or `kill9`).
     pub fn restart(&mut self) {
-        self.proc = spawn_agent(&self.dir, &self.tag, &self.addr, &self.db);
+        self.proc = spawn_agent(&self.dir, &self.tag, &self.addr, &self.db, &self.extra);
         wait_port(&self.addr, Duration::from_secs(20));
     }
 }

@@ -3,6 +3,7 @@
 //! polling with deadlines.
 #![allow(dead_code)]
 
+pub mod fake_hub;
 pub mod hostile;
 pub mod mesh;
 
