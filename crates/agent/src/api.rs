@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Extension, Json, Router};
 use serde::de::DeserializeOwned;
+use ztm_proto::invite::Invitation;
 use ztm_proto::model::{JoinRequest, Mesh, MeshAgent, PortBody, Service, ServiceBody};
 use ztm_proto::names::{check_name, decode_segment};
 use ztm_proto::wire::{is_endpoint_id, Proto};
@@ -160,10 +161,13 @@ fn mesh_json(rt: &MeshRuntime) -> Mesh {
             name: rt.record.agent_name.clone(),
             username: rt.username.clone(),
             certificate: rt.record.cert.clone(),
+            expires: rt.cert_expires,
         },
         bootstraps: rt.record.bootstraps.clone(),
         connected: rt.connected(),
         errors: rt.errors(),
+        ca_expires: rt.ca_expires,
+        warnings: rt.warnings(),
     }
 }
 
@@ -257,8 +261,20 @@ async fn join_mesh(
     body: Bytes,
 ) -> ApiResult<Json<Mesh>> {
     check_name(&mesh).map_err(|e| ApiError::bad(format!("mesh name: {e}")))?;
-    let req: JoinRequest = parse_json(&body)?;
+    let mut req: JoinRequest = parse_json(&body)?;
     let existing = agent.store.mesh(&mesh)?;
+    if let Some(text) = req.invitation.take() {
+        if existing.is_some() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "mesh {mesh} is joined already: leave it first, or join with the invitation \
+                     under another mesh name"
+                ),
+            ));
+        }
+        req = from_invitation(&text, req.agent.name.take())?;
+    }
     let key = match (
         req.agent.private_key.filter(|k| !k.trim().is_empty()),
         &existing,
@@ -290,6 +306,42 @@ async fn join_mesh(
         bootstraps: req.bootstraps,
     };
     apply(&agent, record, existing.is_none())
+}
+
+/// A join request made of an invitation (checked: its certificate is its user's, signed by its
+/// CA, and matches its key), with this endpoint's `name`.
+fn from_invitation(text: &str, name: Option<String>) -> ApiResult<JoinRequest> {
+    let bad = |m: String| ApiError::bad(format!("invitation: {m}"));
+    let inv = Invitation::parse(text).map_err(|e| bad(e.to_string()))?;
+    ztm_pki::parse_cert(&inv.ca, "its CA certificate").map_err(|e| bad(e.to_string()))?;
+    let info = ztm_pki::cert_info_pem(&inv.certificate, "its certificate")
+        .map_err(|e| bad(e.to_string()))?;
+    if info.common_name != inv.user {
+        return Err(bad(format!(
+            "its certificate is of user {}, not of user {}",
+            info.common_name, inv.user
+        )));
+    }
+    ztm_pki::verify_signed_by(&inv.ca, &inv.certificate).map_err(|_| {
+        bad(
+            "its certificate is not signed by its CA certificate (a wrong or altered \
+             CA certificate)"
+                .into(),
+        )
+    })?;
+    ztm_pki::parse_key(&inv.private_key, "its private key").map_err(|e| bad(e.to_string()))?;
+    ztm_pki::key_matches_cert(&inv.certificate, &inv.private_key)
+        .map_err(|_| bad("its private key does not match its certificate".into()))?;
+    Ok(JoinRequest {
+        ca: inv.ca,
+        agent: ztm_proto::model::JoinAgent {
+            name,
+            certificate: inv.certificate,
+            private_key: Some(inv.private_key),
+        },
+        bootstraps: inv.hubs,
+        invitation: None,
+    })
 }
 
 async fn leave_mesh(

@@ -5,6 +5,7 @@
 pub mod admission;
 pub mod api;
 pub mod balance;
+pub mod expiry;
 pub mod guard;
 pub mod identity;
 pub mod mesh;

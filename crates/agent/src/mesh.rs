@@ -68,6 +68,9 @@ pub struct MeshRuntime {
     pub ports: Ports,
     /// What this mesh's tunnel relays hold for stalled readers.
     pub stalls: ztm_net::relay::StallGuard,
+    /// When the agent's and the CA's certificates expire (ms since the epoch; 0: unknown).
+    pub cert_expires: u64,
+    pub ca_expires: u64,
 }
 
 /// Each connected hub's service list, by link index.
@@ -185,6 +188,12 @@ impl MeshRuntime {
                 })
             })
             .collect();
+        let expires = |pem: &str| {
+            ztm_pki::cert_info_pem(pem, "certificate")
+                .map(|i| u64::try_from(i.not_after).unwrap_or(0).saturating_mul(1000))
+                .unwrap_or(0)
+        };
+        let (cert_expires, ca_expires) = (expires(&record.cert), expires(&record.ca));
         let rt = Arc::new(MeshRuntime {
             record,
             username,
@@ -200,9 +209,26 @@ impl MeshRuntime {
             providers_cache: Mutex::new(None),
             ports: Ports::default(),
             stalls: Default::default(),
+            cert_expires,
+            ca_expires,
         });
         for e in &rt.config_errors {
             rt.event("error", &e.message);
+        }
+        // Expiry warnings in the log: at start, and once a day while they last.
+        {
+            let rt = rt.clone();
+            tokio::spawn(async move {
+                loop {
+                    for w in rt.warnings() {
+                        rt.event("warning", &w.message);
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(24 * 3600)) => {}
+                        _ = rt.stop.cancelled() => return,
+                    }
+                }
+            });
         }
         if rt.tls.is_some() {
             for link in &rt.links {
@@ -364,6 +390,11 @@ impl MeshRuntime {
         {
             tracing::error!("cannot write the mesh log: {e}");
         }
+    }
+
+    /// What needs attention soon: certificates near their expiry.
+    pub fn warnings(&self) -> Vec<TimedMessage> {
+        crate::expiry::warnings(now_ms(), self.cert_expires, self.ca_expires)
     }
 
     pub fn connected(&self) -> bool {

@@ -92,6 +92,23 @@ fn describe(e: &std::io::Error) -> String {
     }
 }
 
+/// Words for a failed request: those of the TLS failure under it, if there is one (a hub
+/// refuses a revoked or unknown certificate only after the TLS 1.3 handshake, when the first
+/// request is read).
+fn describe_any(e: &anyhow::Error) -> String {
+    for cause in e.chain() {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            if h2.get_io().is_some() {
+                return describe_h2(h2);
+            }
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return describe(io);
+        }
+    }
+    format!("{e:#}")
+}
+
 fn describe_h2(e: &h2::Error) -> String {
     match e.get_io() {
         Some(io) => describe(io),
@@ -149,7 +166,8 @@ async fn connect_once(
         64 * 1024,
         REQUEST_TIMEOUT,
     )
-    .await?;
+    .await
+    .map_err(|e| anyhow!("{}", describe_any(&e)))?;
     if answer.status != StatusCode::OK {
         bail!(
             "the hub refused to register this endpoint: {}",

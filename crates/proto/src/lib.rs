@@ -5,6 +5,7 @@
 
 pub mod acl;
 pub mod capsule;
+pub mod invite;
 pub mod local;
 pub mod model;
 pub mod names;

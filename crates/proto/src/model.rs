@@ -45,19 +45,27 @@ pub struct RevocationFeed {
     pub revocations: Vec<Revocation>,
 }
 
-/// `POST /api/meshes/{mesh}`: join (or update) a mesh.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `POST /api/meshes/{mesh}`: join (or update) a mesh, with the three PEM texts and the hubs,
+/// or with an invitation (`crate::invite`) that holds them all.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct JoinRequest {
+    #[serde(default)]
     pub ca: String,
+    #[serde(default)]
     pub agent: JoinAgent,
+    #[serde(default)]
     pub bootstraps: Vec<String>,
+    /// An invitation, in either form; it gives `ca`, the certificate, the key and the hubs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invitation: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct JoinAgent {
     #[serde(default)]
     pub name: Option<String>,
+    #[serde(default)]
     pub certificate: String,
     /// Required to join; updating a joined mesh without it keeps the key it has.
     #[serde(default)]
@@ -77,9 +85,13 @@ pub struct MeshAgent {
     pub name: String,
     pub username: String,
     pub certificate: String,
+    /// When the agent's certificate expires (ms since the epoch; 0 if it cannot be read).
+    #[serde(default)]
+    pub expires: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
 pub struct Mesh {
     pub name: String,
     pub ca: String,
@@ -87,6 +99,12 @@ pub struct Mesh {
     pub bootstraps: Vec<String>,
     pub connected: bool,
     pub errors: Vec<TimedMessage>,
+    /// When the CA's certificate expires (ms since the epoch; 0 if it cannot be read).
+    #[serde(default)]
+    pub ca_expires: u64,
+    /// What needs attention soon (a certificate near its expiry).
+    #[serde(default)]
+    pub warnings: Vec<TimedMessage>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -2,6 +2,7 @@
 
 mod bench;
 mod client;
+mod invite;
 mod roles;
 mod serve;
 mod up;
@@ -32,6 +33,8 @@ enum Command {
     Agent(roles::AgentArgs),
     /// Bring up a CA, a hub and an agent joined as root on this machine (first run)
     Up(up::UpArgs),
+    /// Create a user at the CA and write an invitation for it (join with `ztm join --invite`)
+    Invite(invite::InviteArgs),
     /// Measure the mesh: CA, hub and two agents on loopback, tunnel vs. direct connections
     Bench(bench::BenchArgs),
     /// The benchmark's plain reference relay (started by `ztm bench`)
@@ -121,6 +124,7 @@ fn main() {
         Command::Hub(args) => ("hub", block_on(roles::run_hub(args))),
         Command::Agent(args) => ("agent", block_on(roles::run_agent(args))),
         Command::Up(args) => ("up", block_on(up::run_up(args))),
+        Command::Invite(args) => ("invite", block_on(invite::run_invite(args))),
         Command::Bench(args) => ("bench", block_on(bench::run_bench(args))),
         Command::BenchRelay(args) => ("bench-relay", block_on(bench::run_relay(args))),
         Command::Client(cmd) => client::main(cmd, <Cli as clap::CommandFactory>::command),

@@ -172,21 +172,28 @@ async fn setup(args: &UpArgs, dir: &Path) -> Result<()> {
     } else {
         String::new()
     };
+    let ca_flag = if ca == "127.0.0.1:9999" {
+        String::new()
+    } else {
+        format!(" --ca {ca}")
+    };
+    let mesh_flag = if args.mesh == "default" {
+        String::new()
+    } else {
+        format!(" --mesh {}", args.mesh)
+    };
     println!(
         "\nZTM is up: CA on {ca}, hub on {}, agent joined to mesh '{}' as root.\n\
          \n  Web UI:  http://{agent}/\n\
          \nTo add another computer (user NAME):\n\
-         \x20 here:   curl -X POST http://{ca}/api/certificates/NAME > NAME.key\n\
-         \x20         curl http://{ca}/api/certificates/NAME > NAME.crt\n\
-         \x20 copy NAME.key, NAME.crt and {} to it, then there:\n\
+         \x20 here:   ztm invite NAME --hub {hub_addr}{mesh_flag}{ca_flag}\n\
+         \x20         (writes NAME.ztm-invite, owner-only; it holds NAME's key)\n\
+         \x20 copy NAME.ztm-invite to it privately, then there:\n\
          \x20         ztm agent &\n\
-         \x20         ztm join {} --as NAME --hub {hub_addr} --ca ca.crt --cert NAME.crt --key NAME.key\n\
+         \x20         ztm join --invite NAME.ztm-invite\n\
          {placeholder}\
-         \x20 (or open http://127.0.0.1:7777 there and join with the three files)\n",
-        args.hub_listen,
-        args.mesh,
-        dir.join("ca.crt").display(),
-        args.mesh,
+         \x20 (or open http://127.0.0.1:7777 there and join with the invitation file)\n",
+        args.hub_listen, args.mesh,
     );
     Ok(())
 }

@@ -248,7 +248,15 @@ async fn get(ctx: &Ctx, mesh_opt: &MeshOpt, what: GetWhat) -> Result<()> {
             errln!("This agent has joined no mesh (see `ztm join --help`).");
             return Ok(());
         }
-        let mut t = Table::new(&["NAME", "USER", "ENDPOINT", "CONNECTED", "HUBS", "ERRORS"]);
+        let mut t = Table::new(&[
+            "NAME",
+            "USER",
+            "ENDPOINT",
+            "CONNECTED",
+            "HUBS",
+            "CERT EXPIRES",
+            "ERRORS",
+        ]);
         for m in &meshes {
             t.row(vec![
                 m.name.clone(),
@@ -256,10 +264,16 @@ async fn get(ctx: &Ctx, mesh_opt: &MeshOpt, what: GetWhat) -> Result<()> {
                 m.agent.name.clone(),
                 yes_no(m.connected),
                 m.bootstraps.join(","),
+                expiry(m.agent.expires, !m.warnings.is_empty()),
                 m.errors.len().to_string(),
             ]);
         }
         out!("{}", t.render());
+        for m in &meshes {
+            for w in &m.warnings {
+                errln!("ztm: warning: mesh {}: {}", m.name, w.message);
+            }
+        }
         return Ok(());
     }
     let mesh = ctx.mesh(mesh_opt).await?;
@@ -400,6 +414,14 @@ async fn describe(ctx: &Ctx, mesh_opt: &MeshOpt, what: DescribeWhat) -> Result<(
             f.add("Endpoint ID", &mesh.agent.id);
             f.add("Hubs", mesh.bootstraps.join(", "));
             f.add("Connected", yes_no(mesh.connected));
+            f.add(
+                "Certificate expires",
+                expiry(mesh.agent.expires, !mesh.warnings.is_empty()),
+            );
+            f.add("CA expires", expiry(mesh.ca_expires, false));
+            for w in &mesh.warnings {
+                f.add("Warning", &w.message);
+            }
             if mesh.errors.is_empty() {
                 f.add("Errors", "(none)");
             }
@@ -703,12 +725,19 @@ async fn delete(ctx: &Ctx, mesh_opt: &MeshOpt, what: DeleteWhat) -> Result<()> {
 }
 
 async fn join(ctx: &Ctx, a: super::JoinArgs) -> Result<()> {
-    let read = |p: &std::path::Path, what: &str| {
+    if let Some(invite) = &a.invite {
+        return join_invited(ctx, &a, invite).await;
+    }
+    let read = |p: &Option<std::path::PathBuf>, what: &str| {
+        let p = p
+            .as_deref()
+            .ok_or_else(|| Usage(format!("give {what} (or --invite)")))?;
         std::fs::read_to_string(p).with_context(|| format!("cannot read {what} {}", p.display()))
     };
     let ca = read(&a.ca, "the CA certificate")?;
     let cert = read(&a.cert, "the certificate")?;
     let key = read(&a.key, "the private key")?;
+    let mesh = a.mesh.clone().unwrap_or_default();
     let hubs: Vec<String> = a
         .hubs
         .iter()
@@ -725,12 +754,21 @@ async fn join(ctx: &Ctx, a: super::JoinArgs) -> Result<()> {
     });
     let answer = ctx
         .agent
-        .call(
-            "POST",
-            &format!("/api/meshes/{}", enc(&a.mesh)),
-            Some(&body),
-        )
+        .call("POST", &format!("/api/meshes/{}", enc(&mesh)), Some(&body))
         .await?;
+    print_joined(ctx, answer, &mesh)
+}
+
+/// An expiry time as a date, marked when it needs attention.
+fn expiry(ms: u64, soon: bool) -> String {
+    match (ms, soon) {
+        (0, _) => "-".to_string(),
+        (ms, true) => format!("{} (!)", ztm_net::date(ms)),
+        (ms, false) => ztm_net::date(ms),
+    }
+}
+
+fn print_joined(ctx: &Ctx, answer: Option<Value>, mesh: &str) -> Result<()> {
     let raw = answer.unwrap_or(Value::Null);
     if ctx.json() {
         return print_json(&raw);
@@ -744,7 +782,72 @@ async fn join(ctx: &Ctx, a: super::JoinArgs) -> Result<()> {
             m.agent.id,
             m.bootstraps.join(", ")
         ),
-        Err(_) => outln!("joined mesh {}", a.mesh),
+        Err(_) => outln!("joined mesh {mesh}"),
+    }
+    Ok(())
+}
+
+/// How long `join --invite` waits for the first hub to admit the invitation's certificate.
+const INVITE_CHECK: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// The text of an invitation given as a file or as text; warns about a file others can read.
+fn invitation_text(arg: &str) -> Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let trimmed = arg.trim();
+    if trimmed.starts_with(ztm_proto::invite::TEXT_PREFIX) || trimmed.starts_with('{') {
+        return Ok(trimmed.to_string());
+    }
+    let path = std::path::Path::new(arg);
+    let meta = std::fs::metadata(path).with_context(|| {
+        format!("--invite {arg:?}: no such file (and not the text of an invitation)")
+    })?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        errln!(
+            "ztm: warning: {} can be read by other users of this computer, and it holds a \
+             private key; keep it owner-only (chmod 600) or delete it once joined",
+            path.display()
+        );
+    }
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+async fn join_invited(ctx: &Ctx, a: &super::JoinArgs, invite: &str) -> Result<()> {
+    let text = invitation_text(invite)?;
+    let inv =
+        ztm_proto::invite::Invitation::parse(&text).map_err(|e| Usage(format!("--invite: {e}")))?;
+    let mesh = a.mesh.clone().unwrap_or_else(|| inv.mesh.clone());
+    let path = format!("/api/meshes/{}", enc(&mesh));
+    let body = json!({"invitation": text, "agent": {"name": a.name}});
+    let answer = ctx.agent.call("POST", &path, Some(&body)).await?;
+    // The certificate may have been revoked since the invitation was made: the first hub
+    // says so. Such a join is undone.
+    let deadline = std::time::Instant::now() + INVITE_CHECK;
+    let mut last_error = None;
+    while std::time::Instant::now() < deadline {
+        let (m, _) = ctx.agent.get_as::<Mesh>(&path).await?;
+        if m.connected {
+            last_error = None;
+            break;
+        }
+        if let Some(e) = m
+            .errors
+            .iter()
+            .find(|e| e.message.to_ascii_lowercase().contains("revoked"))
+        {
+            let _ = ctx.agent.call("DELETE", &path, None).await;
+            anyhow::bail!(
+                "the invitation of user {} cannot be used: {} (its certificate was revoked at the \
+                 CA; ask for a new invitation). The mesh was not joined.",
+                inv.user,
+                e.message
+            );
+        }
+        last_error = m.errors.last().map(|e| e.message.clone());
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    print_joined(ctx, answer, &mesh)?;
+    if let Some(e) = last_error {
+        errln!("ztm: warning: not connected to a hub yet: {e}");
     }
     Ok(())
 }

@@ -124,6 +124,7 @@ Examples:
 
 const JOIN_EXAMPLES: &str = "\
 Examples:
+  ztm join --invite alice.ztm-invite --as laptop
   ztm join home --as laptop --hub hub.example.com:8888 --ca ca.crt --cert alice.crt --key alice.key";
 
 /// The client subcommands, flattened into `ztm`'s command list.
@@ -238,28 +239,33 @@ pub enum DescribeWhat {
 pub struct JoinArgs {
     #[command(flatten)]
     common: Common,
-    /// Name of the mesh to join
-    mesh: String,
+    /// Name of the mesh to join [default with --invite: the invitation's]
+    #[arg(required_unless_present = "invite")]
+    mesh: Option<String>,
     /// This endpoint's name in the mesh [default: the agent picks the host name]
     #[arg(long = "as", value_name = "NAME")]
     name: Option<String>,
+    /// An invitation (`ztm invite`): its file, or its text (ztm-invite-1:...); it gives the
+    /// hubs, the CA certificate, the certificate and the key
+    #[arg(long, value_name = "FILE|TEXT", conflicts_with_all = ["hubs", "ca", "cert", "key"])]
+    invite: Option<String>,
     /// A hub's address (repeatable, or comma-separated)
     #[arg(
         long = "hub",
         value_name = "HOST:PORT",
-        required = true,
+        required_unless_present = "invite",
         value_delimiter = ','
     )]
     hubs: Vec<String>,
     /// The mesh CA's certificate (PEM file)
-    #[arg(long, value_name = "FILE")]
-    ca: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "invite")]
+    ca: Option<PathBuf>,
     /// The user's certificate (PEM file)
-    #[arg(long, value_name = "FILE")]
-    cert: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "invite")]
+    cert: Option<PathBuf>,
     /// The user's private key (PEM file)
-    #[arg(long, value_name = "FILE")]
-    key: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "invite")]
+    key: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
