@@ -22,6 +22,14 @@ pub struct CaArgs {
     /// listening on a non-loopback address
     #[arg(long, env = "ZTM_CA_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Serve HTTPS, with a certificate the CA signs itself (always done when listening on a
+    /// non-loopback address)
+    #[arg(long)]
+    tls: bool,
+    /// A host name or address hubs reach the CA at, named in its HTTPS certificate
+    /// (repeatable; default: the listen address and localhost)
+    #[arg(long = "name")]
+    names: Vec<String>,
     /// Seconds the certificates signed for hubs are valid (hubs renew theirs after two thirds
     /// of it, without restarting); at least 30
     #[arg(long, default_value_t = ztm_pki::HUB_VALIDITY.as_secs(),
@@ -35,9 +43,52 @@ impl CaArgs {
             listen: listen.into(),
             database: database.into(),
             token: None,
+            tls: false,
+            names: Vec::new(),
             hub_cert_lifetime: ztm_pki::HUB_VALIDITY.as_secs(),
         }
     }
+}
+
+/// The names in the CA's HTTPS certificate: `--name`s (a port given with one is dropped), or
+/// the listen address and localhost (all loopback names for a wildcard address).
+fn ca_names(names: &[String], listen: std::net::SocketAddr) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for name in names {
+        let host = match name.parse::<std::net::SocketAddr>() {
+            Ok(sa) => sa.ip().to_string(),
+            Err(_) => match name.rsplit_once(':') {
+                Some((h, p)) if !h.contains(':') && p.chars().all(|c| c.is_ascii_digit()) => {
+                    h.to_string()
+                }
+                _ => name
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string(),
+            },
+        };
+        let ok = !host.is_empty()
+            && host.len() <= 253
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'));
+        if !ok {
+            bail!("bad --name {name:?}: expected a host name or an IP address");
+        }
+        out.push(host);
+    }
+    if out.is_empty() {
+        if listen.ip().is_unspecified() {
+            out = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+            tracing::warn!(
+                "the CA listens on {listen} but its HTTPS certificate names only localhost: \
+                 give the names hubs reach it at with --name"
+            );
+        } else {
+            out = vec![listen.ip().to_string(), "localhost".into()];
+        }
+    }
+    Ok(out)
 }
 
 pub async fn run_ca(args: CaArgs) -> Result<()> {
@@ -53,20 +104,46 @@ pub async fn run_ca(args: CaArgs) -> Result<()> {
         tokio::task::spawn_blocking(move || ztm_ca::CaStore::open(&path)).await??
     };
     store.set_hub_cert_lifetime(Duration::from_secs(args.hub_cert_lifetime));
+    // Off loopback, the network between hubs and the CA may read and change what they say:
+    // always TLS there.
+    let tls = args.tls || !addr.ip().is_loopback();
     let listener = bind(addr).await?;
+    let local = listener.local_addr()?;
+    let sans = if tls {
+        ca_names(&args.names, local)?
+    } else {
+        Vec::new()
+    };
+    let fingerprint = ztm_pki::fingerprint_pem(store.ca_cert_pem(), "CA certificate")?;
+    let signer = store.signer();
     let state = Arc::new(ztm_ca::CaState {
         store,
         token: args.token.filter(|t| !t.is_empty()),
-        listen: listener.local_addr()?,
+        listen: local,
     });
-    tracing::info!(
-        "CA listening on http://{} (database {})",
-        listener.local_addr()?,
-        path.display()
-    );
-    axum::serve(listener, ztm_ca::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    let router = ztm_ca::router(state);
+    if tls {
+        let config = ztm_pki::ca_server_config(signer, &sans)?;
+        tracing::info!(
+            "CA listening on https://{local} (database {}; certificate for {}; CA certificate \
+             SHA-256 fingerprint {fingerprint})",
+            path.display(),
+            sans.join(", ")
+        );
+        let listener = ztm_ca::tls::TlsListener::new(listener, Arc::new(config))?;
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown_signal())
+            .await?;
+    } else {
+        tracing::info!(
+            "CA listening on http://{local} (database {}; CA certificate SHA-256 fingerprint \
+             {fingerprint})",
+            path.display()
+        );
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown_signal())
+            .await?;
+    }
     Ok(())
 }
 
