@@ -152,12 +152,28 @@ pub struct HubArgs {
     /// Address to listen on (HOST:PORT)
     #[arg(long, default_value = "0.0.0.0:8888")]
     listen: String,
-    /// The CA's address (HOST:PORT)
+    /// The CA: https://HOST:PORT, or HOST:PORT (plain HTTP, only for a CA on this machine)
     #[arg(long, default_value = "localhost:9999")]
     ca: String,
-    /// The CA's admin token, if it requires one
+    /// The CA certificate (PEM file): the hub talks only to the CA that holds its key
+    /// (required for a CA that is not on this machine, or --ca-fingerprint)
+    #[arg(long, value_name = "FILE", conflicts_with = "ca_fingerprint")]
+    ca_cert: Option<String>,
+    /// The SHA-256 fingerprint of the CA certificate (hex, ':' between bytes allowed), as
+    /// `ztm ca` prints it at start
+    #[arg(long, value_name = "HEX")]
+    ca_fingerprint: Option<String>,
+    /// The token the hub gives the CA: its hub token (POST /api/hubs/NAME at the CA) or the
+    /// CA's admin token
     #[arg(long, env = "ZTM_CA_TOKEN", hide_env_values = true)]
     ca_token: Option<String>,
+    /// This hub's name at the CA (its certificate's CN is hub/NAME; a hub token is for one
+    /// name); default: made from the first --name
+    #[arg(long, value_name = "NAME")]
+    id: Option<String>,
+    /// The CA certificate given by `ztm up`, which created it
+    #[arg(skip)]
+    ca_cert_pem: Option<String>,
     /// An address agents can reach this hub at (HOST:PORT); repeatable
     #[arg(long = "name")]
     names: Vec<String>,
@@ -186,7 +202,11 @@ impl HubArgs {
         Self {
             listen: listen.into(),
             ca: ca.into(),
+            ca_cert: None,
+            ca_fingerprint: None,
             ca_token: None,
+            id: None,
+            ca_cert_pem: None,
             names,
             max_endpoints_per_user: limits.endpoints_per_user,
             max_connections_per_user: limits.connections_per_user,
@@ -196,14 +216,54 @@ impl HubArgs {
     }
 }
 
+impl HubArgs {
+    /// Pins the hub to the CA certificate `pem`.
+    pub fn pin_ca(mut self, pem: String) -> Self {
+        self.ca_cert_pem = Some(pem);
+        self
+    }
+
+    /// What the hub was told about its CA.
+    fn ca_pin(&self) -> Result<Option<ztm_hub::ca_client::CaPin>> {
+        use ztm_hub::ca_client::CaPin;
+        if let Some(pem) = &self.ca_cert_pem {
+            return Ok(Some(CaPin::Certificate(pem.clone())));
+        }
+        if let Some(file) = &self.ca_cert {
+            let path = expand_home(file);
+            let pem = std::fs::read_to_string(&path)
+                .map_err(|e| anyhow::anyhow!("cannot read --ca-cert {}: {e}", path.display()))?;
+            ztm_pki::fingerprint_pem(&pem, "--ca-cert").map_err(|_| {
+                anyhow::anyhow!("--ca-cert {} holds no PEM certificate", path.display())
+            })?;
+            return Ok(Some(CaPin::Certificate(pem)));
+        }
+        if let Some(text) = &self.ca_fingerprint {
+            let Some(hex) = ztm_pki::parse_fingerprint(text) else {
+                bail!("bad --ca-fingerprint {text:?}: expected the 64 hex digits of a SHA-256 fingerprint");
+            };
+            return Ok(Some(CaPin::Fingerprint(hex)));
+        }
+        Ok(None)
+    }
+}
+
 pub async fn run_hub(args: HubArgs) -> Result<()> {
+    let ca_pin = args.ca_pin()?;
+    // Refused before the hub listens or connects anywhere.
+    ztm_hub::ca_client::check_ca(&args.ca, ca_pin.as_ref())?;
     let addr = parse_listen(&args.listen)?;
     let listener = bind(addr).await?;
     ztm_hub::run(
         listener,
         ztm_hub::HubConfig {
             ca: args.ca,
-            ca_token: args.ca_token.filter(|t| !t.is_empty()),
+            ca_token: args
+                .ca_token
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty()),
+            ca_pin,
+            id: args.id,
             names: args.names,
             limits: ztm_hub::Limits {
                 endpoints_per_user: args.max_endpoints_per_user,
