@@ -391,7 +391,7 @@ async fn revoke_hub(State(state): State<Arc<CaState>>, uri: Uri) -> Response {
         Ok(revs) => {
             let serials: Vec<&str> = revs.iter().map(|r| r.serial.as_str()).collect();
             tracing::info!(
-                "revoked hub {name}: its token and {} certificates ({})",
+                "revoked hub {name} (its hub token, if any, and its {} certificates: {})",
                 revs.len(),
                 serials.join(", ")
             );
