@@ -538,6 +538,12 @@ mod tests {
             renewal_delay(0, year),
             Duration::from_secs(year as u64 / 3 * 2)
         );
+        // A certificate of the default lifetime (30 days) is renewed after 20.
+        let lifetime = ztm_pki::HUB_VALIDITY.as_secs() as i64;
+        assert_eq!(
+            renewal_delay(0, lifetime),
+            Duration::from_secs(20 * 24 * 3600)
+        );
         // Expired or about to: at once (a second from now), never a busy loop.
         assert_eq!(renewal_delay(2_000, 1_000), Duration::from_secs(1));
         assert_eq!(renewal_delay(1_000, 1_001), Duration::from_secs(1));

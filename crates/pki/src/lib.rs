@@ -44,8 +44,11 @@ pub const HUB_CN_PREFIX: &str = "hub/";
 
 const CA_VALIDITY_DAYS: i64 = 365 * 20;
 const USER_VALIDITY_DAYS: i64 = 365 * 5;
-/// How long a hub's certificate is valid unless the CA is told otherwise.
-pub const HUB_VALIDITY: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+/// How long a hub's certificate is valid unless the CA is told otherwise. Short, because a
+/// revoked hub that is an agent's only hub can keep the news of its revocation from that
+/// agent until its certificate expires (docs/security-ca.md); hubs renew theirs after two
+/// thirds of it.
+pub const HUB_VALIDITY: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
