@@ -155,8 +155,8 @@ pub struct HubArgs {
     /// The CA: https://HOST:PORT, or HOST:PORT (plain HTTP, only for a CA on this machine)
     #[arg(long, default_value = "localhost:9999")]
     ca: String,
-    /// The CA certificate (PEM file): the hub talks only to the CA that holds its key
-    /// (required for a CA that is not on this machine, or --ca-fingerprint)
+    /// The CA certificate (PEM file): the hub trusts no other CA. This or --ca-fingerprint is
+    /// required for a CA that is not on this machine
     #[arg(long, value_name = "FILE", conflicts_with = "ca_fingerprint")]
     ca_cert: Option<String>,
     /// The SHA-256 fingerprint of the CA certificate (hex, ':' between bytes allowed), as
