@@ -1,10 +1,12 @@
 //! The agent: runs on every computer of the mesh. It owns one SQLite file ([`store`]), keeps a
-//! [`mesh::MeshRuntime`] per joined mesh (hub links in [`session`]), and serves the REST API
-//! ([`api`], guarded by [`guard`]) that the web UI and the CLI use.
+//! [`mesh::MeshRuntime`] per joined mesh (hub links in [`session`], the CA's revocation list
+//! in [`crl`]), and serves the REST API ([`api`], guarded by [`guard`]) that the web UI and
+//! the CLI use.
 
 pub mod admission;
 pub mod api;
 pub mod balance;
+pub mod crl;
 pub mod expiry;
 pub mod guard;
 pub mod identity;

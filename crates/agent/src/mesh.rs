@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use ztm_net::h2io::{self, Answer};
 use ztm_net::now_ms;
 use ztm_pki::rustls::ClientConfig;
+use ztm_pki::CrlSlot;
 use ztm_proto::model::{Endpoint, EndpointRef, Service, TimedMessage};
 use ztm_proto::wire::{
     is_endpoint_id, EndpointInfo, Proto, ServiceDecl, ServiceInfo, ENDPOINT_USER_HEADER,
@@ -57,6 +58,9 @@ pub struct MeshRuntime {
     /// Problems with the configuration itself (bad PEM, certificate of another CA).
     pub config_errors: Vec<TimedMessage>,
     pub tls: Option<TlsConfigs>,
+    /// The newest CRL of the mesh's CA, from any hub or the database; the TLS configurations
+    /// refuse hubs it lists.
+    pub crl: CrlSlot,
     /// The agent's REST API, to answer management requests forwarded by hubs.
     pub router: axum::Router,
     /// Local services by protocol and name, for incoming tunnels.
@@ -149,19 +153,23 @@ impl MeshRuntime {
                 ),
             });
         }
+        let crl = CrlSlot::default();
+        crate::crl::load(&store, &record, &crl);
         let tls = (|| -> Result<TlsConfigs, ztm_pki::PkiError> {
             Ok(TlsConfigs {
-                control: Arc::new(ztm_pki::agent_client_config(
+                control: Arc::new(ztm_pki::agent_client_config_with_crl(
                     &record.ca,
                     &record.cert,
                     &record.key,
                     ztm_pki::ALPN_CONTROL,
+                    &crl,
                 )?),
-                reverse: Arc::new(ztm_pki::agent_client_config(
+                reverse: Arc::new(ztm_pki::agent_client_config_with_crl(
                     &record.ca,
                     &record.cert,
                     &record.key,
                     ztm_pki::ALPN_REVERSE,
+                    &crl,
                 )?),
             })
         })();
@@ -203,6 +211,7 @@ impl MeshRuntime {
             store,
             config_errors,
             tls,
+            crl,
             router,
             local,
             refusals: Mutex::new(RefusalLog::default()),

@@ -77,8 +77,10 @@ fn describe(e: &std::io::Error) -> String {
     let text = e.to_string();
     if text.contains("UnknownIssuer") || text.contains("BadSignature") {
         "the hub's certificate is not from this mesh's CA (wrong CA certificate?)".into()
-    } else if text.contains("CertificateRevoked") || text.contains("Revoked") {
+    } else if text.contains("alert") && text.contains("CertificateRevoked") {
         "the hub refused our certificate: it has been revoked".into()
+    } else if text.contains("Revoked") {
+        "the hub's certificate has been revoked by the mesh CA (it is in the mesh's CRL)".into()
     } else if text.contains("alert")
         && (text.contains("BadCertificate")
             || text.contains("UnknownCA")
@@ -142,6 +144,11 @@ async fn connect_once(
         bail!("no usable TLS configuration");
     };
     let stream = dial(&link.addr, tls.control.clone()).await?;
+    // Which hub certificate this link uses: a CRL that lists it closes the link.
+    let hub_cert = stream
+        .peer_certificates()
+        .first()
+        .and_then(|c| ztm_pki::cert_info(c.as_ref()).ok());
     let (sender, conn) = ztm_net::h2io::client_builder()
         .handshake::<_, Bytes>(stream)
         .await
@@ -187,6 +194,15 @@ async fn connect_once(
         reverse,
         registered.session,
     )));
+    let _crl_task = AbortOnDrop(tokio::spawn(crate::crl::follow(
+        rt.clone(),
+        link.addr.clone(),
+        sender.clone(),
+    )));
+    let mut crl_rx = rt.crl.subscribe();
+    // Checked at once too: a CRL may have come (through another hub) since the handshake.
+    crl_rx.mark_changed();
+    let mut crl_open = true;
 
     {
         let mut state = link.state();
@@ -208,6 +224,20 @@ async fn connect_once(
             _ = rt.stop.cancelled() => break Ok(()),
             _ = &mut driver.0 => break Err(anyhow!("the connection to the hub closed")),
             _ = &mut reverse_task.0 => break Err(anyhow!("the reverse connection to the hub closed")),
+            changed = crl_rx.changed(), if crl_open => {
+                if changed.is_err() {
+                    crl_open = false;
+                    continue;
+                }
+                crl_rx.borrow_and_update();
+                if let Some(cert) = hub_cert.as_ref().filter(|c| rt.crl.revokes(&c.serial)) {
+                    break Err(anyhow!(
+                        "{}'s certificate has been revoked by the mesh CA (serial {}); link closed",
+                        cert.common_name,
+                        cert.serial
+                    ));
+                }
+            }
             _ = tick.tick() => {
                 let req = h2io::build(Method::POST, &format!("/api/endpoints/{}/heartbeat", rt.id()))?.body(())?;
                 match h2io::request(&sender, req, Bytes::new(), 64 * 1024, REQUEST_TIMEOUT).await {

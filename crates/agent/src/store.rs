@@ -1,5 +1,5 @@
 //! The agent's SQLite database: meshes it joined (with its key), the services it publishes,
-//! its port mappings and each mesh's event log. Every change is one transaction, so a crash at
+//! its port mappings, each mesh's event log and the newest CRL of each mesh's CA. Every change is one transaction, so a crash at
 //! any moment loses nothing that was acknowledged.
 
 use std::path::Path;
@@ -97,6 +97,11 @@ CREATE TABLE IF NOT EXISTS log (
     message TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS log_mesh ON log (mesh, id);
+CREATE TABLE IF NOT EXISTS crls (
+    mesh TEXT PRIMARY KEY,
+    number INTEGER NOT NULL,
+    pem TEXT NOT NULL
+);
 ";
 
 /// Changes to [`SCHEMA`], in order; `PRAGMA user_version` counts those applied. A new
@@ -169,7 +174,7 @@ impl Store {
         migrate(&mut conn).map_err(open_err)?;
         if reset {
             conn.execute_batch(
-                "BEGIN; DELETE FROM meshes; DELETE FROM services; DELETE FROM ports; DELETE FROM log; COMMIT;",
+                "BEGIN; DELETE FROM meshes; DELETE FROM services; DELETE FROM ports; DELETE FROM log; DELETE FROM crls; COMMIT;",
             )
             .map_err(open_err)?;
         }
@@ -235,8 +240,35 @@ impl Store {
         tx.execute("DELETE FROM services WHERE mesh = ?1", [name])?;
         tx.execute("DELETE FROM ports WHERE mesh = ?1", [name])?;
         tx.execute("DELETE FROM log WHERE mesh = ?1", [name])?;
+        tx.execute("DELETE FROM crls WHERE mesh = ?1", [name])?;
         tx.commit()?;
         Ok(n > 0)
+    }
+
+    /// The CRL kept for `mesh` (PEM), if any. Its signature is checked by whoever uses it.
+    pub fn crl(&self, mesh: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT pem FROM crls WHERE mesh = ?1", [mesh], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Forgets the CRL of `mesh` (one of another CA, after the mesh's CA changed).
+    pub fn delete_crl(&self, mesh: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM crls WHERE mesh = ?1", [mesh])?;
+        Ok(())
+    }
+
+    /// Keeps `pem` as the CRL of `mesh` unless one numbered `number` or above is kept already.
+    pub fn put_crl(&self, mesh: &str, number: u64, pem: &str) -> Result<(), StoreError> {
+        let number = i64::try_from(number).unwrap_or(i64::MAX);
+        self.conn().execute(
+            "INSERT INTO crls (mesh, number, pem) VALUES (?1, ?2, ?3)
+             ON CONFLICT (mesh) DO UPDATE SET number = ?2, pem = ?3 WHERE ?2 > crls.number",
+            params![mesh, number, pem],
+        )?;
+        Ok(())
     }
 
     pub fn services(&self, mesh: &str) -> Result<Vec<ServiceRecord>, StoreError> {
@@ -425,7 +457,13 @@ mod tests {
         drop(s);
         let s = Store::open(&path, false).unwrap();
         assert_eq!(s.services("m").unwrap().len(), 1);
+        s.put_crl("m", 3, "three").unwrap();
+        s.put_crl("m", 2, "two").unwrap();
+        assert_eq!(s.crl("m").unwrap().as_deref(), Some("three"));
+        s.put_crl("m", 4, "four").unwrap();
+        assert_eq!(s.crl("m").unwrap().as_deref(), Some("four"));
         assert!(s.delete_mesh("m").unwrap());
+        assert!(s.crl("m").unwrap().is_none());
         assert!(s.services("m").unwrap().is_empty());
         assert!(s.ports("m").unwrap().is_empty());
         drop(s);

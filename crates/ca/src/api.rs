@@ -1,8 +1,13 @@
 //! The CA's HTTP API (SPEC §4). A thin shell: parse and check the request, call the store on
 //! a blocking thread, map the outcome to a status.
+//!
+//! Callers: with an admin token configured, the admin token may do everything; a hub token
+//! (`POST /api/hubs/{name}`) only what its hub needs: its own certificate, the revocations, the
+//! CRL and the CA certificate. Without an admin token, every local caller is the admin.
 
 use std::sync::Arc;
 
+use crate::store::TokenHub;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::http::{header, Method, StatusCode, Uri};
@@ -25,7 +30,7 @@ const FEED_PAGE: usize = 1000;
 pub struct CaState {
     pub store: CaStore,
     /// When set, every request but `GET /api/certificates/ca` must carry
-    /// `Authorization: Bearer <token>`.
+    /// `Authorization: Bearer <token>` with this admin token or a hub token.
     pub token: Option<String>,
     /// The address the API listens on. Without a token, only requests addressed to it or to a
     /// loopback name are answered, and state-changing ones only from our own origin: a web page
@@ -45,6 +50,10 @@ pub fn router(state: Arc<CaState>) -> Router {
             get(get_cert).post(create).delete(delete),
         )
         .route("/api/revocations", get(revocations))
+        .route("/api/crl", get(crl))
+        .route("/api/hubs", get(hubs))
+        .route("/api/hubs/", post(empty_name).delete(empty_name))
+        .route("/api/hubs/{*name}", post(create_hub).delete(revoke_hub))
         .route("/api/sign/hub/", post(empty_name))
         .route("/api/sign/hub/{*name}", post(sign_hub))
         .method_not_allowed_fallback(|| async {
@@ -67,7 +76,11 @@ fn pem(body: String) -> Response {
 fn store_error(e: StoreError) -> Response {
     match e {
         StoreError::Exists(_) => error(StatusCode::CONFLICT, e.to_string()),
-        StoreError::NotFound(_) => error(StatusCode::NOT_FOUND, e.to_string()),
+        StoreError::NotFound(_) | StoreError::NoHub(_) => {
+            error(StatusCode::NOT_FOUND, e.to_string())
+        }
+        StoreError::HubExists(_) => error(StatusCode::CONFLICT, e.to_string()),
+        StoreError::HubRevoked(_) => error(StatusCode::FORBIDDEN, e.to_string()),
         StoreError::Pki(ztm_pki::PkiError::BadPublicKey(_)) => {
             error(StatusCode::BAD_REQUEST, e.to_string())
         }
@@ -118,6 +131,23 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Whether a hub token of hub `hub` may make this request: the CA certificate, the
+/// revocations, the CRL, and a certificate for its own name.
+fn hub_may(hub: &str, method: &Method, uri: &Uri) -> bool {
+    let path = uri.path();
+    match *method {
+        Method::GET => matches!(
+            path,
+            "/api/certificates/ca" | "/api/revocations" | "/api/crl"
+        ),
+        Method::POST => path
+            .strip_prefix("/api/sign/hub/")
+            .and_then(|raw| decode_segment(raw).ok())
+            .is_some_and(|name| name == hub),
+        _ => false,
+    }
+}
+
 async fn authorize(State(state): State<Arc<CaState>>, req: Request, next: Next) -> Response {
     let Some(token) = &state.token else {
         return match refusal(req.method(), req.headers(), &state.listen) {
@@ -139,12 +169,42 @@ async fn authorize(State(state): State<Arc<CaState>>, req: Request, next: Next) 
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => next.run(req).await,
-        _ => error(
+    let unauthorized = || {
+        error(
             StatusCode::UNAUTHORIZED,
-            "this CA requires an admin token: send 'Authorization: Bearer <token>'",
+            "this CA requires an admin token or a hub token: send 'Authorization: Bearer <token>'",
+        )
+    };
+    let Some(given) = given.map(str::to_string) else {
+        return unauthorized();
+    };
+    if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        return next.run(req).await;
+    }
+    // Tokens are looked up by their hash, so the comparison leaks nothing of a stored one.
+    match with_store(&state, move |s| s.hub_for_token(&given)).await {
+        Ok(Some(TokenHub {
+            name,
+            revoked: true,
+        })) => error(
+            StatusCode::FORBIDDEN,
+            format!("hub {name} has been revoked: its hub token no longer works"),
         ),
+        Ok(Some(TokenHub { name, .. })) if hub_may(&name, req.method(), req.uri()) => {
+            next.run(req).await
+        }
+        Ok(Some(TokenHub { name, .. })) => error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "this is the hub token of hub {name}: it may only get certificates for hub \
+                 {name} (POST /api/sign/hub/{name}) and read GET /api/certificates/ca, \
+                 /api/revocations and /api/crl; {} {} needs the admin token",
+                req.method(),
+                req.uri().path()
+            ),
+        ),
+        Ok(None) => unauthorized(),
+        Err(r) => r,
     }
 }
 
@@ -280,6 +340,63 @@ async fn sign_hub(
     }
     match with_store(&state, move |s| s.sign_hub(&name, &body, &sans)).await {
         Ok(cert) => pem(cert),
+        Err(r) => r,
+    }
+}
+
+/// `GET /api/crl`: the CA's CRL, PEM.
+async fn crl(State(state): State<Arc<CaState>>) -> Response {
+    match with_store(&state, |s| s.crl()).await {
+        Ok(pem) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], pem).into_response(),
+        Err(r) => r,
+    }
+}
+
+/// `GET /api/hubs`: every hub with its certificates.
+async fn hubs(State(state): State<Arc<CaState>>) -> Response {
+    match with_store(&state, |s| s.hubs()).await {
+        Ok(list) => Json(list).into_response(),
+        Err(r) => r,
+    }
+}
+
+/// `POST /api/hubs/{name}`: creates hub `name` and answers its hub token, once.
+async fn create_hub(State(state): State<Arc<CaState>>, uri: Uri) -> Response {
+    let name = match checked_name(&uri, "/api/hubs/", check_name) {
+        Ok(n) => n,
+        Err(e) => return name_error(e),
+    };
+    let hub = name.clone();
+    match with_store(&state, move |s| s.create_hub(&hub)).await {
+        Ok(token) => {
+            tracing::info!("issued the hub token of hub {name}");
+            (
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                format!("{token}\n"),
+            )
+                .into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+/// `DELETE /api/hubs/{name}`: revokes hub `name`, its token and every certificate signed for it.
+async fn revoke_hub(State(state): State<Arc<CaState>>, uri: Uri) -> Response {
+    let name = match checked_name(&uri, "/api/hubs/", check_name) {
+        Ok(n) => n,
+        Err(e) => return name_error(e),
+    };
+    let hub = name.clone();
+    match with_store(&state, move |s| s.revoke_hub(&hub)).await {
+        Ok(revs) => {
+            let serials: Vec<&str> = revs.iter().map(|r| r.serial.as_str()).collect();
+            tracing::info!(
+                "revoked hub {name} (its hub token, if any, and its {} certificates: {})",
+                revs.len(),
+                serials.join(", ")
+            );
+            StatusCode::NO_CONTENT.into_response()
+        }
         Err(r) => r,
     }
 }

@@ -159,6 +159,9 @@ async fn handle(conn: Arc<Conn>, req: Request<RecvStream>, send: SendResponse<By
             let body = conn.hub.endpoints_json(&conn.peer.user);
             respond(send, StatusCode::OK, Some("application/json"), body)
         }
+        (&Method::GET, ["api", "crl"]) => {
+            crate::ca_client::serve_crl(&conn.hub.revoked, req.uri().query(), send).await
+        }
         (&Method::GET, ["api", "services"]) => {
             // Each user discovers only the providers it may connect to, each by its own list.
             let body = conn.hub.services_json(&conn.peer.user);

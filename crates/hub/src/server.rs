@@ -19,19 +19,27 @@ use ztm_pki::rustls::ServerConfig;
 use ztm_pki::{Revoked, ALPN_CONTROL, ALPN_REVERSE};
 use ztm_proto::wire::{HANDSHAKE_TIMEOUT, REVOCATION_POLL};
 
-use crate::ca_client::CaClient;
+use crate::ca_client::{CaClient, CaPin, NotPinned};
 use crate::limits::{source_key, Counter, Limits, Refused, CLIENT_HELLO_TIMEOUT};
 pub use crate::state::{Hub, Peer};
 
 const SWEEP_INTERVAL: Duration = Duration::from_secs(2);
+/// The CA's CRL is fetched again after a revocation, and at least this often (the CA signs a
+/// fresh one hourly, valid for a day).
+const CRL_REFRESH: Duration = Duration::from_secs(3600);
 /// How long a hub may go without fresh revocations before it refuses new sessions, unless the
 /// operator says otherwise.
 pub const DEFAULT_REVOCATION_MAX_AGE: Duration = Duration::from_secs(120);
 
 pub struct HubConfig {
-    /// HOST:PORT of the CA.
+    /// The CA: `https://HOST:PORT`, or `HOST:PORT` / `http://HOST:PORT` (loopback only).
     pub ca: String,
+    /// The CA's admin token or this hub's hub token.
     pub ca_token: Option<String>,
+    /// The CA certificate or its fingerprint; required for a CA that is not on loopback.
+    pub ca_pin: Option<CaPin>,
+    /// This hub's name at the CA (`hub/{id}`); by default made from its first address.
+    pub id: Option<String>,
     /// Addresses (HOST:PORT) agents reach this hub at.
     pub names: Vec<String>,
     pub limits: Limits,
@@ -44,6 +52,8 @@ impl HubConfig {
         Self {
             ca: ca.to_string(),
             ca_token: None,
+            ca_pin: None,
+            id: None,
             names,
             limits: Limits::default(),
             revocation_max_age: DEFAULT_REVOCATION_MAX_AGE,
@@ -80,6 +90,23 @@ fn hub_name(names: &[String], local: SocketAddr) -> String {
         "hub".to_string()
     } else {
         clean.chars().take(64).collect()
+    }
+}
+
+/// Fetches the CA's CRL into `revoked` (what agents get from this hub); false if that failed.
+async fn refresh_crl(ca: &CaClient, revoked: &Revoked) -> bool {
+    match ca.crl().await {
+        Ok(crl) => {
+            let (number, len) = (crl.number, crl.len());
+            if revoked.crl().offer(crl) {
+                tracing::info!("CRL number {number} from the CA ({len} revoked certificates)");
+            }
+            true
+        }
+        Err(e) => {
+            tracing::warn!("cannot get the CRL from the CA at {}: {e:#}", ca.addr);
+            false
+        }
     }
 }
 
@@ -169,9 +196,21 @@ pub async fn run(
     config: HubConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
+    // Before anything connects anywhere: the CA must be one the hub can authenticate.
+    let ca = Arc::new(CaClient::new(
+        &config.ca,
+        config.ca_token.clone(),
+        config.ca_pin.clone(),
+    )?);
+    if let Some(id) = &config.id {
+        ztm_proto::names::check_name(id).map_err(|e| anyhow!("bad hub id {id:?}: {e}"))?;
+    }
     let files = raise_file_limit();
     let local = listener.local_addr()?;
-    let name = hub_name(&config.names, local);
+    let name = config
+        .id
+        .clone()
+        .unwrap_or_else(|| hub_name(&config.names, local));
     let mut sans: Vec<String> = config
         .names
         .iter()
@@ -180,10 +219,6 @@ pub async fn run(
     if sans.is_empty() {
         sans = vec!["localhost".into(), "127.0.0.1".into()];
     }
-    let ca = Arc::new(CaClient {
-        addr: config.ca.clone(),
-        token: config.ca_token.clone(),
-    });
     let revoked = Revoked::default();
     let root = CancellationToken::new();
     tokio::pin!(shutdown);
@@ -193,6 +228,13 @@ pub async fn run(
     let ((acceptor, not_after), mut since) = loop {
         match obtain_tls(&ca, &name, &sans, &revoked).await {
             Ok(v) => break v,
+            Err(e) if e.downcast_ref::<NotPinned>().is_some() => {
+                tracing::error!("{e:#}; the hub does not start with it, and tries again");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    _ = &mut shutdown => return Ok(()),
+                }
+            }
             Err(e) => {
                 tracing::warn!(
                     "cannot get a certificate from the CA at {}: {e:#}; retrying",
@@ -259,11 +301,14 @@ pub async fn run(
         });
     }
     // Revocations: every poll sweeps every connection against the whole set, so a connection
-    // opened before a revocation and used only after it is found too.
+    // opened before a revocation and used only after it is found too. The CA's CRL, which
+    // agents get from the hub, is fetched again after each revocation.
+    let mut crl_at = refresh_crl(&ca, &revoked).await.then(Instant::now);
     {
         let hub = hub.clone();
         let ca = ca.clone();
         let root = root.clone();
+        let own = format!("hub/{name}");
         tokio::spawn(async move {
             let mut failing = false;
             let mut stale_logged = false;
@@ -281,14 +326,28 @@ pub async fn run(
                         stale_logged = false;
                         hub.revocations.polled(now_ms());
                         for r in &feed.revocations {
-                            tracing::info!(
-                                "certificate of user {} (serial {}) revoked",
-                                r.name,
-                                r.serial
-                            );
+                            if r.name == own {
+                                tracing::error!(
+                                    "this hub's certificate (serial {}) has been revoked at the \
+                                     CA: agents refuse it",
+                                    r.serial
+                                );
+                            } else {
+                                tracing::info!(
+                                    "certificate {} (serial {}) revoked",
+                                    r.name,
+                                    r.serial
+                                );
+                            }
                             hub.revoked.insert(r.serial.clone());
                         }
                         since = feed.last;
+                        let due = crl_at.is_none_or(|at| at.elapsed() >= CRL_REFRESH);
+                        if (!feed.revocations.is_empty() || due)
+                            && refresh_crl(&ca, &hub.revoked).await
+                        {
+                            crl_at = Some(Instant::now());
+                        }
                     }
                     Err(e) if !failing => {
                         failing = true;
@@ -478,6 +537,12 @@ mod tests {
         assert_eq!(
             renewal_delay(0, year),
             Duration::from_secs(year as u64 / 3 * 2)
+        );
+        // A certificate of the default lifetime (30 days) is renewed after 20.
+        let lifetime = ztm_pki::HUB_VALIDITY.as_secs() as i64;
+        assert_eq!(
+            renewal_delay(0, lifetime),
+            Duration::from_secs(20 * 24 * 3600)
         );
         // Expired or about to: at once (a second from now), never a busy loop.
         assert_eq!(renewal_delay(2_000, 1_000), Duration::from_secs(1));

@@ -37,39 +37,54 @@ pub async fn request(
             .await
             .with_context(|| format!("cannot connect to {addr}"))?;
         let _ = stream.set_nodelay(true);
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(path)
-            .header(http::header::HOST, addr);
-        if let Some(t) = token {
-            req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
-        }
-        if let Some(ct) = content_type {
-            req = req.header(http::header::CONTENT_TYPE, ct);
-        }
-        let resp = sender.send_request(req.body(Full::new(body))?).await?;
-        let status = resp.status().as_u16();
-        let (parts, body) = resp.into_parts();
-        let headers = parts.headers;
-        let body = Limited::new(body, 16 << 20)
-            .collect()
-            .await
-            .map_err(|e| anyhow!("reading the answer from {addr}: {e}"))?
-            .to_bytes();
-        Ok::<_, anyhow::Error>(Reply {
-            status,
-            headers,
-            body,
-        })
+        exchange(stream, addr, method, path, token, content_type, body).await
     };
     tokio::time::timeout(deadline, work)
         .await
         .map_err(|_| anyhow!("{addr} did not answer within {deadline:?}"))?
+}
+
+/// Sends `method path` on a connection already made to `addr` (a TLS stream, say) and reads
+/// the answer; the connection is used for this one request.
+pub async fn exchange<IO>(
+    io: IO,
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    content_type: Option<&str>,
+    body: Bytes,
+) -> Result<Reply>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, addr);
+    if let Some(t) = token {
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    if let Some(ct) = content_type {
+        req = req.header(http::header::CONTENT_TYPE, ct);
+    }
+    let resp = sender.send_request(req.body(Full::new(body))?).await?;
+    let status = resp.status().as_u16();
+    let (parts, body) = resp.into_parts();
+    let body = Limited::new(body, 16 << 20)
+        .collect()
+        .await
+        .map_err(|e| anyhow!("reading the answer from {addr}: {e}"))?
+        .to_bytes();
+    Ok(Reply {
+        status,
+        headers: parts.headers,
+        body,
+    })
 }
 
 /// Polls `GET path` on `addr` until it answers with a status below 500, for at most `within`.

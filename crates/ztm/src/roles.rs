@@ -22,6 +22,14 @@ pub struct CaArgs {
     /// listening on a non-loopback address
     #[arg(long, env = "ZTM_CA_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Serve HTTPS, with a certificate the CA signs itself (always done when listening on a
+    /// non-loopback address)
+    #[arg(long)]
+    tls: bool,
+    /// A host name or address hubs reach the CA at, named in its HTTPS certificate
+    /// (repeatable; default: the listen address and localhost)
+    #[arg(long = "name")]
+    names: Vec<String>,
     /// Seconds the certificates signed for hubs are valid (hubs renew theirs after two thirds
     /// of it, without restarting); at least 30
     #[arg(long, default_value_t = ztm_pki::HUB_VALIDITY.as_secs(),
@@ -35,9 +43,52 @@ impl CaArgs {
             listen: listen.into(),
             database: database.into(),
             token: None,
+            tls: false,
+            names: Vec::new(),
             hub_cert_lifetime: ztm_pki::HUB_VALIDITY.as_secs(),
         }
     }
+}
+
+/// The names in the CA's HTTPS certificate: `--name`s (a port given with one is dropped), or
+/// the listen address and localhost (all loopback names for a wildcard address).
+fn ca_names(names: &[String], listen: std::net::SocketAddr) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for name in names {
+        let host = match name.parse::<std::net::SocketAddr>() {
+            Ok(sa) => sa.ip().to_string(),
+            Err(_) => match name.rsplit_once(':') {
+                Some((h, p)) if !h.contains(':') && p.chars().all(|c| c.is_ascii_digit()) => {
+                    h.to_string()
+                }
+                _ => name
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string(),
+            },
+        };
+        let ok = !host.is_empty()
+            && host.len() <= 253
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'));
+        if !ok {
+            bail!("bad --name {name:?}: expected a host name or an IP address");
+        }
+        out.push(host);
+    }
+    if out.is_empty() {
+        if listen.ip().is_unspecified() {
+            out = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+            tracing::warn!(
+                "the CA listens on {listen} but its HTTPS certificate names only localhost: \
+                 give the names hubs reach it at with --name"
+            );
+        } else {
+            out = vec![listen.ip().to_string(), "localhost".into()];
+        }
+    }
+    Ok(out)
 }
 
 pub async fn run_ca(args: CaArgs) -> Result<()> {
@@ -53,20 +104,46 @@ pub async fn run_ca(args: CaArgs) -> Result<()> {
         tokio::task::spawn_blocking(move || ztm_ca::CaStore::open(&path)).await??
     };
     store.set_hub_cert_lifetime(Duration::from_secs(args.hub_cert_lifetime));
+    // Off loopback, the network between hubs and the CA may read and change what they say:
+    // always TLS there.
+    let tls = args.tls || !addr.ip().is_loopback();
     let listener = bind(addr).await?;
+    let local = listener.local_addr()?;
+    let sans = if tls {
+        ca_names(&args.names, local)?
+    } else {
+        Vec::new()
+    };
+    let fingerprint = ztm_pki::fingerprint_pem(store.ca_cert_pem(), "CA certificate")?;
+    let signer = store.signer();
     let state = Arc::new(ztm_ca::CaState {
         store,
         token: args.token.filter(|t| !t.is_empty()),
-        listen: listener.local_addr()?,
+        listen: local,
     });
-    tracing::info!(
-        "CA listening on http://{} (database {})",
-        listener.local_addr()?,
-        path.display()
-    );
-    axum::serve(listener, ztm_ca::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    let router = ztm_ca::router(state);
+    if tls {
+        let config = ztm_pki::ca_server_config(signer, &sans)?;
+        tracing::info!(
+            "CA listening on https://{local} (database {}; certificate for {}; CA certificate \
+             SHA-256 fingerprint {fingerprint})",
+            path.display(),
+            sans.join(", ")
+        );
+        let listener = ztm_ca::tls::TlsListener::new(listener, Arc::new(config))?;
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown_signal())
+            .await?;
+    } else {
+        tracing::info!(
+            "CA listening on http://{local} (database {}; CA certificate SHA-256 fingerprint \
+             {fingerprint})",
+            path.display()
+        );
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown_signal())
+            .await?;
+    }
     Ok(())
 }
 
@@ -75,12 +152,28 @@ pub struct HubArgs {
     /// Address to listen on (HOST:PORT)
     #[arg(long, default_value = "0.0.0.0:8888")]
     listen: String,
-    /// The CA's address (HOST:PORT)
+    /// The CA: https://HOST:PORT, or HOST:PORT (plain HTTP, only for a CA on this machine)
     #[arg(long, default_value = "localhost:9999")]
     ca: String,
-    /// The CA's admin token, if it requires one
+    /// The CA certificate (PEM file): the hub trusts no other CA. This or --ca-fingerprint is
+    /// required for a CA that is not on this machine
+    #[arg(long, value_name = "FILE", conflicts_with = "ca_fingerprint")]
+    ca_cert: Option<String>,
+    /// The SHA-256 fingerprint of the CA certificate (hex, ':' between bytes allowed), as
+    /// `ztm ca` prints it at start
+    #[arg(long, value_name = "HEX")]
+    ca_fingerprint: Option<String>,
+    /// The token the hub gives the CA: its hub token (POST /api/hubs/NAME at the CA) or the
+    /// CA's admin token
     #[arg(long, env = "ZTM_CA_TOKEN", hide_env_values = true)]
     ca_token: Option<String>,
+    /// This hub's name at the CA (its certificate's CN is hub/NAME; a hub token is for one
+    /// name); default: made from the first --name
+    #[arg(long, value_name = "NAME")]
+    id: Option<String>,
+    /// The CA certificate given by `ztm up`, which created it
+    #[arg(skip)]
+    ca_cert_pem: Option<String>,
     /// An address agents can reach this hub at (HOST:PORT); repeatable
     #[arg(long = "name")]
     names: Vec<String>,
@@ -109,7 +202,11 @@ impl HubArgs {
         Self {
             listen: listen.into(),
             ca: ca.into(),
+            ca_cert: None,
+            ca_fingerprint: None,
             ca_token: None,
+            id: None,
+            ca_cert_pem: None,
             names,
             max_endpoints_per_user: limits.endpoints_per_user,
             max_connections_per_user: limits.connections_per_user,
@@ -119,14 +216,54 @@ impl HubArgs {
     }
 }
 
+impl HubArgs {
+    /// Pins the hub to the CA certificate `pem`.
+    pub fn pin_ca(mut self, pem: String) -> Self {
+        self.ca_cert_pem = Some(pem);
+        self
+    }
+
+    /// What the hub was told about its CA.
+    fn ca_pin(&self) -> Result<Option<ztm_hub::ca_client::CaPin>> {
+        use ztm_hub::ca_client::CaPin;
+        if let Some(pem) = &self.ca_cert_pem {
+            return Ok(Some(CaPin::Certificate(pem.clone())));
+        }
+        if let Some(file) = &self.ca_cert {
+            let path = expand_home(file);
+            let pem = std::fs::read_to_string(&path)
+                .map_err(|e| anyhow::anyhow!("cannot read --ca-cert {}: {e}", path.display()))?;
+            ztm_pki::fingerprint_pem(&pem, "--ca-cert").map_err(|_| {
+                anyhow::anyhow!("--ca-cert {} holds no PEM certificate", path.display())
+            })?;
+            return Ok(Some(CaPin::Certificate(pem)));
+        }
+        if let Some(text) = &self.ca_fingerprint {
+            let Some(hex) = ztm_pki::parse_fingerprint(text) else {
+                bail!("bad --ca-fingerprint {text:?}: expected the 64 hex digits of a SHA-256 fingerprint");
+            };
+            return Ok(Some(CaPin::Fingerprint(hex)));
+        }
+        Ok(None)
+    }
+}
+
 pub async fn run_hub(args: HubArgs) -> Result<()> {
+    let ca_pin = args.ca_pin()?;
+    // Refused before the hub listens or connects anywhere.
+    ztm_hub::ca_client::check_ca(&args.ca, ca_pin.as_ref())?;
     let addr = parse_listen(&args.listen)?;
     let listener = bind(addr).await?;
     ztm_hub::run(
         listener,
         ztm_hub::HubConfig {
             ca: args.ca,
-            ca_token: args.ca_token.filter(|t| !t.is_empty()),
+            ca_token: args
+                .ca_token
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty()),
+            ca_pin,
+            id: args.id,
             names: args.names,
             limits: ztm_hub::Limits {
                 endpoints_per_user: args.max_endpoints_per_user,

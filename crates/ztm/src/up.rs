@@ -214,12 +214,23 @@ pub async fn run_up(args: UpArgs) -> Result<()> {
     } else {
         args.hub_names.clone()
     };
+    // The hub is pinned to the CA certificate this mesh has (created now if it is new).
+    let ca_pem = {
+        let path = dir.join("ca.db");
+        tokio::task::spawn_blocking(move || {
+            ztm_ca::CaStore::open(&path).map(|s| s.ca_cert_pem().to_string())
+        })
+        .await??
+    };
     let ca = run_ca(CaArgs::new(&args.ca_listen, &db("ca.db")));
-    let hub = run_hub(HubArgs::new(
-        &args.hub_listen,
-        &local_of(&args.ca_listen),
-        hub_public.clone(),
-    ));
+    let hub = run_hub(
+        HubArgs::new(
+            &args.hub_listen,
+            &local_of(&args.ca_listen),
+            hub_public.clone(),
+        )
+        .pin_ca(ca_pem),
+    );
     let agent = run_agent(
         AgentArgs::new(&args.agent_listen, &db("agent.db")).with_token(args.agent_token.clone()),
     );

@@ -404,3 +404,79 @@ fn startup_errors_are_one_line_and_non_zero() {
         "{log}"
     );
 }
+
+/// With --tls the CA serves HTTPS with a certificate it signs itself: CN ca/server (no user's
+/// and no hub's name), server authentication only, for the --name host names. Plain HTTP gets
+/// no answer there, and the start-up line gives the CA certificate's fingerprint.
+#[test]
+fn tls_with_a_certificate_of_its_own() {
+    let dir = TempDir::new("ca-tls");
+    let ca = start_ca_with(
+        dir.path(),
+        &[
+            "--tls",
+            "--name",
+            "ca.test",
+            "--name",
+            "127.0.0.1",
+            "--token",
+            "t0ken",
+        ],
+    );
+    let port = ca.addr.rsplit(':').next().unwrap().to_string();
+    let (code, _, err) = sh(
+        dir.path(),
+        &format!("curl -sfk https://{}/api/certificates/ca > ca.crt", ca.addr),
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = sh(
+        dir.path(),
+        &format!(
+            "curl -sf --cacert ca.crt --resolve ca.test:{port}:127.0.0.1 \
+             https://ca.test:{port}/api/certificates/ca"
+        ),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, std::fs::read_to_string(dir.join("ca.crt")).unwrap());
+    // localhost is not one of its names here.
+    let (code, _, _) = sh(
+        dir.path(),
+        &format!("curl -sf --cacert ca.crt https://localhost:{port}/api/certificates/ca"),
+    );
+    assert_ne!(code, 0);
+    let (code, text, err) = sh(
+        dir.path(),
+        &format!(
+            "openssl s_client -connect {} -servername ca.test </dev/null 2>/dev/null \
+             | openssl x509 -noout -text",
+            ca.addr
+        ),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.contains("Subject: CN = ca/server") || text.contains("Subject: CN=ca/server"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Issuer: CN = ca") || text.contains("Issuer: CN=ca"),
+        "{text}"
+    );
+    assert!(text.contains("TLS Web Server Authentication"), "{text}");
+    assert!(!text.contains("Client Authentication"), "{text}");
+    assert!(
+        text.contains("DNS:ca.test") && text.contains("IP Address:127.0.0.1"),
+        "{text}"
+    );
+    assert!(
+        !matches!(http(&ca.addr, "GET", "/api/certificates/ca", &[], b""), Ok(r) if r.status == 200)
+    );
+    let (_, fingerprint, _) = sh(
+        dir.path(),
+        "openssl x509 -in ca.crt -noout -fingerprint -sha256 | cut -d= -f2 | tr -d ':\\n' \
+         | tr A-F a-f",
+    );
+    assert_eq!(fingerprint.len(), 64, "{fingerprint}");
+    let log = ca.proc.log();
+    assert!(log.contains(&format!("https://{}", ca.addr)), "{log}");
+    assert!(log.contains(&fingerprint), "{log}");
+}
