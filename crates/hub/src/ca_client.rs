@@ -354,6 +354,16 @@ impl CaClient {
         Ok(reply.body)
     }
 
+    /// One request with the token, over the authenticated connection: the status and body,
+    /// whatever the status.
+    pub async fn request(&self, method: &str, path: &str) -> Result<(u16, Bytes)> {
+        let trusted = self.trusted().await?;
+        let reply = self
+            .exchange(trusted.tls.as_ref(), method, path, Bytes::new(), true)
+            .await?;
+        Ok((reply.status, reply.body))
+    }
+
     /// The CA certificate, checked against the pin.
     pub async fn ca_certificate(&self) -> Result<String> {
         Ok(self.trusted().await?.pem.clone())

@@ -6,12 +6,10 @@
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use bytes::Bytes;
 use clap::Args;
-use ztm_net::http1;
+use ztm_hub::ca_client::CaClient;
 use ztm_proto::invite::Invitation;
 use ztm_proto::names::check_user_name;
 
@@ -30,9 +28,16 @@ pub struct InviteArgs {
     /// The mesh the invitation joins
     #[arg(long, default_value = "default")]
     mesh: String,
-    /// The CA's address (HOST:PORT)
+    /// The CA: HOST:PORT on this computer, or https://HOST:PORT with --ca-cert or
+    /// --ca-fingerprint
     #[arg(long, default_value = "127.0.0.1:9999")]
     ca: String,
+    /// The CA certificate (PEM file) the CA must have
+    #[arg(long, value_name = "FILE", conflicts_with = "ca_fingerprint")]
+    ca_cert: Option<String>,
+    /// The SHA-256 fingerprint of the CA certificate the CA must have
+    #[arg(long, value_name = "HEX")]
+    ca_fingerprint: Option<String>,
     /// The CA's admin token, if it requires one
     #[arg(long, env = "ZTM_CA_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -44,19 +49,12 @@ pub struct InviteArgs {
     print: bool,
 }
 
-async fn ca_call(args: &InviteArgs, method: &str, path: &str) -> Result<(u16, String)> {
-    let r = http1::request(
-        &args.ca,
-        method,
-        path,
-        args.token.as_deref().filter(|t| !t.is_empty()),
-        None,
-        Bytes::new(),
-        Duration::from_secs(10),
-    )
-    .await
-    .with_context(|| format!("the CA at {}", args.ca))?;
-    Ok((r.status, r.text()))
+async fn ca_call(ca: &CaClient, method: &str, path: &str) -> Result<(u16, String)> {
+    let (status, body) = ca
+        .request(method, path)
+        .await
+        .with_context(|| format!("the CA at {}", ca.addr))?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// The message of the CA's JSON error body, or the body.
@@ -132,11 +130,16 @@ pub async fn run_invite(args: InviteArgs) -> Result<()> {
 
 /// Creates the user at the CA and gathers the invitation.
 async fn fetch(args: &InviteArgs, hubs: Vec<String>) -> Result<Invitation> {
-    let (status, ca) = ca_call(args, "GET", "/api/certificates/ca").await?;
-    if status != 200 {
-        bail!("the CA answered {status}: {}", message_of(&ca));
-    }
-    let (status, key) = ca_call(args, "POST", &format!("/api/certificates/{}", args.name)).await?;
+    let pin = crate::roles::ca_pin(args.ca_cert.as_deref(), args.ca_fingerprint.as_deref())?;
+    let token = args.token.clone().filter(|t| !t.is_empty());
+    let ca_client = &CaClient::new(&args.ca, token, pin)?;
+    let ca = ca_client.ca_certificate().await?;
+    let (status, key) = ca_call(
+        ca_client,
+        "POST",
+        &format!("/api/certificates/{}", args.name),
+    )
+    .await?;
     match status {
         200 => {}
         409 => bail!(
@@ -152,7 +155,12 @@ async fn fetch(args: &InviteArgs, hubs: Vec<String>) -> Result<Invitation> {
             message_of(&key)
         ),
     }
-    let (status, cert) = ca_call(args, "GET", &format!("/api/certificates/{}", args.name)).await?;
+    let (status, cert) = ca_call(
+        ca_client,
+        "GET",
+        &format!("/api/certificates/{}", args.name),
+    )
+    .await?;
     if status != 200 {
         bail!("the CA answered {status}: {}", message_of(&cert));
     }

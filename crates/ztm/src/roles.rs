@@ -225,27 +225,35 @@ impl HubArgs {
 
     /// What the hub was told about its CA.
     fn ca_pin(&self) -> Result<Option<ztm_hub::ca_client::CaPin>> {
-        use ztm_hub::ca_client::CaPin;
         if let Some(pem) = &self.ca_cert_pem {
-            return Ok(Some(CaPin::Certificate(pem.clone())));
+            return Ok(Some(ztm_hub::ca_client::CaPin::Certificate(pem.clone())));
         }
-        if let Some(file) = &self.ca_cert {
-            let path = expand_home(file);
-            let pem = std::fs::read_to_string(&path)
-                .map_err(|e| anyhow::anyhow!("cannot read --ca-cert {}: {e}", path.display()))?;
-            ztm_pki::fingerprint_pem(&pem, "--ca-cert").map_err(|_| {
-                anyhow::anyhow!("--ca-cert {} holds no PEM certificate", path.display())
-            })?;
-            return Ok(Some(CaPin::Certificate(pem)));
-        }
-        if let Some(text) = &self.ca_fingerprint {
-            let Some(hex) = ztm_pki::parse_fingerprint(text) else {
-                bail!("bad --ca-fingerprint {text:?}: expected the 64 hex digits of a SHA-256 fingerprint");
-            };
-            return Ok(Some(CaPin::Fingerprint(hex)));
-        }
-        Ok(None)
+        ca_pin(self.ca_cert.as_deref(), self.ca_fingerprint.as_deref())
     }
+}
+
+/// The CA pin given by `--ca-cert FILE` or `--ca-fingerprint HEX`, if any.
+pub fn ca_pin(
+    ca_cert: Option<&str>,
+    ca_fingerprint: Option<&str>,
+) -> Result<Option<ztm_hub::ca_client::CaPin>> {
+    use ztm_hub::ca_client::CaPin;
+    if let Some(file) = ca_cert {
+        let path = expand_home(file);
+        let pem = std::fs::read_to_string(&path)
+            .map_err(|e| anyhow::anyhow!("cannot read --ca-cert {}: {e}", path.display()))?;
+        ztm_pki::fingerprint_pem(&pem, "--ca-cert").map_err(|_| {
+            anyhow::anyhow!("--ca-cert {} holds no PEM certificate", path.display())
+        })?;
+        return Ok(Some(CaPin::Certificate(pem)));
+    }
+    if let Some(text) = ca_fingerprint {
+        let Some(hex) = ztm_pki::parse_fingerprint(text) else {
+            bail!("bad --ca-fingerprint {text:?}: expected the 64 hex digits of a SHA-256 fingerprint");
+        };
+        return Ok(Some(CaPin::Fingerprint(hex)));
+    }
+    Ok(None)
 }
 
 pub async fn run_hub(args: HubArgs) -> Result<()> {
