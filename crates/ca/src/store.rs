@@ -52,6 +52,8 @@ pub struct CaStore {
     signer: Arc<CaSigner>,
     /// How long the certificates signed for hubs are valid.
     hub_lifetime: std::time::Duration,
+    /// How long the certificates issued to users are valid.
+    user_lifetime: std::time::Duration,
     /// The last CRL signed: its number, when, and the PEM.
     crl: Mutex<Option<(u64, Instant, String)>>,
 }
@@ -201,6 +203,7 @@ impl CaStore {
             conn: Mutex::new(conn),
             signer,
             hub_lifetime: ztm_pki::HUB_VALIDITY,
+            user_lifetime: ztm_pki::USER_VALIDITY,
             crl: Mutex::new(None),
         })
     }
@@ -208,6 +211,11 @@ impl CaStore {
     /// Signs hub certificates valid for `lifetime` from now on.
     pub fn set_hub_cert_lifetime(&mut self, lifetime: std::time::Duration) {
         self.hub_lifetime = lifetime;
+    }
+
+    /// Issues user certificates valid for `lifetime` from now on.
+    pub fn set_user_cert_lifetime(&mut self, lifetime: std::time::Duration) {
+        self.user_lifetime = lifetime;
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -230,7 +238,7 @@ impl CaStore {
         if self.get(name)?.is_some() {
             return Err(StoreError::Exists(name.to_string()));
         }
-        let issued = self.signer.issue_user(name)?;
+        let issued = self.signer.issue_user_for(name, self.user_lifetime)?;
         let info = ztm_pki::cert_info_pem(&issued.cert_pem, "certificate")?;
         let result = self.conn().execute(
             "INSERT INTO certificates (name, serial, cert_pem, created, not_after) VALUES (?1, ?2, ?3, ?4, ?5)",

@@ -43,7 +43,8 @@ pub const ALPN_REVERSE: &[u8] = b"ztm-reverse";
 pub const HUB_CN_PREFIX: &str = "hub/";
 
 const CA_VALIDITY_DAYS: i64 = 365 * 20;
-const USER_VALIDITY_DAYS: i64 = 365 * 5;
+/// How long a user certificate is valid unless the CA is told otherwise.
+pub const USER_VALIDITY: std::time::Duration = std::time::Duration::from_secs(5 * 365 * 24 * 3600);
 /// How long a hub's certificate is valid unless the CA is told otherwise. Short, because a
 /// revoked hub that is an agent's only hub can keep the news of its revocation from that
 /// agent until its certificate expires (docs/security.md ("Hubs, the CA and revocation")); hubs renew theirs after two
@@ -165,15 +166,29 @@ impl CaSigner {
         &self.issuer
     }
 
-    /// Issues a user certificate (CN = name, client authentication) with a new key.
+    /// Issues a user certificate (CN = name, client authentication) with a new key, valid for
+    /// [`USER_VALIDITY`].
     pub fn issue_user(&self, name: &str) -> Result<Issued, PkiError> {
+        self.issue_user_for(name, USER_VALIDITY)
+    }
+
+    /// Issues a user certificate valid for `lifetime` (never longer than the CA's own).
+    pub fn issue_user_for(
+        &self,
+        name: &str,
+        lifetime: std::time::Duration,
+    ) -> Result<Issued, PkiError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let lifetime = time::Duration::seconds(
+            i64::try_from(lifetime.as_secs())
+                .map_or(i64::MAX, |s| s.min(CA_VALIDITY_DAYS * 24 * 3600)),
+        );
         let (cert_pem, serial) = self.sign(
             name,
             &key,
             &[],
             vec![ExtendedKeyUsagePurpose::ClientAuth],
-            time::Duration::days(USER_VALIDITY_DAYS),
+            lifetime,
         )?;
         Ok(Issued {
             cert_pem,

@@ -35,6 +35,34 @@ pub struct CaArgs {
     #[arg(long, default_value_t = ztm_pki::HUB_VALIDITY.as_secs(),
           value_parser = clap::value_parser!(u64).range(30..=20 * 365 * 24 * 3600))]
     hub_cert_lifetime: u64,
+    /// How long the certificates issued to users are valid: seconds, or a number with s, m,
+    /// h or d (agents warn from 30 days before expiry)
+    #[arg(long, default_value = "1825d", value_parser = parse_lifetime)]
+    user_cert_lifetime: Duration,
+}
+
+/// A lifetime: seconds, or a number followed by s, m, h or d; at least a minute.
+fn parse_lifetime(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a lifetime (e.g. 3600, 90d, 12h)"))?;
+    let unit = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 24 * 3600,
+        _ => return Err(format!("{text:?}: the unit is s, m, h or d")),
+    };
+    let secs = n
+        .checked_mul(unit)
+        .filter(|s| (60..=20 * 365 * 24 * 3600).contains(s))
+        .ok_or_else(|| format!("{text:?}: give between a minute and 20 years"))?;
+    Ok(Duration::from_secs(secs))
 }
 
 impl CaArgs {
@@ -46,6 +74,7 @@ impl CaArgs {
             tls: false,
             names: Vec::new(),
             hub_cert_lifetime: ztm_pki::HUB_VALIDITY.as_secs(),
+            user_cert_lifetime: ztm_pki::USER_VALIDITY,
         }
     }
 }
@@ -104,6 +133,7 @@ pub async fn run_ca(args: CaArgs) -> Result<()> {
         tokio::task::spawn_blocking(move || ztm_ca::CaStore::open(&path)).await??
     };
     store.set_hub_cert_lifetime(Duration::from_secs(args.hub_cert_lifetime));
+    store.set_user_cert_lifetime(args.user_cert_lifetime);
     // Off loopback, the network between hubs and the CA may read and change what they say:
     // always TLS there.
     let tls = args.tls || !addr.ip().is_loopback();
@@ -352,4 +382,28 @@ pub async fn run_agent(args: AgentArgs) -> Result<()> {
         .await?;
     agent.shutdown();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifetimes() {
+        for (text, secs) in [
+            ("3600", 3600),
+            ("90d", 90 * 86_400),
+            ("12h", 43_200),
+            ("5m", 300),
+        ] {
+            assert_eq!(
+                parse_lifetime(text),
+                Ok(Duration::from_secs(secs)),
+                "{text}"
+            );
+        }
+        for bad in ["", "d", "10", "1x", "-5d", "30000000d", "1.5d"] {
+            assert!(parse_lifetime(bad).is_err(), "{bad}");
+        }
+    }
 }

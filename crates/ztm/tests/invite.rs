@@ -573,3 +573,67 @@ impl TwoComputers {
         NsProc(child)
     }
 }
+
+/// The operator chooses how long user certificates live; an agent whose certificate expires
+/// within 30 days says so in its API, its log and the CLI.
+#[test]
+fn certificate_expiry_is_in_view() {
+    let dir = TempDir::new("invite-expiry");
+    let d = dir.path();
+    let ca = start_ca_with(d, &["--user-cert-lifetime", "10d"]);
+    let pem = ca_pem(&ca.addr);
+    let alice = create_user(&ca.addr, "alice");
+    let hub = start_hub(d, "hub", &ca.addr);
+    let a = start_agent(d, "a");
+    join_ok(&a.addr, &pem, "a", &alice, &[&hub.addr]);
+    let m = mesh_info(&a.addr);
+    let now = ztm_net::now_ms();
+    let expires = m["agent"]["expires"].as_u64().unwrap_or(0);
+    let day = 24 * 3600 * 1000;
+    assert!(
+        expires > now + 9 * day && expires <= now + 10 * day + 60_000,
+        "{m}"
+    );
+    assert!(
+        m["caExpires"].as_u64().unwrap_or(0) > now + 365 * day,
+        "{m}"
+    );
+    let warnings = m["warnings"].to_string();
+    assert!(
+        warnings.contains("this agent's certificate expires on"),
+        "{m}"
+    );
+    assert!(
+        warnings.contains("(in 10 days)") || warnings.contains("(in 9 days)"),
+        "{m}"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the warning in the mesh log",
+        || {
+            get(&a.addr, &format!("/api/meshes/{MESH}/log"))
+                .text()
+                .contains("expires on")
+        },
+    );
+    let (code, out, err) = ztm(d, &["get", "mesh", "--agent", &a.addr]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("CERT EXPIRES") && out.contains(&ztm_net::date(expires)),
+        "{out}"
+    );
+    assert!(
+        out.contains("(!)") && err.contains("expires on"),
+        "{out}{err}"
+    );
+    let (code, out, _) = ztm(d, &["describe", "mesh", "--agent", &a.addr]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("Certificate expires") && out.contains("CA expires"),
+        "{out}"
+    );
+    // A bad lifetime is refused with the reason.
+    let (code, _, err) = ztm(d, &["ca", "--user-cert-lifetime", "10x"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("the unit is s, m, h or d"), "{err}");
+}
