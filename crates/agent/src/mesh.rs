@@ -16,7 +16,7 @@ use ztm_pki::CrlSlot;
 use ztm_proto::model::{Endpoint, EndpointRef, Service, TimedMessage};
 use ztm_proto::wire::{
     is_endpoint_id, EndpointInfo, Proto, ServiceDecl, ServiceInfo, ENDPOINT_USER_HEADER,
-    MAX_MANAGE_BODY, REQUEST_TIMEOUT,
+    MAX_MANAGE_BODY, REQUEST_TIMEOUT, TUNNEL_STREAMS,
 };
 
 use crate::ports::{PortKey, PortState, Ports};
@@ -27,9 +27,30 @@ use crate::ApiError;
 #[derive(Default)]
 pub struct LinkState {
     /// The control connection, while registered.
-    pub control: Option<h2::client::SendRequest<Bytes>>,
+    pub control: Option<Control>,
     /// Why the last attempt failed, while it keeps failing.
     pub error: Option<TimedMessage>,
+}
+
+/// A registered control connection to a hub.
+#[derive(Clone)]
+pub struct Control {
+    pub sender: h2::client::SendRequest<Bytes>,
+    /// The streams tunnels may take on it ([`TUNNEL_STREAMS`]); the others stay free for
+    /// heartbeats and requests, however many tunnels are open.
+    pub tunnels: Arc<tokio::sync::Semaphore>,
+    /// The hub's address, for messages.
+    pub hub: String,
+}
+
+impl Control {
+    pub fn new(sender: h2::client::SendRequest<Bytes>, hub: &str) -> Control {
+        Control {
+            sender,
+            tunnels: Arc::new(tokio::sync::Semaphore::new(TUNNEL_STREAMS as usize)),
+            hub: hub.to_string(),
+        }
+    }
 }
 
 pub struct HubLink {
@@ -85,7 +106,7 @@ pub struct Provider {
     pub endpoint: String,
     /// The user the endpoint is registered by at the hubs in `links`.
     pub user: String,
-    pub links: Vec<h2::client::SendRequest<Bytes>>,
+    pub links: Vec<Control>,
 }
 
 /// How long a hub's service list is trusted for choosing tunnel providers.
@@ -419,7 +440,7 @@ impl MeshRuntime {
     fn controls(&self) -> Vec<h2::client::SendRequest<Bytes>> {
         self.links
             .iter()
-            .filter_map(|l| l.state().control.clone())
+            .filter_map(|l| l.state().control.as_ref().map(|c| c.sender.clone()))
             .collect()
     }
 
@@ -454,7 +475,7 @@ impl MeshRuntime {
     ) -> Vec<(usize, T)> {
         let mut set = tokio::task::JoinSet::new();
         for (i, link) in self.links.iter().enumerate() {
-            let Some(sender) = link.state().control.clone() else {
+            let Some(sender) = link.state().control.as_ref().map(|c| c.sender.clone()) else {
                 continue;
             };
             let path = path.to_string();

@@ -24,7 +24,7 @@ const RETRY: Duration = Duration::from_secs(5);
 /// Accept queue of port listeners: bursts of new connections must not overflow it.
 const LISTEN_BACKLOG: u32 = 4096;
 /// Most UDP client flows one port keeps at once.
-const MAX_UDP_FLOWS: usize = 4096;
+const MAX_UDP_FLOWS: usize = 16_384;
 /// Datagrams queued per UDP flow while its tunnel is busy (more are dropped, as UDP may).
 const UDP_QUEUE: usize = 256;
 
@@ -246,6 +246,7 @@ async fn tcp_accept_loop(
                 send,
                 recv,
                 active: _active,
+                slot: _slot,
                 ..
             } = opened;
             let result = tokio::select! {

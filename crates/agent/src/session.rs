@@ -206,7 +206,7 @@ async fn connect_once(
 
     {
         let mut state = link.state();
-        state.control = Some(sender.clone());
+        state.control = Some(crate::mesh::Control::new(sender.clone(), &link.addr));
         state.error = None;
     }
     backoff.reset();

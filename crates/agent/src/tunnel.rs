@@ -18,7 +18,7 @@ use ztm_proto::capsule;
 use ztm_proto::model::PortTarget;
 use ztm_proto::wire::{
     Proto, ENDPOINT_USER_HEADER, REQUEST_TIMEOUT, SERVICE_CONNECT_TIMEOUT, TUNNEL_PROTOCOL,
-    USER_HEADER,
+    TUNNEL_STREAMS, USER_HEADER,
 };
 
 use crate::admission;
@@ -176,12 +176,14 @@ async fn udp_service_flow(
     Ok(moved)
 }
 
-/// An open tunnel at the client end.
+/// An open tunnel at the client end. Its stream slot and its place in the balancer's count are
+/// held until it is dropped.
 pub struct Opened {
     pub send: SendStream<Bytes>,
     pub recv: RecvStream,
     pub endpoint: String,
     pub active: Active,
+    pub slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// The first bytes a TCP client sends while its tunnel is being opened. They go out right
@@ -273,8 +275,26 @@ pub async fn open(
     for ep in balancer.order(&ids) {
         // Usually one provider; two if two users claim this id on different hubs.
         for provider in providers.iter().filter(|p| p.endpoint == ep) {
-            for sender in &provider.links {
-                match connect(sender, provider, proto, &target.service, first.as_mut()).await {
+            for control in &provider.links {
+                // A stream of its own on this connection, never one of those kept for
+                // heartbeats and requests; a full connection sends us to the next hub.
+                let Ok(slot) = control.tunnels.clone().try_acquire_owned() else {
+                    last_error = format!(
+                        "hub {} carries {TUNNEL_STREAMS} tunnels of this agent already, as many as \
+                         one connection may",
+                        control.hub
+                    );
+                    continue;
+                };
+                match connect(
+                    &control.sender,
+                    provider,
+                    proto,
+                    &target.service,
+                    first.as_mut(),
+                )
+                .await
+                {
                     Ok((send, recv)) => {
                         let active = balancer.track(&ep);
                         return Ok(Opened {
@@ -282,6 +302,7 @@ pub async fn open(
                             recv,
                             endpoint: ep,
                             active,
+                            slot,
                         });
                     }
                     Err(e) => last_error = e,
@@ -371,7 +392,11 @@ pub async fn udp_client_flow(
     mut rx: tokio::sync::mpsc::Receiver<Bytes>,
 ) {
     let Opened {
-        mut send, mut recv, ..
+        mut send,
+        mut recv,
+        active: _active,
+        slot: _slot,
+        ..
     } = opened;
     let mut decoder = capsule::Decoder::default();
     loop {

@@ -18,7 +18,7 @@ use ztm_net::relay;
 use ztm_proto::names::check_name;
 use ztm_proto::wire::{
     is_endpoint_id, Proto, Register, Registered, ServiceDecl, ENDPOINT_USER_HEADER, HOP_TIMEOUT,
-    MAX_MANAGE_BODY, REGISTER_TIMEOUT, TUNNEL_PROTOCOL, USER_HEADER,
+    MAX_MANAGE_BODY, REGISTER_TIMEOUT, TUNNEL_PROTOCOL, TUNNEL_STREAMS, USER_HEADER,
 };
 use ztm_tls::TlsStream;
 
@@ -579,6 +579,42 @@ async fn tunnel(
             send,
             StatusCode::NOT_FOUND,
             format!("endpoint {ep} is not online at this hub"),
+        );
+    };
+    let _user_slot = match conn.hub.tunnels.try_take(conn.peer.user.clone()) {
+        Ok(slot) => slot,
+        Err(Refused::Key(n)) => {
+            return respond_error(
+                send,
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "user {} has {n} tunnels open through this hub, as many as it may",
+                    conn.peer.user
+                ),
+            )
+        }
+        Err(Refused::Total(_)) => {
+            return respond_error(
+                send,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this hub carries as many tunnels as it may; try another hub",
+            )
+        }
+    };
+    // A stream of its own on the far agent's reverse connection, never one of those kept
+    // for management requests.
+    let stream_slot = conn
+        .hub
+        .tunnel_slots(session)
+        .and_then(|slots| slots.try_acquire_owned().ok());
+    let Some(_stream_slot) = stream_slot else {
+        return respond_error(
+            send,
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "endpoint {ep} has {TUNNEL_STREAMS} tunnels open through this hub, as many as \
+                 one connection carries"
+            ),
         );
     };
     let Some(reverse) = conn.hub.reverse_of(session).await else {

@@ -33,6 +33,10 @@ pub struct Limits {
     pub bodies_per_connection: usize,
     /// Requests with a body in progress in the whole hub.
     pub bodies: usize,
+    /// Tunnels one user may have open through this hub at once.
+    pub tunnels_per_user: usize,
+    /// Tunnels open through the hub at once.
+    pub tunnels: usize,
 }
 
 impl Default for Limits {
@@ -48,6 +52,8 @@ impl Default for Limits {
             bodies_per_user: 32,
             bodies_per_connection: 8,
             bodies: 256,
+            tunnels_per_user: 20_000,
+            tunnels: 200_000,
         }
     }
 }

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use ztm_net::now_ms;
 use ztm_pki::Revoked;
 use ztm_proto::acl;
-use ztm_proto::wire::{EndpointInfo, HANDSHAKE_TIMEOUT};
+use ztm_proto::wire::{EndpointInfo, HANDSHAKE_TIMEOUT, TUNNEL_STREAMS};
 
 use crate::admission;
 use crate::limits::{Counter, Limits, Refused, Slot};
@@ -37,6 +37,9 @@ pub struct SessionIo {
     pub conn: u64,
     /// The reverse connection, once bound (`None` until the agent's hello arrives).
     pub reverse: watch::Sender<Option<h2::client::SendRequest<Bytes>>>,
+    /// The streams tunnels may take on the reverse connection; the others stay free for
+    /// management requests.
+    pub tunnels: Arc<tokio::sync::Semaphore>,
 }
 
 impl SessionIo {
@@ -45,6 +48,7 @@ impl SessionIo {
             kill,
             conn,
             reverse: watch::Sender::new(None),
+            tunnels: Arc::new(tokio::sync::Semaphore::new(TUNNEL_STREAMS as usize)),
         }
     }
 }
@@ -118,6 +122,8 @@ pub struct Hub {
     user_conns: Counter<String>,
     /// Requests with a body in progress, by user and in all.
     pub bodies: Counter<String>,
+    /// Tunnels open, by user and in all.
+    pub tunnels: Counter<String>,
     lists: Mutex<Option<Lists>>,
     pub revoked: Revoked,
     pub revocations: RevocationStatus,
@@ -142,6 +148,7 @@ impl Hub {
             conns: Mutex::new(HashMap::new()),
             user_conns: Counter::new(limits.connections_per_user, usize::MAX),
             bodies: Counter::new(limits.bodies_per_user, limits.bodies),
+            tunnels: Counter::new(limits.tunnels_per_user, limits.tunnels),
             lists: Mutex::new(None),
             revoked,
             revocations: RevocationStatus::new(max_staleness),
@@ -278,6 +285,11 @@ impl Hub {
         if let Some(io) = self.sessions().get(&session) {
             io.reverse.send_replace(None);
         }
+    }
+
+    /// The streams tunnels may take on a session's reverse connection.
+    pub fn tunnel_slots(&self, session: SessionId) -> Option<Arc<tokio::sync::Semaphore>> {
+        self.sessions().get(&session).map(|io| io.tunnels.clone())
     }
 
     /// The reverse-connection sender of an online endpoint. An agent dials its reverse

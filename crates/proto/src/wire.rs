@@ -33,7 +33,14 @@ pub const MAX_MANAGE_BODY: usize = 1 << 20;
 /// every other tunnel on the connection.
 pub const STREAM_WINDOW: u32 = 2 << 20;
 pub const CONNECTION_WINDOW: u32 = 128 << 20;
-pub const MAX_STREAMS: u32 = 1000;
+/// Most concurrent streams per connection: one tunnel (a TCP connection, a UDP flow) is one
+/// stream, and one agent may hold 10,000 tunnels through one hub.
+pub const MAX_STREAMS: u32 = 16_384;
+/// Streams of a connection that tunnels never take, so that heartbeats, publishing, lists and
+/// management always find one however many tunnels are open (PROTOCOL.md, "HTTP/2 settings").
+pub const REQUEST_STREAMS: u32 = 64;
+/// Most tunnels one connection carries at once.
+pub const TUNNEL_STREAMS: u32 = MAX_STREAMS - REQUEST_STREAMS;
 
 /// Most bytes a process's relays may hold for next hops that take nothing before stalled
 /// tunnels are reset (PROTOCOL.md, "Stalled tunnels").
