@@ -1,4 +1,4 @@
-//! The agent's REST API (SPEC §5): meshes, endpoints, services, ports. Requests for another
+//! The agent's REST API (docs/requirements.md §5): meshes, endpoints, services, ports. Requests for another
 //! endpoint are carried through a hub ([`MeshRuntime::forward`]); requests a hub forwards to
 //! us arrive here too, marked [`Forwarded`].
 

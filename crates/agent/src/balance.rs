@@ -1,4 +1,4 @@
-//! Load balancing over the endpoints that provide a service (SPEC §8): least connections,
+//! Load balancing over the endpoints that provide a service (docs/requirements.md §8): least connections,
 //! ties broken round-robin. Pure logic plus a small counter guard.
 
 use std::collections::HashMap;

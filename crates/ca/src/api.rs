@@ -1,4 +1,4 @@
-//! The CA's HTTP API (SPEC §4). A thin shell: parse and check the request, call the store on
+//! The CA's HTTP API (docs/requirements.md §4). A thin shell: parse and check the request, call the store on
 //! a blocking thread, map the outcome to a status.
 //!
 //! Callers: with an admin token configured, the admin token may do everything; a hub token

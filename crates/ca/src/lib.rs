@@ -1,5 +1,5 @@
 //! The certificate authority: owns the mesh's root of trust (one SQLite file) and issues
-//! user and hub certificates over a small HTTP API (SPEC §4).
+//! user and hub certificates over a small HTTP API (docs/requirements.md §4).
 //!
 //! - [`store`] owns the database: the CA key pair, issued certificates, hubs, revocations.
 //! - [`api`] is the HTTP shell over it.

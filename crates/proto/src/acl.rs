@@ -1,4 +1,4 @@
-//! The mesh's access rules (SPEC §3), as pure functions.
+//! The mesh's access rules (docs/requirements.md §3), as pure functions.
 
 /// The user with every right in the mesh.
 pub const ROOT: &str = "root";

@@ -1,4 +1,4 @@
-//! The JSON model of the agent's REST API (SPEC §5) and the error body every API uses.
+//! The JSON model of the agent's REST API (docs/requirements.md §5) and the error body every API uses.
 
 use serde::{Deserialize, Serialize};
 

@@ -1,4 +1,4 @@
-//! End-to-end tests of tunnels (port mappings, SPEC §5, §7, §8, §11): a CA, a hub and agents as
+//! End-to-end tests of tunnels (port mappings, docs/requirements.md §5, §7, §8, §11): a CA, a hub and agents as
 //! real processes on loopback (or in network namespaces the test creates), small TCP and UDP
 //! servers written here as the services, and clients that push data through the agents' ports.
 

@@ -1,5 +1,5 @@
 //! The command-line client of a running agent, kubectl style: `ztm get ep`, `ztm create svc
-//! tcp/ssh --port 22`, `ztm join ...`. Everything goes through the agent's REST API (SPEC §5).
+//! tcp/ssh --port 22`, `ztm join ...`. Everything goes through the agent's REST API (docs/requirements.md §5).
 //!
 //! Exit codes: 0 on success; 1 when the agent refuses, fails or cannot be reached (its message
 //! on stderr, one line); 2 on usage errors (clap's own, and e.g. `--mesh` missing when the
