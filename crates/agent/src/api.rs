@@ -16,6 +16,7 @@ use ztm_proto::model::{JoinRequest, Mesh, MeshAgent, PortBody, Service, ServiceB
 use ztm_proto::names::{check_name, decode_segment};
 use ztm_proto::wire::{is_endpoint_id, Proto};
 
+use crate::discovery::Unresolved;
 use crate::mesh::MeshRuntime;
 use crate::store::{MeshRecord, PortRecord, ServiceRecord};
 use crate::{Agent, Forwarded};
@@ -504,38 +505,24 @@ async fn resolve_endpoint(
     ep: &str,
     user: Option<&str>,
 ) -> ApiResult<ztm_proto::model::Endpoint> {
-    let of_user = |e: &&ztm_proto::model::Endpoint| user.is_none_or(|u| e.username == u);
     if (ep == rt.id() || ep == rt.record.agent_name) && user.is_none_or(|u| u == rt.username) {
         return Ok(rt.local_endpoint());
     }
     let all = rt.endpoints().await;
-    let by_id: Vec<_> = all
-        .iter()
-        .filter(|e| e.id.eq_ignore_ascii_case(ep))
-        .filter(of_user)
-        .collect();
-    let candidates = if by_id.is_empty() {
-        all.iter()
-            .filter(|e| e.name == ep)
-            .filter(of_user)
-            .collect()
-    } else {
-        by_id
-    };
-    match candidates.as_slice() {
-        [one] => Ok((*one).clone()),
-        [] => Err(ApiError::not_found(match user {
+    match crate::discovery::resolve(&all, ep, user) {
+        Ok(one) => Ok(one.clone()),
+        Err(Unresolved::None) => Err(ApiError::not_found(match user {
             Some(u) => format!("no endpoint {ep} of user {u} in mesh {}", rt.name()),
             None => format!("no endpoint {ep} in mesh {}", rt.name()),
         })),
-        several => Err(ApiError::bad(format!(
+        Err(Unresolved::Several { which, same_id }) => Err(ApiError::bad(format!(
             "several endpoints are {ep} ({}); {}",
-            several
+            which
                 .iter()
-                .map(|e| format!("{} of user {}", e.id, e.username))
+                .map(|(id, user)| format!("{id} of user {user}"))
                 .collect::<Vec<_>>()
                 .join(", "),
-            if several.iter().all(|e| e.id == several[0].id) {
+            if same_id {
                 "different users claim this id on different hubs"
             } else {
                 "use the endpoint id"

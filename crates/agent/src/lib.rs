@@ -7,6 +7,7 @@ pub mod admission;
 pub mod api;
 pub mod balance;
 pub mod crl;
+pub mod discovery;
 pub mod expiry;
 pub mod guard;
 pub mod identity;

@@ -1,7 +1,7 @@
 //! One joined mesh at run time: a link to every hub in `bootstraps`, the mesh's errors and
 //! event log, and the queries that go through hubs (discovery, remote management).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -13,10 +13,10 @@ use ztm_net::h2io::{self, Answer};
 use ztm_net::now_ms;
 use ztm_pki::rustls::ClientConfig;
 use ztm_pki::CrlSlot;
-use ztm_proto::model::{Endpoint, EndpointRef, Service, TimedMessage};
+use ztm_proto::model::{Endpoint, Service, TimedMessage};
 use ztm_proto::wire::{
-    is_endpoint_id, EndpointInfo, Proto, ServiceDecl, ServiceInfo, ENDPOINT_USER_HEADER,
-    MAX_MANAGE_BODY, REQUEST_TIMEOUT, TUNNEL_STREAMS,
+    EndpointInfo, Proto, ServiceDecl, ServiceInfo, ENDPOINT_USER_HEADER, MAX_MANAGE_BODY,
+    REQUEST_TIMEOUT, TUNNEL_STREAMS,
 };
 
 use crate::ports::{PortKey, PortState, Ports};
@@ -329,52 +329,28 @@ impl MeshRuntime {
                 fresh
             }
         };
-        let mut out: Vec<Provider> = Vec::new();
-        for (link, services) in lists.iter() {
-            let Some(sender) = self
-                .links
-                .get(*link)
-                .and_then(|l| l.state().control.clone())
-            else {
-                continue;
-            };
-            for s in services
-                .iter()
-                .filter(|s| s.protocol == proto && s.name == name)
-            {
-                for e in &s.endpoints {
-                    // A port's target endpoint is an id (pinned when the port was created); a
-                    // name is matched only in a port stored by an earlier version.
-                    if endpoint.is_some_and(|want| {
-                        want != e.id && (is_endpoint_id(want) || want != e.name)
-                    }) || user.is_some_and(|u| u != e.username)
-                    {
-                        continue;
-                    }
-                    if !ztm_proto::acl::can_connect(&self.username, &e.username, e.users.as_deref())
-                    {
-                        continue;
-                    }
-                    if endpoint.is_none()
-                        && !ztm_proto::acl::trusts(&self.username, trust, &e.username)
-                    {
-                        continue;
-                    }
-                    match out
-                        .iter_mut()
-                        .find(|p| p.endpoint == e.id && p.user == e.username)
-                    {
-                        Some(p) => p.links.push(sender.clone()),
-                        None => out.push(Provider {
-                            endpoint: e.id.clone(),
-                            user: e.username.clone(),
-                            links: vec![sender.clone()],
-                        }),
-                    }
-                }
-            }
-        }
-        out
+        let wanted = crate::discovery::Wanted {
+            proto,
+            name,
+            me: &self.username,
+            endpoint,
+            user,
+            trust,
+        };
+        crate::discovery::providers(&wanted, &lists)
+            .into_iter()
+            .map(|c| Provider {
+                links: c
+                    .hubs
+                    .iter()
+                    .filter_map(|i| self.links.get(*i))
+                    .filter_map(|l| l.state().control.clone())
+                    .collect(),
+                endpoint: c.endpoint,
+                user: c.user,
+            })
+            .filter(|p| !p.links.is_empty())
+            .collect()
     }
 
     pub fn name(&self) -> &str {
@@ -516,105 +492,19 @@ impl MeshRuntime {
     /// Every endpoint the hubs know, merged, this endpoint always included: one entry per id
     /// and user (two users claiming one id on different hubs show as two endpoints).
     pub async fn endpoints(&self) -> Vec<Endpoint> {
-        let mut merged: BTreeMap<(String, String), Endpoint> = BTreeMap::new();
-        for list in self.query_hubs::<Vec<EndpointInfo>>("/api/endpoints").await {
-            for e in list {
-                let is_local = e.id == self.record.endpoint_id && e.username == self.username;
-                let key = (e.id.clone(), e.username.clone());
-                let entry = merged.entry(key).or_insert_with(|| Endpoint {
-                    id: e.id.clone(),
-                    name: e.name.clone(),
-                    username: e.username.clone(),
-                    ip: e.ip.clone(),
-                    port: e.port,
-                    heartbeat: e.heartbeat,
-                    online: e.online,
-                    is_local,
-                });
-                if e.heartbeat > entry.heartbeat || (e.online && !entry.online) {
-                    entry.ip = e.ip;
-                    entry.port = e.port;
-                    entry.heartbeat = entry.heartbeat.max(e.heartbeat);
-                    entry.name = e.name;
-                }
-                entry.online |= e.online;
-            }
-        }
-        let local = self.local_endpoint();
-        merged
-            .entry((local.id.clone(), local.username.clone()))
-            .and_modify(|e| {
-                e.online = local.online;
-                e.is_local = true;
-            })
-            .or_insert(local);
-        let mut list: Vec<Endpoint> = merged.into_values().collect();
-        list.sort_by(|a, b| b.is_local.cmp(&a.is_local).then(a.name.cmp(&b.name)));
-        list
+        let answers = self.query_hubs::<Vec<EndpointInfo>>("/api/endpoints").await;
+        crate::discovery::endpoints(answers, self.local_endpoint())
     }
 
     /// Services discovered through hubs merged with the local ones.
     pub async fn services(&self) -> Vec<Service> {
-        let mut merged: BTreeMap<(Proto, String), Service> = BTreeMap::new();
-        for list in self.query_hubs::<Vec<ServiceInfo>>("/api/services").await {
-            for s in list {
-                let entry = merged
-                    .entry((s.protocol, s.name.clone()))
-                    .or_insert_with(|| Service {
-                        name: s.name.clone(),
-                        protocol: s.protocol,
-                        endpoints: Vec::new(),
-                        is_discovered: true,
-                        is_local: false,
-                        host: None,
-                        port: None,
-                        users: None,
-                    });
-                for e in s.endpoints {
-                    if !entry.endpoints.iter().any(|x| x.id == e.id) {
-                        entry.endpoints.push(EndpointRef {
-                            id: e.id,
-                            name: e.name,
-                            users: e.users,
-                        });
-                    }
-                }
-            }
-        }
-        for s in self.store.services(&self.record.name).unwrap_or_default() {
-            let entry = merged
-                .entry((s.protocol, s.name.clone()))
-                .or_insert_with(|| Service {
-                    name: s.name.clone(),
-                    protocol: s.protocol,
-                    endpoints: Vec::new(),
-                    is_discovered: false,
-                    is_local: true,
-                    host: None,
-                    port: None,
-                    users: None,
-                });
-            entry.is_local = true;
-            entry.host = Some(s.host.clone());
-            entry.port = Some(s.port);
-            // This endpoint's own list, fresher than what the hubs last heard.
-            match entry
-                .endpoints
-                .iter_mut()
-                .find(|x| x.id == self.record.endpoint_id)
-            {
-                Some(me) => me.users = s.users.clone(),
-                None => entry.endpoints.push(EndpointRef {
-                    id: self.record.endpoint_id.clone(),
-                    name: self.record.agent_name.clone(),
-                    users: s.users.clone(),
-                }),
-            }
-        }
-        for s in merged.values_mut() {
-            s.users = EndpointRef::common_users(&s.endpoints);
-        }
-        merged.into_values().collect()
+        let answers = self.query_hubs::<Vec<ServiceInfo>>("/api/services").await;
+        let local = self.store.services(&self.record.name).unwrap_or_default();
+        crate::discovery::services(
+            answers,
+            &local,
+            (&self.record.endpoint_id, &self.record.agent_name),
+        )
     }
 
     /// Sends a management request to endpoint `ep` of `user` through the first hub that has
