@@ -14,6 +14,7 @@ use crate::handshake::{accept, connect};
 use crate::records::MAX_PLAINTEXT;
 
 mod hostile;
+mod openssl;
 mod properties;
 
 struct Pki {
