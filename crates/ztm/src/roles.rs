@@ -96,7 +96,20 @@ impl HubArgs {
     }
 }
 
+/// Checks `ZTM_TLS` (who moves TLS records after the handshake) before a role starts, and
+/// says when it is not our own record layer.
+fn check_tls_records() -> Result<()> {
+    match ztm_tls::Records::from_env().map_err(anyhow::Error::msg)? {
+        ztm_tls::Records::Own => {}
+        ztm_tls::Records::Rustls => {
+            tracing::info!("TLS records moved by tokio-rustls' stream (ZTM_TLS=rustls)")
+        }
+    }
+    Ok(())
+}
+
 pub async fn run_hub(args: HubArgs) -> Result<()> {
+    check_tls_records()?;
     let addr = parse_listen(&args.listen)?;
     let listener = bind(addr).await?;
     ztm_hub::run(
@@ -135,6 +148,7 @@ impl AgentArgs {
 }
 
 pub async fn run_agent(args: AgentArgs) -> Result<()> {
+    check_tls_records()?;
     let addr = parse_listen(&args.listen)?;
     let path = expand_home(&args.database);
     let agent = {
