@@ -139,16 +139,18 @@ impl OpenSsl {
         }
     }
 
-    /// Waits for the process to end by itself.
+    /// Waits for the process to end by itself: its standard output closes.
     fn wait_exit(&mut self) {
         drop(self.stdin.take());
-        for _ in 0..PATIENCE.as_millis() / 50 {
-            if self.child.try_wait().unwrap().is_some() {
-                return;
+        loop {
+            match self.out.recv_timeout(PATIENCE) {
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => panic!("openssl did not end"),
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("openssl did not end");
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "openssl ended with {status}");
     }
 }
 
