@@ -20,7 +20,7 @@ const WRITE_HIGH: usize = 64 * 1024;
 /// updates, alerts) could pass it. Reads do not wait below it: a full-duplex peer that is
 /// itself busy writing must still have its bytes read, or both sides would wait for each
 /// other.
-const READ_PAUSE: usize = WRITE_HIGH + WRITE_BATCH + 4096;
+pub(crate) const READ_PAUSE: usize = WRITE_HIGH + WRITE_BATCH + 4096;
 
 /// Who the peer is, as the handshake established.
 pub(crate) struct Peer {

@@ -732,3 +732,35 @@ fn hostile_records_get_data_a_clean_error_and_alert_or_an_end() {
         })
         .unwrap();
 }
+
+#[test]
+fn reading_waits_while_more_is_unsent_than_a_write_leaves() {
+    // Side A queues more key updates than a write call could leave unsent, on a pipe its peer
+    // does not read: A reads nothing, although data waits for it, until the pipe has taken
+    // enough of A's records.
+    let rt = runtime();
+    let pki = shared_pki();
+    let (a, b) = duplex(64 * 1024);
+    let (a, mut b) = rt.block_on(async {
+        tokio::join!(
+            crate::handshake::connect(pki.client.clone(), name(), a),
+            crate::handshake::accept(pki.server.clone(), b),
+        )
+    });
+    let (mut a, b) = (a.unwrap(), b.as_mut().unwrap());
+    assert_eq!(try_write(b, b"for a"), 5);
+    assert!(try_flush(b));
+    while a.tx.pending() <= crate::stream::READ_PAUSE {
+        a.update_keys().unwrap();
+    }
+    let first = try_read(&mut a, 100);
+    assert!(
+        first.is_none(),
+        "a read on while its records waited: {first:?}"
+    );
+    // The pipe took 64 KiB of them: under the mark, A reads again, with records still
+    // waiting.
+    let pending = a.tx.pending();
+    assert!(pending > 0 && pending <= crate::stream::READ_PAUSE);
+    assert_eq!(try_read(&mut a, 100).unwrap().unwrap(), b"for a");
+}
