@@ -273,7 +273,8 @@ mod tests {
         let answers = vec![(0, hub0), (1, hub1)];
         let any = vec!["*".to_string()];
         let bob = vec!["bob".to_string()];
-        let cases: Vec<(Wanted, Vec<(&str, &str, Vec<usize>)>)> = vec![
+        type Case<'a> = (Wanted<'a>, Vec<(&'a str, &'a str, Vec<usize>)>);
+        let cases: Vec<Case> = vec![
             // Alice's port trusts alice and root; e4 admits bob only... but alice owns it.
             (
                 wanted("alice"),

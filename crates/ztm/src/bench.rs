@@ -111,7 +111,7 @@ async fn bench(args: &BenchArgs) -> Result<()> {
             target: targets.echo.clone(),
         },
     ];
-    let (mut st, ports) = stack::start(&services).await?;
+    let (mut st, ports) = stack::start(&services, &[]).await?;
     let plain = match st.start_plain(&[
         targets.sink.clone(),
         targets.source.clone(),
@@ -121,10 +121,20 @@ async fn bench(args: &BenchArgs) -> Result<()> {
         Err(e) => return Err(st.explain(e)),
     };
     let result = measure(&plan, &mut st, &targets, &ports, &plain).await;
-    let report = match result {
+    let mut report = match result {
         Ok(r) => r,
         Err(e) => return Err(st.explain(e)),
     };
+    st.check_alive()?;
+    drop(st);
+    // The same throughput phases with tokio-rustls moving the records (ZTM_TLS=rustls): what
+    // our own record layer saves.
+    eprintln!("bench: restarting the stack with ZTM_TLS=rustls for the relay CPU ...");
+    let (mut st, ports) = stack::start(&services, &[(ztm_tls::Records::VAR, "rustls")]).await?;
+    match relay_cpu(&plan, &mut st, &targets, &ports).await {
+        Ok((secs, bytes)) => (report.rustls_cpu_secs, report.rustls_bytes) = (secs, bytes),
+        Err(e) => return Err(st.explain(e)),
+    }
     st.check_alive()?;
     drop(st);
     print!("{}", report.table(&plan));
@@ -209,6 +219,9 @@ struct Report {
     /// The same for the plain relays during theirs.
     plain_cpu_secs: Vec<f64>,
     plain_bytes: u64,
+    /// The same for the tunnel's relays with tokio-rustls moving the TLS records.
+    rustls_cpu_secs: Vec<f64>,
+    rustls_bytes: u64,
     mem: Vec<Mem>,
 }
 
@@ -345,8 +358,54 @@ async fn measure(
         tunnel_bytes,
         plain_cpu_secs: plain_ticks.iter().map(|t| *t as f64 / hz).collect(),
         plain_bytes,
+        rustls_cpu_secs: Vec::new(),
+        rustls_bytes: 0,
         mem,
     })
+}
+
+/// The tunnel throughput phases alone on the stack `st`: CPU seconds of each relay and the
+/// bytes moved.
+async fn relay_cpu(
+    plan: &Plan,
+    st: &mut stack::Stack,
+    targets: &load::Targets,
+    ports: &[String],
+) -> Result<(Vec<f64>, u64)> {
+    let pids: Vec<u32> = RELAYS
+        .iter()
+        .map(|n| st.proc(n).map(|p| p.pid()).unwrap_or(0))
+        .collect();
+    load::echo_works(&ports[2], Duration::from_secs(30)).await?;
+    let mut ticks = vec![0u64; pids.len()];
+    let mut bytes = 0;
+    for (dir, streams) in [
+        (Direction::Upload, 1usize),
+        (Direction::Upload, plan.streams),
+        (Direction::Download, 1),
+    ] {
+        let addr = match dir {
+            Direction::Upload => &ports[0],
+            Direction::Download => &ports[1],
+        };
+        let t = load::throughput(
+            addr,
+            dir,
+            streams,
+            plan.warmup,
+            plan.duration,
+            &targets.sunk,
+            &pids,
+        )
+        .await?;
+        st.check_alive()?;
+        for (acc, t) in ticks.iter_mut().zip(&t.cpu_ticks) {
+            *acc += t;
+        }
+        bytes += t.bytes;
+    }
+    let hz = procfs::clock_ticks();
+    Ok((ticks.iter().map(|t| *t as f64 / hz).collect(), bytes))
 }
 
 /// One judged target.
@@ -388,6 +447,10 @@ impl Report {
 
     fn plain_cpu_per_gb(&self) -> f64 {
         per_gb(&self.plain_cpu_secs, self.plain_bytes)
+    }
+
+    fn rustls_cpu_per_gb(&self) -> f64 {
+        per_gb(&self.rustls_cpu_secs, self.rustls_bytes)
     }
 
     fn targets(&self) -> Vec<Target> {
@@ -577,6 +640,13 @@ impl Report {
         );
         let _ = writeln!(
             s,
+            "relay CPU per GB (rustls records): {:.2} s/GB over {:.2} GB, the same phases with ZTM_TLS=rustls ({:+.0}% for our own records)",
+            self.rustls_cpu_per_gb(),
+            self.rustls_bytes as f64 / 1e9,
+            (ratio(self.cpu_per_gb(), self.rustls_cpu_per_gb()) - 1.0) * 100.0,
+        );
+        let _ = writeln!(
+            s,
             "\n{:<10} {:>12} {:>18} {:>14} {:>16}",
             "RSS (MiB)", "idle before", "peak throughput", "peak all load", "idle after load"
         );
@@ -723,6 +793,8 @@ impl Report {
                 "cpu_s": cpu,
                 "plain_cpu_s_per_gb": self.plain_cpu_per_gb(),
                 "plain_bytes": self.plain_bytes,
+                "rustls_cpu_s_per_gb": self.rustls_cpu_per_gb(),
+                "rustls_bytes": self.rustls_bytes,
             },
             "rss": rss,
             "targets": targets,

@@ -246,6 +246,18 @@ impl HubArgs {
     }
 }
 
+/// Checks `ZTM_TLS` (who moves TLS records after the handshake) before a role starts, and
+/// says when it is not our own record layer.
+fn check_tls_records() -> Result<()> {
+    match ztm_tls::Records::from_env().map_err(anyhow::Error::msg)? {
+        ztm_tls::Records::Own => {}
+        ztm_tls::Records::Rustls => {
+            tracing::info!("TLS records moved by tokio-rustls' stream (ZTM_TLS=rustls)")
+        }
+    }
+    Ok(())
+}
+
 impl HubArgs {
     /// Pins the hub to the CA certificate `pem`.
     pub fn pin_ca(mut self, pem: String) -> Self {
@@ -287,6 +299,7 @@ pub fn ca_pin(
 }
 
 pub async fn run_hub(args: HubArgs) -> Result<()> {
+    check_tls_records()?;
     let ca_pin = args.ca_pin()?;
     // Refused before the hub listens or connects anywhere.
     ztm_hub::ca_client::check_ca(&args.ca, ca_pin.as_ref())?;
@@ -351,6 +364,7 @@ impl AgentArgs {
 }
 
 pub async fn run_agent(args: AgentArgs) -> Result<()> {
+    check_tls_records()?;
     let addr = parse_listen(&args.listen)?;
     let token = args.token.filter(|t| !t.is_empty());
     if !addr.ip().is_loopback() && token.is_none() {

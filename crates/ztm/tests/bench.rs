@@ -108,6 +108,17 @@ fn quick_bench_reports_every_scenario() {
     }
     positive(&report["relay"], "cpu_s_per_gb", "relay CPU");
     positive(&report["relay"], "plain_cpu_s_per_gb", "plain relay CPU");
+    // The same tunnel phases again with ZTM_TLS=rustls: both record layers stay measured.
+    positive(
+        &report["relay"],
+        "rustls_cpu_s_per_gb",
+        "relay CPU, rustls records",
+    );
+    positive(&report["relay"], "rustls_bytes", "bytes, rustls records");
+    assert!(
+        stdout.contains("relay CPU per GB (rustls records)"),
+        "no rustls row:\n{stdout}"
+    );
     for p in ["hub", "agent-a", "agent-b"] {
         let m = &report["rss"][p];
         for f in ["idle_mib", "peak_throughput_mib", "after_load_mib"] {

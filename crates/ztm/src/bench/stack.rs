@@ -42,6 +42,8 @@ pub struct Stack {
     pub a: String,
     pub b: String,
     pub b_id: String,
+    /// Environment the hub and agents get on top of ours.
+    env: Vec<(&'static str, &'static str)>,
 }
 
 impl Drop for Stack {
@@ -92,6 +94,7 @@ impl Stack {
             a: String::new(),
             b: String::new(),
             b_id: String::new(),
+            env: Vec::new(),
         })
     }
 
@@ -109,6 +112,7 @@ impl Stack {
         if let Ok(n) = std::env::var("ZTM_BENCH_THREADS") {
             cmd.env("ZTM_THREADS", n);
         }
+        cmd.envs(self.env.iter().copied());
         let child = cmd
             .args(args)
             .current_dir(&self.dir)
@@ -229,8 +233,6 @@ pub struct Mapping {
     pub target: String,
 }
 
-/// Starts the processes, joins both agents as root, publishes `services` on B and maps a
-/// port on A to each; returns the stack and the tunnel address of each service (same order).
 /// The three plain reference relays, first hop first.
 pub const PLAIN: [&str; 3] = ["plain-1", "plain-2", "plain-3"];
 
@@ -258,8 +260,15 @@ impl Stack {
     }
 }
 
-pub async fn start(services: &[Mapping]) -> Result<(Stack, Vec<String>)> {
+/// Starts the processes (with `env` set for them), joins both agents as root, publishes
+/// `services` on B and maps a port on A to each; returns the stack and the tunnel address of
+/// each service (same order).
+pub async fn start(
+    services: &[Mapping],
+    env: &[(&'static str, &'static str)],
+) -> Result<(Stack, Vec<String>)> {
     let mut stack = Stack::new()?;
+    stack.env = env.to_vec();
     match bring_up(&mut stack, services).await {
         Ok(ports) => Ok((stack, ports)),
         Err(e) => Err(stack.explain(e)),
