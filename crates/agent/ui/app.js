@@ -1,7 +1,7 @@
 // The agent's web UI: talks only to the agent's REST API (same origin) and refreshes the
 // visible view every two seconds. Data is always inserted as text, never as HTML.
 
-import { api, el, fill, formError, readFile, readInvitation, setToken, TokenRequired } from "/ui/lib.js";
+import { api, daysFrom, el, fill, formError, isoDate, readFile, readInvitation, setToken, TokenRequired } from "/ui/lib.js";
 
 const REFRESH_MS = 2000;
 const state = { view: "meshes", mesh: null, meshes: [], endpoints: [], services: [] };
@@ -45,10 +45,25 @@ function renderMeshes() {
       el("h3", {}, [m.name, el("span", { class: m.connected ? "badge online" : "badge offline" }, m.connected ? "connected" : "not connected")]),
       el("div", {}, `This computer: ${m.agent.name} (user ${m.agent.username || "?"}, id ${m.agent.id})`),
       el("div", { class: "muted" }, `Hubs: ${m.bootstraps.join(", ")}`),
-      m.errors.length ? el("ul", { class: "errors" }, m.errors.map((e) => el("li", {}, e.message))) : null,
+      expiry("agent", "This computer's certificate", m.agent.expires),
+      expiry("ca", "The CA certificate", m.caExpires),
+      m.warnings && m.warnings.length ? el("ul", { class: "warnings", "aria-label": "Warnings" }, m.warnings.map((w) => el("li", {}, w.message))) : null,
+      m.errors.length ? el("ul", { class: "errors", "aria-label": "Errors" }, m.errors.map((e) => el("li", {}, e.message))) : null,
       leave, err,
     ]);
   }));
+}
+
+// "This computer's certificate expires on 2027-02-14 (in 30 days)": the date in UTC, as the
+// agent's own warnings write it.
+function expiry(which, what, ms) {
+  if (!ms) return el("div", { class: "muted", "data-expiry": which }, `${what}: expiry unknown`);
+  const past = ms <= Date.now();
+  return el("div", { class: past ? "expiry expired" : "expiry", "data-expiry": which }, [
+    `${what} ${past ? "expired on" : "expires on"} `,
+    el("time", { datetime: new Date(ms).toISOString(), title: new Date(ms).toLocaleString() }, isoDate(ms)),
+    ` (${daysFrom(ms)})`,
+  ]);
 }
 
 // After a join: the new mesh's card in view, the three-file form folded away.

@@ -119,3 +119,24 @@ export function readInvitation(input) {
   return { mesh: inv.mesh, user: inv.user, hubs };
 }
 
+// ---- dates --------------------------------------------------------------------
+
+const DAY_MS = 24 * 3600 * 1000;
+
+// A date as the agent writes it in its messages: YYYY-MM-DD, in UTC.
+export function isoDate(ms) {
+  return new Date(ms).toISOString().slice(0, 10);
+}
+
+// How far a time is from now, in words: "in 12 days", "in 11 months", "in 5 years", "today",
+// "3 days ago".
+export function daysFrom(ms, now = Date.now()) {
+  const span = (days) => {
+    if (days <= 60) return days === 1 ? "1 day" : `${days} days`;
+    if (days < 730) return `${Math.round(days / 30.44)} months`;
+    return `${Math.round(days / 365.25)} years`;
+  };
+  if (ms > now) return `in ${span(Math.ceil((ms - now) / DAY_MS))}`;
+  const days = Math.floor((now - ms) / DAY_MS);
+  return days === 0 ? "today" : `${span(days)} ago`;
+}
