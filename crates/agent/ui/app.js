@@ -1,7 +1,7 @@
 // The agent's web UI: talks only to the agent's REST API (same origin) and refreshes the
 // visible view every two seconds. Data is always inserted as text, never as HTML.
 
-import { api, el, fill, formError, readFile, setToken, TokenRequired } from "/ui/lib.js";
+import { api, daysFrom, el, fill, formError, isoDate, readFile, readInvitation, setToken, TokenRequired } from "/ui/lib.js";
 
 const REFRESH_MS = 2000;
 const state = { view: "meshes", mesh: null, meshes: [], endpoints: [], services: [] };
@@ -45,11 +45,151 @@ function renderMeshes() {
       el("h3", {}, [m.name, el("span", { class: m.connected ? "badge online" : "badge offline" }, m.connected ? "connected" : "not connected")]),
       el("div", {}, `This computer: ${m.agent.name} (user ${m.agent.username || "?"}, id ${m.agent.id})`),
       el("div", { class: "muted" }, `Hubs: ${m.bootstraps.join(", ")}`),
-      m.errors.length ? el("ul", { class: "errors" }, m.errors.map((e) => el("li", {}, e.message))) : null,
+      expiry("agent", "This computer's certificate", m.agent.expires),
+      expiry("ca", "The CA certificate", m.caExpires),
+      m.warnings && m.warnings.length ? el("ul", { class: "warnings", "aria-label": "Warnings" }, m.warnings.map((w) => el("li", {}, w.message))) : null,
+      m.errors.length ? el("ul", { class: "errors", "aria-label": "Errors" }, m.errors.map((e) => el("li", {}, e.message))) : null,
       leave, err,
     ]);
   }));
 }
+
+// "This computer's certificate expires on 2027-02-14 (in 30 days)": the date in UTC, as the
+// agent's own warnings write it.
+function expiry(which, what, ms) {
+  if (!ms) return el("div", { class: "muted", "data-expiry": which }, `${what}: expiry unknown`);
+  const past = ms <= Date.now();
+  return el("div", { class: past ? "expiry expired" : "expiry", "data-expiry": which }, [
+    `${what} ${past ? "expired on" : "expires on"} `,
+    el("time", { datetime: new Date(ms).toISOString(), title: new Date(ms).toLocaleString() }, isoDate(ms)),
+    ` (${daysFrom(ms)})`,
+  ]);
+}
+
+// After a join: the new mesh's card in view, the three-file form folded away.
+function showJoined(mesh) {
+  $("#three-files").open = false;
+  const card = [...document.querySelectorAll("#mesh-list [data-mesh]")].find((c) => c.dataset.mesh === mesh);
+  if (card) card.scrollIntoView({ block: "nearest" });
+}
+
+// ---- joining with an invitation -------------------------------------------------
+
+// The invitation the join form holds: its text (from the file picker, a drop or the text
+// box) and where it came from, in words.
+const invite = { text: "", source: "" };
+
+function inviteForm() { return $("#invite-form"); }
+
+// Shows what the invitation is for (and fills in its mesh name), or what is wrong with it.
+function showInvitation() {
+  const form = inviteForm();
+  const summary = form.querySelector("[data-invitation]");
+  formError(form, "");
+  summary.textContent = "";
+  if (!invite.text.trim()) return;
+  let inv;
+  try {
+    inv = readInvitation(invite.text);
+  } catch (e) {
+    formError(form, `${invite.source}: ${e.message}.`);
+    return;
+  }
+  form.elements.mesh.value = inv.mesh;
+  const hubs = `${inv.hubs.length === 1 ? "hub" : "hubs"} ${inv.hubs.join(", ")}`;
+  const taken = state.meshes.some((m) => m.name === inv.mesh)
+    ? ` This computer is in a mesh named ${inv.mesh} already: leave it first, or join under another mesh name.` : "";
+  summary.textContent = `${invite.source}: an invitation for user ${inv.user} to mesh ${inv.mesh}, through ${hubs}.${taken}`;
+}
+
+async function takeInvitationFile(file, how) {
+  const form = inviteForm();
+  form.elements.text.value = "";
+  if (file.size > 64 * 1024) {
+    Object.assign(invite, { text: "", source: "" });
+    showInvitation();
+    formError(form, `${file.name} is too large to be a ZTM invitation.`);
+    return;
+  }
+  Object.assign(invite, { text: await file.text(), source: `${how} ${file.name}` });
+  showInvitation();
+}
+
+function takeInvitationText(text) {
+  const form = inviteForm();
+  form.elements.file.value = "";
+  Object.assign(invite, { text, source: "The pasted text" });
+  showInvitation();
+}
+
+function dropped(ev) {
+  const dt = ev.dataTransfer;
+  if (!dt) return;
+  ev.preventDefault();
+  inviteForm().classList.remove("dropping");
+  const form = inviteForm();
+  if (dt.files && dt.files.length) {
+    try { form.elements.file.files = dt.files; } catch { /* the text below still counts */ }
+    takeInvitationFile(dt.files[0], "Dropped file").catch((e) => formError(form, e.message));
+  } else {
+    const text = dt.getData("text/plain");
+    if (!text) return;
+    form.elements.text.value = text;
+    takeInvitationText(text);
+  }
+}
+
+// The rule of names, in words, for a field whose pattern or presence check fails.
+function nameProblem(input, what) {
+  if (input.validity.valueMissing) return `Enter ${what}.`;
+  if (!input.checkValidity()) {
+    return `${what[0].toUpperCase()}${what.slice(1)} may hold only letters, digits, dot, underscore, @ and hyphen, ` +
+      "must start with a letter or digit, and may be at most 64 characters long.";
+  }
+  return null;
+}
+
+async function joinWithInvitation(ev) {
+  ev.preventDefault();
+  const form = ev.target;
+  formError(form, "");
+  if (!invite.text.trim()) {
+    formError(form, "Choose the invitation file, drop it on this box, or paste its text.");
+    return;
+  }
+  try {
+    readInvitation(invite.text);
+  } catch (e) {
+    formError(form, `${invite.source}: ${e.message}.`);
+    return;
+  }
+  const { mesh, name } = form.elements;
+  mesh.value = mesh.value.trim();
+  name.value = name.value.trim();
+  for (const [input, what] of [[mesh, "the mesh name"], [name, "this computer's name"]]) {
+    const problem = nameProblem(input, what);
+    if (problem) { formError(form, problem); input.focus(); return; }
+  }
+  const meshName = mesh.value;
+  const button = form.querySelector('button[type="submit"]');
+  button.disabled = true;
+  try {
+    await api("POST", `/api/meshes/${enc(meshName)}`, { invitation: invite.text, agent: { name: name.value } });
+    state.mesh = meshName;
+    localStorage.setItem("ztm.mesh", meshName);
+    form.reset();
+    Object.assign(invite, { text: "", source: "" });
+    showInvitation();
+    await refresh();
+    showJoined(meshName);
+  } catch (e) {
+    formError(form, e.message);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// ---- joining with three files ---------------------------------------------------
 
 async function join(ev) {
   ev.preventDefault();
@@ -67,6 +207,7 @@ async function join(ev) {
     localStorage.setItem("ztm.mesh", mesh);
     form.reset();
     await refresh();
+    showJoined(mesh);
   } catch (e) {
     formError(form, e.message);
   }
@@ -307,6 +448,27 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("#token-form").addEventListener("submit", submitToken);
   $("#join-form").addEventListener("submit", join);
+  const inv = inviteForm();
+  inv.addEventListener("submit", joinWithInvitation);
+  inv.elements.file.addEventListener("change", () => {
+    const file = inv.elements.file.files[0];
+    if (file) takeInvitationFile(file, "File").catch((e) => formError(inv, e.message));
+    else takeInvitationText(inv.elements.text.value);
+  });
+  inv.elements.text.addEventListener("input", () => takeInvitationText(inv.elements.text.value));
+  inv.addEventListener("dragover", (ev) => {
+    ev.preventDefault();
+    if (ev.dataTransfer) ev.dataTransfer.dropEffect = "copy";
+    inv.classList.add("dropping");
+  });
+  inv.addEventListener("dragleave", (ev) => { if (!inv.contains(ev.relatedTarget)) inv.classList.remove("dropping"); });
+  inv.addEventListener("drop", dropped);
+  // A file dropped anywhere else is not opened by the browser (an invitation holds a key).
+  document.addEventListener("dragover", (ev) => {
+    ev.preventDefault();
+    if (ev.dataTransfer && !inv.contains(ev.target)) ev.dataTransfer.dropEffect = "none";
+  });
+  document.addEventListener("drop", (ev) => ev.preventDefault());
   $("#service-form").addEventListener("submit", createService);
   $("#port-form").addEventListener("submit", createPort);
   $("#port-form").elements.service.addEventListener("change", updateTargetChoices);

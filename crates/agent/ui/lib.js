@@ -72,3 +72,71 @@ export function readFile(input) {
   if (file.size > 64 * 1024) return Promise.reject(new Error(`${file.name} is too large to be a PEM file`));
   return file.text();
 }
+
+// ---- invitations ------------------------------------------------------------
+
+// The one-line form of an invitation starts with this; the rest is its JSON in URL-safe
+// base64 without padding (crates/proto/src/invite.rs).
+const INVITE_PREFIX = "ztm-invite-1:";
+const INVITE_MAX = 64 * 1024;
+
+// Reads what the UI shows of an invitation (its mesh, user and hubs) from either form, or
+// throws an Error saying in words what is wrong with it. The agent checks the certificates
+// and the key when it joins with it.
+export function readInvitation(input) {
+  const text = String(input || "").trim();
+  if (!text) throw new Error("the invitation is empty");
+  if (text.length > INVITE_MAX) throw new Error("this is too large to be a ZTM invitation");
+  let json;
+  if (text.startsWith(INVITE_PREFIX)) {
+    const b64 = text.slice(INVITE_PREFIX.length).replace(/\s+/g, "").replace(/=+$/, "");
+    if (!/^[A-Za-z0-9_\-]*$/.test(b64) || b64.length % 4 === 1) {
+      throw new Error("the invitation text is cut off or damaged (its base64 does not decode)");
+    }
+    try {
+      const std = b64.replace(/-/g, "+").replace(/_/g, "/");
+      const bytes = Uint8Array.from(atob(std + "=".repeat((4 - (std.length % 4)) % 4)), (c) => c.charCodeAt(0));
+      json = new TextDecoder("utf-8", { fatal: true }).decode(bytes);
+    } catch {
+      throw new Error("the invitation text is cut off or damaged (its base64 does not decode)");
+    }
+  } else if (text.startsWith("{")) {
+    json = text;
+  } else {
+    throw new Error(`this is not a ZTM invitation (it is neither the invitation file nor a line starting with ${INVITE_PREFIX})`);
+  }
+  let inv;
+  try { inv = JSON.parse(json); } catch { throw new Error("the invitation is cut off or damaged (its JSON is incomplete)"); }
+  if (!inv || typeof inv !== "object" || typeof inv.ztmInvitation !== "number") {
+    throw new Error("this is not a ZTM invitation (its JSON has no ztmInvitation version)");
+  }
+  if (inv.ztmInvitation !== 1) throw new Error(`the invitation is of version ${inv.ztmInvitation}; this agent reads version 1`);
+  for (const [field, what] of [["mesh", "mesh name"], ["user", "user"], ["ca", "CA certificate"], ["certificate", "certificate"], ["privateKey", "private key"]]) {
+    if (typeof inv[field] !== "string" || !inv[field].trim()) throw new Error(`the invitation has no ${what}`);
+  }
+  const hubs = Array.isArray(inv.hubs) ? inv.hubs.filter((h) => typeof h === "string" && h.trim()) : [];
+  if (!hubs.length) throw new Error("the invitation has no hub address");
+  return { mesh: inv.mesh, user: inv.user, hubs };
+}
+
+// ---- dates --------------------------------------------------------------------
+
+const DAY_MS = 24 * 3600 * 1000;
+
+// A date as the agent writes it in its messages: YYYY-MM-DD, in UTC.
+export function isoDate(ms) {
+  return new Date(ms).toISOString().slice(0, 10);
+}
+
+// How far a time is from now, in words: "in 12 days", "in 11 months", "in 5 years", "today",
+// "3 days ago".
+export function daysFrom(ms, now = Date.now()) {
+  const span = (days) => {
+    if (days <= 60) return days === 1 ? "1 day" : `${days} days`;
+    if (days < 730) return `${Math.round(days / 30.44)} months`;
+    return `${Math.round(days / 365.25)} years`;
+  };
+  if (ms > now) return `in ${span(Math.ceil((ms - now) / DAY_MS))}`;
+  const days = Math.floor((now - ms) / DAY_MS);
+  return days === 0 ? "today" : `${span(days)} ago`;
+}

@@ -1,0 +1,527 @@
+// The browser scenarios of the agent's web UI, written once and run in every browser of
+// drivers.mjs (chromium.test.mjs, firefox.test.mjs): a real CA, hub and agents (the `ztm`
+// binary) driven the way a new user would. The Chromium run saves a screenshot of each view
+// to docs/screenshots/.
+
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn, execFile } from "node:child_process";
+import { promisify } from "node:util";
+import { mkdtempSync, writeFileSync, mkdirSync, existsSync, rmSync, readFileSync, openSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, dirname, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import http from "node:http";
+import net from "node:net";
+
+const run = promisify(execFile);
+const here = dirname(fileURLToPath(import.meta.url));
+const root = resolve(here, "../..");
+const shots = join(root, "docs/screenshots");
+const bin = process.env.ZTM_BIN
+  || [join(root, "target/release/ztm"), join(root, "target/debug/ztm")].find(existsSync);
+
+// ---- processes --------------------------------------------------------------------
+
+function freePort() {
+  return new Promise((res, rej) => {
+    const s = net.createServer();
+    s.once("error", rej);
+    s.listen(0, "127.0.0.1", () => { const { port } = s.address(); s.close(() => res(port)); });
+  });
+}
+
+async function until(what, fn, ms = 20000) {
+  const deadline = Date.now() + ms;
+  let last;
+  while (Date.now() < deadline) {
+    try { if (await fn()) return; } catch (e) { last = e; }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`timed out waiting for ${what}${last ? `: ${last.message}` : ""}`);
+}
+
+async function call(addr, method, path, body) {
+  const resp = await fetch(`http://${addr}${path}`, {
+    method,
+    headers: body === undefined ? {} : { "Content-Type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await resp.text();
+  if (!resp.ok) throw new Error(`${method} ${path}: ${resp.status} ${text}`);
+  return text;
+}
+
+const meshes = async (addr) => JSON.parse(await call(addr, "GET", "/api/meshes"));
+
+function get(port, path = "/") {
+  return new Promise((res, rej) => {
+    const req = http.get({ host: "127.0.0.1", port, path, timeout: 5000 }, (r) => {
+      let body = "";
+      r.on("data", (d) => { body += d; });
+      r.on("end", () => res({ status: r.statusCode, body }));
+    });
+    req.on("error", rej);
+    req.on("timeout", () => req.destroy(new Error("timeout")));
+  });
+}
+
+// A date as the UI shows it: YYYY-MM-DD in UTC.
+const isoDate = (ms) => new Date(ms).toISOString().slice(0, 10);
+
+// ---- the page, by what a user sees ---------------------------------------------------
+
+// Runs in the page: the elements a query names, and which of them are visible. A query has
+// `scope` (CSS: look only inside it) and one of `label` (the form control of the <label>
+// with this text), `button` (a button, tab or disclosure with this name) or `css` (with
+// `text`: whose text is this). Texts are strings (exact) or {re, flags} (a pattern).
+function inPage({ q, want }) {
+  const matches = (value, m) => m === undefined || m === null
+    || (typeof m === "object" ? new RegExp(m.re, m.flags).test(value) : value === m);
+  const squash = (s) => s.replace(/\s+/g, " ").trim();
+  const visible = (e) => Boolean(e.offsetWidth || e.offsetHeight || e.getClientRects().length)
+    && getComputedStyle(e).visibility !== "hidden";
+  const found = [];
+  for (const scope of q.scope ? document.querySelectorAll(q.scope) : [document]) {
+    if (q.label !== undefined) {
+      for (const l of scope.querySelectorAll("label")) {
+        const own = squash([...l.childNodes].filter((n) => n.nodeType === Node.TEXT_NODE).map((n) => n.textContent).join(" "));
+        const control = l.control || l.querySelector("input, select, textarea");
+        if (control && matches(own, q.label)) found.push(control);
+      }
+    } else if (q.button !== undefined) {
+      for (const b of scope.querySelectorAll("button, [role=tab], summary")) {
+        if (matches(squash(b.getAttribute("aria-label") || b.textContent), q.button)) found.push(b);
+      }
+    } else {
+      for (const e of scope.querySelectorAll(q.css)) if (matches(squash(e.textContent), q.text)) found.push(e);
+    }
+  }
+  const shown = found.filter(visible);
+  if (want === "element") return shown[0] || null;
+  if (want === "texts") return shown.map((e) => squash(e.textContent));
+  if (want === "value") return found.length ? found[0].value : null;
+  return { any: found.length > 0, visible: shown.length > 0 };
+}
+
+// A query as it crosses into the page (patterns become {re, flags}).
+function wire(q) {
+  const out = {};
+  for (const [k, v] of Object.entries(q)) out[k] = v instanceof RegExp ? { re: v.source, flags: v.flags } : v;
+  return out;
+}
+
+function describe(q) {
+  return Object.entries(q).map(([k, v]) => `${k}=${v}`).join(" ");
+}
+
+class UI {
+  constructor(browser, page) {
+    this.browser = browser;
+    this.page = page;
+  }
+
+  // The first visible element of `q`, once there is one.
+  async element(q, timeout = 20000) {
+    let handle = null;
+    await until(describe(q), async () => {
+      const h = await this.page.evaluateHandle(inPage, { q: wire(q), want: "element" });
+      handle = h.asElement();
+      return handle !== null;
+    }, timeout);
+    return handle;
+  }
+
+  // Waits until `q` is visible (or `hidden`, or `detached`: not in the page at all).
+  async waitFor(q, { state = "visible", timeout = 20000 } = {}) {
+    await until(`${describe(q)} ${state}`, async () => {
+      const s = await this.page.evaluate(inPage, { q: wire(q), want: "state" });
+      return state === "visible" ? s.visible : state === "hidden" ? !s.visible : !s.any;
+    }, timeout);
+  }
+
+  async isVisible(q) {
+    return (await this.page.evaluate(inPage, { q: wire(q), want: "state" })).visible;
+  }
+
+  texts(q) { return this.page.evaluate(inPage, { q: wire(q), want: "texts" }); }
+  value(q) { return this.page.evaluate(inPage, { q: wire(q), want: "value" }); }
+  // Does `action` to the first visible element of `q`. The UI redraws its tables every two
+  // seconds: an element replaced in between is looked up again.
+  async act(q, action, timeout = 20000) {
+    const deadline = Date.now() + timeout;
+    for (;;) {
+      const el = await this.element(q, Math.max(1, deadline - Date.now()));
+      try {
+        return await action(el);
+      } catch (e) {
+        if (!/detached|not attached|not connected|stale|no such (node|element)|not found in the document/i.test(e.message) || Date.now() > deadline) throw e;
+      }
+    }
+  }
+
+  click(q) { return this.act(q, (el) => this.page.click(el)); }
+  fill(q, text) { return this.act(q, (el) => this.page.fill(el, text)); }
+  setFiles(q, path) { return this.act(q, (el) => this.page.setFiles(el, path)); }
+
+  // Chooses the option with this text.
+  async select(q, optionText) {
+    const el = await this.element(q);
+    let value;
+    await until(`option ${optionText} in ${describe(q)}`, async () => {
+      value = await el.evaluate((s, t) => {
+        const o = [...s.options].find((x) => x.textContent.trim() === t);
+        return o ? o.value : null;
+      }, optionText);
+      return value !== null;
+    });
+    await this.page.select(el, value);
+  }
+
+  // Drops a file with this text on the element of `css`, as a file dragged from the desktop.
+  drop(css, name, text) {
+    return this.page.evaluate(({ css, name, text }) => {
+      const target = document.querySelector(css);
+      const dt = new DataTransfer();
+      dt.items.add(new File([text], name, { type: "application/json" }));
+      for (const type of ["dragenter", "dragover", "drop"]) {
+        target.dispatchEvent(new DragEvent(type, { dataTransfer: dt, bubbles: true, cancelable: true }));
+      }
+    }, { css, name, text });
+  }
+
+  // Saves docs/screenshots/NAME.png (in the browser that takes the screenshots).
+  async shot(name, fullPage = false) {
+    if (this.browser.screenshots) await this.page.screenshot(join(shots, `${name}.png`), fullPage);
+  }
+
+  // Fails on anything the page reported (script errors, console errors, invalid patterns).
+  assertNoProblems() {
+    assert.deepEqual(this.page.problems, [], "the page reported no errors");
+  }
+}
+
+// ---- the scenarios -------------------------------------------------------------------------
+
+export function scenarios(label, launch) {
+  assert.ok(bin, "build the ztm binary first (cargo build --release)");
+  const dir = mkdtempSync(join(tmpdir(), "ztm-ui-"));
+  const procs = [];
+  let browser;
+  let ca, hub;
+
+  function start(name, args) {
+    const logPath = join(dir, `${name}.log`);
+    const fd = openSync(logPath, "a");
+    const p = spawn(bin, args, { cwd: dir, env: { ...process.env, HOME: dir, ZTM_LOG: "debug" }, stdio: ["ignore", fd, fd] });
+    p.log = () => readFileSync(logPath, "utf8");
+    p.name = name;
+    procs.push(p);
+    return p;
+  }
+
+  async function agent(name, extra = []) {
+    const addr = `127.0.0.1:${await freePort()}`;
+    const p = start(name, ["agent", "--listen", addr, "--database", join(dir, `${name}.db`), ...extra]);
+    p.addr = addr;
+    return p;
+  }
+
+  async function open(addr, size = { width: 1200, height: 800 }) {
+    const ui = new UI(browser, await browser.newPage(size));
+    await ui.page.goto(`http://${addr}/`);
+    return ui;
+  }
+
+  // `ztm invite USER`, as the mesh's operator runs it: the invitation file's path, or with
+  // `print` the one-line text.
+  async function invite(user, { mesh = "home", print = false } = {}) {
+    const args = ["invite", user, "--hub", hub, "--ca", ca, "--mesh", mesh];
+    const file = join(dir, `${user}.ztm-invite`);
+    const { stdout } = await run(bin, print ? [...args, "--print"] : [...args, "--file", file], { cwd: dir, env: { ...process.env, HOME: dir } });
+    return print ? stdout.trim() : file;
+  }
+
+  before(async () => {
+    const [caPort, hubPort] = await Promise.all([freePort(), freePort()]);
+    ca = `127.0.0.1:${caPort}`;
+    hub = `127.0.0.1:${hubPort}`;
+    start("ca", ["ca", "--listen", ca, "--database", join(dir, "ca.db")]);
+    await until("the CA", () => call(ca, "GET", "/api/certificates/ca"));
+    start("hub", ["hub", "--listen", hub, "--ca", ca, "--name", hub]);
+    mkdirSync(shots, { recursive: true });
+    browser = await launch();
+  });
+
+  after(async () => {
+    if (browser) await browser.close();
+    for (const p of procs) p.kill("SIGKILL");
+    if (process.env.ZTM_KEEP_TEST_DIRS) console.log(`# logs kept in ${dir}`);
+    else rmSync(dir, { recursive: true, force: true });
+  });
+
+  const opts = { timeout: 120000 };
+
+  test(`${label}: a new user joins with three files, sees endpoints, publishes a service, maps a port and cleans up`, opts, async (t) => {
+    const [webPort, mapPort] = await Promise.all([freePort(), freePort()]);
+    const a = (await agent("a")).addr;
+    const agentB = await agent("b");
+    const b = agentB.addr;
+    await until("agent A", () => call(a, "GET", "/api/meshes"));
+    await until("agent B", () => call(b, "GET", "/api/meshes"));
+
+    // The three files a user is handed.
+    const caPem = await call(ca, "GET", "/api/certificates/ca");
+    const rootKey = await call(ca, "POST", "/api/certificates/root");
+    const rootCrt = await call(ca, "GET", "/api/certificates/root");
+    const bobKey = await call(ca, "POST", "/api/certificates/bob");
+    for (const [f, text] of [["ca.crt", caPem], ["root.crt", rootCrt], ["root.key", rootKey], ["bob.key", bobKey]]) {
+      writeFileSync(join(dir, f), text);
+    }
+    // B joins through its API (it is "another computer").
+    await call(b, "POST", "/api/meshes/demo", { ca: caPem, agent: { name: "b", certificate: rootCrt, privateKey: rootKey }, bootstraps: [hub] });
+
+    // The service behind B.
+    const server = http.createServer((req, res) => res.end("hello from behind B\n"));
+    await new Promise((r) => server.listen(webPort, "127.0.0.1", r));
+    t.after(() => server.close());
+
+    const ui = await open(a);
+    t.after(() => ui.page.close());
+    await ui.waitFor({ css: "#mesh-list", text: /has not joined a mesh yet/ });
+    // Every pattern compiles the way browsers compile it (with the v flag); an invalid one
+    // would silently turn its field's check off.
+    assert.deepEqual(await ui.page.evaluate(() => [...document.querySelectorAll("[pattern]")]
+      .map((e) => e.getAttribute("pattern"))
+      .filter((p) => { try { new RegExp(`^(?:${p})$`, "v"); return false; } catch { return true; } })), []);
+
+    // The three-file form sits behind a toggle, under the invitation form.
+    await ui.click({ button: /^Join with three files instead/ });
+    const form = "#join-form";
+    await ui.fill({ scope: form, label: "Mesh name" }, "demo");
+    await ui.fill({ scope: form, label: "This computer's name" }, "a");
+    await ui.fill({ scope: form, label: "Hub address(es)" }, hub);
+    await ui.setFiles({ scope: form, label: "CA certificate" }, join(dir, "ca.crt"));
+    await ui.setFiles({ scope: form, label: "User certificate" }, join(dir, "root.crt"));
+    // A key that does not match the certificate: an error in words, nothing joined.
+    await ui.setFiles({ scope: form, label: "Private key" }, join(dir, "bob.key"));
+    await ui.click({ scope: form, button: "Join" });
+    await ui.waitFor({ scope: form, css: "[data-error]", text: /does not match/ });
+    assert.equal((await meshes(a)).length, 0, "a failed join changes nothing");
+    await ui.shot("join-error", true);
+
+    // The right key.
+    await ui.setFiles({ scope: form, label: "Private key" }, join(dir, "root.key"));
+    await ui.click({ scope: form, button: "Join" });
+    await ui.waitFor({ css: '[data-mesh="demo"] .badge', text: "connected" });
+    await ui.waitFor({ css: "#status.ok" });
+    await ui.shot("meshes");
+
+    // Endpoints: A and B online.
+    await ui.click({ button: "Endpoints" });
+    await ui.waitFor({ css: '[data-endpoint="a"] .online' });
+    await ui.waitFor({ css: '[data-endpoint="b"] .online' });
+    await ui.waitFor({ css: '[data-endpoint="a"] .badge', text: "this computer" });
+    await ui.shot("endpoints");
+
+    // A service on B, created from A's UI.
+    await ui.click({ button: "Services" });
+    const svc = "#service-form";
+    await ui.select({ scope: svc, label: "On endpoint" }, "b");
+    await ui.fill({ scope: svc, label: "Name" }, "web");
+    await ui.fill({ scope: svc, label: "Host" }, "127.0.0.1");
+    await ui.fill({ scope: svc, label: "Port" }, String(webPort));
+    await ui.click({ scope: svc, button: "Create service" });
+    await ui.waitFor({ css: '[data-service="tcp/web"][data-provider="b"]' });
+    await ui.shot("services");
+
+    // A port on A to it; the test's own HTTP request goes through the tunnel.
+    await ui.click({ button: "Ports" });
+    const pf = "#port-form";
+    await ui.select({ scope: pf, label: "Service" }, "tcp/web");
+    await ui.fill({ scope: pf, label: "Listen port" }, String(mapPort));
+    await ui.click({ scope: pf, button: "Map port" });
+    const row = `[data-port="127.0.0.1:${mapPort}/tcp"]`;
+    await ui.waitFor({ css: `${row} td`, text: "open" });
+    let reply;
+    await until("a reply through the tunnel", async () => { reply = await get(mapPort); return reply.status === 200; });
+    assert.equal(reply.body, "hello from behind B\n");
+    await ui.shot("ports");
+
+    // Delete the port, then the service; both disappear.
+    await ui.click({ scope: row, button: /^Delete port/ });
+    await ui.waitFor({ css: row }, { state: "detached" });
+    await assert.rejects(get(mapPort), "the port is closed");
+    await ui.click({ button: "Services" });
+    const svcRow = '[data-service="tcp/web"][data-provider="b"]';
+    await ui.click({ scope: svcRow, button: "Delete tcp/web on b" });
+    await ui.waitFor({ css: svcRow }, { state: "detached" });
+    assert.equal(JSON.parse(await call(b, "GET", "/api/meshes/demo/endpoints/b/services")).length, 0);
+
+    // Stopping B shows it offline without a reload.
+    await ui.click({ button: "Endpoints" });
+    await ui.waitFor({ css: '[data-endpoint="b"] .online' });
+    agentB.kill("SIGTERM");
+    await ui.waitFor({ css: '[data-endpoint="b"] .offline' }, { timeout: 45000 });
+    await ui.shot("endpoint-offline");
+
+    await ui.click({ button: "Log" });
+    await ui.waitFor({ css: "#log-rows li" });
+    await ui.shot("log");
+
+    // A phone-sized window still shows the views.
+    await ui.page.setViewport(390, 800);
+    await ui.click({ button: "Endpoints" });
+    await ui.waitFor({ css: '[data-endpoint="a"]' });
+    await ui.shot("phone");
+
+    ui.assertNoProblems();
+    for (const p of procs) assert.equal(p.exitCode === null || p === agentB, true, `${p.name} still running:\n${p.log()}`);
+    assert.ok(!(await call(a, "GET", "/api/meshes/demo")).includes(rootKey.trim().split("\n")[1]), "the API never returns the key");
+  });
+
+  test(`${label}: an agent started with a token asks for it once and keeps it for the tab`, opts, async (t) => {
+    const { addr } = await agent("t", ["--token", "s3cret token"]);
+    await until("agent T", async () => (await get(Number(addr.split(":")[1]), "/")).status === 200);
+    const ui = await open(addr);
+    t.after(() => ui.page.close());
+
+    // The API answers 401: the token form instead of the views.
+    const form = "#token-form";
+    await ui.waitFor({ css: form });
+    assert.equal(await ui.isVisible({ css: "main" }), false);
+    await ui.fill({ scope: form, label: "API token" }, "wrong");
+    await ui.click({ scope: form, button: "Continue" });
+    await ui.waitFor({ scope: form, css: "[data-error]", text: /refused this token/ });
+
+    // The right one: the views, and it is sent with every request from then on.
+    await ui.fill({ scope: form, label: "API token" }, "s3cret token");
+    await ui.click({ scope: form, button: "Continue" });
+    await ui.waitFor({ css: "#mesh-list", text: /has not joined a mesh yet/ });
+    await ui.waitFor({ css: form }, { state: "hidden" });
+    await ui.click({ button: "Log" });
+    await ui.page.reload();
+    await ui.waitFor({ css: "#mesh-list", text: /has not joined a mesh yet/ });
+    assert.equal(await ui.isVisible({ css: form }), false, "the tab keeps the token across reloads");
+    assert.equal(await ui.page.evaluate(() => localStorage.getItem("ztm.token")), null, "never kept beyond the tab");
+    ui.assertNoProblems();
+  });
+
+  test(`${label}: a new computer joins with an invitation file; damaged ones are refused in words and change nothing`, opts, async (t) => {
+    const c = (await agent("c")).addr;
+    await until("agent C", () => call(c, "GET", "/api/meshes"));
+    const file = await invite("carol");
+    const cut = await invite("cid", { print: true });
+    const ui = await open(c);
+    t.after(() => ui.page.close());
+    await ui.waitFor({ css: "#mesh-list", text: /has not joined a mesh yet/ });
+    const form = "#invite-form";
+    const error = { scope: form, css: "[data-error]" };
+    const nothingJoined = async () => {
+      assert.deepEqual(await meshes(c), [], "a refused invitation changes nothing");
+      assert.equal(await ui.isVisible({ css: "[data-mesh]" }), false);
+    };
+
+    // Garbage, then an invitation cut off: said in words, before anything is sent.
+    await ui.fill({ scope: form, label: "This computer's name" }, "c");
+    await ui.fill({ scope: form, label: "Or paste the invitation" }, "hello, this is my invitation");
+    await ui.waitFor({ ...error, text: /not a ZTM invitation/ });
+    await ui.click({ scope: form, button: "Join" });
+    await ui.waitFor({ ...error, text: /not a ZTM invitation/ });
+    await ui.fill({ scope: form, label: "Or paste the invitation" }, cut.slice(0, Math.floor(cut.length / 2)));
+    await ui.waitFor({ ...error, text: /cut off or damaged/ });
+    await ui.click({ scope: form, button: "Join" });
+    await ui.waitFor({ ...error, text: /cut off or damaged/ });
+    await nothingJoined();
+
+    // An altered invitation file dropped on the form (another user's key): it reads as an
+    // invitation, and the agent refuses it in words.
+    const altered = JSON.parse(readFileSync(file, "utf8"));
+    altered.privateKey = await call(ca, "POST", "/api/certificates/mallory");
+    await ui.fill({ scope: form, label: "Or paste the invitation" }, "");
+    await ui.drop(form, "altered.ztm-invite", JSON.stringify(altered, null, 2));
+    await ui.waitFor({ scope: form, css: "[data-invitation]", text: /user carol to mesh home/ });
+    assert.equal(await ui.value({ scope: form, label: "Mesh name" }), "home", "the mesh name comes from the invitation");
+    // The name rule is checked in the page (the pattern is valid in this browser).
+    await ui.fill({ scope: form, label: "This computer's name" }, "my laptop!");
+    await ui.click({ scope: form, button: "Join" });
+    await ui.waitFor({ ...error, text: /may hold only letters, digits/ });
+    assert.equal(await ui.page.evaluate(() => document.querySelector('#invite-form [name="name"]').validity.patternMismatch), true);
+    await ui.fill({ scope: form, label: "This computer's name" }, "c");
+    await ui.click({ scope: form, button: "Join" });
+    await ui.waitFor({ ...error, text: /private key does not match its certificate/ });
+    await nothingJoined();
+
+    // The invitation file, chosen with the file picker.
+    await ui.setFiles({ scope: form, label: "Invitation file" }, file);
+    await ui.waitFor({ scope: form, css: "[data-invitation]", text: /carol\.ztm-invite: an invitation for user carol to mesh home, through hub / });
+    await ui.waitFor({ ...error }, { state: "hidden" });
+    assert.equal(await ui.value({ scope: form, label: "Mesh name" }), "home");
+    await ui.shot("join-invitation");
+    await ui.click({ scope: form, button: "Join" });
+    await ui.waitFor({ css: '[data-mesh="home"] .badge', text: "connected" });
+    await ui.waitFor({ css: "#status.ok" });
+    const [m] = await meshes(c);
+    assert.equal(m.name, "home");
+    assert.equal(m.agent.name, "c");
+    assert.equal(m.agent.username, "carol");
+
+    // The certificates' lifetimes, as the agent has them.
+    assert.ok(m.agent.expires > Date.now() && m.caExpires > Date.now(), JSON.stringify(m));
+    await ui.waitFor({ css: '[data-mesh="home"] [data-expiry="agent"] time', text: isoDate(m.agent.expires) });
+    await ui.waitFor({ css: '[data-mesh="home"] [data-expiry="agent"]', text: /^This computer's certificate expires on \d{4}-\d\d-\d\d \(in \d+ (days|months|years)\)$/ });
+    await ui.waitFor({ css: '[data-mesh="home"] [data-expiry="ca"] time', text: isoDate(m.caExpires) });
+    assert.equal(await ui.isVisible({ css: '[data-mesh="home"] .warnings' }), false, "no warning a year before expiry");
+
+    await ui.click({ button: "Endpoints" });
+    await ui.waitFor({ css: '[data-endpoint="c"] .online' });
+    ui.assertNoProblems();
+  });
+
+  test(`${label}: a new computer joins with a pasted invitation; warnings of certificates near their expiry`, opts, async (t) => {
+    const d = (await agent("d")).addr;
+    await until("agent D", () => call(d, "GET", "/api/meshes"));
+    const text = await invite("dave", { mesh: "office", print: true });
+    const ui = await open(d);
+    t.after(() => ui.page.close());
+    await ui.waitFor({ css: "#mesh-list", text: /has not joined a mesh yet/ });
+    const form = "#invite-form";
+    await ui.fill({ scope: form, label: "Or paste the invitation" }, text);
+    await ui.waitFor({ scope: form, css: "[data-invitation]", text: /The pasted text: an invitation for user dave to mesh office/ });
+    assert.equal(await ui.value({ scope: form, label: "Mesh name" }), "office");
+    await ui.fill({ scope: form, label: "This computer's name" }, "d");
+    await ui.click({ scope: form, button: "Join" });
+    await ui.waitFor({ css: '[data-mesh="office"] .badge', text: "connected" });
+    const [m] = await meshes(d);
+    assert.equal(m.agent.username, "dave");
+    await ui.waitFor({ css: '[data-mesh="office"] [data-expiry="agent"] time', text: isoDate(m.agent.expires) });
+    assert.equal(await ui.value({ scope: form, label: "Or paste the invitation" }), "", "the form forgets the invitation");
+
+    // A second mesh whose certificates expire in 10 and 20 days (made with openssl, by a CA no
+    // hub knows): warnings, apart from the errors.
+    const x = (name) => join(dir, `soon-${name}`);
+    const ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    await run("openssl", ["req", "-x509", ...ec, "-keyout", x("ca.key"), "-out", x("ca.crt"), "-days", "20", "-subj", "/CN=ca",
+      "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+    await run("openssl", ["req", ...ec, "-keyout", x("user.key"), "-out", x("user.csr"), "-subj", "/CN=dave",
+      "-addext", "basicConstraints=critical,CA:FALSE", "-addext", "extendedKeyUsage=clientAuth"]);
+    await run("openssl", ["x509", "-req", "-in", x("user.csr"), "-CA", x("ca.crt"), "-CAkey", x("ca.key"), "-days", "10",
+      "-copy_extensions", "copyall", "-out", x("user.crt")]);
+    await call(d, "POST", "/api/meshes/soon", {
+      ca: readFileSync(x("ca.crt"), "utf8"),
+      agent: { name: "d", certificate: readFileSync(x("user.crt"), "utf8"), privateKey: readFileSync(x("user.key"), "utf8") },
+      bootstraps: [hub],
+    });
+    const warnings = { css: '[data-mesh="soon"] .warnings li' };
+    await ui.waitFor({ ...warnings, text: /^this agent's certificate expires on \d{4}-\d\d-\d\d \(in (10|11) days\)/ });
+    await ui.waitFor({ ...warnings, text: /^the mesh's CA certificate expires on \d{4}-\d\d-\d\d \(in (20|21) days\)/ });
+    await ui.waitFor({ css: '[data-mesh="soon"] .errors li' }, { timeout: 30000 });
+    const style = await ui.page.evaluate(() => {
+      const color = (sel) => getComputedStyle(document.querySelector(sel)).color;
+      return { warning: color('[data-mesh="soon"] .warnings li'), error: color('[data-mesh="soon"] .errors li') };
+    });
+    assert.notEqual(style.warning, style.error, "warnings look unlike errors");
+    await ui.shot("expiry-warning", true);
+    ui.assertNoProblems();
+  });
+}
