@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Result};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::Value;
 use ztm_net::http1;
 
@@ -102,16 +103,23 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Sends one request; returns the JSON answer (None for an empty answer). Any failure is
-    /// an error whose message fits on one line.
-    pub async fn call(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&Value>,
-    ) -> Result<Option<Value>> {
-        let (ct, bytes) = match body {
-            Some(v) => (Some("application/json"), Bytes::from(v.to_string())),
+    /// POSTs `body` as JSON; returns the JSON answer (None for an empty answer).
+    pub async fn post<B: Serialize>(&self, path: &str, body: &B) -> Result<Option<Value>> {
+        let json = serde_json::to_vec(body)
+            .map_err(|e| anyhow!("cannot write the request for POST {path}: {e}"))?;
+        self.call("POST", path, Some(Bytes::from(json))).await
+    }
+
+    /// DELETE; returns the JSON answer (None for an empty answer).
+    pub async fn delete(&self, path: &str) -> Result<Option<Value>> {
+        self.call("DELETE", path, None).await
+    }
+
+    /// Sends one request, with a JSON body if given; returns the JSON answer (None for an
+    /// empty answer). Any failure is an error whose message fits on one line.
+    async fn call(&self, method: &str, path: &str, json: Option<Bytes>) -> Result<Option<Value>> {
+        let (ct, bytes) = match json {
+            Some(b) => (Some("application/json"), b),
             None => (None, Bytes::new()),
         };
         let reply = http1::request(

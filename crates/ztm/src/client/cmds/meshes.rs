@@ -4,9 +4,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use serde_json::{json, Value};
+use serde_json::Value;
 use ztm_proto::invite::Invitation;
-use ztm_proto::model::{LogEntry, Mesh};
+use ztm_proto::model::{JoinAgent, JoinRequest, LogEntry, Mesh};
 
 use super::{mesh_path, print_json, Ctx};
 use crate::client::api::decode;
@@ -136,15 +136,17 @@ pub(super) async fn join(ctx: &Ctx, a: &JoinArgs) -> Result<()> {
     if hubs.is_empty() {
         return Err(Usage("--hub: give at least one hub address (HOST:PORT)".into()).into());
     }
-    let body = json!({
-        "ca": ca,
-        "agent": {"name": a.name, "certificate": cert, "privateKey": key},
-        "bootstraps": hubs,
-    });
-    let answer = ctx
-        .agent
-        .call("POST", &mesh_path(&mesh), Some(&body))
-        .await?;
+    let body = JoinRequest {
+        ca,
+        agent: JoinAgent {
+            name: a.name.clone(),
+            certificate: cert,
+            private_key: Some(key),
+        },
+        bootstraps: hubs,
+        invitation: None,
+    };
+    let answer = ctx.agent.post(&mesh_path(&mesh), &body).await?;
     print_joined(ctx, answer, &mesh)
 }
 
@@ -155,8 +157,10 @@ async fn join_invited(ctx: &Ctx, a: &JoinArgs, invite: &str) -> Result<()> {
     let inv = Invitation::parse(&text).map_err(|e| Usage(format!("--invite: {e}")))?;
     let mesh = a.mesh.clone().unwrap_or_else(|| inv.mesh.clone());
     let path = mesh_path(&mesh);
-    let body = json!({"invitation": text, "agent": {"name": a.name}});
-    let answer = ctx.agent.call("POST", &path, Some(&body)).await?;
+    let answer = ctx
+        .agent
+        .post(&path, &invited_body(a.name.clone(), text))
+        .await?;
     // The certificate may have been revoked since the invitation was made: the first hub
     // says so. Such a join is undone.
     let deadline = Instant::now() + INVITE_CHECK;
@@ -172,7 +176,7 @@ async fn join_invited(ctx: &Ctx, a: &JoinArgs, invite: &str) -> Result<()> {
             .iter()
             .find(|e| e.message.to_ascii_lowercase().contains("revoked"))
         {
-            let _ = ctx.agent.call("DELETE", &path, None).await;
+            let _ = ctx.agent.delete(&path).await;
             anyhow::bail!(
                 "the invitation of user {} cannot be used: {} (its certificate was revoked at the \
                  CA; ask for a new invitation). The mesh was not joined.",
@@ -188,6 +192,19 @@ async fn join_invited(ctx: &Ctx, a: &JoinArgs, invite: &str) -> Result<()> {
         errln!("ztm: warning: not connected to a hub yet: {e}");
     }
     Ok(())
+}
+
+/// What `join --invite` asks the agent for: the invitation (which has all the rest) and the
+/// endpoint's name if given.
+fn invited_body(name: Option<String>, invitation: String) -> JoinRequest {
+    JoinRequest {
+        agent: JoinAgent {
+            name,
+            ..JoinAgent::default()
+        },
+        invitation: Some(invitation),
+        ..JoinRequest::default()
+    }
 }
 
 /// The text of an invitation given as a file or as text; warns about a file others can read.
@@ -233,7 +250,7 @@ fn print_joined(ctx: &Ctx, answer: Option<Value>, mesh: &str) -> Result<()> {
 
 /// `leave MESH`.
 pub(super) async fn leave(ctx: &Ctx, mesh: &str) -> Result<()> {
-    ctx.agent.call("DELETE", &mesh_path(mesh), None).await?;
+    ctx.agent.delete(&mesh_path(mesh)).await?;
     if !ctx.json() {
         outln!("left mesh {mesh}");
     }
@@ -268,5 +285,32 @@ fn expiry(ms: u64, soon: bool) -> String {
         (0, _) => "-".to_string(),
         (ms, true) => format!("{} (!)", ztm_net::date(ms)),
         (ms, false) => ztm_net::date(ms),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A join with an invitation sends the invitation and the name, nothing empty.
+    #[test]
+    fn invited_bodies() {
+        let json = |b: &JoinRequest| serde_json::to_value(b).ok();
+        let b = invited_body(Some("laptop".into()), "ztm-invite-1:e30".into());
+        assert_eq!(
+            json(&b),
+            Some(serde_json::json!({
+                "agent": {"name": "laptop"},
+                "invitation": "ztm-invite-1:e30",
+            }))
+        );
+        assert_eq!(
+            json(&invited_body(None, "ztm-invite-1:e30".into())),
+            Some(serde_json::json!({"agent": {}, "invitation": "ztm-invite-1:e30"}))
+        );
+        // What the agent reads back is what was sent.
+        let sent = serde_json::to_vec(&b).unwrap_or_default();
+        let read = serde_json::from_slice::<JoinRequest>(&sent).ok();
+        assert_eq!(read.as_ref().and_then(json), json(&b));
     }
 }

@@ -4,8 +4,8 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use anyhow::Result;
-use serde_json::{json, Value};
-use ztm_proto::model::{Mesh, Port};
+use serde_json::Value;
+use ztm_proto::model::{Mesh, Port, PortBody, PortTarget};
 
 use super::{ep_label, ep_path, listen_text, print_json, Ctx};
 use crate::client::api::{decode, enc};
@@ -100,17 +100,8 @@ pub(super) async fn create(ctx: &Ctx, mesh_opt: &MeshOpt, new: NewPort) -> Resul
     };
     let ep = new.ep.as_deref();
     let path = port_path(&mesh, ep, ip, proto, number);
-    let mut target = json!({"service": service});
-    if let Some(t) = &new.target_ep {
-        target["endpoint"] = json!(t);
-    }
-    if !new.trust.is_empty() {
-        target["trust"] = json!(new.trust);
-    }
-    let answer = ctx
-        .agent
-        .call("POST", &path, Some(&json!({"target": target})))
-        .await?;
+    let body = port_body(&service, new.target_ep.as_deref(), new.trust);
+    let answer = ctx.agent.post(&path, &body).await?;
     if ctx.json() {
         return print_json(&answer.unwrap_or(Value::Null));
     }
@@ -134,17 +125,27 @@ pub(super) async fn create(ctx: &Ctx, mesh_opt: &MeshOpt, new: NewPort) -> Resul
     Ok(())
 }
 
+/// What `create port` asks the agent for: the service, on one endpoint or on any provider of
+/// the users trusted (none given: the agent's default).
+fn port_body(service: &str, endpoint: Option<&str>, trust: Vec<String>) -> PortBody {
+    PortBody {
+        target: PortTarget {
+            service: service.to_string(),
+            endpoint: endpoint.map(str::to_string),
+            // The agent pins the endpoint's user itself.
+            user: None,
+            trust: (!trust.is_empty()).then_some(trust),
+        },
+    }
+}
+
 /// `delete port [IP:]PORT`: unmaps the port.
 pub(super) async fn delete(ctx: &Ctx, mesh_opt: &MeshOpt, port: &PortRef) -> Result<()> {
     let (ip, number) = parse_listen(&port.listen)?;
     let mesh = ctx.mesh(mesh_opt).await?;
     let ep = port.ep.as_deref();
     ctx.agent
-        .call(
-            "DELETE",
-            &port_path(&mesh, ep, ip, port.proto, number),
-            None,
-        )
+        .delete(&port_path(&mesh, ep, ip, port.proto, number))
         .await?;
     if !ctx.json() {
         outln!(
@@ -204,5 +205,26 @@ mod tests {
         assert_eq!(l("::1:80"), Some(("::1".into(), 80)));
         assert_eq!(l("0"), None);
         assert_eq!(l("x:1"), None);
+    }
+
+    /// The body is what the agent reads, and leaves out what is not given.
+    #[test]
+    fn bodies() {
+        let json = |b: &PortBody| serde_json::to_value(b).ok();
+        assert_eq!(
+            json(&port_body("ssh", Some("home-pc"), Vec::new())),
+            Some(serde_json::json!({"target": {"service": "ssh", "endpoint": "home-pc"}}))
+        );
+        assert_eq!(
+            json(&port_body("dns", None, Vec::new())),
+            Some(serde_json::json!({"target": {"service": "dns"}}))
+        );
+        let b = port_body("web", None, vec!["alice".into(), "*".into()]);
+        assert_eq!(
+            json(&b),
+            Some(serde_json::json!({"target": {"service": "web", "trust": ["alice", "*"]}}))
+        );
+        let sent = serde_json::to_vec(&b).unwrap_or_default();
+        assert_eq!(serde_json::from_slice::<PortBody>(&sent).ok(), Some(b));
     }
 }

@@ -1,8 +1,8 @@
 //! Services: `get svc`, `describe svc`, `create svc` (publish) and `delete svc` (withdraw).
 
 use anyhow::Result;
-use serde_json::{json, Value};
-use ztm_proto::model::{Mesh, Service};
+use serde_json::Value;
+use ztm_proto::model::{Mesh, Service, ServiceBody};
 
 use super::{ep_label, ep_path, listen_text, mesh_path, print_json, Ctx};
 use crate::client::api::enc;
@@ -85,26 +85,33 @@ pub(super) async fn create(ctx: &Ctx, mesh_opt: &MeshOpt, new: NewService) -> Re
     if new.port == 0 {
         return Err(Usage("--port must be 1-65535".into()).into());
     }
-    let mut body = json!({"host": new.host, "port": new.port});
-    if let Some(u) = new.users {
-        let u: Vec<String> = u
-            .into_iter()
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
-        body["users"] = json!(u);
-    }
     let path = service_path(&mesh, new.ep.as_deref(), proto, &name);
-    let answer = ctx.agent.call("POST", &path, Some(&body)).await?;
+    let label = ep_label(&mesh, new.ep.as_deref());
+    let body = service_body(new);
+    let answer = ctx.agent.post(&path, &body).await?;
     if ctx.json() {
         return print_json(&answer.unwrap_or(Value::Null));
     }
     outln!(
-        "service {proto}/{name} -> {} created on endpoint {}",
-        listen_text(&new.host, new.port),
-        ep_label(&mesh, new.ep.as_deref())
+        "service {proto}/{name} -> {} created on endpoint {label}",
+        listen_text(&body.host, body.port)
     );
     Ok(())
+}
+
+/// What `create svc` asks the agent for: the target, and the users (blanks dropped) if given.
+fn service_body(new: NewService) -> ServiceBody {
+    ServiceBody {
+        host: new.host,
+        port: new.port,
+        users: new.users.map(|users| {
+            users
+                .into_iter()
+                .map(|u| u.trim().to_string())
+                .filter(|u| !u.is_empty())
+                .collect()
+        }),
+    }
 }
 
 /// `delete svc PROTO/NAME`: withdraws the service.
@@ -113,7 +120,7 @@ pub(super) async fn delete(ctx: &Ctx, mesh_opt: &MeshOpt, service: &ServiceRef) 
     let mesh = ctx.mesh(mesh_opt).await?;
     let ep = service.ep.as_deref();
     ctx.agent
-        .call("DELETE", &service_path(&mesh, ep, proto, &name), None)
+        .delete(&service_path(&mesh, ep, proto, &name))
         .await?;
     if !ctx.json() {
         outln!(
@@ -202,5 +209,33 @@ mod tests {
         assert_eq!(parse_service("web").ok(), Some(("tcp", "web".into())));
         assert!(parse_service("http/web").is_err());
         assert!(parse_service("tcp/").is_err());
+    }
+
+    /// The body is what the agent reads, and leaves out what is not given.
+    #[test]
+    fn bodies() {
+        let new = |users: Option<&[&str]>| NewService {
+            name: "tcp/web".into(),
+            host: "10.0.0.5".into(),
+            port: 80,
+            users: users.map(|u| u.iter().map(|s| s.to_string()).collect()),
+            ep: None,
+        };
+        let json = |b: &ServiceBody| serde_json::to_value(b).ok();
+        assert_eq!(
+            json(&service_body(new(None))),
+            Some(serde_json::json!({"host": "10.0.0.5", "port": 80}))
+        );
+        let b = service_body(new(Some(&["alice", " ", " bob "])));
+        assert_eq!(
+            json(&b),
+            Some(serde_json::json!({"host": "10.0.0.5", "port": 80, "users": ["alice", "bob"]}))
+        );
+        let sent = serde_json::to_vec(&b).unwrap_or_default();
+        assert_eq!(serde_json::from_slice::<ServiceBody>(&sent).ok(), Some(b));
+        assert_eq!(
+            json(&service_body(new(Some(&[""])))),
+            Some(serde_json::json!({"host": "10.0.0.5", "port": 80, "users": []}))
+        );
     }
 }
