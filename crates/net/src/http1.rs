@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
@@ -22,7 +22,40 @@ impl Reply {
     }
 }
 
-/// Sends `method path` to `addr` (HOST:PORT) with optional bearer token and body.
+/// Why [`request`] got no answer at all; its other failures are untyped.
+#[derive(Debug)]
+pub enum NoAnswer {
+    /// The connection to `addr` could not be made.
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    /// `addr` gave no whole answer within `deadline`.
+    Timeout { addr: String, deadline: Duration },
+}
+
+impl std::fmt::Display for NoAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoAnswer::Connect { addr, .. } => write!(f, "cannot connect to {addr}"),
+            NoAnswer::Timeout { addr, deadline } => {
+                write!(f, "{addr} did not answer within {deadline:?}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for NoAnswer {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            NoAnswer::Connect { source, .. } => Some(source),
+            NoAnswer::Timeout { .. } => None,
+        }
+    }
+}
+
+/// Sends `method path` to `addr` (HOST:PORT) with optional bearer token and body. When no
+/// answer comes at all, the error is a [`NoAnswer`].
 pub async fn request(
     addr: &str,
     method: &str,
@@ -35,13 +68,19 @@ pub async fn request(
     let work = async {
         let stream = TcpStream::connect(addr)
             .await
-            .with_context(|| format!("cannot connect to {addr}"))?;
+            .map_err(|source| NoAnswer::Connect {
+                addr: addr.to_string(),
+                source,
+            })?;
         let _ = stream.set_nodelay(true);
         exchange(stream, addr, method, path, token, content_type, body).await
     };
     tokio::time::timeout(deadline, work)
         .await
-        .map_err(|_| anyhow!("{addr} did not answer within {deadline:?}"))?
+        .map_err(|_| NoAnswer::Timeout {
+            addr: addr.to_string(),
+            deadline,
+        })?
 }
 
 /// Sends `method path` on a connection already made to `addr` (a TLS stream, say) and reads

@@ -47,13 +47,16 @@ pub struct RevocationFeed {
 
 /// `POST /api/meshes/{mesh}`: join (or update) a mesh, with the three PEM texts and the hubs,
 /// or with an invitation (`crate::invite`) that holds them all.
+///
+/// Empty and unset fields are left out when serialised (a join with an invitation is
+/// `{"agent":{"name":...},"invitation":...}`); they read back as the same defaults.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct JoinRequest {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub ca: String,
     #[serde(default)]
     pub agent: JoinAgent,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bootstraps: Vec<String>,
     /// An invitation, in either form; it gives `ca`, the certificate, the key and the hubs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -63,12 +66,12 @@ pub struct JoinRequest {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct JoinAgent {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub certificate: String,
     /// Required to join; updating a joined mesh without it keeps the key it has.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub private_key: Option<String>,
 }
 
@@ -166,7 +169,8 @@ pub struct Service {
 pub struct ServiceBody {
     pub host: String,
     pub port: u16,
-    #[serde(default)]
+    /// Unset: every user of the mesh (left out when serialised).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub users: Option<Vec<String>>,
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Result};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::Value;
 use ztm_net::http1;
 
@@ -102,16 +103,23 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Sends one request; returns the JSON answer (None for an empty answer). Any failure is
-    /// an error whose message fits on one line.
-    pub async fn call(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&Value>,
-    ) -> Result<Option<Value>> {
-        let (ct, bytes) = match body {
-            Some(v) => (Some("application/json"), Bytes::from(v.to_string())),
+    /// POSTs `body` as JSON; returns the JSON answer (None for an empty answer).
+    pub async fn post<B: Serialize>(&self, path: &str, body: &B) -> Result<Option<Value>> {
+        let json = serde_json::to_vec(body)
+            .map_err(|e| anyhow!("cannot write the request for POST {path}: {e}"))?;
+        self.call("POST", path, Some(Bytes::from(json))).await
+    }
+
+    /// DELETE; returns the JSON answer (None for an empty answer).
+    pub async fn delete(&self, path: &str) -> Result<Option<Value>> {
+        self.call("DELETE", path, None).await
+    }
+
+    /// Sends one request, with a JSON body if given; returns the JSON answer (None for an
+    /// empty answer). Any failure is an error whose message fits on one line.
+    async fn call(&self, method: &str, path: &str, json: Option<Bytes>) -> Result<Option<Value>> {
+        let (ct, bytes) = match json {
+            Some(b) => (Some("application/json"), b),
             None => (None, Bytes::new()),
         };
         let reply = http1::request(
@@ -180,32 +188,29 @@ impl Agent {
         Ok((decode(&v, path)?, v))
     }
 
+    /// What went wrong on the way to the agent, by the error's type: no connection, no
+    /// answer in time, or a broken exchange.
     fn transport_error(&self, e: anyhow::Error) -> anyhow::Error {
-        let io = e.chain().find_map(|c| c.downcast_ref::<std::io::Error>());
-        let text = format!("{e:#}");
-        if text.contains("did not answer within") {
-            return anyhow!(
+        match e.downcast_ref::<http1::NoAnswer>() {
+            Some(http1::NoAnswer::Timeout { .. }) => anyhow!(
                 "the agent at {} did not answer within {} s",
                 self.addr,
                 REQUEST_DEADLINE.as_secs()
-            );
-        }
-        if text.starts_with("cannot connect") {
-            let reason = match io {
-                Some(io) => match io.kind() {
+            ),
+            Some(http1::NoAnswer::Connect { source, .. }) => {
+                let reason = match source.kind() {
                     std::io::ErrorKind::ConnectionRefused => "connection refused".to_string(),
                     std::io::ErrorKind::TimedOut => "timed out".to_string(),
-                    _ => strip_os_error(&io.to_string()),
-                },
-                None => text.trim_start_matches("cannot connect to ").to_string(),
-            };
-            return anyhow!("cannot reach the agent at {}: {reason}", self.addr);
+                    _ => strip_os_error(&source.to_string()),
+                };
+                anyhow!("cannot reach the agent at {}: {reason}", self.addr)
+            }
+            None => anyhow!(
+                "talking to the agent at {}: {}",
+                self.addr,
+                strip_os_error(&format!("{e:#}"))
+            ),
         }
-        anyhow!(
-            "talking to the agent at {}: {}",
-            self.addr,
-            strip_os_error(&text)
-        )
     }
 }
 
@@ -254,6 +259,42 @@ mod tests {
         );
         assert!(normalize_addr("nohost").is_err());
         assert!(normalize_addr("h:0").is_err());
+    }
+
+    #[test]
+    fn transport_errors_by_type() {
+        let agent = Agent {
+            addr: "127.0.0.1:7777".into(),
+            token: None,
+        };
+        let said = |e: http1::NoAnswer| agent.transport_error(e.into()).to_string();
+        assert_eq!(
+            said(http1::NoAnswer::Timeout {
+                addr: agent.addr.clone(),
+                deadline: REQUEST_DEADLINE,
+            }),
+            "the agent at 127.0.0.1:7777 did not answer within 60 s"
+        );
+        assert_eq!(
+            said(http1::NoAnswer::Connect {
+                addr: agent.addr.clone(),
+                source: std::io::ErrorKind::ConnectionRefused.into(),
+            }),
+            "cannot reach the agent at 127.0.0.1:7777: connection refused"
+        );
+        assert_eq!(
+            said(http1::NoAnswer::Connect {
+                addr: agent.addr.clone(),
+                source: std::io::Error::other("No route to host (os error 113)"),
+            }),
+            "cannot reach the agent at 127.0.0.1:7777: no route to host"
+        );
+        assert_eq!(
+            agent
+                .transport_error(anyhow!("connection closed before message completed"))
+                .to_string(),
+            "talking to the agent at 127.0.0.1:7777: connection closed before message completed"
+        );
     }
 
     #[test]

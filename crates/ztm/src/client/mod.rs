@@ -290,50 +290,58 @@ pub struct CreateArgs {
 pub enum CreateWhat {
     /// Publish a service: HOST:PORT reachable from the endpoint, under PROTO/NAME
     #[command(visible_aliases = ["svc", "services"])]
-    Service {
-        /// PROTO/NAME, e.g. tcp/ssh (PROTO defaults to tcp)
-        name: String,
-        /// Host the endpoint connects to for this service
-        #[arg(long, default_value = "127.0.0.1")]
-        host: String,
-        /// Port the endpoint connects to for this service
-        #[arg(long)]
-        port: u16,
-        /// Only these users may connect (comma-separated) [default: every user of the mesh]
-        #[arg(long, value_delimiter = ',', value_name = "USER,...")]
-        users: Option<Vec<String>>,
-        /// The endpoint that provides it (name or id) [default: this agent's]
-        #[arg(long, value_name = "ENDPOINT")]
-        ep: Option<String>,
-    },
+    Service(NewService),
     /// Map a port: connections to [IP:]PORT on the endpoint go to a service of the mesh
     #[command(visible_aliases = ["ports"])]
-    Port {
-        /// [IP:]PORT to listen on (IP defaults to 127.0.0.1)
-        listen: String,
-        /// Protocol
-        #[arg(long, value_enum, default_value_t = ProtoArg::Tcp)]
-        proto: ProtoArg,
-        /// The service connections go to
-        #[arg(long, value_name = "NAME")]
-        service: String,
-        /// Always use this provider of the service (name or id) [default: any provider of a
-        /// trusted user]
-        #[arg(long, value_name = "ENDPOINT")]
-        target_ep: Option<String>,
-        /// Without --target-ep: users whose endpoints may provide the service, comma-separated
-        /// or repeated; `*` for any user [default: the port's own user and root]
-        #[arg(
-            long,
-            value_name = "USERS",
-            value_delimiter = ',',
-            conflicts_with = "target_ep"
-        )]
-        trust: Vec<String>,
-        /// The endpoint that listens (name or id) [default: this agent's]
-        #[arg(long, value_name = "ENDPOINT")]
-        ep: Option<String>,
-    },
+    Port(NewPort),
+}
+
+/// `create service`.
+#[derive(Args, Debug)]
+pub struct NewService {
+    /// PROTO/NAME, e.g. tcp/ssh (PROTO defaults to tcp)
+    pub name: String,
+    /// Host the endpoint connects to for this service
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port the endpoint connects to for this service
+    #[arg(long)]
+    pub port: u16,
+    /// Only these users may connect (comma-separated) [default: every user of the mesh]
+    #[arg(long, value_delimiter = ',', value_name = "USER,...")]
+    pub users: Option<Vec<String>>,
+    /// The endpoint that provides it (name or id) [default: this agent's]
+    #[arg(long, value_name = "ENDPOINT")]
+    pub ep: Option<String>,
+}
+
+/// `create port`.
+#[derive(Args, Debug)]
+pub struct NewPort {
+    /// [IP:]PORT to listen on (IP defaults to 127.0.0.1)
+    pub listen: String,
+    /// Protocol
+    #[arg(long, value_enum, default_value_t = ProtoArg::Tcp)]
+    pub proto: ProtoArg,
+    /// The service connections go to
+    #[arg(long, value_name = "NAME")]
+    pub service: String,
+    /// Always use this provider of the service (name or id) [default: any provider of a
+    /// trusted user]
+    #[arg(long, value_name = "ENDPOINT")]
+    pub target_ep: Option<String>,
+    /// Without --target-ep: users whose endpoints may provide the service, comma-separated
+    /// or repeated; `*` for any user [default: the port's own user and root]
+    #[arg(
+        long,
+        value_name = "USERS",
+        value_delimiter = ',',
+        conflicts_with = "target_ep"
+    )]
+    pub trust: Vec<String>,
+    /// The endpoint that listens (name or id) [default: this agent's]
+    #[arg(long, value_name = "ENDPOINT")]
+    pub ep: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -350,16 +358,20 @@ pub struct DeleteArgs {
 pub enum DeleteWhat {
     /// Withdraw a service
     #[command(visible_aliases = ["svc", "services"])]
-    Service {
-        /// PROTO/NAME, e.g. tcp/ssh (PROTO defaults to tcp)
-        name: String,
-        /// The endpoint that provides it (name or id) [default: this agent's]
-        #[arg(long, value_name = "ENDPOINT")]
-        ep: Option<String>,
-    },
+    Service(ServiceRef),
     /// Unmap a port
     #[command(visible_aliases = ["ports"])]
     Port(PortRef),
+}
+
+/// Names one service an endpoint provides (`delete service`).
+#[derive(Args, Debug)]
+pub struct ServiceRef {
+    /// PROTO/NAME, e.g. tcp/ssh (PROTO defaults to tcp)
+    pub name: String,
+    /// The endpoint that provides it (name or id) [default: this agent's]
+    #[arg(long, value_name = "ENDPOINT")]
+    pub ep: Option<String>,
 }
 
 #[derive(Args, Debug)]
