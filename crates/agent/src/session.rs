@@ -12,6 +12,7 @@ use http::{Method, Request, StatusCode};
 use tokio::net::TcpStream;
 use tower::ServiceExt;
 use ztm_net::backoff::Backoff;
+use ztm_net::goaway::{self, Farewell, Goaway, Goodbye, Role};
 use ztm_net::h2io::{self, read_body, respond, respond_error, respond_json};
 use ztm_net::now_ms;
 use ztm_pki::rustls::pki_types::ServerName;
@@ -19,7 +20,7 @@ use ztm_pki::rustls::ClientConfig;
 use ztm_proto::model::TimedMessage;
 use ztm_proto::wire::{
     Hello, Register, Registered, BACKOFF_MAX, BACKOFF_MIN, HANDSHAKE_TIMEOUT, HEARTBEAT_INTERVAL,
-    MAX_MANAGE_BODY, REQUEST_TIMEOUT, USER_HEADER,
+    MAX_MANAGE_BODY, REQUEST_TIMEOUT, TUNNEL_PROTOCOL, USER_HEADER,
 };
 use ztm_tls::TlsStream;
 
@@ -125,6 +126,7 @@ async fn connect_once(
         bail!("no usable TLS configuration");
     };
     let stream = dial(&link.addr, tls.control.clone()).await?;
+    let (stream, control_bye) = goaway::wrap(stream, Role::Client);
     let (sender, conn) = ztm_net::h2io::client_builder()
         .handshake::<_, Bytes>(stream)
         .await
@@ -159,6 +161,7 @@ async fn connect_once(
     let registered: Registered = answer.json()?;
 
     let reverse_stream = dial(&link.addr, tls.reverse.clone()).await?;
+    let (reverse_stream, reverse_bye) = goaway::wrap(reverse_stream, Role::Server);
     let reverse = ztm_net::h2io::server_builder()
         .handshake::<_, Bytes>(reverse_stream)
         .await;
@@ -214,14 +217,39 @@ async fn connect_once(
             }
         }
     };
-    outcome
+    // What the hub said when it closed a connection explains the end best.
+    outcome.map_err(|e| said_by_hub(&control_bye, &reverse_bye).unwrap_or(e))
+}
+
+/// What the hub said in the GOAWAY it closed a connection with, if it closed one: in words.
+fn said_by_hub(control: &Farewell, reverse: &Farewell) -> Option<anyhow::Error> {
+    let (which, bye) = match (control.heard(), reverse.heard()) {
+        (Some(bye), _) => ("connection", bye),
+        (None, Some(bye)) => ("reverse connection", bye),
+        (None, None) => return None,
+    };
+    Some(anyhow!(
+        "the hub closed the {which}: {}",
+        goodbye_words(&bye)
+    ))
+}
+
+/// A GOAWAY's text, or its code in words if it has none.
+fn goodbye_words(bye: &Goodbye) -> String {
+    if bye.text.is_empty() {
+        format!("{} ({:?})", bye.code.description(), bye.code)
+    } else if bye.code == h2::Reason::NO_ERROR {
+        bye.text.clone()
+    } else {
+        bye.to_string()
+    }
 }
 
 /// Serves what hub `hub` sends over the reverse connection.
 async fn serve_reverse(
     rt: Arc<MeshRuntime>,
     hub: String,
-    mut conn: h2::server::Connection<TlsStream, Bytes>,
+    mut conn: h2::server::Connection<Goaway<TlsStream>, Bytes>,
     token: String,
 ) {
     let token = Arc::new(token);
@@ -254,6 +282,17 @@ async fn handle_reverse(
         );
     }
     if req.method() == Method::CONNECT {
+        let tunnel = req
+            .extensions()
+            .get::<h2::ext::Protocol>()
+            .is_some_and(|p| p.as_str() == TUNNEL_PROTOCOL);
+        if !tunnel {
+            return respond_error(
+                send,
+                StatusCode::BAD_REQUEST,
+                format!("expected :protocol {TUNNEL_PROTOCOL} (extended CONNECT, RFC 8441)"),
+            );
+        }
         return crate::tunnel::accept(rt, hub, req, send).await;
     }
     forwarded(rt, hub, req, send).await
