@@ -164,6 +164,11 @@ async fn handle(conn: Arc<Conn>, req: Request<RecvStream>, send: SendResponse<By
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method().clone();
     match (&method, segments.as_slice()) {
+        (&Method::CONNECT, _) if !is_tunnel(&req) => respond_error(
+            send,
+            StatusCode::BAD_REQUEST,
+            format!("expected :protocol {TUNNEL_PROTOCOL} (extended CONNECT, RFC 8441)"),
+        ),
         (&Method::CONNECT, ["api", "endpoints", ep, "services", proto, svc]) => {
             let (ep, proto, svc) = (ep.to_string(), proto.to_string(), svc.to_string());
             tunnel(&conn, &ep, &proto, &svc, req, send).await
@@ -503,7 +508,22 @@ async fn manage(conn: &Arc<Conn>, ep: &str, req: Request<RecvStream>, send: Send
     let Ok(Ok(forwarded)) = forwarded.map(|b| b.body(())) else {
         return respond_error(send, StatusCode::BAD_REQUEST, "bad management path");
     };
-    match h2io::request(&sender, forwarded, body, MAX_MANAGE_BODY, HOP_TIMEOUT).await {
+    // The hop's own deadline says 504; anything else that fails it, 502.
+    let asked = h2io::request(
+        &sender,
+        forwarded,
+        body,
+        MAX_MANAGE_BODY,
+        HOP_TIMEOUT + Duration::from_secs(1),
+    );
+    let Ok(answer) = tokio::time::timeout(HOP_TIMEOUT, asked).await else {
+        return respond_error(
+            send,
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("endpoint {ep} did not answer within {HOP_TIMEOUT:?}"),
+        );
+    };
+    match answer {
         Ok(answer) if relayable(&answer) => {
             let ct = (!answer.body.is_empty()).then_some("application/json");
             respond(send, answer.status, ct, answer.body)
@@ -523,7 +543,7 @@ async fn manage(conn: &Arc<Conn>, ep: &str, req: Request<RecvStream>, send: Send
         }
         Err(e) => respond_error(
             send,
-            StatusCode::GATEWAY_TIMEOUT,
+            StatusCode::BAD_GATEWAY,
             format!("endpoint {ep} did not answer: {e:#}"),
         ),
     }
@@ -555,13 +575,6 @@ async fn tunnel(
     req: Request<RecvStream>,
     send: SendResponse<Bytes>,
 ) {
-    if !is_tunnel(&req) {
-        return respond_error(
-            send,
-            StatusCode::BAD_REQUEST,
-            "expected :protocol ztm-tunnel",
-        );
-    }
     let Some(proto) = Proto::parse(proto) else {
         return respond_error(send, StatusCode::BAD_REQUEST, "protocol must be tcp or udp");
     };
