@@ -20,7 +20,8 @@ use ztm_pki::rustls::ClientConfig;
 use ztm_proto::model::TimedMessage;
 use ztm_proto::wire::{
     Hello, Register, Registered, BACKOFF_MAX, BACKOFF_MIN, HANDSHAKE_TIMEOUT, HEARTBEAT_INTERVAL,
-    MAX_MANAGE_BODY, REQUEST_TIMEOUT, TUNNEL_PROTOCOL, USER_HEADER,
+    MAX_MANAGE_BODY, PROTOCOL_HEADER, PROTOCOL_VERSION, REQUEST_TIMEOUT, TUNNEL_PROTOCOL,
+    USER_HEADER,
 };
 use ztm_tls::TlsStream;
 
@@ -143,6 +144,7 @@ async fn connect_once(
     };
     let req = h2io::build(Method::POST, &format!("/api/endpoints/{}", rt.id()))?
         .header(http::header::CONTENT_TYPE, "application/json")
+        .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
         .body(())?;
     let answer = h2io::request(
         &sender,
@@ -158,6 +160,7 @@ async fn connect_once(
             answer.error_message()
         );
     }
+    check_version(&answer.headers)?;
     let registered: Registered = answer.json()?;
 
     let reverse_stream = dial(&link.addr, tls.reverse.clone()).await?;
@@ -219,6 +222,22 @@ async fn connect_once(
     };
     // What the hub said when it closed a connection explains the end best.
     outcome.map_err(|e| said_by_hub(&control_bye, &reverse_bye).unwrap_or(e))
+}
+
+/// The version of the wire protocol a hub's registration answer names must be ours (a hub
+/// from before versions names none, and speaks version 1).
+fn check_version(headers: &http::HeaderMap) -> Result<()> {
+    let Some(v) = headers.get(PROTOCOL_HEADER) else {
+        return Ok(());
+    };
+    if v.as_bytes() != PROTOCOL_VERSION.to_string().as_bytes() {
+        bail!(
+            "the hub answered in version {:?} of the ztm protocol; this agent speaks version \
+             {PROTOCOL_VERSION}",
+            String::from_utf8_lossy(v.as_bytes())
+        );
+    }
+    Ok(())
 }
 
 /// What the hub said in the GOAWAY it closed a connection with, if it closed one: in words.

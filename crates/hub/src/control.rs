@@ -12,13 +12,14 @@ use h2::RecvStream;
 use http::{Method, Request, StatusCode};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use ztm_net::goaway::{self, Role};
-use ztm_net::h2io::{self, read_body, respond, respond_error, respond_json, BodyError};
+use ztm_net::h2io::{self, read_body, respond, respond_error, respond_json_with, BodyError};
 use ztm_net::now_ms;
 use ztm_net::relay;
 use ztm_proto::names::check_name;
 use ztm_proto::wire::{
-    is_endpoint_id, Proto, Register, Registered, ServiceDecl, ENDPOINT_USER_HEADER, HOP_TIMEOUT,
-    MAX_MANAGE_BODY, REGISTER_TIMEOUT, TUNNEL_PROTOCOL, USER_HEADER,
+    choose_version, is_endpoint_id, Proto, Register, Registered, ServiceDecl, ENDPOINT_USER_HEADER,
+    HOP_TIMEOUT, MAX_MANAGE_BODY, PROTOCOL_HEADER, PROTOCOL_VERSION, REGISTER_TIMEOUT,
+    TUNNEL_PROTOCOL, USER_HEADER,
 };
 use ztm_tls::TlsStream;
 
@@ -264,6 +265,26 @@ async fn read_json<T: serde::de::DeserializeOwned>(
 }
 
 async fn register(conn: &Arc<Conn>, id: &str, req: Request<RecvStream>, send: SendResponse<Bytes>) {
+    let offered = req
+        .headers()
+        .get(PROTOCOL_HEADER)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    // The version spoken on this connection: the highest the agent offers that the hub
+    // speaks (PROTOCOL.md, "Versions").
+    let Some(version) = choose_version(offered.as_deref()) else {
+        let message = format!(
+            "this hub speaks version {PROTOCOL_VERSION} of the ztm protocol; the agent offered {:?}",
+            offered.unwrap_or_default()
+        );
+        let error = ztm_proto::model::ApiError::new(StatusCode::BAD_REQUEST.as_u16(), message);
+        return respond_json_with(
+            send,
+            StatusCode::BAD_REQUEST,
+            &[(PROTOCOL_HEADER, &PROTOCOL_VERSION.to_string())],
+            &error,
+        );
+    };
+    let version = version.to_string();
     if !is_endpoint_id(id) {
         return respond_error(
             send,
@@ -334,9 +355,10 @@ async fn register(conn: &Arc<Conn>, id: &str, req: Request<RecvStream>, send: Se
         conn.peer.user,
         conn.peer.addr
     );
-    respond_json(
+    respond_json_with(
         send,
         StatusCode::OK,
+        &[(PROTOCOL_HEADER, &version)],
         &Registered {
             session: token,
             hub: conn.hub.name.clone(),

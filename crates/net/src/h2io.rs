@@ -101,9 +101,30 @@ pub fn respond(
 }
 
 pub fn respond_json<T: Serialize>(send: SendResponse<Bytes>, status: StatusCode, value: &T) {
-    match serde_json::to_vec(value) {
-        Ok(v) => respond(send, status, Some("application/json"), v.into()),
-        Err(_) => respond(send, StatusCode::INTERNAL_SERVER_ERROR, None, Bytes::new()),
+    respond_json_with(send, status, &[], value)
+}
+
+/// Sends a JSON response with the extra headers `headers`.
+pub fn respond_json_with<T: Serialize>(
+    mut send: SendResponse<Bytes>,
+    status: StatusCode,
+    headers: &[(&'static str, &str)],
+    value: &T,
+) {
+    let Ok(body) = serde_json::to_vec(value) else {
+        return respond(send, StatusCode::INTERNAL_SERVER_ERROR, None, Bytes::new());
+    };
+    let mut builder = Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "application/json");
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let Ok(resp) = builder.body(()) else {
+        return respond(send, StatusCode::INTERNAL_SERVER_ERROR, None, Bytes::new());
+    };
+    if let Ok(mut stream) = send.send_response(resp, false) {
+        let _ = stream.send_data(body.into(), true);
     }
 }
 
