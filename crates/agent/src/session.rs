@@ -12,6 +12,7 @@ use http::{Method, Request, StatusCode};
 use tokio::net::TcpStream;
 use tower::ServiceExt;
 use ztm_net::backoff::Backoff;
+use ztm_net::goaway::{self, Farewell, Goaway, Goodbye, Role};
 use ztm_net::h2io::{self, read_body, respond, respond_error, respond_json};
 use ztm_net::now_ms;
 use ztm_pki::rustls::pki_types::ServerName;
@@ -19,7 +20,8 @@ use ztm_pki::rustls::ClientConfig;
 use ztm_proto::model::TimedMessage;
 use ztm_proto::wire::{
     Hello, Register, Registered, BACKOFF_MAX, BACKOFF_MIN, HANDSHAKE_TIMEOUT, HEARTBEAT_INTERVAL,
-    MAX_MANAGE_BODY, REQUEST_TIMEOUT, USER_HEADER,
+    MAX_MANAGE_BODY, PROTOCOL_HEADER, PROTOCOL_VERSION, REQUEST_TIMEOUT, TUNNEL_PROTOCOL,
+    USER_HEADER,
 };
 use ztm_tls::TlsStream;
 
@@ -149,6 +151,7 @@ async fn connect_once(
         .peer_certificates()
         .first()
         .and_then(|c| ztm_pki::cert_info(c.as_ref()).ok());
+    let (stream, control_bye) = goaway::wrap(stream, Role::Client);
     let (sender, conn) = ztm_net::h2io::client_builder()
         .handshake::<_, Bytes>(stream)
         .await
@@ -165,6 +168,7 @@ async fn connect_once(
     };
     let req = h2io::build(Method::POST, &format!("/api/endpoints/{}", rt.id()))?
         .header(http::header::CONTENT_TYPE, "application/json")
+        .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
         .body(())?;
     let answer = h2io::request(
         &sender,
@@ -181,9 +185,11 @@ async fn connect_once(
             answer.error_message()
         );
     }
+    check_version(&answer.headers)?;
     let registered: Registered = answer.json()?;
 
     let reverse_stream = dial(&link.addr, tls.reverse.clone()).await?;
+    let (reverse_stream, reverse_bye) = goaway::wrap(reverse_stream, Role::Server);
     let reverse = ztm_net::h2io::server_builder()
         .handshake::<_, Bytes>(reverse_stream)
         .await;
@@ -262,14 +268,55 @@ async fn connect_once(
             }
         }
     };
-    outcome
+    // What the hub said when it closed a connection explains the end best.
+    outcome.map_err(|e| said_by_hub(&control_bye, &reverse_bye).unwrap_or(e))
+}
+
+/// The version of the wire protocol a hub's registration answer names must be ours (a hub
+/// from before versions names none, and speaks version 1).
+fn check_version(headers: &http::HeaderMap) -> Result<()> {
+    let Some(v) = headers.get(PROTOCOL_HEADER) else {
+        return Ok(());
+    };
+    if v.as_bytes() != PROTOCOL_VERSION.to_string().as_bytes() {
+        bail!(
+            "the hub answered in version {:?} of the ztm protocol; this agent speaks version \
+             {PROTOCOL_VERSION}",
+            String::from_utf8_lossy(v.as_bytes())
+        );
+    }
+    Ok(())
+}
+
+/// What the hub said in the GOAWAY it closed a connection with, if it closed one: in words.
+fn said_by_hub(control: &Farewell, reverse: &Farewell) -> Option<anyhow::Error> {
+    let (which, bye) = match (control.heard(), reverse.heard()) {
+        (Some(bye), _) => ("connection", bye),
+        (None, Some(bye)) => ("reverse connection", bye),
+        (None, None) => return None,
+    };
+    Some(anyhow!(
+        "the hub closed the {which}: {}",
+        goodbye_words(&bye)
+    ))
+}
+
+/// A GOAWAY's text, or its code in words if it has none.
+fn goodbye_words(bye: &Goodbye) -> String {
+    if bye.text.is_empty() {
+        format!("{} ({:?})", bye.code.description(), bye.code)
+    } else if bye.code == h2::Reason::NO_ERROR {
+        bye.text.clone()
+    } else {
+        bye.to_string()
+    }
 }
 
 /// Serves what hub `hub` sends over the reverse connection.
 async fn serve_reverse(
     rt: Arc<MeshRuntime>,
     hub: String,
-    mut conn: h2::server::Connection<TlsStream, Bytes>,
+    mut conn: h2::server::Connection<Goaway<TlsStream>, Bytes>,
     token: String,
 ) {
     let token = Arc::new(token);
@@ -302,6 +349,17 @@ async fn handle_reverse(
         );
     }
     if req.method() == Method::CONNECT {
+        let tunnel = req
+            .extensions()
+            .get::<h2::ext::Protocol>()
+            .is_some_and(|p| p.as_str() == TUNNEL_PROTOCOL);
+        if !tunnel {
+            return respond_error(
+                send,
+                StatusCode::BAD_REQUEST,
+                format!("expected :protocol {TUNNEL_PROTOCOL} (extended CONNECT, RFC 8441)"),
+            );
+        }
         return crate::tunnel::accept(rt, hub, req, send).await;
     }
     forwarded(rt, hub, req, send).await

@@ -11,27 +11,29 @@ use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{Method, Request, StatusCode};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::CancellationToken;
-use ztm_net::h2io::{self, read_body, respond, respond_error, respond_json, BodyError};
+use ztm_net::goaway::{self, Role};
+use ztm_net::h2io::{self, read_body, respond, respond_error, respond_json_with, BodyError};
 use ztm_net::now_ms;
 use ztm_net::relay;
 use ztm_proto::names::check_name;
 use ztm_proto::wire::{
-    is_endpoint_id, Proto, Register, Registered, ServiceDecl, ENDPOINT_USER_HEADER, HOP_TIMEOUT,
-    MAX_MANAGE_BODY, REGISTER_TIMEOUT, TUNNEL_PROTOCOL, TUNNEL_STREAMS, USER_HEADER,
+    choose_version, is_endpoint_id, Proto, Register, Registered, ServiceDecl, ENDPOINT_USER_HEADER,
+    HOP_TIMEOUT, MAX_MANAGE_BODY, PROTOCOL_HEADER, PROTOCOL_VERSION, REGISTER_TIMEOUT,
+    TUNNEL_PROTOCOL, TUNNEL_STREAMS, USER_HEADER,
 };
 use ztm_tls::TlsStream;
 
 use crate::admission::{self, Refusal, Target};
+use crate::closer::{self, Closer, Goodbye, FAREWELL_TIMEOUT};
 use crate::limits::{Refused, Slot, BODY_TIMEOUT, MAX_CONTROL_BODY};
 use crate::registry::{self, RegisterError, SessionId};
-use crate::state::{Hub, Peer, RegisterRefusal};
+use crate::state::{Hub, NoReverse, Peer, RegisterRefusal};
 
 struct Conn {
     hub: Arc<Hub>,
     peer: Peer,
     id: u64,
-    kill: CancellationToken,
+    kill: Closer,
     /// The endpoint registered on this connection and its session.
     registered: Mutex<Option<(String, SessionId)>>,
     /// Held through a registration, so that two on one connection cannot interleave.
@@ -54,10 +56,11 @@ pub async fn serve(
     tls: TlsStream,
     peer: Peer,
     conn_id: u64,
-    kill: CancellationToken,
+    kill: Closer,
 ) -> Result<()> {
+    let (io, farewell) = goaway::wrap(tls, Role::Server);
     let mut h2 = ztm_net::h2io::server_builder()
-        .handshake::<_, Bytes>(tls)
+        .handshake::<_, Bytes>(io)
         .await?;
     let bodies = Arc::new(Semaphore::new(hub.limits.bodies_per_connection));
     let conn = Arc::new(Conn {
@@ -71,7 +74,7 @@ pub async fn serve(
     });
     let register_deadline = tokio::time::sleep(REGISTER_TIMEOUT);
     tokio::pin!(register_deadline);
-    loop {
+    let goodbye = loop {
         tokio::select! {
             next = h2.accept() => match next {
                 Some(Ok((req, send))) => {
@@ -80,16 +83,26 @@ pub async fn serve(
                 }
                 Some(Err(e)) => {
                     tracing::debug!("control connection from {}: {e}", conn.peer.addr);
-                    break;
+                    break None;
                 }
-                None => break,
+                None => break None,
             },
-            _ = conn.kill.cancelled() => break,
+            _ = conn.kill.closed() => break Some(conn.kill.why()),
             _ = &mut register_deadline, if conn.registered().is_none() => {
                 tracing::debug!("{} did not register in time", conn.peer.addr);
-                break;
+                break Some(Goodbye::new(h2::Reason::NO_ERROR, closer::text::NOT_REGISTERED));
             }
         }
+    };
+    if let Some(goodbye) = goodbye {
+        tracing::debug!(
+            "closing the control connection of user {} from {}: {goodbye}",
+            conn.peer.user,
+            conn.peer.addr
+        );
+        farewell.close(goodbye);
+        let drained = async { while h2.accept().await.is_some() {} };
+        let _ = tokio::time::timeout(FAREWELL_TIMEOUT, drained).await;
     }
     if let Some((id, session)) = conn.registered() {
         let name = conn
@@ -105,23 +118,29 @@ pub async fn serve(
     Ok(())
 }
 
-/// Answers every request on a control connection the hub does not admit with `refusal`, then
-/// closes it: the agent learns why instead of seeing a connection drop.
+/// Answers the first request on a control connection the hub does not admit with `refusal`,
+/// then closes it with a GOAWAY that says why (see [`closer::refused`]): the agent learns why
+/// instead of seeing a connection drop.
 pub async fn refuse(tls: TlsStream, refusal: Refusal) {
+    let (io, farewell) = goaway::wrap(tls, Role::Server);
     let work = async {
         let Ok(mut h2) = ztm_net::h2io::server_builder()
-            .handshake::<_, Bytes>(tls)
+            .handshake::<_, Bytes>(io)
             .await
         else {
             return;
         };
-        if let Some(Ok((_, send))) = h2.accept().await {
-            respond_error(send, refusal.status, refusal.message);
+        let first = tokio::time::timeout(Duration::from_secs(2), h2.accept()).await;
+        if let Ok(Some(Ok((_, send)))) = first {
+            respond_error(send, refusal.status, refusal.message.clone());
         }
-        h2.graceful_shutdown();
-        while h2.accept().await.is_some() {}
+        farewell.close(closer::refused(&refusal));
+        let _ = tokio::time::timeout(FAREWELL_TIMEOUT, async {
+            while h2.accept().await.is_some() {}
+        })
+        .await;
     };
-    let _ = tokio::time::timeout(Duration::from_secs(2), work).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2) + FAREWELL_TIMEOUT, work).await;
 }
 
 fn refuse_with(send: SendResponse<Bytes>, refusal: Refusal) {
@@ -129,10 +148,10 @@ fn refuse_with(send: SendResponse<Bytes>, refusal: Refusal) {
 }
 
 async fn handle(conn: Arc<Conn>, req: Request<RecvStream>, send: SendResponse<Bytes>) {
-    // A certificate revoked since the handshake gets nothing more, whatever it asks.
+    // A certificate revoked since the handshake gets nothing more, whatever it asks; the
+    // answer goes out before the connection's GOAWAY.
     if conn.hub.revoked.contains(&conn.peer.serial) {
-        conn.kill.cancel();
-        return respond_error(
+        respond_error(
             send,
             StatusCode::FORBIDDEN,
             format!(
@@ -140,11 +159,17 @@ async fn handle(conn: Arc<Conn>, req: Request<RecvStream>, send: SendResponse<By
                 conn.peer.user
             ),
         );
+        return conn.kill.close(closer::revoked());
     }
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method().clone();
     match (&method, segments.as_slice()) {
+        (&Method::CONNECT, _) if !is_tunnel(&req) => respond_error(
+            send,
+            StatusCode::BAD_REQUEST,
+            format!("expected :protocol {TUNNEL_PROTOCOL} (extended CONNECT, RFC 8441)"),
+        ),
         (&Method::CONNECT, ["api", "endpoints", ep, "services", proto, svc]) => {
             let (ep, proto, svc) = (ep.to_string(), proto.to_string(), svc.to_string());
             tunnel(&conn, &ep, &proto, &svc, req, send).await
@@ -243,6 +268,26 @@ async fn read_json<T: serde::de::DeserializeOwned>(
 }
 
 async fn register(conn: &Arc<Conn>, id: &str, req: Request<RecvStream>, send: SendResponse<Bytes>) {
+    let offered = req
+        .headers()
+        .get(PROTOCOL_HEADER)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    // The version spoken on this connection: the highest the agent offers that the hub
+    // speaks (PROTOCOL.md, "Versions").
+    let Some(version) = choose_version(offered.as_deref()) else {
+        let message = format!(
+            "this hub speaks version {PROTOCOL_VERSION} of the ztm protocol; the agent offered {:?}",
+            offered.unwrap_or_default()
+        );
+        let error = ztm_proto::model::ApiError::new(StatusCode::BAD_REQUEST.as_u16(), message);
+        return respond_json_with(
+            send,
+            StatusCode::BAD_REQUEST,
+            &[(PROTOCOL_HEADER, &PROTOCOL_VERSION.to_string())],
+            &error,
+        );
+    };
+    let version = version.to_string();
     if !is_endpoint_id(id) {
         return respond_error(
             send,
@@ -313,9 +358,10 @@ async fn register(conn: &Arc<Conn>, id: &str, req: Request<RecvStream>, send: Se
         conn.peer.user,
         conn.peer.addr
     );
-    respond_json(
+    respond_json_with(
         send,
         StatusCode::OK,
+        &[(PROTOCOL_HEADER, &version)],
         &Registered {
             session: token,
             hub: conn.hub.name.clone(),
@@ -457,12 +503,9 @@ async fn manage(conn: &Arc<Conn>, ep: &str, req: Request<RecvStream>, send: Send
         Ok(p) => p,
         Err(r) => return refuse_with(send, r),
     };
-    let Some(sender) = conn.hub.reverse_of(session).await else {
-        return respond_error(
-            send,
-            StatusCode::BAD_GATEWAY,
-            format!("endpoint {ep} did not finish connecting to this hub"),
-        );
+    let sender = match conn.hub.reverse_of(session).await {
+        Ok(s) => s,
+        Err(e) => return respond_error(send, StatusCode::BAD_GATEWAY, no_reverse(ep, e)),
     };
     let prefix = format!("/api/endpoints/{ep}/manage");
     let rest = req
@@ -490,7 +533,22 @@ async fn manage(conn: &Arc<Conn>, ep: &str, req: Request<RecvStream>, send: Send
     let Ok(Ok(forwarded)) = forwarded.map(|b| b.body(())) else {
         return respond_error(send, StatusCode::BAD_REQUEST, "bad management path");
     };
-    match h2io::request(&sender, forwarded, body, MAX_MANAGE_BODY, HOP_TIMEOUT).await {
+    // The hop's own deadline says 504; anything else that fails it, 502.
+    let asked = h2io::request(
+        &sender,
+        forwarded,
+        body,
+        MAX_MANAGE_BODY,
+        HOP_TIMEOUT + Duration::from_secs(1),
+    );
+    let Ok(answer) = tokio::time::timeout(HOP_TIMEOUT, asked).await else {
+        return respond_error(
+            send,
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("endpoint {ep} did not answer within {HOP_TIMEOUT:?}"),
+        );
+    };
+    match answer {
         Ok(answer) if relayable(&answer) => {
             let ct = (!answer.body.is_empty()).then_some("application/json");
             respond(send, answer.status, ct, answer.body)
@@ -510,9 +568,19 @@ async fn manage(conn: &Arc<Conn>, ep: &str, req: Request<RecvStream>, send: Send
         }
         Err(e) => respond_error(
             send,
-            StatusCode::GATEWAY_TIMEOUT,
+            StatusCode::BAD_GATEWAY,
             format!("endpoint {ep} did not answer: {e:#}"),
         ),
+    }
+}
+
+/// Why a request for endpoint `ep` cannot go over its reverse connection, in words.
+fn no_reverse(ep: &str, e: NoReverse) -> String {
+    match e {
+        NoReverse::NotConnected => format!("endpoint {ep} did not finish connecting to this hub"),
+        NoReverse::Refused(why) => {
+            format!("endpoint {ep} cannot take requests from this hub: {why}")
+        }
     }
 }
 
@@ -532,13 +600,6 @@ async fn tunnel(
     req: Request<RecvStream>,
     send: SendResponse<Bytes>,
 ) {
-    if !is_tunnel(&req) {
-        return respond_error(
-            send,
-            StatusCode::BAD_REQUEST,
-            "expected :protocol ztm-tunnel",
-        );
-    }
     let Some(proto) = Proto::parse(proto) else {
         return respond_error(send, StatusCode::BAD_REQUEST, "protocol must be tcp or udp");
     };
@@ -617,12 +678,9 @@ async fn tunnel(
             ),
         );
     };
-    let Some(reverse) = conn.hub.reverse_of(session).await else {
-        return respond_error(
-            send,
-            StatusCode::BAD_GATEWAY,
-            format!("endpoint {ep} did not finish connecting to this hub"),
-        );
+    let reverse = match conn.hub.reverse_of(session).await {
+        Ok(r) => r,
+        Err(e) => return respond_error(send, StatusCode::BAD_GATEWAY, no_reverse(ep, e)),
     };
     let started = std::time::Instant::now();
     let requested = async {

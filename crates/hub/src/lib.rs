@@ -3,11 +3,12 @@
 //! the connections and sessions; [`admission`] decides who may do what and [`limits`] what
 //! anyone may hold; [`server`] owns the listening socket; [`control`] serves the agents'
 //! control connections; [`reverse`] drives the reverse connections over which the hub opens
-//! streams to agents; [`ca_client`] gets the hub's certificate and the revocation feed from the
-//! CA.
+//! streams to agents; [`closer`] closes connections and says why (GOAWAY); [`ca_client`] gets
+//! the hub's certificate and the revocation feed from the CA.
 
 pub mod admission;
 pub mod ca_client;
+pub mod closer;
 pub mod control;
 pub mod limits;
 pub mod registry;

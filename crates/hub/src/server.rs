@@ -20,6 +20,7 @@ use ztm_pki::{Revoked, ALPN_CONTROL, ALPN_REVERSE};
 use ztm_proto::wire::{HANDSHAKE_TIMEOUT, REVOCATION_POLL};
 
 use crate::ca_client::{CaClient, CaPin, NotPinned};
+use crate::closer::{Closer, FAREWELL_TIMEOUT};
 use crate::limits::{source_key, Counter, Limits, Refused, CLIENT_HELLO_TIMEOUT};
 pub use crate::state::{Hub, Peer};
 
@@ -427,7 +428,7 @@ pub async fn run(
         let hub = hub.clone();
         let acceptor = acceptor.borrow().clone();
         let handshakes = handshakes.clone();
-        let kill = root.child_token();
+        let kill = Closer::child_of(&root);
         tokio::spawn(async move {
             if let Err(e) =
                 serve_connection(hub, acceptor, handshakes, slot, stream, addr, conn_id, kill).await
@@ -437,6 +438,11 @@ pub async fn run(
         });
     }
     root.cancel();
+    // Every connection says why it closes (GOAWAY "hub shutting down") before the process ends.
+    let deadline = Instant::now() + FAREWELL_TIMEOUT;
+    while hub.connections() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     tracing::info!("hub stopped");
     Ok(())
 }
@@ -463,7 +469,7 @@ async fn serve_connection(
     stream: TcpStream,
     addr: SocketAddr,
     conn_id: u64,
-    kill: CancellationToken,
+    kill: Closer,
 ) -> Result<()> {
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let _ = stream.set_nodelay(true);
@@ -500,6 +506,8 @@ async fn serve_connection(
             );
             if alpn.as_deref() == Some(ALPN_CONTROL) {
                 crate::control::refuse(tls, refusal).await;
+            } else {
+                crate::reverse::refuse(tls, refusal).await;
             }
             return Ok(());
         }

@@ -10,14 +10,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
+use h2::Reason;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 use ztm_net::now_ms;
 use ztm_pki::Revoked;
 use ztm_proto::acl;
 use ztm_proto::wire::{EndpointInfo, HANDSHAKE_TIMEOUT, TUNNEL_STREAMS};
 
 use crate::admission;
+use crate::closer::{self, Closer, Goodbye};
 use crate::limits::{Counter, Limits, Refused, Slot};
 use crate::registry::{self, RegisterError, Registration, Registry, SessionId, Snapshot};
 
@@ -29,34 +30,63 @@ pub struct Peer {
     pub addr: SocketAddr,
 }
 
+/// Where a session's reverse connection is.
+#[derive(Clone)]
+pub enum Reverse {
+    /// Not bound yet: the agent dials it right after registering.
+    Pending,
+    Bound(h2::client::SendRequest<Bytes>),
+    /// The agent's reverse connection was refused, for this reason (it may dial again).
+    Refused(String),
+}
+
 /// The I/O handles of a registered session.
 pub struct SessionIo {
-    /// Cancelled to close the session's connections.
-    pub kill: CancellationToken,
+    /// Closes the control connection that registered the session.
+    pub control: Closer,
+    /// Closes the session's reverse connection: this session's own, so that a registration
+    /// replacing it on the same control connection closes the old reverse connection only.
+    pub reverse_closer: Closer,
     /// Which control connection registered it.
     pub conn: u64,
-    /// The reverse connection, once bound (`None` until the agent's hello arrives).
-    pub reverse: watch::Sender<Option<h2::client::SendRequest<Bytes>>>,
+    /// The reverse connection.
+    pub reverse: watch::Sender<Reverse>,
     /// The streams tunnels may take on the reverse connection; the others stay free for
     /// management requests.
     pub tunnels: Arc<tokio::sync::Semaphore>,
 }
 
 impl SessionIo {
-    fn new(kill: CancellationToken, conn: u64) -> SessionIo {
+    fn new(control: Closer, conn: u64) -> SessionIo {
         SessionIo {
-            kill,
+            control,
+            reverse_closer: Closer::new(),
             conn,
-            reverse: watch::Sender::new(None),
+            reverse: watch::Sender::new(Reverse::Pending),
             tunnels: Arc::new(tokio::sync::Semaphore::new(TUNNEL_STREAMS as usize)),
         }
     }
+
+    /// Closes both connections.
+    fn close(&self, why: Goodbye) {
+        self.control.close(why.clone());
+        self.reverse_closer.close(why);
+    }
+}
+
+/// Why a request cannot use an endpoint's reverse connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoReverse {
+    /// Not bound within the handshake timeout, or the session ended meanwhile.
+    NotConnected,
+    /// The agent's reverse connection was refused (the reason).
+    Refused(String),
 }
 
 /// An authenticated connection, as the revocation sweep sees it.
 struct ConnEntry {
     serial: String,
-    kill: CancellationToken,
+    kill: Closer,
 }
 
 /// How fresh the hub's copy of the CA's revocations is.
@@ -176,7 +206,7 @@ impl Hub {
         self: &Arc<Self>,
         id: u64,
         peer: &Peer,
-        kill: CancellationToken,
+        kill: Closer,
     ) -> Result<ConnHandle, admission::Refusal> {
         if self.revoked.contains(&peer.serial) {
             return Err(admission::Refusal::new(
@@ -210,13 +240,14 @@ impl Hub {
         })
     }
 
-    /// Registers an endpoint for the control connection `conn` (closed with `kill`), closing
-    /// the session it replaces if another connection held it.
+    /// Registers an endpoint for the control connection `conn` (closed with `control`),
+    /// closing the session it replaces: its reverse connection, and its control connection if
+    /// that is another one.
     pub fn register(
         &self,
         r: registry::Register<'_>,
         conn: u64,
-        kill: &CancellationToken,
+        control: &Closer,
     ) -> Result<Registration, RegisterRefusal> {
         let now = now_ms();
         if !self.revocations.fresh(now) {
@@ -230,11 +261,12 @@ impl Hub {
         if let Some(old) = registration.replaced {
             if let Some(io) = sessions.remove(&old) {
                 if io.conn != conn {
-                    io.kill.cancel();
+                    io.control.close(closer::session_replaced());
                 }
+                io.reverse_closer.close(closer::session_replaced());
             }
         }
-        sessions.insert(registration.session, SessionIo::new(kill.clone(), conn));
+        sessions.insert(registration.session, SessionIo::new(control.clone(), conn));
         Ok(registration)
     }
 
@@ -247,43 +279,59 @@ impl Hub {
         let mine = sessions.get(&session).map(|s| s.conn) == Some(conn);
         if mine {
             if let Some(io) = sessions.remove(&session) {
-                io.kill.cancel();
+                io.close(closer::session_ended());
             }
         }
         mine
     }
 
-    /// Closes a session's connections and takes it offline (if it still exists).
-    pub fn kill_session(&self, session: SessionId) {
+    /// Closes a session's connections, saying `why`, and takes it offline (if it still
+    /// exists).
+    pub fn kill_session(&self, session: SessionId, why: Goodbye) {
         let mut registry = self.registry();
         if let Some(id) = registry.id_of_session(session) {
             registry.end_session(&id, session);
         }
         if let Some(io) = self.sessions().remove(&session) {
-            io.kill.cancel();
+            io.close(why);
         }
     }
 
-    /// Binds a reverse connection to the session its hello names (token and user must match):
-    /// the session, and the token that ends it.
+    /// The session a reverse connection's hello names, if the token and the user match.
+    pub fn session_of_hello(&self, endpoint: &str, token: &str, user: &str) -> Option<SessionId> {
+        self.registry().check_hello(endpoint, token, user)
+    }
+
+    /// Binds a reverse connection to `session`: the closer of that reverse connection, if the
+    /// session still exists.
     pub fn bind_reverse(
         &self,
-        endpoint: &str,
-        token: &str,
-        user: &str,
+        session: SessionId,
         sender: h2::client::SendRequest<Bytes>,
-    ) -> Option<(SessionId, CancellationToken)> {
-        let registry = self.registry();
-        let session = registry.check_hello(endpoint, token, user)?;
+    ) -> Option<Closer> {
         let mut sessions = self.sessions();
         let io = sessions.get_mut(&session)?;
-        io.reverse.send_replace(Some(sender));
-        Some((session, io.kill.clone()))
+        io.reverse.send_replace(Reverse::Bound(sender));
+        Some(io.reverse_closer.clone())
+    }
+
+    /// Records that `session`'s reverse connection was refused: requests for the endpoint
+    /// fail at once with `why` instead of waiting for it.
+    pub fn refuse_reverse(&self, session: SessionId, why: String) {
+        if let Some(io) = self.sessions().get(&session) {
+            io.reverse.send_replace(Reverse::Refused(why));
+        }
     }
 
     pub fn unbind_reverse(&self, session: SessionId) {
         if let Some(io) = self.sessions().get(&session) {
-            io.reverse.send_replace(None);
+            io.reverse.send_if_modified(|r| {
+                let bound = matches!(r, Reverse::Bound(_));
+                if bound {
+                    *r = Reverse::Pending;
+                }
+                bound
+            });
         }
     }
 
@@ -294,16 +342,29 @@ impl Hub {
 
     /// The reverse-connection sender of an online endpoint. An agent dials its reverse
     /// connection right after registering, so a request that arrives in between waits for it
-    /// (up to the handshake timeout) instead of failing.
-    pub async fn reverse_of(&self, session: SessionId) -> Option<h2::client::SendRequest<Bytes>> {
-        let mut bound = self.sessions().get(&session)?.reverse.subscribe();
-        let ready = tokio::time::timeout(HANDSHAKE_TIMEOUT, bound.wait_for(Option::is_some));
-        let sender = match ready.await {
-            Ok(Ok(sender)) => sender.clone(),
+    /// (up to the handshake timeout) instead of failing; one whose reverse connection was
+    /// refused fails at once.
+    pub async fn reverse_of(
+        &self,
+        session: SessionId,
+    ) -> Result<h2::client::SendRequest<Bytes>, NoReverse> {
+        let mut bound = self
+            .sessions()
+            .get(&session)
+            .ok_or(NoReverse::NotConnected)?
+            .reverse
+            .subscribe();
+        let settled = bound.wait_for(|r| !matches!(r, Reverse::Pending));
+        let result = match tokio::time::timeout(HANDSHAKE_TIMEOUT, settled).await {
+            Ok(Ok(r)) => match &*r {
+                Reverse::Bound(sender) => Ok(sender.clone()),
+                Reverse::Refused(why) => Err(NoReverse::Refused(why.clone())),
+                Reverse::Pending => Err(NoReverse::NotConnected),
+            },
             // Timed out, or the session ended (its sender was dropped).
-            _ => None,
+            _ => Err(NoReverse::NotConnected),
         };
-        sender
+        result
     }
 
     /// Closes sessions whose heartbeats stopped.
@@ -312,7 +373,10 @@ impl Hub {
         for s in stale {
             tracing::info!("session {s} missed its heartbeats; closing it");
             if let Some(io) = self.sessions().remove(&s) {
-                io.kill.cancel();
+                io.close(Goodbye::new(
+                    Reason::NO_ERROR,
+                    closer::text::HEARTBEATS_MISSED,
+                ));
             }
         }
     }
@@ -325,12 +389,12 @@ impl Hub {
             .sessions_revoked(|serial| self.revoked.contains(serial));
         for s in sessions {
             tracing::info!("session {s} uses a revoked certificate; closing it");
-            self.kill_session(s);
+            self.kill_session(s, closer::revoked());
         }
         let mut closed = 0;
         for c in self.conns().values() {
-            if !c.kill.is_cancelled() && self.revoked.contains(&c.serial) {
-                c.kill.cancel();
+            if !c.kill.is_closed() && self.revoked.contains(&c.serial) {
+                c.kill.close(closer::revoked());
                 closed += 1;
             }
         }

@@ -28,10 +28,12 @@ pub fn server_builder() -> h2::server::Builder {
     b
 }
 
-/// HTTP/2 client settings every ZTM connection uses.
+/// HTTP/2 client settings every ZTM connection uses. Push is off (`SETTINGS_ENABLE_PUSH` = 0):
+/// a PUSH_PROMISE from the server is then a connection error (PROTOCOL_ERROR).
 pub fn client_builder() -> h2::client::Builder {
     let mut b = h2::client::Builder::new();
-    b.initial_window_size(STREAM_WINDOW)
+    b.enable_push(false)
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_concurrent_streams(MAX_STREAMS)
         .max_send_buffer_size(SEND_BUFFER)
@@ -99,9 +101,30 @@ pub fn respond(
 }
 
 pub fn respond_json<T: Serialize>(send: SendResponse<Bytes>, status: StatusCode, value: &T) {
-    match serde_json::to_vec(value) {
-        Ok(v) => respond(send, status, Some("application/json"), v.into()),
-        Err(_) => respond(send, StatusCode::INTERNAL_SERVER_ERROR, None, Bytes::new()),
+    respond_json_with(send, status, &[], value)
+}
+
+/// Sends a JSON response with the extra headers `headers`.
+pub fn respond_json_with<T: Serialize>(
+    mut send: SendResponse<Bytes>,
+    status: StatusCode,
+    headers: &[(&'static str, &str)],
+    value: &T,
+) {
+    let Ok(body) = serde_json::to_vec(value) else {
+        return respond(send, StatusCode::INTERNAL_SERVER_ERROR, None, Bytes::new());
+    };
+    let mut builder = Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "application/json");
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let Ok(resp) = builder.body(()) else {
+        return respond(send, StatusCode::INTERNAL_SERVER_ERROR, None, Bytes::new());
+    };
+    if let Ok(mut stream) = send.send_response(resp, false) {
+        let _ = stream.send_data(body.into(), true);
     }
 }
 
@@ -166,4 +189,72 @@ pub fn build(method: http::Method, path: &str) -> Result<http::request::Builder>
         .parse()
         .map_err(|e| anyhow!("bad path {path:?}: {e}"))?;
     Ok(Request::builder().method(method).uri(uri))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    async fn frame(io: &mut DuplexStream) -> (u8, u32, Vec<u8>) {
+        let mut head = [0u8; 9];
+        io.read_exact(&mut head).await.unwrap();
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut body = vec![0u8; len];
+        io.read_exact(&mut body).await.unwrap();
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        (head[3], stream, body)
+    }
+
+    /// A client says it takes no pushes, and a server that pushes anyway has made a connection
+    /// error (RFC 9113 §6.5.2, §8.4).
+    #[tokio::test]
+    async fn clients_refuse_server_push() {
+        let (a, mut server) = tokio::io::duplex(64 * 1024);
+        let (sender, conn) = client_builder().handshake::<_, Bytes>(a).await.unwrap();
+        let driver = tokio::spawn(conn);
+        let mut preface = [0u8; 24];
+        server.read_exact(&mut preface).await.unwrap();
+        let (kind, _, settings) = frame(&mut server).await;
+        assert_eq!(kind, 4);
+        let push: Vec<_> = settings
+            .chunks(6)
+            .filter(|s| s[..2] == [0, 2])
+            .map(|s| u32::from_be_bytes([s[2], s[3], s[4], s[5]]))
+            .collect();
+        assert_eq!(push, [0], "SETTINGS_ENABLE_PUSH = 0");
+        server
+            .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+            .await
+            .unwrap();
+        let req = build(http::Method::GET, "/x").unwrap().body(()).unwrap();
+        let mut ready = sender.ready().await.unwrap();
+        let (resp, _) = ready.send_request(req, true).unwrap();
+        let stream = loop {
+            let (kind, stream, _) = frame(&mut server).await;
+            if kind == 1 {
+                break stream;
+            }
+        };
+        // PUSH_PROMISE on the request's stream, promising stream 2 (GET /, https, authority a).
+        let mut push = vec![0, 0, 10, 5, 4];
+        push.extend_from_slice(&stream.to_be_bytes());
+        push.extend_from_slice(&[0, 0, 0, 2, 0x82, 0x87, 0x84, 0x01, 0x01, b'a']);
+        server.write_all(&push).await.unwrap();
+        let goaway = async {
+            loop {
+                let (kind, _, body) = frame(&mut server).await;
+                if kind == 7 {
+                    break u32::from_be_bytes([body[4], body[5], body[6], body[7]]);
+                }
+            }
+        };
+        let code = tokio::time::timeout(Duration::from_secs(5), goaway)
+            .await
+            .expect("a GOAWAY for the push");
+        assert_eq!(h2::Reason::from(code), h2::Reason::PROTOCOL_ERROR);
+        assert!(resp.await.is_err());
+        drop(server);
+        let _ = driver.await;
+    }
 }

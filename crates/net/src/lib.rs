@@ -2,6 +2,7 @@
 //! response plumbing, a small HTTP/1.1 client, reconnect backoff and wall-clock time.
 
 pub mod backoff;
+pub mod goaway;
 pub mod h2io;
 pub mod http1;
 pub mod relay;

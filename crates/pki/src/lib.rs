@@ -499,8 +499,25 @@ impl ServerCertVerifier for HubVerifier {
     }
 }
 
+/// The hub's certificate, only for a client that offers ALPN. rustls completes a handshake
+/// without ALPN even when the server has protocols; the hub refuses it there instead of
+/// dropping it after the handshake. rustls then sends the alert `access_denied` (it sends
+/// `no_application_protocol` only when the client offers protocols and none is the server's).
+#[derive(Debug)]
+struct AlpnRequired(Arc<dyn rustls::server::ResolvesServerCert>);
+
+impl rustls::server::ResolvesServerCert for AlpnRequired {
+    fn resolve(
+        &self,
+        client_hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let _offered = client_hello.alpn()?;
+        self.0.resolve(client_hello)
+    }
+}
+
 /// The hub's TLS server: TLS 1.3 only, client certificates of the mesh CA required,
-/// revoked serials refused, ALPN for the control and the reverse connection.
+/// revoked serials refused, ALPN for the control and the reverse connection (required).
 pub fn hub_server_config(
     ca_pem: &str,
     chain_pem: &str,
@@ -519,6 +536,7 @@ pub fn hub_server_config(
             parse_key(key_pem, "hub key")?,
         )?;
     config.alpn_protocols = vec![ALPN_CONTROL.to_vec(), ALPN_REVERSE.to_vec()];
+    config.cert_resolver = Arc::new(AlpnRequired(config.cert_resolver.clone()));
     config.send_tls13_tickets = 0;
     // Our cipher order, not the client's: agents built with other providers still get the
     // cheapest record cipher both sides have.
@@ -824,6 +842,50 @@ mod tests {
             rustls::Error::InvalidCertificate(CertificateError::Revoked)
         );
         handshake(client, h2).unwrap();
+    }
+
+    #[test]
+    fn clients_without_alpn_are_refused_in_the_handshake() {
+        let ca = create_ca().unwrap();
+        let signer = CaSigner::load(&ca.cert_pem, &ca.key_pem).unwrap();
+        let (hub_key, public) = generate_key().unwrap();
+        let (hub_cert, _) = signer
+            .sign_hub("h1", &public, &["127.0.0.1".into()], HUB_VALIDITY)
+            .unwrap();
+        let user = signer.issue_user("alice").unwrap();
+        let server =
+            || hub_server_config(&ca.cert_pem, &hub_cert, &hub_key, Revoked::default()).unwrap();
+        let client = |alpn: &[&[u8]]| {
+            let mut c =
+                agent_client_config(&ca.cert_pem, &user.cert_pem, &user.key_pem, ALPN_CONTROL)
+                    .unwrap();
+            c.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+            c
+        };
+        for ok in [ALPN_CONTROL, ALPN_REVERSE] {
+            let (_, s) = handshake(client(&[ok]), server()).unwrap();
+            assert_eq!(s.alpn_protocol(), Some(ok));
+        }
+        // No ALPN: the server refuses the ClientHello, and the client hears access_denied.
+        let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut c = rustls::ClientConnection::new(Arc::new(client(&[])), name).unwrap();
+        let mut s = rustls::ServerConnection::new(Arc::new(server())).unwrap();
+        let mut wire = Vec::new();
+        c.write_tls(&mut wire).unwrap();
+        s.read_tls(&mut wire.as_slice()).unwrap();
+        assert!(s.process_new_packets().is_err());
+        wire.clear();
+        s.write_tls(&mut wire).unwrap();
+        c.read_tls(&mut wire.as_slice()).unwrap();
+        assert_eq!(
+            c.process_new_packets().err(),
+            Some(rustls::Error::AlertReceived(
+                rustls::AlertDescription::AccessDenied
+            ))
+        );
+        // Protocols of its own only: no_application_protocol.
+        let refused = handshake(client(&[b"http/1.1"]), server()).err();
+        assert_eq!(refused, Some(rustls::Error::NoApplicationProtocol));
     }
 
     #[test]

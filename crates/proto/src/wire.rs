@@ -59,6 +59,25 @@ pub const USER_HEADER: &str = "ztm-user";
 pub const ENDPOINT_USER_HEADER: &str = "ztm-endpoint-user";
 /// `:protocol` of tunnel CONNECT requests.
 pub const TUNNEL_PROTOCOL: &str = "ztm-tunnel";
+/// Header of a registration naming the versions of the wire protocol the agent speaks
+/// (comma-separated), and of the hub's answer naming the one spoken on the connection
+/// (PROTOCOL.md, "Versions").
+pub const PROTOCOL_HEADER: &str = "ztm-protocol";
+/// The version of the wire protocol this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The version to speak with an agent whose registration offered `offered` (none: an agent
+/// from before versions, which speaks 1): the highest both speak, if any.
+pub fn choose_version(offered: Option<&str>) -> Option<u32> {
+    let Some(offered) = offered else {
+        return Some(1);
+    };
+    offered
+        .split(',')
+        .filter_map(|v| v.trim().parse::<u32>().ok())
+        .filter(|v| (1..=PROTOCOL_VERSION).contains(v))
+        .max()
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
@@ -259,6 +278,17 @@ mod tests {
         let fresh = new_id_nonce();
         assert!(is_id_nonce(&fresh), "{fresh}");
         assert_ne!(fresh, new_id_nonce());
+    }
+
+    #[test]
+    fn the_highest_version_both_speak_is_chosen() {
+        assert_eq!(choose_version(None), Some(1));
+        assert_eq!(choose_version(Some("1")), Some(1));
+        assert_eq!(choose_version(Some(" 2, 1 ")), Some(1));
+        assert_eq!(choose_version(Some("2")), None);
+        assert_eq!(choose_version(Some("0")), None);
+        assert_eq!(choose_version(Some("")), None);
+        assert_eq!(choose_version(Some("one")), None);
     }
 
     #[test]

@@ -211,6 +211,11 @@ pub struct HubArgs {
     #[arg(long, default_value_t = ztm_hub::Limits::default().endpoints_per_user,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000).map(|n| n as usize))]
     max_endpoints_per_user: usize,
+    /// Endpoints the hub keeps, online and recently offline (more are refused: "the hub is
+    /// full")
+    #[arg(long, default_value_t = ztm_hub::Limits::default().endpoints,
+          value_parser = clap::value_parser!(u64).range(1..=100_000_000).map(|n| n as usize))]
+    max_endpoints: usize,
     /// Connections one user may hold (each endpoint uses two)
     #[arg(long, default_value_t = ztm_hub::Limits::default().connections_per_user,
           value_parser = clap::value_parser!(u64).range(2..=2_000_000).map(|n| n as usize))]
@@ -239,6 +244,7 @@ impl HubArgs {
             ca_cert_pem: None,
             names,
             max_endpoints_per_user: limits.endpoints_per_user,
+            max_endpoints: limits.endpoints,
             max_connections_per_user: limits.connections_per_user,
             max_handshakes_per_address: limits.unauthenticated_per_source,
             revocation_max_age: ztm_hub::server::DEFAULT_REVOCATION_MAX_AGE.as_secs(),
@@ -318,6 +324,7 @@ pub async fn run_hub(args: HubArgs) -> Result<()> {
             names: args.names,
             limits: ztm_hub::Limits {
                 endpoints_per_user: args.max_endpoints_per_user,
+                endpoints: args.max_endpoints,
                 connections_per_user: args.max_connections_per_user,
                 unauthenticated_per_source: args.max_handshakes_per_address,
                 ..ztm_hub::Limits::default()

@@ -68,7 +68,12 @@ async fn hostile_endpoint(
     let session = registered["session"].as_str().unwrap().to_string();
 
     let tls = dial(hub, ca, user, ztm_pki::ALPN_REVERSE).await;
-    let mut server = h2::server::handshake(tls).await.expect("h2 server");
+    // As an agent must (RFC 8441): the hub sends tunnels as extended CONNECT.
+    let mut server = h2::server::Builder::new()
+        .enable_connect_protocol()
+        .handshake(tls)
+        .await
+        .expect("h2 server");
     let id = id.to_string();
     tokio::spawn(async move {
         while let Some(Ok((req, respond))) = server.accept().await {

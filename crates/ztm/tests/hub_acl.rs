@@ -258,7 +258,12 @@ fn management_waits_for_a_late_reverse_connection() {
         );
 
         let tls = dial(&hub.addr, &pem, &root, ztm_pki::ALPN_REVERSE).await;
-        let mut server = h2::server::handshake(tls).await.expect("h2 server");
+        // As an agent must (RFC 8441): the hub sends tunnels as extended CONNECT.
+        let mut server = h2::server::Builder::new()
+            .enable_connect_protocol()
+            .handshake(tls)
+            .await
+            .expect("h2 server");
         let mut seen = Vec::new();
         while let Some(Ok((req, mut respond))) = server.accept().await {
             let path = req.uri().path().to_string();

@@ -169,7 +169,12 @@ pub async fn serve_reverse(
     answer: Answerer,
 ) -> tokio::task::JoinHandle<()> {
     let tls = dial(hub, ca, user, ztm_pki::ALPN_REVERSE).await;
-    let mut server = h2::server::handshake(tls).await.expect("h2 server");
+    // As an agent must (RFC 8441): the hub sends tunnels as extended CONNECT.
+    let mut server = h2::server::Builder::new()
+        .enable_connect_protocol()
+        .handshake(tls)
+        .await
+        .expect("h2 server");
     let hello = serde_json::json!({"endpoint": id, "session": token}).to_string();
     tokio::spawn(async move {
         while let Some(Ok((req, mut respond))) = server.accept().await {

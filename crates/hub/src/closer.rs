@@ -1,0 +1,136 @@
+//! Closing a connection and saying why. A [`Closer`] is what the hub keeps of a connection to
+//! close it; the connection's task says the reason to the agent in a GOAWAY (code and debug
+//! text, `ztm_net::goaway`). PROTOCOL.md ("Closing connections") lists them.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use h2::Reason;
+use tokio_util::sync::CancellationToken;
+pub use ztm_net::goaway::Goodbye;
+
+/// How long a connection that says goodbye waits for the agent to close its side.
+pub const FAREWELL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The debug texts of the hub's GOAWAY frames.
+pub mod text {
+    /// The endpoint registered again (on another connection, or on this one: then only the
+    /// old session's reverse connection is closed).
+    pub const SESSION_REPLACED: &str = "session replaced";
+    /// The control connection that registered the session closed (said on its reverse).
+    pub const SESSION_ENDED: &str = "session ended";
+    /// The session's reverse connection closed (said on its control connection).
+    pub const REVERSE_CLOSED: &str = "reverse connection closed";
+    pub const HEARTBEATS_MISSED: &str = "heartbeats missed";
+    pub const PINGS_UNANSWERED: &str = "pings not answered";
+    pub const REVOKED: &str = "certificate revoked";
+    pub const NOT_REGISTERED: &str = "no registration within 30 s";
+    /// Followed by ": " and what was wrong with it.
+    pub const BAD_HELLO: &str = "bad hello";
+    pub const NO_EXTENDED_CONNECT: &str = "extended CONNECT not enabled";
+    pub const TOO_MANY_CONNECTIONS: &str = "too many connections";
+    pub const SHUTTING_DOWN: &str = "hub shutting down";
+}
+
+pub fn session_replaced() -> Goodbye {
+    Goodbye::new(Reason::NO_ERROR, text::SESSION_REPLACED)
+}
+
+pub fn session_ended() -> Goodbye {
+    Goodbye::new(Reason::NO_ERROR, text::SESSION_ENDED)
+}
+
+pub fn revoked() -> Goodbye {
+    Goodbye::new(Reason::INADEQUATE_SECURITY, text::REVOKED)
+}
+
+pub fn bad_hello(what: impl std::fmt::Display) -> Goodbye {
+    Goodbye::new(
+        Reason::PROTOCOL_ERROR,
+        format!("{}: {what}", text::BAD_HELLO),
+    )
+}
+
+/// What a connection the hub does not admit is told: its certificate was revoked, or its user
+/// holds as many connections as it may.
+pub fn refused(refusal: &crate::admission::Refusal) -> Goodbye {
+    if refusal.status == http::StatusCode::FORBIDDEN {
+        revoked()
+    } else {
+        Goodbye::new(Reason::ENHANCE_YOUR_CALM, text::TOO_MANY_CONNECTIONS)
+    }
+}
+
+/// Closes one connection (or the connections of one session), with the reason given first.
+#[derive(Clone, Debug)]
+pub struct Closer {
+    token: CancellationToken,
+    why: Arc<OnceLock<Goodbye>>,
+}
+
+impl Default for Closer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Closer {
+    pub fn new() -> Self {
+        Self {
+            token: CancellationToken::new(),
+            why: Arc::default(),
+        }
+    }
+
+    /// A closer that also closes when `parent` is cancelled (the hub stopping).
+    pub fn child_of(parent: &CancellationToken) -> Self {
+        Self {
+            token: parent.child_token(),
+            why: Arc::default(),
+        }
+    }
+
+    /// Closes with `why`, unless it was closed already (the first reason stays).
+    pub fn close(&self, why: Goodbye) {
+        let _ = self.why.set(why);
+        self.token.cancel();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    pub async fn closed(&self) {
+        self.token.cancelled().await
+    }
+
+    /// Why it was closed: the reason given, or the hub stopping.
+    pub fn why(&self) -> Goodbye {
+        self.why
+            .get()
+            .cloned()
+            .unwrap_or_else(|| Goodbye::new(Reason::NO_ERROR, text::SHUTTING_DOWN))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_reason_stays_and_a_stopping_hub_says_so() {
+        let c = Closer::new();
+        assert!(!c.is_closed());
+        c.close(session_replaced());
+        c.close(revoked());
+        assert!(c.is_closed());
+        assert_eq!(c.why(), session_replaced());
+
+        let root = CancellationToken::new();
+        let child = Closer::child_of(&root);
+        root.cancel();
+        assert!(child.is_closed());
+        assert_eq!(child.why().text, text::SHUTTING_DOWN);
+        assert_eq!(bad_hello("no answer").text, "bad hello: no answer");
+    }
+}
