@@ -815,7 +815,7 @@ def settings_of_the_control_connection(w):
     equal(s.get(S_ENABLE_CONNECT_PROTOCOL), 1, "SETTINGS_ENABLE_CONNECT_PROTOCOL")
     equal(s.get(S_WINDOW), 2 << 20, "SETTINGS_INITIAL_WINDOW_SIZE")
     equal(s.get(S_MAX_FRAME), 65536, "SETTINGS_MAX_FRAME_SIZE")
-    equal(s.get(S_MAX_STREAMS), 1000, "SETTINGS_MAX_CONCURRENT_STREAMS")
+    equal(s.get(S_MAX_STREAMS), 16384, "SETTINGS_MAX_CONCURRENT_STREAMS")
     equal(s.get(S_MAX_HEADER_LIST), 16384, "SETTINGS_MAX_HEADER_LIST_SIZE")
     raw.close()
     raw = Raw(w)
