@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 /// The order in which to try `providers`: fewest active connections first; among equals,
 /// rotating from `cursor` so that new connections spread round-robin.
@@ -31,18 +33,13 @@ pub struct Balancer {
 impl Balancer {
     pub fn order(&self, providers: &[String]) -> Vec<String> {
         let cursor = self.cursor.fetch_add(1, Ordering::Relaxed);
-        let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        let active = self.active.lock();
         order(providers, &active, cursor)
     }
 
     /// Counts a connection to `endpoint` until the guard is dropped.
     pub fn track(self: &Arc<Self>, endpoint: &str) -> Active {
-        *self
-            .active
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(endpoint.to_string())
-            .or_default() += 1;
+        *self.active.lock().entry(endpoint.to_string()).or_default() += 1;
         Active {
             balancer: self.clone(),
             endpoint: endpoint.to_string(),
@@ -57,11 +54,7 @@ pub struct Active {
 
 impl Drop for Active {
     fn drop(&mut self) {
-        let mut active = self
-            .balancer
-            .active
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut active = self.balancer.active.lock();
         if let Some(n) = active.get_mut(&self.endpoint) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -108,6 +101,6 @@ mod tests {
         let _g2 = b.track("a");
         assert_eq!(b.order(&names(&["a", "b"]))[0], "b");
         drop(g1);
-        assert_eq!(b.active.lock().unwrap().get("a"), Some(&1));
+        assert_eq!(b.active.lock().get("a"), Some(&1));
     }
 }

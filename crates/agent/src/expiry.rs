@@ -16,7 +16,7 @@ pub fn warnings(now: u64, cert: u64, ca: u64) -> Vec<TimedMessage> {
     ]
     .into_iter()
     .filter_map(|(at, what)| warning(now, at, what))
-    .map(|message| TimedMessage { time: now, message })
+    .map(|message| TimedMessage::new(now, message))
     .collect()
 }
 

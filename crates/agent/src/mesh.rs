@@ -1,27 +1,31 @@
-//! One joined mesh at run time: a link to every hub in `bootstraps`, the mesh's errors and
-//! event log, and the queries that go through hubs (discovery, remote management).
+//! One joined mesh's data: its configuration, its links to hubs and their state, its local
+//! services, its CRL, its event log, and the requests that go through its hubs (discovery,
+//! choosing tunnel providers, remote management). Nothing here starts tasks or listeners: the
+//! [`crate::supervisor`] does, and the hub links ([`crate::session`]), tunnels
+//! ([`crate::tunnel`]) and port listeners ([`crate::ports`]) use what is here.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
+use parking_lot::{Mutex, MutexGuard, RwLock};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use ztm_net::h2io::{self, Answer};
 use ztm_net::now_ms;
 use ztm_pki::rustls::ClientConfig;
 use ztm_pki::CrlSlot;
-use ztm_proto::model::{Endpoint, Service, TimedMessage};
+use ztm_proto::model::{ApiError, Endpoint, Service, TimedMessage};
 use ztm_proto::wire::{
-    EndpointInfo, Proto, ServiceDecl, ServiceInfo, ENDPOINT_USER_HEADER, MAX_MANAGE_BODY,
+    EndpointInfo, Proto, ServiceDecl, ServiceInfo, ENDPOINT_USER_HEADER, MAX_MANAGE_BODY, NOT_HERE,
     REQUEST_TIMEOUT, TUNNEL_STREAMS,
 };
 
-use crate::ports::{PortKey, PortState, Ports};
+use crate::discovery;
+use crate::error::MeshError;
 use crate::store::{MeshRecord, ServiceRecord, Store};
-use crate::ApiError;
 
 /// The state of the link to one hub.
 #[derive(Default)]
@@ -53,6 +57,7 @@ impl Control {
     }
 }
 
+/// The link to one hub of the mesh.
 pub struct HubLink {
     pub addr: String,
     state: Mutex<LinkState>,
@@ -60,46 +65,15 @@ pub struct HubLink {
 
 impl HubLink {
     pub fn state(&self) -> MutexGuard<'_, LinkState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock()
     }
 }
 
+/// The TLS configurations of the mesh's two kinds of connection.
 pub struct TlsConfigs {
     pub control: Arc<ClientConfig>,
     pub reverse: Arc<ClientConfig>,
 }
-
-pub struct MeshRuntime {
-    pub record: MeshRecord,
-    pub username: String,
-    pub links: Vec<Arc<HubLink>>,
-    pub stop: CancellationToken,
-    pub services_tx: watch::Sender<Vec<ServiceDecl>>,
-    pub store: Arc<Store>,
-    /// Problems with the configuration itself (bad PEM, certificate of another CA).
-    pub config_errors: Vec<TimedMessage>,
-    pub tls: Option<TlsConfigs>,
-    /// The newest CRL of the mesh's CA, from any hub or the database; the TLS configurations
-    /// refuse hubs it lists.
-    pub crl: CrlSlot,
-    /// The agent's REST API, to answer management requests forwarded by hubs.
-    pub router: axum::Router,
-    /// Local services by protocol and name, for incoming tunnels.
-    local: RwLock<HashMap<(Proto, String), LocalService>>,
-    /// Requests from hubs refused by [`crate::admission`], for the warnings about them.
-    refusals: Mutex<RefusalLog>,
-    /// Recent answers of the hubs' service lists, for choosing tunnel providers quickly.
-    providers_cache: Mutex<Option<(Instant, HubServices)>>,
-    pub ports: Ports,
-    /// What this mesh's tunnel relays hold for stalled readers.
-    pub stalls: ztm_net::relay::StallGuard,
-    /// When the agent's and the CA's certificates expire (ms since the epoch; 0: unknown).
-    pub cert_expires: u64,
-    pub ca_expires: u64,
-}
-
-/// Each connected hub's service list, by link index.
-type HubServices = Arc<Vec<(usize, Vec<ServiceInfo>)>>;
 
 /// An endpoint providing a service, and the hub connections it can be reached through.
 pub struct Provider {
@@ -109,9 +83,6 @@ pub struct Provider {
     pub links: Vec<Control>,
 }
 
-/// How long a hub's service list is trusted for choosing tunnel providers.
-const PROVIDERS_TTL: Duration = Duration::from_secs(2);
-
 /// A service of this endpoint, as an incoming tunnel needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalService {
@@ -119,6 +90,51 @@ pub struct LocalService {
     pub port: u16,
     /// The users it admits besides root and this endpoint's user (`None`: every user).
     pub users: Option<Vec<String>>,
+}
+
+/// How long a hub's service list is trusted for choosing tunnel providers.
+const PROVIDERS_TTL: Duration = Duration::from_secs(2);
+
+/// Refusals of what a hub forwarded are warned about at most once per this period, with the
+/// number of those not warned about: a compromised hub sending them in a loop must not flood
+/// the log and push everything else out of the mesh's event log.
+const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<Instant>,
+    unreported: u64,
+}
+
+/// Each connected hub's service list, by link index.
+type HubServices = Arc<Vec<(usize, Vec<ServiceInfo>)>>;
+
+pub struct Mesh {
+    record: MeshRecord,
+    username: String,
+    links: Vec<Arc<HubLink>>,
+    stop: CancellationToken,
+    services_tx: watch::Sender<Vec<ServiceDecl>>,
+    store: Arc<Store>,
+    /// Problems with the configuration itself (bad PEM, certificate of another CA).
+    config_errors: Vec<TimedMessage>,
+    tls: Option<TlsConfigs>,
+    /// The newest CRL of the mesh's CA, from any hub or the database; the TLS configurations
+    /// refuse hubs it lists.
+    crl: CrlSlot,
+    /// The agent's REST API, to answer management requests forwarded by hubs.
+    router: axum::Router,
+    /// Local services by protocol and name, for incoming tunnels.
+    local: RwLock<HashMap<(Proto, String), LocalService>>,
+    /// Requests from hubs refused by [`crate::admission`], for the warnings about them.
+    refusals: Mutex<RefusalLog>,
+    /// Recent answers of the hubs' service lists, for choosing tunnel providers quickly.
+    providers_cache: Mutex<Option<(Instant, HubServices)>>,
+    /// What this mesh's tunnel relays hold for stalled readers.
+    stalls: ztm_net::relay::StallGuard,
+    /// When the agent's and the CA's certificates expire (ms since the epoch; 0: unknown).
+    cert_expires: u64,
+    ca_expires: u64,
 }
 
 fn local_map(services: &[ServiceRecord]) -> HashMap<(Proto, String), LocalService> {
@@ -137,17 +153,7 @@ fn local_map(services: &[ServiceRecord]) -> HashMap<(Proto, String), LocalServic
         .collect()
 }
 
-/// Refusals of what a hub forwarded are warned about at most once per this period, with the
-/// number of those not warned about: a compromised hub sending them in a loop must not flood
-/// the log and push everything else out of the mesh's event log.
-const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(10);
-
-#[derive(Default)]
-struct RefusalLog {
-    last: Option<Instant>,
-    unreported: u64,
-}
-
+/// What the agent publishes of its services to hubs (no host or port).
 pub fn decls(services: &[ServiceRecord]) -> Vec<ServiceDecl> {
     services
         .iter()
@@ -159,54 +165,42 @@ pub fn decls(services: &[ServiceRecord]) -> Vec<ServiceDecl> {
         .collect()
 }
 
-impl MeshRuntime {
-    /// Builds the runtime and starts a link task per hub.
-    pub fn start(record: MeshRecord, store: Arc<Store>, router: axum::Router) -> Arc<MeshRuntime> {
+/// When a PEM certificate expires, in ms since the epoch (0 if it cannot be read).
+fn expiry_of(pem: &str) -> u64 {
+    ztm_pki::cert_info_pem(pem, "certificate")
+        .map(|i| u64::try_from(i.not_after).unwrap_or(0).saturating_mul(1000))
+        .unwrap_or(0)
+}
+
+impl Mesh {
+    /// The mesh of `record`: its TLS configurations, its stored CRL and services, a link
+    /// state per hub. Problems with the configuration are kept as its errors.
+    pub fn new(record: MeshRecord, store: Arc<Store>, router: axum::Router) -> Arc<Mesh> {
         let mut config_errors = Vec::new();
         let username = ztm_pki::cert_info_pem(&record.cert, "certificate")
             .map(|i| i.common_name)
             .unwrap_or_default();
         if let Err(e) = ztm_pki::verify_signed_by(&record.ca, &record.cert) {
-            config_errors.push(TimedMessage {
-                time: now_ms(),
-                message: format!(
-                    "{e}: the agent certificate was not issued by this mesh's CA certificate"
-                ),
-            });
+            config_errors.push(TimedMessage::new(
+                now_ms(),
+                format!("{e}: the agent certificate was not issued by this mesh's CA certificate"),
+            ));
         }
         let crl = CrlSlot::default();
         crate::crl::load(&store, &record, &crl);
-        let tls = (|| -> Result<TlsConfigs, ztm_pki::PkiError> {
-            Ok(TlsConfigs {
-                control: Arc::new(ztm_pki::agent_client_config_with_crl(
-                    &record.ca,
-                    &record.cert,
-                    &record.key,
-                    ztm_pki::ALPN_CONTROL,
-                    &crl,
-                )?),
-                reverse: Arc::new(ztm_pki::agent_client_config_with_crl(
-                    &record.ca,
-                    &record.cert,
-                    &record.key,
-                    ztm_pki::ALPN_REVERSE,
-                    &crl,
-                )?),
-            })
-        })();
-        let tls = match tls {
-            Ok(t) => Some(t),
-            Err(e) => {
-                config_errors.push(TimedMessage {
-                    time: now_ms(),
-                    message: e.to_string(),
-                });
+        let config = |alpn: &[u8]| {
+            ztm_pki::agent_client_config_with_crl(&record.ca, &record.cert, &record.key, alpn, &crl)
+                .map(Arc::new)
+        };
+        let tls = match (config(ztm_pki::ALPN_CONTROL), config(ztm_pki::ALPN_REVERSE)) {
+            (Ok(control), Ok(reverse)) => Some(TlsConfigs { control, reverse }),
+            (Err(e), _) | (_, Err(e)) => {
+                config_errors.push(TimedMessage::new(now_ms(), e.to_string()));
                 None
             }
         };
         let services = store.services(&record.name).unwrap_or_default();
         let (services_tx, _) = watch::channel(decls(&services));
-        let local = RwLock::new(local_map(&services));
         let links = record
             .bootstraps
             .iter()
@@ -217,13 +211,9 @@ impl MeshRuntime {
                 })
             })
             .collect();
-        let expires = |pem: &str| {
-            ztm_pki::cert_info_pem(pem, "certificate")
-                .map(|i| u64::try_from(i.not_after).unwrap_or(0).saturating_mul(1000))
-                .unwrap_or(0)
-        };
-        let (cert_expires, ca_expires) = (expires(&record.cert), expires(&record.ca));
-        let rt = Arc::new(MeshRuntime {
+        Arc::new(Mesh {
+            cert_expires: expiry_of(&record.cert),
+            ca_expires: expiry_of(&record.ca),
             record,
             username,
             links,
@@ -234,72 +224,100 @@ impl MeshRuntime {
             tls,
             crl,
             router,
-            local,
+            local: RwLock::new(local_map(&services)),
             refusals: Mutex::new(RefusalLog::default()),
             providers_cache: Mutex::new(None),
-            ports: Ports::default(),
             stalls: Default::default(),
-            cert_expires,
-            ca_expires,
-        });
-        for e in &rt.config_errors {
-            rt.event("error", &e.message);
-        }
-        // Expiry warnings in the log: at start, and once a day while they last.
-        {
-            let rt = rt.clone();
-            tokio::spawn(async move {
-                loop {
-                    for w in rt.warnings() {
-                        rt.event("warning", &w.message);
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(std::time::Duration::from_secs(24 * 3600)) => {}
-                        _ = rt.stop.cancelled() => return,
-                    }
-                }
-            });
-        }
-        if rt.tls.is_some() {
-            for link in &rt.links {
-                tokio::spawn(crate::session::run_link(rt.clone(), link.clone()));
-            }
-        }
-        rt.sync_ports();
-        rt
+        })
     }
 
-    /// Opens, closes or retargets listeners to match the stored ports.
-    pub fn sync_ports(self: &Arc<Self>) {
-        match self.store.ports(&self.record.name) {
-            Ok(wanted) => self.ports.sync(self, &wanted),
-            Err(e) => tracing::error!("reading ports: {e}"),
-        }
+    /// The configuration as stored.
+    pub fn record(&self) -> &MeshRecord {
+        &self.record
     }
 
-    pub fn port_state(&self, key: &PortKey) -> PortState {
-        self.ports.state(key)
+    pub fn name(&self) -> &str {
+        &self.record.name
+    }
+
+    /// This endpoint's id.
+    pub fn id(&self) -> &str {
+        &self.record.endpoint_id
+    }
+
+    /// This endpoint's name.
+    pub fn agent_name(&self) -> &str {
+        &self.record.agent_name
+    }
+
+    /// The user of this agent's certificate.
+    pub fn username(&self) -> &str {
+        &self.username
+    }
+
+    pub fn links(&self) -> &[Arc<HubLink>] {
+        &self.links
+    }
+
+    /// The TLS configurations, unless the configuration is unusable.
+    pub fn tls(&self) -> Option<&TlsConfigs> {
+        self.tls.as_ref()
+    }
+
+    pub fn crl(&self) -> &CrlSlot {
+        &self.crl
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn router(&self) -> &axum::Router {
+        &self.router
+    }
+
+    pub fn stalls(&self) -> &ztm_net::relay::StallGuard {
+        &self.stalls
+    }
+
+    /// Cancelled when the mesh stops (left, or reconfigured).
+    pub fn stopping(&self) -> &CancellationToken {
+        &self.stop
+    }
+
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// The list of services to publish, as it changes.
+    pub fn published(&self) -> watch::Receiver<Vec<ServiceDecl>> {
+        self.services_tx.subscribe()
+    }
+
+    pub fn config_errors(&self) -> &[TimedMessage] {
+        &self.config_errors
+    }
+
+    pub fn cert_expires(&self) -> u64 {
+        self.cert_expires
+    }
+
+    pub fn ca_expires(&self) -> u64 {
+        self.ca_expires
     }
 
     pub fn local_service(&self, proto: Proto, name: &str) -> Option<LocalService> {
-        self.local
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&(proto, name.to_string()))
-            .cloned()
+        self.local.read().get(&(proto, name.to_string())).cloned()
     }
 
     pub fn forget_providers(&self) {
-        *self
-            .providers_cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = None;
+        *self.providers_cache.lock() = None;
     }
 
     /// Online endpoints that provide `proto/name` and that this agent's user may reach,
     /// restricted to `endpoint` (an id or a name) and to endpoints of `user` when given, and
-    /// without an endpoint to users the port trusts (`acl::trusts`). An endpoint is its id and
-    /// its user: should two users claim one id on different hubs, they are two providers.
+    /// without an endpoint to users the port trusts (`acl::trusts`); see
+    /// [`discovery::providers`].
     pub async fn providers(
         &self,
         proto: Proto,
@@ -308,28 +326,21 @@ impl MeshRuntime {
         user: Option<&str>,
         trust: Option<&[String]>,
     ) -> Vec<Provider> {
-        let cached = {
-            let cache = self
-                .providers_cache
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            cache
-                .as_ref()
-                .filter(|(at, _)| at.elapsed() < PROVIDERS_TTL)
-                .map(|(_, lists)| lists.clone())
-        };
+        let cached = self
+            .providers_cache
+            .lock()
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < PROVIDERS_TTL)
+            .map(|(_, lists)| lists.clone());
         let lists = match cached {
             Some(l) => l,
             None => {
                 let fresh = Arc::new(self.query_links::<Vec<ServiceInfo>>("/api/services").await);
-                *self
-                    .providers_cache
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), fresh.clone()));
+                *self.providers_cache.lock() = Some((Instant::now(), fresh.clone()));
                 fresh
             }
         };
-        let wanted = crate::discovery::Wanted {
+        let wanted = discovery::Wanted {
             proto,
             name,
             me: &self.username,
@@ -337,7 +348,7 @@ impl MeshRuntime {
             user,
             trust,
         };
-        crate::discovery::providers(&wanted, &lists)
+        discovery::providers(&wanted, &lists)
             .into_iter()
             .map(|c| Provider {
                 links: c
@@ -353,19 +364,11 @@ impl MeshRuntime {
             .collect()
     }
 
-    pub fn name(&self) -> &str {
-        &self.record.name
-    }
-
-    pub fn id(&self) -> &str {
-        &self.record.endpoint_id
-    }
-
     /// Warns (process log and mesh log, kind `warning`) that a request hub `hub` forwarded was
     /// refused, at most once per [`REFUSAL_WARN_EVERY`].
     pub fn refused(&self, hub: &str, message: &str) {
         let unreported = {
-            let mut log = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+            let mut log = self.refusals.lock();
             if log.last.is_some_and(|at| at.elapsed() < REFUSAL_WARN_EVERY) {
                 log.unreported += 1;
                 return;
@@ -386,9 +389,9 @@ impl MeshRuntime {
     /// Records an event in the mesh's log and the process log.
     pub fn event(&self, kind: &str, message: &str) {
         if kind == "error" || kind == "warning" {
-            tracing::warn!("mesh {}: {message}", self.record.name);
+            tracing::warn!(mesh = %self.record.name, "mesh {}: {message}", self.record.name);
         } else {
-            tracing::info!("mesh {}: {message}", self.record.name);
+            tracing::info!(mesh = %self.record.name, "mesh {}: {message}", self.record.name);
         }
         if let Err(e) = self
             .store
@@ -423,13 +426,8 @@ impl MeshRuntime {
     /// Tells every hub link to publish the current service list.
     pub fn publish(&self) {
         let services = self.store.services(&self.record.name).unwrap_or_default();
-        *self.local.write().unwrap_or_else(|p| p.into_inner()) = local_map(&services);
+        *self.local.write() = local_map(&services);
         self.services_tx.send_replace(decls(&services));
-    }
-
-    pub fn stop(&self) {
-        self.stop.cancel();
-        self.ports.stop_all();
     }
 
     /// GETs `path` from every connected hub at once; answers that fail are skipped.
@@ -493,14 +491,14 @@ impl MeshRuntime {
     /// and user (two users claiming one id on different hubs show as two endpoints).
     pub async fn endpoints(&self) -> Vec<Endpoint> {
         let answers = self.query_hubs::<Vec<EndpointInfo>>("/api/endpoints").await;
-        crate::discovery::endpoints(answers, self.local_endpoint())
+        discovery::endpoints(answers, self.local_endpoint())
     }
 
     /// Services discovered through hubs merged with the local ones.
     pub async fn services(&self) -> Vec<Service> {
         let answers = self.query_hubs::<Vec<ServiceInfo>>("/api/services").await;
         let local = self.store.services(&self.record.name).unwrap_or_default();
-        crate::discovery::services(
+        discovery::services(
             answers,
             &local,
             (&self.record.endpoint_id, &self.record.agent_name),
@@ -517,47 +515,45 @@ impl MeshRuntime {
         rest: &str,
         content_type: Option<&str>,
         body: Bytes,
-    ) -> Result<Answer, ApiError> {
+    ) -> Result<Answer, MeshError> {
         let controls = self.controls();
         if controls.is_empty() {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not connected to any hub of this mesh",
-            ));
+            return Err(MeshError::NotConnected);
         }
         let path = format!("/api/endpoints/{ep}/manage{rest}");
-        let mut last = None;
+        let mut not_here = None;
         for sender in controls {
             let mut req = h2io::build(method.clone(), &path)
-                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+                .map_err(|e| MeshError::BadRequest(e.to_string()))?;
             if let Some(ct) = content_type {
                 req = req.header(http::header::CONTENT_TYPE, ct);
             }
             let req = req
                 .header(ENDPOINT_USER_HEADER, user)
                 .body(())
-                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+                .map_err(|e| MeshError::BadRequest(e.to_string()))?;
             match h2io::request(&sender, req, body.clone(), MAX_MANAGE_BODY, REQUEST_TIMEOUT).await
             {
-                Ok(a)
-                    if a.status == StatusCode::NOT_FOUND
-                        && a.error_message().contains("not online at this hub") =>
-                {
-                    last = Some(a)
-                }
+                // The hub says the endpoint is not online there: try the next hub.
+                Ok(a) if answered_not_here(&a) => not_here = Some(a.error_message()),
                 Ok(a) => return Ok(a),
                 Err(e) => {
-                    last = None;
+                    not_here = None;
                     tracing::debug!("forwarding to {ep}: {e:#}");
                 }
             }
         }
-        match last {
-            Some(a) => Err(ApiError::new(StatusCode::NOT_FOUND, a.error_message())),
-            None => Err(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                format!("no hub could reach endpoint {ep}"),
-            )),
-        }
+        Err(match not_here {
+            Some(message) => MeshError::NotHere(message),
+            None => MeshError::Unreachable(ep.to_string()),
+        })
     }
+}
+
+/// Whether a hub's answer says that the endpoint asked for is not online at that hub (its
+/// error body's `reason`, PROTOCOL.md).
+fn answered_not_here(a: &Answer) -> bool {
+    a.status == StatusCode::NOT_FOUND
+        && serde_json::from_slice::<ApiError>(&a.body)
+            .is_ok_and(|e| e.reason.as_deref() == Some(NOT_HERE))
 }

@@ -4,19 +4,22 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use ztm_net::relay;
 use ztm_proto::model::PortTarget;
 use ztm_proto::wire::Proto;
 
 use crate::balance::Balancer;
-use crate::mesh::MeshRuntime;
+use crate::mesh::Mesh;
 use crate::store::PortRecord;
 use crate::tunnel;
 
@@ -56,16 +59,15 @@ impl Ports {
     pub fn state(&self, key: &PortKey) -> PortState {
         self.running
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .get(key)
-            .map(|r| r.state.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .map(|r| r.state.lock().clone())
             .unwrap_or_default()
     }
 
     /// Makes the running listeners match `wanted`: starts new ones, stops removed ones and
     /// restarts those whose target changed.
-    pub fn sync(&self, rt: &Arc<MeshRuntime>, wanted: &[PortRecord]) {
-        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+    pub fn sync(&self, rt: &Arc<Mesh>, wanted: &[PortRecord]) {
+        let mut running = self.running.lock();
         running.retain(|k, r| {
             let keep = wanted.iter().any(|p| key(p) == *k && p.target == r.target);
             if !keep {
@@ -77,7 +79,7 @@ impl Ports {
             if running.contains_key(&key(p)) {
                 continue;
             }
-            let stop = rt.stop.child_token();
+            let stop = rt.stopping().child_token();
             let first = bind_now(p);
             let state = Arc::new(Mutex::new(PortState {
                 open: first.is_ok(),
@@ -105,19 +107,14 @@ impl Ports {
     }
 
     pub fn stop_all(&self) {
-        for (_, r) in self
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-        {
+        for (_, r) in self.running.lock().drain() {
             r.stop.cancel();
         }
     }
 }
 
 fn set(state: &Mutex<PortState>, open: bool, error: Option<String>) {
-    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+    let mut s = state.lock();
     s.open = open;
     s.error = error;
 }
@@ -158,7 +155,7 @@ fn bind_now(port: &PortRecord) -> std::io::Result<Bound> {
 }
 
 async fn run_port(
-    rt: Arc<MeshRuntime>,
+    rt: Arc<Mesh>,
     port: PortRecord,
     stop: CancellationToken,
     state: Arc<Mutex<PortState>>,
@@ -204,7 +201,7 @@ async fn run_port(
 }
 
 async fn tcp_accept_loop(
-    rt: &Arc<MeshRuntime>,
+    rt: &Arc<Mesh>,
     listener: TcpListener,
     target: &PortTarget,
     balancer: &Arc<Balancer>,
@@ -228,7 +225,13 @@ async fn tcp_accept_loop(
         let target = target.clone();
         let balancer = balancer.clone();
         let stop = stop.clone();
-        tokio::spawn(async move {
+        let span = tracing::info_span!(
+            "tunnel",
+            mesh = %rt.name(),
+            service = %format!("tcp/{}", target.service),
+            client = %client
+        );
+        let task = async move {
             let opened = tokio::select! {
                 o = tunnel::open(&rt, Proto::Tcp, &target, &balancer, Some(tunnel::FirstBytes::new(&socket))) => o,
                 _ = stop.cancelled() => return,
@@ -250,7 +253,7 @@ async fn tcp_accept_loop(
                 ..
             } = opened;
             let result = tokio::select! {
-                r = relay::pump(socket, send, recv, &rt.stalls) => r,
+                r = relay::pump(socket, send, recv, rt.stalls()) => r,
                 _ = stop.cancelled() => return,
             };
             match result {
@@ -265,12 +268,13 @@ async fn tcp_accept_loop(
                     tracing::debug!("tunnel {client} -> tcp/{}@{ep} failed: {e}", target.service)
                 }
             }
-        });
+        };
+        tokio::spawn(task.instrument(span));
     }
 }
 
 async fn udp_loop(
-    rt: &Arc<MeshRuntime>,
+    rt: &Arc<Mesh>,
     socket: Arc<UdpSocket>,
     target: &PortTarget,
     balancer: &Arc<Balancer>,

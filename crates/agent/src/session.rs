@@ -11,13 +11,14 @@ use h2::RecvStream;
 use http::{Method, Request, StatusCode};
 use tokio::net::TcpStream;
 use tower::ServiceExt;
+use tracing::Instrument;
 use ztm_net::backoff::Backoff;
 use ztm_net::goaway::{self, Farewell, Goaway, Goodbye, Role};
 use ztm_net::h2io::{self, read_body, respond, respond_error, respond_json};
 use ztm_net::now_ms;
 use ztm_pki::rustls::pki_types::ServerName;
 use ztm_pki::rustls::ClientConfig;
-use ztm_proto::model::TimedMessage;
+use ztm_proto::model::{TimedMessage, CERTIFICATE_REVOKED};
 use ztm_proto::wire::{
     Hello, Register, Registered, BACKOFF_MAX, BACKOFF_MIN, HANDSHAKE_TIMEOUT, HEARTBEAT_INTERVAL,
     MAX_MANAGE_BODY, PROTOCOL_HEADER, PROTOCOL_VERSION, REQUEST_TIMEOUT, TUNNEL_PROTOCOL,
@@ -26,34 +27,58 @@ use ztm_proto::wire::{
 use ztm_tls::TlsStream;
 
 use crate::admission;
-use crate::mesh::{HubLink, MeshRuntime};
-use crate::Forwarded;
+use crate::mesh::{HubLink, Mesh};
 
 /// Aborts a task when dropped, so no connection outlives its session.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+type AbortOnDrop = tokio_util::task::AbortOnDropHandle<()>;
 
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+fn spawn_owned(task: impl std::future::Future<Output = ()> + Send + 'static) -> AbortOnDrop {
+    AbortOnDrop::new(tokio::spawn(task))
+}
+
+/// Marks a request that a hub forwarded from another endpoint (with the user it came from): no
+/// HTTP client can set it.
+#[derive(Clone, Debug)]
+pub struct Forwarded {
+    pub user: String,
+}
+
+/// A failure of a link that a program must tell apart from others, with its words.
+#[derive(Debug)]
+struct Failure {
+    words: String,
+    reason: Option<&'static str>,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.words)
     }
 }
 
-pub async fn run_link(rt: Arc<MeshRuntime>, link: Arc<HubLink>) {
+impl std::error::Error for Failure {}
+
+pub async fn run_link(rt: Arc<Mesh>, link: Arc<HubLink>) {
     let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     let mut last_error: Option<String> = None;
     loop {
         let result = connect_once(&rt, &link, &mut backoff, &mut last_error).await;
         link.state().control = None;
-        if rt.stop.is_cancelled() {
+        if rt.stopping().is_cancelled() {
             return;
         }
-        let message = match result {
-            Ok(()) => format!("disconnected from hub {}", link.addr),
-            Err(e) => format!("hub {}: {e:#}", link.addr),
+        let (message, reason) = match result {
+            Ok(()) => (format!("disconnected from hub {}", link.addr), None),
+            Err(e) => (
+                format!("hub {}: {e:#}", link.addr),
+                e.chain()
+                    .find_map(|c| c.downcast_ref::<Failure>())
+                    .and_then(|f| f.reason),
+            ),
         };
         link.state().error = Some(TimedMessage {
-            time: now_ms(),
-            message: message.clone(),
+            reason: reason.map(str::to_string),
+            ..TimedMessage::new(now_ms(), message.clone())
         });
         if last_error.as_deref() != Some(message.as_str()) {
             rt.event("error", &message);
@@ -61,7 +86,7 @@ pub async fn run_link(rt: Arc<MeshRuntime>, link: Arc<HubLink>) {
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff.next_delay()) => {}
-            _ = rt.stop.cancelled() => return,
+            _ = rt.stopping().cancelled() => return,
         }
     }
 }
@@ -74,49 +99,61 @@ fn host_of(addr: &str) -> &str {
     host.trim_start_matches('[').trim_end_matches(']')
 }
 
-/// Words for TLS failures a person can act on.
-fn describe(e: &std::io::Error) -> String {
-    let text = e.to_string();
-    if text.contains("UnknownIssuer") || text.contains("BadSignature") {
-        "the hub's certificate is not from this mesh's CA (wrong CA certificate?)".into()
-    } else if text.contains("alert") && text.contains("CertificateRevoked") {
-        "the hub refused our certificate: it has been revoked".into()
-    } else if text.contains("Revoked") {
-        "the hub's certificate has been revoked by the mesh CA (it is in the mesh's CRL)".into()
-    } else if text.contains("alert")
-        && (text.contains("BadCertificate")
-            || text.contains("UnknownCA")
-            || text.contains("DecryptError"))
-    {
-        "the hub refused our certificate (not issued by the hub's CA, or revoked)".into()
-    } else if text.contains("ApplicationVerificationFailure") {
-        "the server is not a hub of this mesh (its certificate is not a hub certificate)".into()
-    } else {
-        text
+/// Words for a TLS failure a person can act on, by what rustls or the peer's alert said (a hub
+/// refuses a certificate of ours only after the TLS 1.3 handshake, with an alert the first read
+/// gets).
+fn describe(e: &std::io::Error) -> Failure {
+    use ztm_pki::rustls::{AlertDescription as Alert, CertificateError as Cert, Error as Tls};
+    let words = |w: &str| Failure {
+        words: w.to_string(),
+        reason: None,
+    };
+    match ztm_tls::tls_failure(e) {
+        Some(Tls::InvalidCertificate(Cert::UnknownIssuer | Cert::BadSignature)) => {
+            words("the hub's certificate is not from this mesh's CA (wrong CA certificate?)")
+        }
+        Some(Tls::InvalidCertificate(Cert::Revoked)) => {
+            words("the hub's certificate has been revoked by the mesh CA (it is in the mesh's CRL)")
+        }
+        Some(Tls::InvalidCertificate(Cert::ApplicationVerificationFailure)) => {
+            words("the server is not a hub of this mesh (its certificate is not a hub certificate)")
+        }
+        Some(Tls::AlertReceived(Alert::CertificateRevoked)) => Failure {
+            words: "the hub refused our certificate: it has been revoked".into(),
+            reason: Some(CERTIFICATE_REVOKED),
+        },
+        Some(Tls::AlertReceived(
+            Alert::BadCertificate
+            | Alert::UnknownCA
+            | Alert::DecryptError
+            | Alert::CertificateUnknown,
+        )) => words("the hub refused our certificate (not issued by the hub's CA, or revoked)"),
+        _ => words(&e.to_string()),
     }
 }
 
-/// Words for a failed request: those of the TLS failure under it, if there is one (a hub
-/// refuses a revoked or unknown certificate only after the TLS 1.3 handshake, when the first
-/// request is read).
-fn describe_any(e: &anyhow::Error) -> String {
+/// Words for a failed request: those of the TLS failure under it, if there is one.
+fn describe_any(e: &anyhow::Error) -> anyhow::Error {
     for cause in e.chain() {
         if let Some(h2) = cause.downcast_ref::<h2::Error>() {
             if h2.get_io().is_some() {
-                return describe_h2(h2);
+                return describe_h2(h2).into();
             }
         }
         if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-            return describe(io);
+            return describe(io).into();
         }
     }
-    format!("{e:#}")
+    anyhow!("{e:#}")
 }
 
-fn describe_h2(e: &h2::Error) -> String {
+fn describe_h2(e: &h2::Error) -> Failure {
     match e.get_io() {
         Some(io) => describe(io),
-        None => e.to_string(),
+        None => Failure {
+            words: e.to_string(),
+            reason: None,
+        },
     }
 }
 
@@ -132,17 +169,17 @@ async fn dial(addr: &str, config: Arc<ClientConfig>) -> Result<TlsStream> {
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, ztm_tls::connect(config, name, tcp))
         .await
         .map_err(|_| anyhow!("TLS handshake timed out"))?
-        .map_err(|e| anyhow!("{}", describe(&e)))?;
+        .map_err(|e| describe(&e))?;
     Ok(tls)
 }
 
 async fn connect_once(
-    rt: &Arc<MeshRuntime>,
+    rt: &Arc<Mesh>,
     link: &Arc<HubLink>,
     backoff: &mut Backoff,
     last_error: &mut Option<String>,
 ) -> Result<()> {
-    let Some(tls) = &rt.tls else {
+    let Some(tls) = rt.tls() else {
         bail!("no usable TLS configuration");
     };
     let stream = dial(&link.addr, tls.control.clone()).await?;
@@ -155,16 +192,16 @@ async fn connect_once(
     let (sender, conn) = ztm_net::h2io::client_builder()
         .handshake::<_, Bytes>(stream)
         .await
-        .map_err(|e| anyhow!("{}", describe_h2(&e)))?;
-    let mut driver = AbortOnDrop(tokio::spawn(async move {
+        .map_err(|e| describe_h2(&e))?;
+    let mut driver = spawn_owned(async move {
         let _ = conn.await;
-    }));
+    });
 
-    let mut services_rx = rt.services_tx.subscribe();
+    let mut services_rx = rt.published();
     let register = Register {
-        name: rt.record.agent_name.clone(),
+        name: rt.agent_name().to_string(),
         services: services_rx.borrow_and_update().clone(),
-        nonce: Some(rt.record.id_nonce.clone()),
+        nonce: Some(rt.record().id_nonce.clone()),
     };
     let req = h2io::build(Method::POST, &format!("/api/endpoints/{}", rt.id()))?
         .header(http::header::CONTENT_TYPE, "application/json")
@@ -178,7 +215,7 @@ async fn connect_once(
         REQUEST_TIMEOUT,
     )
     .await
-    .map_err(|e| anyhow!("{}", describe_any(&e)))?;
+    .map_err(|e| describe_any(&e))?;
     if answer.status != StatusCode::OK {
         bail!(
             "the hub refused to register this endpoint: {}",
@@ -193,19 +230,16 @@ async fn connect_once(
     let reverse = ztm_net::h2io::server_builder()
         .handshake::<_, Bytes>(reverse_stream)
         .await;
-    let reverse = reverse.map_err(|e| anyhow!("reverse connection: {}", describe_h2(&e)))?;
-    let mut reverse_task = AbortOnDrop(tokio::spawn(serve_reverse(
+    let reverse =
+        reverse.map_err(|e| anyhow::Error::from(describe_h2(&e)).context("reverse connection"))?;
+    let mut reverse_task = spawn_owned(serve_reverse(
         rt.clone(),
         link.addr.clone(),
         reverse,
         registered.session,
-    )));
-    let _crl_task = AbortOnDrop(tokio::spawn(crate::crl::follow(
-        rt.clone(),
-        link.addr.clone(),
-        sender.clone(),
-    )));
-    let mut crl_rx = rt.crl.subscribe();
+    ));
+    let _crl_task = spawn_owned(follow_crl(rt.clone(), link.addr.clone(), sender.clone()));
+    let mut crl_rx = rt.crl().subscribe();
     // Checked at once too: a CRL may have come (through another hub) since the handshake.
     crl_rx.mark_changed();
     let mut crl_open = true;
@@ -227,16 +261,16 @@ async fn connect_once(
     tick.tick().await;
     let outcome = loop {
         tokio::select! {
-            _ = rt.stop.cancelled() => break Ok(()),
-            _ = &mut driver.0 => break Err(anyhow!("the connection to the hub closed")),
-            _ = &mut reverse_task.0 => break Err(anyhow!("the reverse connection to the hub closed")),
+            _ = rt.stopping().cancelled() => break Ok(()),
+            _ = &mut driver => break Err(anyhow!("the connection to the hub closed")),
+            _ = &mut reverse_task => break Err(anyhow!("the reverse connection to the hub closed")),
             changed = crl_rx.changed(), if crl_open => {
                 if changed.is_err() {
                     crl_open = false;
                     continue;
                 }
                 crl_rx.borrow_and_update();
-                if let Some(cert) = hub_cert.as_ref().filter(|c| rt.crl.revokes(&c.serial)) {
+                if let Some(cert) = hub_cert.as_ref().filter(|c| rt.crl().revokes(&c.serial)) {
                     break Err(anyhow!(
                         "{}'s certificate has been revoked by the mesh CA (serial {}); link closed",
                         cert.common_name,
@@ -314,7 +348,7 @@ fn goodbye_words(bye: &Goodbye) -> String {
 
 /// Serves what hub `hub` sends over the reverse connection.
 async fn serve_reverse(
-    rt: Arc<MeshRuntime>,
+    rt: Arc<Mesh>,
     hub: String,
     mut conn: h2::server::Connection<Goaway<TlsStream>, Bytes>,
     token: String,
@@ -331,7 +365,7 @@ async fn serve_reverse(
 }
 
 async fn handle_reverse(
-    rt: Arc<MeshRuntime>,
+    rt: Arc<Mesh>,
     hub: &str,
     token: &str,
     req: Request<RecvStream>,
@@ -360,7 +394,10 @@ async fn handle_reverse(
                 format!("expected :protocol {TUNNEL_PROTOCOL} (extended CONNECT, RFC 8441)"),
             );
         }
-        return crate::tunnel::accept(rt, hub, req, send).await;
+        let span = tracing::info_span!("tunnel", hub = %hub, path = %path);
+        return crate::tunnel::accept(rt, hub, req, send)
+            .instrument(span)
+            .await;
     }
     forwarded(rt, hub, req, send).await
 }
@@ -368,12 +405,7 @@ async fn handle_reverse(
 /// Answers a management request hub `hub` forwarded from another endpoint by running it
 /// through this agent's own REST API, scoped to this endpoint, if the user it names may
 /// manage this endpoint (checked here again: see [`crate::admission`]).
-async fn forwarded(
-    rt: Arc<MeshRuntime>,
-    hub: &str,
-    req: Request<RecvStream>,
-    send: SendResponse<Bytes>,
-) {
+async fn forwarded(rt: Arc<Mesh>, hub: &str, req: Request<RecvStream>, send: SendResponse<Bytes>) {
     let user = match admission::user(req.headers().get(USER_HEADER).map(|v| v.as_bytes())) {
         Ok(u) => u.to_string(),
         Err(refusal) => return respond_error(send, refusal.status(), refusal.to_string()),
@@ -384,7 +416,7 @@ async fn forwarded(
         .map(|p| p.as_str().to_string())
         .unwrap_or_default();
     let rest = pq.strip_prefix("/api/").unwrap_or("");
-    if let Err(refusal) = admission::manage(&user, &rt.username) {
+    if let Err(refusal) = admission::manage(&user, rt.username()) {
         let what: String = format!("{} {rest}", req.method())
             .chars()
             .take(200)
@@ -421,7 +453,7 @@ async fn forwarded(
     local
         .extensions_mut()
         .insert(Forwarded { user: user.clone() });
-    let Ok(resp) = rt.router.clone().oneshot(local).await;
+    let Ok(resp) = rt.router().clone().oneshot(local).await;
     let (parts, body) = resp.into_parts();
     let ct = parts
         .headers
@@ -436,5 +468,76 @@ async fn forwarded(
             respond(send, parts.status, ct.as_deref(), bytes)
         }
         Err(e) => respond_error(send, StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// Each hub link asks for the CRL at least this often.
+pub const CRL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+/// A hub answers `GET /api/crl?after=N` within 50 s; this is how long the agent waits.
+const CRL_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(70);
+/// Largest CRL read (about 40 bytes per revoked certificate).
+const MAX_CRL: usize = 16 << 20;
+
+/// Offers a CRL that hub `from` sent: kept, and stored, if the mesh's CA signed it and it is
+/// newer than the one held. Whether it was kept.
+fn offer_crl(rt: &Mesh, pem: &str, from: &str) -> Result<bool, ztm_pki::PkiError> {
+    let crl = ztm_pki::parse_crl(&rt.record().ca, pem)?;
+    let (number, len, pem) = (crl.number, crl.len(), crl.pem());
+    if !rt.crl().offer(crl) {
+        return Ok(false);
+    }
+    tracing::info!(
+        "mesh {}: CRL number {number} from hub {from} ({len} revoked certificates)",
+        rt.name()
+    );
+    if let Err(e) = rt.store().put_crl(rt.name(), number, &pem) {
+        tracing::error!("mesh {}: cannot store the CRL: {e}", rt.name());
+    }
+    Ok(true)
+}
+
+/// Follows the CRL on one hub link (its control connection `sender`) until the link ends.
+async fn follow_crl(rt: Arc<Mesh>, from: String, sender: h2::client::SendRequest<Bytes>) {
+    let mut told_bad = false;
+    loop {
+        let started = std::time::Instant::now();
+        let path = match rt.crl().number() {
+            Some(n) => format!("/api/crl?after={n}"),
+            None => "/api/crl".to_string(),
+        };
+        let Ok(req) = h2io::build(Method::GET, &path).and_then(|b| Ok(b.body(())?)) else {
+            return;
+        };
+        let mut newer = false;
+        match h2io::request(&sender, req, Bytes::new(), MAX_CRL, CRL_REQUEST_TIMEOUT).await {
+            Ok(a) if a.status == StatusCode::OK => {
+                match offer_crl(&rt, &String::from_utf8_lossy(&a.body), &from) {
+                    Ok(kept) => newer = kept,
+                    Err(e) if !told_bad => {
+                        told_bad = true;
+                        rt.event(
+                            "error",
+                            &format!("hub {from} sent a CRL that is not the mesh CA's: {e}"),
+                        );
+                    }
+                    Err(_) => {}
+                }
+            }
+            // Nothing newer (204), or the hub has none yet: ask again later.
+            Ok(_) => {}
+            // The connection is gone; the link notices and dials again.
+            Err(e) => {
+                tracing::debug!("mesh {}: CRL from hub {from}: {e:#}", rt.name());
+                if sender.clone().ready().await.is_err() {
+                    return;
+                }
+            }
+        }
+        // A long wait that ended without news, or a newer CRL: ask again at once. An answer
+        // that came back quickly without one: not before a minute has passed.
+        let waited = started.elapsed();
+        if !newer && waited < CRL_INTERVAL / 2 {
+            tokio::time::sleep(CRL_INTERVAL - waited).await;
+        }
     }
 }

@@ -2,8 +2,8 @@
 //! its port mappings, each mesh's event log and the newest CRL of each mesh's CA. Every change is one transaction, so a crash at
 //! any moment loses nothing that was acknowledged.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension};
 use ztm_proto::model::{LogEntry, PortTarget};
@@ -184,7 +184,7 @@ impl Store {
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        self.conn.lock()
     }
 
     pub fn meshes(&self) -> Result<Vec<MeshRecord>, StoreError> {

@@ -23,7 +23,7 @@ use ztm_proto::wire::{
 
 use crate::admission;
 use crate::balance::{Active, Balancer};
-use crate::mesh::{LocalService, MeshRuntime, Provider};
+use crate::mesh::{LocalService, Mesh, Provider};
 
 /// A UDP flow with no datagram either way for this long is closed.
 pub const UDP_IDLE: Duration = Duration::from_secs(60);
@@ -32,7 +32,7 @@ pub const UDP_IDLE: Duration = Duration::from_secs(60);
 /// user in `ztm-user`, whom the service must admit (checked here again: see
 /// [`crate::admission`]).
 pub async fn accept(
-    rt: Arc<MeshRuntime>,
+    rt: Arc<Mesh>,
     hub: &str,
     req: Request<RecvStream>,
     mut send: SendResponse<Bytes>,
@@ -57,9 +57,12 @@ pub async fn accept(
         );
     };
     let service_name = format!("{proto}/{name}");
-    if let Err(refusal) =
-        admission::tunnel(&user, &rt.username, &service_name, service.users.as_deref())
-    {
+    if let Err(refusal) = admission::tunnel(
+        &user,
+        rt.username(),
+        &service_name,
+        service.users.as_deref(),
+    ) {
         rt.refused(
             hub,
             &format!("refused a tunnel to {service_name} for user {user}, whom it does not admit"),
@@ -97,7 +100,7 @@ pub async fn accept(
             let Ok(stream) = send.send_response(http::Response::new(()), false) else {
                 return;
             };
-            relay::pump(tcp, stream, recv, &rt.stalls).await
+            relay::pump(tcp, stream, recv, rt.stalls()).await
         }
         Proto::Udp => {
             let socket = match udp_connected(&host, port).await {
@@ -230,7 +233,7 @@ const FIRST_BYTES: usize = relay::EAGER_BYTES;
 /// Client end: opens a tunnel to `target`, trying providers in balancing order. With `first`,
 /// the client's first bytes ride along (see [`FirstBytes`]).
 pub async fn open(
-    rt: &Arc<MeshRuntime>,
+    rt: &Arc<Mesh>,
     proto: Proto,
     target: &PortTarget,
     balancer: &Arc<Balancer>,
@@ -260,11 +263,11 @@ pub async fn open(
                 "no online endpoint of a trusted user ({}) provides {proto}/{} to user {}",
                 match &target.trust {
                     Some(list) => list.join(", "),
-                    None if rt.username == ztm_proto::acl::ROOT => rt.username.clone(),
-                    None => format!("{}, {}", rt.username, ztm_proto::acl::ROOT),
+                    None if rt.username() == ztm_proto::acl::ROOT => rt.username().to_string(),
+                    None => format!("{}, {}", rt.username(), ztm_proto::acl::ROOT),
                 },
                 target.service,
-                rt.username
+                rt.username()
             ),
         });
     }

@@ -8,7 +8,7 @@ use ztm_proto::acl;
 use ztm_proto::names::check_name;
 use ztm_proto::wire::{
     id_belongs_to, is_endpoint_id, is_id_nonce, EndpointInfo, ServiceDecl, ServiceInfo,
-    ID_NONCE_LEN,
+    ID_NONCE_LEN, NOT_HERE,
 };
 
 use crate::limits::{MAX_SERVICES, MAX_SERVICE_USERS, MAX_USER_ENTRIES};
@@ -18,6 +18,9 @@ use crate::limits::{MAX_SERVICES, MAX_SERVICE_USERS, MAX_USER_ENTRIES};
 pub struct Refusal {
     pub status: StatusCode,
     pub message: String,
+    /// What a program matches on (the error body's `reason`), where it must tell this
+    /// refusal apart from others.
+    pub reason: Option<&'static str>,
 }
 
 impl Refusal {
@@ -25,6 +28,16 @@ impl Refusal {
         Self {
             status,
             message: message.into(),
+            reason: None,
+        }
+    }
+
+    /// 404: the endpoint is not online at this hub, or not as the user the caller means
+    /// (reason [`NOT_HERE`]: the caller tries its other hubs).
+    pub fn not_here(message: impl Into<String>) -> Self {
+        Self {
+            reason: Some(NOT_HERE),
+            ..Self::new(StatusCode::NOT_FOUND, message)
         }
     }
 }
@@ -43,16 +56,14 @@ pub struct Target<'a> {
 /// the caller means (when it names the endpoint's user with `ztm-endpoint-user`).
 fn reach(ep: &str, target: Option<Target<'_>>, endpoint_user: Option<&str>) -> Decision {
     let Some(target) = target else {
-        return Err(Refusal::new(
-            StatusCode::NOT_FOUND,
-            format!("endpoint {ep} is not online at this hub"),
-        ));
+        return Err(Refusal::not_here(format!(
+            "endpoint {ep} is not online at this hub"
+        )));
     };
     match endpoint_user {
-        Some(u) if u != target.owner => Err(Refusal::new(
-            StatusCode::NOT_FOUND,
-            format!("endpoint {ep} of user {u} is not online at this hub"),
-        )),
+        Some(u) if u != target.owner => Err(Refusal::not_here(format!(
+            "endpoint {ep} of user {u} is not online at this hub"
+        ))),
         _ => Ok(()),
     }
 }

@@ -11,10 +11,14 @@ use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{Method, Request, StatusCode};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
 use ztm_net::goaway::{self, Role};
-use ztm_net::h2io::{self, read_body, respond, respond_error, respond_json_with, BodyError};
+use ztm_net::h2io::{
+    self, read_body, respond, respond_error, respond_json, respond_json_with, BodyError,
+};
 use ztm_net::now_ms;
 use ztm_net::relay;
+use ztm_proto::model::ApiError;
 use ztm_proto::names::check_name;
 use ztm_proto::wire::{
     choose_version, is_endpoint_id, Proto, Register, Registered, ServiceDecl, ENDPOINT_USER_HEADER,
@@ -144,7 +148,11 @@ pub async fn refuse(tls: TlsStream, refusal: Refusal) {
 }
 
 fn refuse_with(send: SendResponse<Bytes>, refusal: Refusal) {
-    respond_error(send, refusal.status, refusal.message)
+    let mut body = ApiError::new(refusal.status.as_u16(), refusal.message);
+    if let Some(reason) = refusal.reason {
+        body = body.with_reason(reason);
+    }
+    respond_json(send, refusal.status, &body)
 }
 
 async fn handle(conn: Arc<Conn>, req: Request<RecvStream>, send: SendResponse<Bytes>) {
@@ -493,10 +501,9 @@ async fn manage(conn: &Arc<Conn>, ep: &str, req: Request<RecvStream>, send: Send
         return refuse_with(send, r);
     }
     let Some((_, Some(session))) = target else {
-        return respond_error(
+        return refuse_with(
             send,
-            StatusCode::NOT_FOUND,
-            format!("endpoint {ep} is not online at this hub"),
+            Refusal::not_here(format!("endpoint {ep} is not online at this hub")),
         );
     };
     let _permit = match body_permit(conn) {
@@ -636,10 +643,9 @@ async fn tunnel(
         return refuse_with(send, r);
     }
     let Some((_, Some(session), _)) = target else {
-        return respond_error(
+        return refuse_with(
             send,
-            StatusCode::NOT_FOUND,
-            format!("endpoint {ep} is not online at this hub"),
+            Refusal::not_here(format!("endpoint {ep} is not online at this hub")),
         );
     };
     let _user_slot = match conn.hub.tunnels.try_take(conn.peer.user.clone()) {
@@ -725,7 +731,16 @@ async fn tunnel(
         tracing::debug!("tunnel {} -> {proto}/{svc}@{ep} opened", conn.peer.user);
         Ok((a_send, resp.into_body()))
     };
-    match relay::relay_opening(req.into_body(), b_send, opened, &conn.hub.stalls).await {
+    let span = tracing::info_span!(
+        "tunnel",
+        user = %conn.peer.user,
+        endpoint = %ep,
+        service = %format!("{proto}/{svc}")
+    );
+    let relayed = relay::relay_opening(req.into_body(), b_send, opened, &conn.hub.stalls)
+        .instrument(span)
+        .await;
+    match relayed {
         Err(()) => {}
         Ok(Ok((up, down))) => tracing::debug!(
             "tunnel {} -> {proto}/{svc}@{ep} closed: {up} bytes up, {down} down, {:?}",

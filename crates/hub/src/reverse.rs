@@ -15,7 +15,7 @@ use ztm_tls::TlsStream;
 use crate::admission::Refusal;
 use crate::closer::{self, Closer, Goodbye, FAREWELL_TIMEOUT};
 use crate::registry::SessionId;
-use crate::server::{Hub, Peer};
+use crate::state::{Hub, Peer};
 
 /// The hub's HTTP/2 client on a reverse connection, driven by its own task.
 struct Client {

@@ -13,6 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use ztm_net::backoff::Backoff;
 use ztm_net::now_ms;
 use ztm_pki::rustls::ServerConfig;
@@ -429,13 +430,16 @@ pub async fn run(
         let acceptor = acceptor.borrow().clone();
         let handshakes = handshakes.clone();
         let kill = Closer::child_of(&root);
-        tokio::spawn(async move {
+        // The user is known once the handshake is done (`serve_connection` records it).
+        let span = tracing::info_span!("connection", from = %addr, user = tracing::field::Empty);
+        let task = async move {
             if let Err(e) =
                 serve_connection(hub, acceptor, handshakes, slot, stream, addr, conn_id, kill).await
             {
                 tracing::debug!("connection from {addr}: {e:#}");
             }
-        });
+        };
+        tokio::spawn(task.instrument(span));
     }
     root.cancel();
     // Every connection says why it closes (GOAWAY "hub shutting down") before the process ends.
@@ -491,6 +495,7 @@ async fn serve_connection(
         .ok_or_else(|| anyhow!("no client certificate"))?;
     let info = ztm_pki::cert_info(cert.as_ref())?;
     let alpn = tls.alpn_protocol().map(|a| a.to_vec());
+    tracing::Span::current().record("user", info.common_name.as_str());
     let peer = Peer {
         user: info.common_name,
         serial: info.serial,

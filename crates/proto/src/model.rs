@@ -2,11 +2,14 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The error body of every ZTM HTTP API: `{"status":N,"message":"..."}`.
+/// The error body of every ZTM HTTP API: `{"status":N,"message":"..."}`, and for the errors a
+/// program must tell apart, a `reason` (e.g. [`crate::wire::NOT_HERE`]).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ApiError {
     pub status: u16,
     pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl ApiError {
@@ -14,7 +17,14 @@ impl ApiError {
         Self {
             status,
             message: message.into(),
+            reason: None,
         }
+    }
+
+    /// With a `reason` a program can match.
+    pub fn with_reason(mut self, reason: &str) -> Self {
+        self.reason = Some(reason.to_string());
+        self
     }
 }
 
@@ -80,7 +90,24 @@ pub struct TimedMessage {
     /// Milliseconds since the Unix epoch.
     pub time: u64,
     pub message: String,
+    /// What a program matches on, for the messages it must tell apart (e.g.
+    /// [`CERTIFICATE_REVOKED`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
+
+impl TimedMessage {
+    pub fn new(time: u64, message: impl Into<String>) -> Self {
+        Self {
+            time,
+            message: message.into(),
+            reason: None,
+        }
+    }
+}
+
+/// The `reason` of a mesh error saying that a hub refused this agent's certificate as revoked.
+pub const CERTIFICATE_REVOKED: &str = "certificate-revoked";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct MeshAgent {

@@ -57,6 +57,9 @@ pub const USER_HEADER: &str = "ztm-user";
 /// endpoint were not there (endpoint ids are chosen by agents; each hub binds an id to a user
 /// only while it is online there).
 pub const ENDPOINT_USER_HEADER: &str = "ztm-endpoint-user";
+/// The `reason` of a hub's 404 error for an endpoint that is not online at that hub (or is
+/// there under another user than `ztm-endpoint-user`): the agent then tries its other hubs.
+pub const NOT_HERE: &str = "endpoint-not-here";
 /// `:protocol` of tunnel CONNECT requests.
 pub const TUNNEL_PROTOCOL: &str = "ztm-tunnel";
 /// Header of a registration naming the versions of the wire protocol the agent speaks

@@ -251,6 +251,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<S> {
     }
 }
 
+/// The TLS error under an I/O error from a [`TlsStream`] or its handshake, if it has one: what
+/// rustls decided in the handshake (a certificate refused, an alert received), or the fatal
+/// alert the peer sent afterwards.
+pub fn tls_failure(e: &io::Error) -> Option<&rustls::Error> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+}
+
 pub(crate) fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }

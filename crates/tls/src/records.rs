@@ -64,6 +64,8 @@ pub(crate) struct Fatal {
     pub(crate) kind: io::ErrorKind,
     pub(crate) message: String,
     pub(crate) alert: Option<u8>,
+    /// The fatal alert the peer sent, if that is what ended the connection.
+    pub(crate) received: Option<u8>,
 }
 
 impl Fatal {
@@ -77,6 +79,7 @@ impl Fatal {
                 rustls::AlertDescription::from(alert)
             ),
             alert: Some(alert),
+            received: None,
         }
     }
 
@@ -91,11 +94,20 @@ impl Fatal {
             kind: e.kind(),
             message: e.to_string(),
             alert: None,
+            received: None,
         }
     }
 
+    /// The error a reader gets: a received alert as rustls' own error for it (what
+    /// tokio-rustls' stream gives too), so callers can tell which alert it was.
     pub(crate) fn error(&self) -> io::Error {
-        io::Error::new(self.kind, self.message.clone())
+        match self.received {
+            Some(d) => io::Error::new(
+                self.kind,
+                rustls::Error::AlertReceived(rustls::AlertDescription::from(d)),
+            ),
+            None => io::Error::new(self.kind, self.message.clone()),
+        }
     }
 }
 
@@ -266,6 +278,7 @@ impl Rx {
                         rustls::AlertDescription::from(description)
                     ),
                     alert: None,
+                    received: Some(description),
                 }),
                 _ => Err(Fatal::protocol(alert::DECODE_ERROR, "malformed TLS alert")),
             },

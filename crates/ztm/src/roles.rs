@@ -387,7 +387,8 @@ pub async fn run_agent(args: AgentArgs) -> Result<()> {
             .await??
     };
     let listener = bind(addr).await?;
-    let router = agent.start()?;
+    let router = ztm_agent::api::router(agent.clone());
+    agent.start(router.clone())?;
     tracing::info!(
         "agent listening on http://{} (database {}{})",
         listener.local_addr()?,

@@ -23,7 +23,9 @@ use axum::response::Response;
 
 use ztm_proto::local::{bearer_matches, refusal, Refusal};
 
-use crate::{Agent, ApiError, Forwarded};
+use super::error::ApiError;
+use crate::agent::Agent;
+use crate::session::Forwarded;
 
 pub async fn guard(State(agent): State<Arc<Agent>>, req: Request, next: Next) -> Response {
     // Requests a hub forwarded come from the reverse connection, not from HTTP (no client can

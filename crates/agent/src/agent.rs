@@ -1,0 +1,108 @@
+//! The agent's state: its database, where its API listens, and the running meshes by name,
+//! started, restarted with a new configuration, and stopped here.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::RwLock;
+
+use crate::identity;
+use crate::store::{self, MeshRecord, Store};
+use crate::supervisor::MeshRuntime;
+
+pub struct Agent {
+    pub store: Arc<Store>,
+    /// The address the REST API listens on (for the Host check).
+    pub listen: SocketAddr,
+    /// When set, every API request must carry `Authorization: Bearer <token>` ([`guard`]).
+    pub token: Option<String>,
+    meshes: RwLock<HashMap<String, Arc<MeshRuntime>>>,
+    router: OnceLock<axum::Router>,
+}
+
+impl Agent {
+    /// Opens the database; the API will listen on `listen` and, with a `token`, require it.
+    pub fn open(
+        database: &Path,
+        reset: bool,
+        listen: SocketAddr,
+        token: Option<String>,
+    ) -> Result<Arc<Agent>, store::StoreError> {
+        let store = Arc::new(Store::open(database, reset)?);
+        Ok(Arc::new(Agent {
+            store,
+            listen,
+            token: token.filter(|t| !t.is_empty()),
+            meshes: RwLock::new(HashMap::new()),
+            router: OnceLock::new(),
+        }))
+    }
+
+    /// Starts every joined mesh, with `router` (the agent's REST API, `crate::api::router`)
+    /// to answer the management requests hubs forward. Call once, inside the runtime.
+    pub fn start(&self, router: axum::Router) -> Result<(), store::StoreError> {
+        let _ = self.router.set(router);
+        for record in self.store.meshes()? {
+            self.start_mesh(record);
+        }
+        Ok(())
+    }
+
+    pub fn runtime(&self, name: &str) -> Option<Arc<MeshRuntime>> {
+        self.meshes.read().get(name).cloned()
+    }
+
+    pub fn runtimes(&self) -> Vec<Arc<MeshRuntime>> {
+        let mut list: Vec<_> = self.meshes.read().values().cloned().collect();
+        list.sort_by(|a, b| a.name().cmp(b.name()));
+        list
+    }
+
+    /// Starts (or restarts, with a new configuration) a mesh's runtime. A mesh whose endpoint
+    /// id is not derived from its certificate's user gets one that is (see [`identity`]).
+    pub fn start_mesh(&self, mut record: MeshRecord) -> Arc<MeshRuntime> {
+        let router = self.router.get().cloned().unwrap_or_default();
+        let name = record.name.clone();
+        let user = ztm_pki::cert_info_pem(&record.cert, "certificate")
+            .map(|i| i.common_name)
+            .ok();
+        let rebound = user.as_deref().and_then(|user| {
+            let old = identity::bind(&mut record, user)?;
+            if let Err(e) = self.store.put_mesh(&record) {
+                tracing::error!("cannot save the endpoint id of mesh {name}: {e}");
+            }
+            Some((old, user.to_string()))
+        });
+        let rt = MeshRuntime::start(record, self.store.clone(), router);
+        if let Some((old, user)) = rebound.filter(|(old, _)| !old.is_empty()) {
+            rt.event(
+                "info",
+                &format!(
+                    "endpoint id is now {} (derived from user {user}; it was {old}): ports \
+                     elsewhere that named the old id must be mapped again",
+                    rt.id()
+                ),
+            );
+        }
+        let old = self.meshes.write().insert(name, rt.clone());
+        if let Some(old) = old {
+            old.stop();
+        }
+        rt
+    }
+
+    pub fn stop_mesh(&self, name: &str) {
+        let old = self.meshes.write().remove(name);
+        if let Some(old) = old {
+            old.stop();
+        }
+    }
+
+    pub fn shutdown(&self) {
+        for rt in self.runtimes() {
+            rt.stop();
+        }
+    }
+}
