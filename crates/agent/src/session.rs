@@ -103,43 +103,53 @@ fn host_of(addr: &str) -> &str {
 /// refuses a certificate of ours only after the TLS 1.3 handshake, with an alert the first read
 /// gets).
 fn describe(e: &std::io::Error) -> Failure {
+    match ztm_tls::tls_failure(e) {
+        Some(tls) => describe_tls(tls),
+        None => Failure {
+            words: e.to_string(),
+            reason: None,
+        },
+    }
+}
+
+fn describe_tls(tls: &ztm_pki::rustls::Error) -> Failure {
     use ztm_pki::rustls::{AlertDescription as Alert, CertificateError as Cert, Error as Tls};
     let words = |w: &str| Failure {
         words: w.to_string(),
         reason: None,
     };
-    match ztm_tls::tls_failure(e) {
-        Some(Tls::InvalidCertificate(Cert::UnknownIssuer | Cert::BadSignature)) => {
+    match tls {
+        Tls::InvalidCertificate(Cert::UnknownIssuer | Cert::BadSignature) => {
             words("the hub's certificate is not from this mesh's CA (wrong CA certificate?)")
         }
-        Some(Tls::InvalidCertificate(Cert::Revoked)) => {
+        Tls::InvalidCertificate(Cert::Revoked) => {
             words("the hub's certificate has been revoked by the mesh CA (it is in the mesh's CRL)")
         }
-        Some(Tls::InvalidCertificate(Cert::ApplicationVerificationFailure)) => {
+        Tls::InvalidCertificate(Cert::ApplicationVerificationFailure) => {
             words("the server is not a hub of this mesh (its certificate is not a hub certificate)")
         }
-        Some(Tls::AlertReceived(Alert::CertificateRevoked)) => Failure {
+        Tls::AlertReceived(Alert::CertificateRevoked) => Failure {
             words: "the hub refused our certificate: it has been revoked".into(),
             reason: Some(CERTIFICATE_REVOKED),
         },
-        Some(Tls::AlertReceived(
+        Tls::AlertReceived(
             Alert::BadCertificate
             | Alert::UnknownCA
             | Alert::DecryptError
             | Alert::CertificateUnknown,
-        )) => words("the hub refused our certificate (not issued by the hub's CA, or revoked)"),
-        _ => words(&e.to_string()),
+        ) => words("the hub refused our certificate (not issued by the hub's CA, or revoked)"),
+        other => words(&other.to_string()),
     }
 }
 
-/// Words for a failed request: those of the TLS failure under it, if there is one.
-fn describe_any(e: &anyhow::Error) -> anyhow::Error {
+/// Words for a failed request on a connection whose TLS stream's end is told by `tls`: that
+/// failure if TLS ended it (HTTP/2 passes read errors on without their type), else the error's
+/// own words.
+fn describe_any(e: &anyhow::Error, tls: &ztm_tls::Failure) -> anyhow::Error {
+    if let Some(failure) = tls.get() {
+        return describe_tls(failure).into();
+    }
     for cause in e.chain() {
-        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
-            if h2.get_io().is_some() {
-                return describe_h2(h2).into();
-            }
-        }
         if let Some(io) = cause.downcast_ref::<std::io::Error>() {
             return describe(io).into();
         }
@@ -183,6 +193,7 @@ async fn connect_once(
         bail!("no usable TLS configuration");
     };
     let stream = dial(&link.addr, tls.control.clone()).await?;
+    let control_tls = stream.failure();
     // Which hub certificate this link uses: a CRL that lists it closes the link.
     let hub_cert = stream
         .peer_certificates()
@@ -215,7 +226,7 @@ async fn connect_once(
         REQUEST_TIMEOUT,
     )
     .await
-    .map_err(|e| describe_any(&e))?;
+    .map_err(|e| describe_any(&e, &control_tls))?;
     if answer.status != StatusCode::OK {
         bail!(
             "the hub refused to register this endpoint: {}",

@@ -115,7 +115,10 @@ where
             Inner::Rustls(Box::new(tls.into()))
         }
     };
-    Ok(TlsStream { inner })
+    Ok(TlsStream {
+        inner,
+        failure: Failure::default(),
+    })
 }
 
 /// [`connect`] with the records moved by `records`.
@@ -137,13 +140,29 @@ where
             Inner::Rustls(Box::new(tls.into()))
         }
     };
-    Ok(TlsStream { inner })
+    Ok(TlsStream {
+        inner,
+        failure: Failure::default(),
+    })
 }
 
 /// A TLS 1.3 connection after its handshake, on the byte stream `S`: read and write
 /// plaintext.
 pub struct TlsStream<S = TcpStream> {
     inner: Inner<S>,
+    failure: Failure,
+}
+
+/// What ended a [`TlsStream`], as rustls tells it (a certificate refused, an alert received),
+/// once it is known: kept apart from the stream because the owner of the stream (an HTTP/2
+/// library) may pass read errors on without their type.
+#[derive(Clone, Debug, Default)]
+pub struct Failure(Arc<OnceLock<rustls::Error>>);
+
+impl Failure {
+    pub fn get(&self) -> Option<&rustls::Error> {
+        self.0.get()
+    }
 }
 
 // Our stream, on the data path, stays inline as it was before the choice existed; the other
@@ -155,6 +174,11 @@ enum Inner<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
+    /// A handle on what will have ended this stream, if TLS ended it.
+    pub fn failure(&self) -> Failure {
+        self.failure.clone()
+    }
+
     /// The peer's certificate chain, its own certificate first (empty if it sent none).
     pub fn peer_certificates(&self) -> &[CertificateDer<'static>] {
         match &self.inner {
@@ -199,10 +223,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<S> {
         cx: &mut Context<'_>,
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().inner {
+        let this = self.get_mut();
+        let read = match &mut this.inner {
             Inner::Own(s) => Pin::new(s).poll_read(cx, out),
             Inner::Rustls(s) => Pin::new(&mut **s).poll_read(cx, out),
+        };
+        if let Poll::Ready(Err(e)) = &read {
+            if let Some(tls) = tls_failure(e) {
+                let _ = this.failure.0.set(tls.clone());
+            }
         }
+        read
     }
 }
 

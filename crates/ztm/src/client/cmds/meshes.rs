@@ -174,7 +174,7 @@ async fn join_invited(ctx: &Ctx, a: &JoinArgs, invite: &str) -> Result<()> {
         if let Some(e) = m
             .errors
             .iter()
-            .find(|e| e.message.to_ascii_lowercase().contains("revoked"))
+            .find(|e| e.reason.as_deref() == Some(ztm_proto::model::CERTIFICATE_REVOKED))
         {
             let _ = ctx.agent.delete(&path).await;
             anyhow::bail!(
