@@ -92,8 +92,10 @@ pub struct LocalService {
     pub users: Option<Vec<String>>,
 }
 
-/// How long a hub's service list is trusted for choosing tunnel providers.
+/// How long a hub's answer about a service is trusted for choosing tunnel providers.
 const PROVIDERS_TTL: Duration = Duration::from_secs(2);
+/// Most services whose providers are kept (the cache is emptied when it would hold more).
+const PROVIDERS_KEPT: usize = 1024;
 
 /// Refusals of what a hub forwarded are warned about at most once per this period, with the
 /// number of those not warned about: a compromised hub sending them in a loop must not flood
@@ -105,6 +107,13 @@ struct RefusalLog {
     last: Option<Instant>,
     unreported: u64,
 }
+
+/// What may not stand as it is in a path segment.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'@');
 
 /// Each connected hub's service list, by link index.
 type HubServices = Arc<Vec<(usize, Vec<ServiceInfo>)>>;
@@ -128,8 +137,9 @@ pub struct Mesh {
     local: RwLock<HashMap<(Proto, String), LocalService>>,
     /// Requests from hubs refused by [`crate::admission`], for the warnings about them.
     refusals: Mutex<RefusalLog>,
-    /// Recent answers of the hubs' service lists, for choosing tunnel providers quickly.
-    providers_cache: Mutex<Option<(Instant, HubServices)>>,
+    /// Recent answers of the hubs about one service each, for choosing tunnel providers
+    /// quickly.
+    providers_cache: Mutex<HashMap<(Proto, String), (Instant, HubServices)>>,
     /// What this mesh's tunnel relays hold for stalled readers.
     stalls: ztm_net::relay::StallGuard,
     /// When the agent's and the CA's certificates expire (ms since the epoch; 0: unknown).
@@ -226,7 +236,7 @@ impl Mesh {
             router,
             local: RwLock::new(local_map(&services)),
             refusals: Mutex::new(RefusalLog::default()),
-            providers_cache: Mutex::new(None),
+            providers_cache: Mutex::new(HashMap::new()),
             stalls: Default::default(),
         })
     }
@@ -311,7 +321,7 @@ impl Mesh {
     }
 
     pub fn forget_providers(&self) {
-        *self.providers_cache.lock() = None;
+        self.providers_cache.lock().clear();
     }
 
     /// Online endpoints that provide `proto/name` and that this agent's user may reach,
@@ -326,17 +336,30 @@ impl Mesh {
         user: Option<&str>,
         trust: Option<&[String]>,
     ) -> Vec<Provider> {
+        // Each hub is asked about this one service: the cost of what a tunnel needs, not of
+        // the size of the mesh.
+        let key = (proto, name.to_string());
         let cached = self
             .providers_cache
             .lock()
-            .as_ref()
+            .get(&key)
             .filter(|(at, _)| at.elapsed() < PROVIDERS_TTL)
             .map(|(_, lists)| lists.clone());
         let lists = match cached {
             Some(l) => l,
             None => {
-                let fresh = Arc::new(self.query_links::<Vec<ServiceInfo>>("/api/services").await);
-                *self.providers_cache.lock() = Some((Instant::now(), fresh.clone()));
+                let path = format!(
+                    "/api/services/{proto}/{}",
+                    percent_encoding::utf8_percent_encode(name, SEGMENT)
+                );
+                let answers = self.query_links::<ServiceInfo>(&path).await;
+                let fresh: HubServices =
+                    Arc::new(answers.into_iter().map(|(i, s)| (i, vec![s])).collect());
+                let mut cache = self.providers_cache.lock();
+                if cache.len() >= PROVIDERS_KEPT {
+                    cache.clear();
+                }
+                cache.insert(key, (Instant::now(), fresh.clone()));
                 fresh
             }
         };
@@ -490,13 +513,29 @@ impl Mesh {
     /// Every endpoint the hubs know, merged, this endpoint always included: one entry per id
     /// and user (two users claiming one id on different hubs show as two endpoints).
     pub async fn endpoints(&self) -> Vec<Endpoint> {
-        let answers = self.query_hubs::<Vec<EndpointInfo>>("/api/endpoints").await;
+        self.endpoints_matching(None).await
+    }
+
+    /// Like [`Mesh::endpoints`], only those whose name, user or id contains `q` (lower case):
+    /// the hubs are asked for those only.
+    pub async fn endpoints_matching(&self, q: Option<&str>) -> Vec<Endpoint> {
+        let answers = self
+            .query_hubs::<Vec<EndpointInfo>>(&with_search("/api/endpoints", q))
+            .await;
         discovery::endpoints(answers, self.local_endpoint())
     }
 
     /// Services discovered through hubs merged with the local ones.
     pub async fn services(&self) -> Vec<Service> {
-        let answers = self.query_hubs::<Vec<ServiceInfo>>("/api/services").await;
+        self.services_matching(None).await
+    }
+
+    /// Like [`Mesh::services`], only those whose name or a provider's name or user contains `q`
+    /// (lower case): the hubs are asked for those only.
+    pub async fn services_matching(&self, q: Option<&str>) -> Vec<Service> {
+        let answers = self
+            .query_hubs::<Vec<ServiceInfo>>(&with_search("/api/services", q))
+            .await;
         let local = self.store.services(&self.record.name).unwrap_or_default();
         discovery::services(
             answers,
@@ -547,6 +586,17 @@ impl Mesh {
             Some(message) => MeshError::NotHere(message),
             None => MeshError::Unreachable(ep.to_string()),
         })
+    }
+}
+
+/// `path` with the search `q`, if any.
+fn with_search(path: &str, q: Option<&str>) -> String {
+    match q {
+        Some(q) => format!(
+            "{path}?q={}",
+            percent_encoding::utf8_percent_encode(q, SEGMENT)
+        ),
+        None => path.to_string(),
     }
 }
 

@@ -23,7 +23,7 @@ use ztm_proto::names::check_name;
 use ztm_proto::wire::{
     choose_version, is_endpoint_id, Proto, Register, Registered, ServiceDecl, ENDPOINT_USER_HEADER,
     HOP_TIMEOUT, MAX_MANAGE_BODY, PROTOCOL_HEADER, PROTOCOL_VERSION, REGISTER_TIMEOUT,
-    TUNNEL_PROTOCOL, TUNNEL_STREAMS, USER_HEADER,
+    TOTAL_HEADER, TUNNEL_PROTOCOL, TUNNEL_STREAMS, USER_HEADER,
 };
 use ztm_tls::TlsStream;
 
@@ -32,6 +32,7 @@ use crate::closer::{self, Closer, Goodbye, FAREWELL_TIMEOUT};
 use crate::limits::{Refused, Slot, BODY_TIMEOUT, MAX_CONTROL_BODY};
 use crate::registry::{self, RegisterError, SessionId};
 use crate::state::{Hub, NoReverse, Peer, RegisterRefusal};
+use ztm_proto::listing::ListQuery;
 
 struct Conn {
     hub: Arc<Hub>,
@@ -188,17 +189,26 @@ async fn handle(conn: Arc<Conn>, req: Request<RecvStream>, send: SendResponse<By
         (&Method::POST, ["api", "endpoints", id, "services"]) => {
             publish(&conn, id, req, send).await
         }
-        (&Method::GET, ["api", "endpoints"]) => {
-            let body = conn.hub.endpoints_json(&conn.peer.user);
-            respond(send, StatusCode::OK, Some("application/json"), body)
-        }
+        (&Method::GET, ["api", "endpoints"]) => list(&conn, &req, send, Listed::Endpoints),
         (&Method::GET, ["api", "crl"]) => {
             crate::ca_client::serve_crl(&conn.hub.revoked, req.uri().query(), send).await
         }
-        (&Method::GET, ["api", "services"]) => {
-            // Each user discovers only the providers it may connect to, each by its own list.
-            let body = conn.hub.services_json(&conn.peer.user);
-            respond(send, StatusCode::OK, Some("application/json"), body)
+        (&Method::GET, ["api", "services"]) => list(&conn, &req, send, Listed::Services),
+        (&Method::GET, ["api", "services", proto, name]) => {
+            let Some(proto) = Proto::parse(proto) else {
+                return respond_error(send, StatusCode::BAD_REQUEST, "protocol must be tcp or udp");
+            };
+            match conn.hub.service_json(&conn.peer.user, proto, name) {
+                Some(body) => respond(send, StatusCode::OK, Some("application/json"), body),
+                None => respond_error(
+                    send,
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "no online endpoint here provides {proto}/{name} to user {}",
+                        conn.peer.user
+                    ),
+                ),
+            }
         }
         (_, ["api", "endpoints", ep, "manage", ..]) => {
             let ep = ep.to_string();
@@ -210,6 +220,40 @@ async fn handle(conn: Arc<Conn>, req: Request<RecvStream>, send: SendResponse<By
             format!("no such API: {method} {path}"),
         ),
     }
+}
+
+enum Listed {
+    Endpoints,
+    Services,
+}
+
+/// `GET /api/endpoints` and `GET /api/services`: the whole list (built once per change and
+/// shared), or the part a query asks for with the number of matches in `ztm-total`. Each user
+/// discovers only the providers it may connect to, each by its own list.
+fn list(conn: &Conn, req: &Request<RecvStream>, send: SendResponse<Bytes>, what: Listed) {
+    let query = match ListQuery::parse(req.uri().query()) {
+        Ok(q) => q,
+        Err(e) => return respond_error(send, StatusCode::BAD_REQUEST, e),
+    };
+    let user = &conn.peer.user;
+    if query.is_all() {
+        let body = match what {
+            Listed::Endpoints => conn.hub.endpoints_json(user),
+            Listed::Services => conn.hub.services_json(user),
+        };
+        return respond(send, StatusCode::OK, Some("application/json"), body);
+    }
+    let (body, total) = match what {
+        Listed::Endpoints => conn.hub.endpoints_page(user, &query),
+        Listed::Services => conn.hub.services_page(user, &query),
+    };
+    h2io::respond_with(
+        send,
+        StatusCode::OK,
+        Some("application/json"),
+        &[(TOTAL_HEADER, &total.to_string())],
+        body,
+    )
 }
 
 /// What a request with a body holds while it reads and handles it.

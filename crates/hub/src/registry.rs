@@ -391,13 +391,14 @@ impl Registry {
             })
             .collect();
         endpoints.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
-        let mut by_key: BTreeMap<(String, String), ServiceInfo> = BTreeMap::new();
+        // Sorted by protocol (as text) and name: `Hub::service_json` searches it.
+        let mut by_key: BTreeMap<(&'static str, String), ServiceInfo> = BTreeMap::new();
         let mut restricted = false;
         for e in self.endpoints.values().filter(|e| e.online(now)) {
             for s in &e.services {
                 restricted |= s.users.is_some();
                 let info = by_key
-                    .entry((s.protocol.to_string(), s.name.clone()))
+                    .entry((s.protocol.as_str(), s.name.clone()))
                     .or_insert_with(|| ServiceInfo {
                         protocol: s.protocol,
                         name: s.name.clone(),

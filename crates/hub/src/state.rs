@@ -15,12 +15,13 @@ use tokio::sync::watch;
 use ztm_net::now_ms;
 use ztm_pki::Revoked;
 use ztm_proto::acl;
-use ztm_proto::wire::{EndpointInfo, HANDSHAKE_TIMEOUT, TUNNEL_STREAMS};
+use ztm_proto::wire::{EndpointInfo, Proto, HANDSHAKE_TIMEOUT, TUNNEL_STREAMS};
 
 use crate::admission;
 use crate::closer::{self, Closer, Goodbye};
 use crate::limits::{Counter, Limits, Refused, Slot};
 use crate::registry::{self, RegisterError, Registration, Registry, SessionId, Snapshot};
+use ztm_proto::listing::{self, ListQuery};
 
 /// Who is on the other end of a TLS connection.
 #[derive(Clone, Debug)]
@@ -478,6 +479,41 @@ impl Hub {
             });
         }
         body
+    }
+}
+
+impl Hub {
+    /// A part of `GET /api/endpoints` as `caller` sees it: the page and how many match.
+    pub fn endpoints_page(&self, caller: &str, query: &ListQuery) -> (Bytes, usize) {
+        let all = self.with_lists(|l| l.snapshot.endpoints.clone());
+        let (page, total) = query.page(all.iter(), |e| listing::endpoint_fields(e));
+        let page: Vec<EndpointInfo> = page.into_iter().cloned().collect();
+        (endpoints_body(caller, &page), total)
+    }
+
+    /// A part of `GET /api/services` as `caller` sees it: the page and how many match.
+    pub fn services_page(&self, caller: &str, query: &ListQuery) -> (Bytes, usize) {
+        let services = self.with_lists(|l| l.snapshot.services.clone());
+        let visible = services
+            .iter()
+            .filter_map(|s| admission::service_for(caller, s));
+        let (page, total) = query.page(visible, listing::service_fields);
+        (to_json(&page), total)
+    }
+
+    /// `GET /api/services/{proto}/{name}` as `caller` sees it (`None`: no provider of it admits
+    /// the caller). What an agent asks when it opens a tunnel: the cost of one service, not of
+    /// the mesh.
+    pub fn service_json(&self, caller: &str, proto: Proto, name: &str) -> Option<Bytes> {
+        let services = self.with_lists(|l| l.snapshot.services.clone());
+        // The snapshot is sorted by protocol (as text) and name.
+        let at = services
+            .binary_search_by(|s| {
+                (s.protocol.as_str(), s.name.as_str()).cmp(&(proto.as_str(), name))
+            })
+            .ok()?;
+        let visible = admission::service_for(caller, &services[at])?;
+        Some(to_json(&visible))
     }
 }
 

@@ -80,14 +80,28 @@ pub async fn read_body(body: &mut RecvStream, limit: usize) -> Result<Bytes, Bod
 
 /// Sends a complete response with an optional content type.
 pub fn respond(
+    send: SendResponse<Bytes>,
+    status: StatusCode,
+    content_type: Option<&str>,
+    body: Bytes,
+) {
+    respond_with(send, status, content_type, &[], body)
+}
+
+/// Sends a complete response with an optional content type and extra headers.
+pub fn respond_with(
     mut send: SendResponse<Bytes>,
     status: StatusCode,
     content_type: Option<&str>,
+    headers: &[(&'static str, &str)],
     body: Bytes,
 ) {
     let mut builder = Response::builder().status(status);
     if let Some(ct) = content_type {
         builder = builder.header(http::header::CONTENT_TYPE, ct);
+    }
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
     }
     let Ok(resp) = builder.body(()) else {
         return;

@@ -6,6 +6,7 @@
 pub mod acl;
 pub mod capsule;
 pub mod invite;
+pub mod listing;
 pub mod local;
 pub mod model;
 pub mod names;

@@ -60,6 +60,8 @@ pub const ENDPOINT_USER_HEADER: &str = "ztm-endpoint-user";
 /// The `reason` of a hub's 404 error for an endpoint that is not online at that hub (or is
 /// there under another user than `ztm-endpoint-user`): the agent then tries its other hubs.
 pub const NOT_HERE: &str = "endpoint-not-here";
+/// Header of a list answered in part (`?q=…&offset=…&limit=…`): how many items match in all.
+pub const TOTAL_HEADER: &str = "ztm-total";
 /// `:protocol` of tunnel CONNECT requests.
 pub const TUNNEL_PROTOCOL: &str = "ztm-tunnel";
 /// Header of a registration naming the versions of the wire protocol the agent speaks

@@ -12,7 +12,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing;
 use axum::{Extension, Json, Router};
+use ztm_proto::listing::{self, ListQuery};
 use ztm_proto::names::decode_segment;
+use ztm_proto::wire::TOTAL_HEADER;
 
 use super::common::{self, resolve, runtime, BODY_LIMIT};
 use super::error::{ApiError, ApiResult};
@@ -21,12 +23,21 @@ use crate::agent::Agent;
 use crate::mesh::Mesh;
 use crate::session::Forwarded;
 
+/// `GET .../endpoints`, all of them or the part `?q=…&offset=…&limit=…` asks for (with the
+/// number of matches in `ztm-total`).
 pub async fn list(
     State(agent): State<Arc<Agent>>,
     Path(mesh): Path<String>,
+    uri: axum::http::Uri,
 ) -> ApiResult<Response> {
     let rt = runtime(&agent, &mesh)?;
-    Ok(Json(rt.endpoints().await).into_response())
+    let query = ListQuery::parse(uri.query()).map_err(ApiError::bad)?;
+    let all = rt.endpoints_matching(query.q.as_deref()).await;
+    if query.is_all() {
+        return Ok(Json(all).into_response());
+    }
+    let (page, total) = query.page(all.into_iter(), listing::agent_endpoint_fields);
+    Ok(([(TOTAL_HEADER, total.to_string())], Json(page)).into_response())
 }
 
 pub async fn get(

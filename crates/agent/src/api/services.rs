@@ -8,8 +8,10 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
+use ztm_proto::listing::{self, ListQuery};
 use ztm_proto::model::{Service, ServiceBody};
 use ztm_proto::names::check_name;
+use ztm_proto::wire::TOTAL_HEADER;
 
 use super::common::{by_whom, parse_json, parse_proto, runtime};
 use super::error::{ApiError, ApiResult};
@@ -18,12 +20,21 @@ use crate::mesh::Mesh;
 use crate::session::Forwarded;
 use crate::store::ServiceRecord;
 
+/// `GET .../services`, all of them or the part `?q=…&offset=…&limit=…` asks for (with the
+/// number of matches in `ztm-total`).
 pub async fn list(
     State(agent): State<Arc<Agent>>,
     Path(mesh): Path<String>,
+    uri: axum::http::Uri,
 ) -> ApiResult<Response> {
     let rt = runtime(&agent, &mesh)?;
-    Ok(Json(rt.services().await).into_response())
+    let query = ListQuery::parse(uri.query()).map_err(ApiError::bad)?;
+    let all = rt.services_matching(query.q.as_deref()).await;
+    if query.is_all() {
+        return Ok(Json(all).into_response());
+    }
+    let (page, total) = query.page(all.into_iter(), listing::agent_service_fields);
+    Ok(([(TOTAL_HEADER, total.to_string())], Json(page)).into_response())
 }
 
 pub async fn get(
