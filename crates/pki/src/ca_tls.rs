@@ -17,7 +17,11 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
-use crate::{cert_info, parse_cert, provider, roots, CaSigner, Issued, PkiError};
+use crate::inspect::{cert_info, parse_cert};
+use crate::issue::{CaSigner, Issued};
+use crate::tls::provider;
+use crate::trust::roots;
+use crate::PkiError;
 
 /// The common name of the CA's HTTPS certificate. It contains a `/`, which no user name may,
 /// and does not start with `hub/`, so neither hubs (client certificates must be user
@@ -289,7 +293,7 @@ pub fn unauthenticated_ca_client_config() -> Result<ClientConfig, PkiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tests::handshake_named;
+    use crate::tls::tests::handshake_named;
     use crate::{
         agent_client_config, create_ca, generate_key, hub_server_config, Revoked, ALPN_CONTROL,
         HUB_VALIDITY,
