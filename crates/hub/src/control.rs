@@ -14,7 +14,6 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use ztm_net::goaway::{self, Role};
 use ztm_net::h2io::{self, read_body, respond, respond_error, respond_json_with, BodyError};
 use ztm_net::now_ms;
-use ztm_net::relay;
 use ztm_proto::names::check_name;
 use ztm_proto::wire::{
     choose_version, is_endpoint_id, Proto, Register, Registered, ServiceDecl, ENDPOINT_USER_HEADER,
@@ -725,7 +724,7 @@ async fn tunnel(
         tracing::debug!("tunnel {} -> {proto}/{svc}@{ep} opened", conn.peer.user);
         Ok((a_send, resp.into_body()))
     };
-    match relay::relay_opening(req.into_body(), b_send, opened, &conn.hub.stalls).await {
+    match ztm_relay::relay_opening(req.into_body(), b_send, opened, &conn.hub.stalls).await {
         Err(()) => {}
         Ok(Ok((up, down))) => tracing::debug!(
             "tunnel {} -> {proto}/{svc}@{ep} closed: {up} bytes up, {down} down, {:?}",

@@ -158,7 +158,7 @@ pub struct Hub {
     pub revoked: Revoked,
     pub revocations: RevocationStatus,
     /// What the hub's tunnel relays hold for stalled next hops.
-    pub stalls: ztm_net::relay::StallGuard,
+    pub stalls: ztm_relay::StallGuard,
 }
 
 /// Why a registration was refused.

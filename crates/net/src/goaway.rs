@@ -599,7 +599,7 @@ mod tests {
                 };
                 let body = Bytes::from(vec![7u8; size]);
                 tokio::spawn(async move {
-                    let _ = crate::relay::send_all(&mut send, body).await;
+                    let _ = ztm_relay::send_all(&mut send, body).await;
                 });
             }
         });

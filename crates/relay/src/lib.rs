@@ -602,7 +602,7 @@ mod tests {
     use tokio::io::{duplex, DuplexStream};
 
     use super::*;
-    use crate::h2io::{client_builder, server_builder};
+    use ztm_net::h2io::{client_builder, server_builder};
 
     const STREAM_WINDOW_BYTES: usize = ztm_proto::wire::STREAM_WINDOW as usize;
 
