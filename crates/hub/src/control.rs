@@ -2,7 +2,7 @@
 //! discovery, management forwarding and outgoing tunnels. See PROTOCOL.md. Who may do what is
 //! decided in [`crate::admission`]; this module reads requests and acts on the answers.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -10,6 +10,7 @@ use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{Method, Request, StatusCode};
+use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use ztm_net::goaway::{self, Role};
 use ztm_net::h2io::{self, read_body, respond, respond_error, respond_json_with, BodyError};
@@ -43,10 +44,7 @@ struct Conn {
 
 impl Conn {
     fn registered(&self) -> Option<(String, SessionId)> {
-        self.registered
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.registered.lock().clone()
     }
 }
 
@@ -349,8 +347,7 @@ async fn register(conn: &Arc<Conn>, id: &str, req: Request<RecvStream>, send: Se
         Ok(r) => r,
         Err(refusal) => return refuse_with(send, register_refusal(conn, id, refusal)),
     };
-    *conn.registered.lock().unwrap_or_else(|p| p.into_inner()) =
-        Some((id.to_string(), registration.session));
+    *conn.registered.lock() = Some((id.to_string(), registration.session));
     tracing::info!(
         "endpoint {} ({id}) of user {} online from {}",
         reg.name,

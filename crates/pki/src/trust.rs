@@ -3,8 +3,9 @@
 //! CA's feed, the agent's from the mesh's CRL).
 
 use std::collections::HashSet;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
+use parking_lot::RwLock;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{
@@ -27,18 +28,13 @@ pub struct Revoked {
 
 impl Revoked {
     pub fn insert(&self, serial: String) {
-        if let Ok(mut set) = self.serials.write() {
-            set.insert(serial);
-        }
+        self.serials.write().insert(serial);
     }
     pub fn contains(&self, serial: &str) -> bool {
-        self.serials
-            .read()
-            .map(|set| set.contains(serial))
-            .unwrap_or(true)
+        self.serials.read().contains(serial)
     }
     pub fn len(&self) -> usize {
-        self.serials.read().map(|set| set.len()).unwrap_or(0)
+        self.serials.read().len()
     }
     /// The CA's latest CRL, as the hub got it.
     pub fn crl(&self) -> &CrlSlot {
