@@ -141,7 +141,7 @@ pub struct Mesh {
     /// quickly.
     providers_cache: Mutex<HashMap<(Proto, String), (Instant, HubServices)>>,
     /// What this mesh's tunnel relays hold for stalled readers.
-    stalls: ztm_net::relay::StallGuard,
+    stalls: ztm_relay::StallGuard,
     /// When the agent's and the CA's certificates expire (ms since the epoch; 0: unknown).
     cert_expires: u64,
     ca_expires: u64,
@@ -286,7 +286,7 @@ impl Mesh {
         &self.router
     }
 
-    pub fn stalls(&self) -> &ztm_net::relay::StallGuard {
+    pub fn stalls(&self) -> &ztm_relay::StallGuard {
         &self.stalls
     }
 

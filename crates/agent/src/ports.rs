@@ -14,9 +14,9 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use ztm_net::relay;
 use ztm_proto::model::PortTarget;
 use ztm_proto::wire::Proto;
+use ztm_relay as relay;
 
 use crate::balance::Balancer;
 use crate::mesh::Mesh;

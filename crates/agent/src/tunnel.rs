@@ -13,13 +13,13 @@ use h2::{RecvStream, SendStream};
 use http::{Method, Request, StatusCode};
 use tokio::net::{TcpStream, UdpSocket};
 use ztm_net::h2io::{self, respond_error};
-use ztm_net::relay;
 use ztm_proto::capsule;
 use ztm_proto::model::PortTarget;
 use ztm_proto::wire::{
     Proto, ENDPOINT_USER_HEADER, REQUEST_TIMEOUT, SERVICE_CONNECT_TIMEOUT, TUNNEL_PROTOCOL,
     TUNNEL_STREAMS, USER_HEADER,
 };
+use ztm_relay as relay;
 
 use crate::admission;
 use crate::balance::{Active, Balancer};

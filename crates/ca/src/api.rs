@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
+use ztm_proto::addr::is_valid_host;
 use ztm_proto::local::{refusal, Refusal};
 use ztm_proto::model::ApiError;
 use ztm_proto::names::{check_name, check_user_name, decode_segment, is_reserved_user, NameError};
@@ -302,14 +303,6 @@ struct HubQuery {
     names: String,
 }
 
-fn check_host(host: &str) -> bool {
-    !host.is_empty()
-        && host.len() <= 253
-        && host
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_'))
-}
-
 async fn sign_hub(
     State(state): State<Arc<CaState>>,
     uri: Uri,
@@ -329,7 +322,7 @@ async fn sign_hub(
         .filter(|s| !s.is_empty())
         .map(str::to_string)
         .collect();
-    if let Some(bad) = sans.iter().find(|s| !check_host(s)) {
+    if let Some(bad) = sans.iter().find(|s| !is_valid_host(s)) {
         return error(
             StatusCode::BAD_REQUEST,
             format!("bad host name {bad:?} in names"),

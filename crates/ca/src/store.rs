@@ -4,9 +4,10 @@
 //! stored.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use parking_lot::{Mutex, MutexGuard};
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 use serde::Serialize;
 use ztm_pki::{CaSigner, PkiError};
@@ -218,10 +219,10 @@ impl CaStore {
         self.user_lifetime = lifetime;
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll
-        // back), so a poisoned lock is still usable.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // The lock outlives a panic of its holder (parking_lot's locks are not poisoned):
+        // such a panic cannot leave SQLite inconsistent, transactions roll back.
+        self.conn.lock()
     }
 
     pub fn ca_cert_pem(&self) -> &str {
@@ -520,7 +521,7 @@ impl CaStore {
     /// The CA's CRL (PEM): every revoked serial, numbered by the latest revocation, so the
     /// number grows with each one. Signed anew when the number changes and every hour.
     pub fn crl(&self) -> Result<String, StoreError> {
-        let mut cached = self.crl.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cached = self.crl.lock();
         let (number, revoked) = {
             let conn = self.conn();
             let number: i64 =

@@ -5,9 +5,10 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
@@ -30,7 +31,7 @@ struct Place(InProgress, IpAddr);
 
 impl InProgress {
     fn take(&self, ip: IpAddr) -> Option<Place> {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.0.lock();
         let total: usize = map.values().sum();
         let mine = map.entry(ip).or_insert(0);
         if *mine >= HANDSHAKES_PER_SOURCE || total >= HANDSHAKES {
@@ -43,7 +44,7 @@ impl InProgress {
 
 impl Drop for Place {
     fn drop(&mut self) {
-        let mut map = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.0 .0.lock();
         if let Some(n) = map.get_mut(&self.1) {
             *n -= 1;
             if *n == 0 {

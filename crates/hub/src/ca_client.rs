@@ -17,6 +17,7 @@ use ztm_net::h2io::{respond, respond_error};
 use ztm_net::http1::{self, Reply};
 use ztm_pki::rustls::pki_types::ServerName;
 use ztm_pki::Revoked;
+use ztm_proto::addr::{is_valid_host, HostPort};
 use ztm_proto::model::RevocationFeed;
 
 const CA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -65,33 +66,16 @@ impl CaAddress {
                 "bad CA address {text:?}: expected https://HOST:PORT, http://HOST:PORT or HOST:PORT"
             )
         };
-        let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
-        let port: u16 = port.parse().map_err(|_| bad())?;
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
-        let ok = !host.is_empty()
-            && host
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_'));
-        if !ok {
+        let HostPort { host, port } = HostPort::parse(rest).map_err(|_| bad())?;
+        if !is_valid_host(&host) {
             return Err(bad());
         }
-        Ok(CaAddress {
-            tls,
-            host: host.to_string(),
-            port,
-        })
+        Ok(CaAddress { tls, host, port })
     }
 
     /// `HOST:PORT`, brackets around an IPv6 address.
     pub fn authority(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
+        HostPort::new(self.host.as_str(), self.port).to_string()
     }
 
     pub fn url(&self) -> String {

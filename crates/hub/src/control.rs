@@ -2,7 +2,7 @@
 //! discovery, management forwarding and outgoing tunnels. See PROTOCOL.md. Who may do what is
 //! decided in [`crate::admission`]; this module reads requests and acts on the answers.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -10,6 +10,7 @@ use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{Method, Request, StatusCode};
+use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 use ztm_net::goaway::{self, Role};
@@ -17,7 +18,6 @@ use ztm_net::h2io::{
     self, read_body, respond, respond_error, respond_json, respond_json_with, BodyError,
 };
 use ztm_net::now_ms;
-use ztm_net::relay;
 use ztm_proto::model::ApiError;
 use ztm_proto::names::check_name;
 use ztm_proto::wire::{
@@ -49,10 +49,7 @@ struct Conn {
 
 impl Conn {
     fn registered(&self) -> Option<(String, SessionId)> {
-        self.registered
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.registered.lock().clone()
     }
 }
 
@@ -402,8 +399,7 @@ async fn register(conn: &Arc<Conn>, id: &str, req: Request<RecvStream>, send: Se
         Ok(r) => r,
         Err(refusal) => return refuse_with(send, register_refusal(conn, id, refusal)),
     };
-    *conn.registered.lock().unwrap_or_else(|p| p.into_inner()) =
-        Some((id.to_string(), registration.session));
+    *conn.registered.lock() = Some((id.to_string(), registration.session));
     tracing::info!(
         "endpoint {} ({id}) of user {} online from {}",
         reg.name,
@@ -781,7 +777,7 @@ async fn tunnel(
         endpoint = %ep,
         service = %format!("{proto}/{svc}")
     );
-    let relayed = relay::relay_opening(req.into_body(), b_send, opened, &conn.hub.stalls)
+    let relayed = ztm_relay::relay_opening(req.into_body(), b_send, opened, &conn.hub.stalls)
         .instrument(span)
         .await;
     match relayed {

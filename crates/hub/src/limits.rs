@@ -4,8 +4,10 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
+
+use parking_lot::{Mutex, MutexGuard};
 
 /// The hub's bounds. Defaults suit a hub of 10,000 endpoints; every one is a number an
 /// operator may change (`ztm hub --help`).
@@ -129,8 +131,8 @@ impl<K: Eq + Hash + Clone + Send + 'static> Counter<K> {
         }
     }
 
-    fn counts(&self) -> std::sync::MutexGuard<'_, Counts<K>> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn counts(&self) -> MutexGuard<'_, Counts<K>> {
+        self.inner.lock()
     }
 
     /// A slot for `key`, if it and the total are under their bounds.

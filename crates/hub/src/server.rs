@@ -18,6 +18,7 @@ use ztm_net::backoff::Backoff;
 use ztm_net::now_ms;
 use ztm_pki::rustls::ServerConfig;
 use ztm_pki::{Revoked, ALPN_CONTROL, ALPN_REVERSE};
+use ztm_proto::addr::HostPort;
 use ztm_proto::wire::{HANDSHAKE_TIMEOUT, REVOCATION_POLL};
 
 use crate::ca_client::{CaClient, CaPin, NotPinned};
@@ -61,14 +62,6 @@ impl HubConfig {
             revocation_max_age: DEFAULT_REVOCATION_MAX_AGE,
         }
     }
-}
-
-fn host_of(name: &str) -> &str {
-    let host = match name.rsplit_once(':') {
-        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
-        _ => name,
-    };
-    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 /// The hub's name at the CA (`hub/{name}`), from its first public address.
@@ -216,7 +209,7 @@ pub async fn run(
     let mut sans: Vec<String> = config
         .names
         .iter()
-        .map(|n| host_of(n).to_string())
+        .map(|n| HostPort::host_of(n).to_string())
         .collect();
     if sans.is_empty() {
         sans = vec!["localhost".into(), "127.0.0.1".into()];
@@ -532,9 +525,9 @@ mod tests {
 
     #[test]
     fn names_and_hosts() {
-        assert_eq!(host_of("127.0.0.1:8888"), "127.0.0.1");
-        assert_eq!(host_of("[::1]:8888"), "::1");
-        assert_eq!(host_of("hub.example.com"), "hub.example.com");
+        assert_eq!(HostPort::host_of("127.0.0.1:8888"), "127.0.0.1");
+        assert_eq!(HostPort::host_of("[::1]:8888"), "::1");
+        assert_eq!(HostPort::host_of("hub.example.com"), "hub.example.com");
         let local: SocketAddr = "127.0.0.1:8888".parse().unwrap();
         assert_eq!(
             hub_name(&["hub.example.com:8888".into()], local),

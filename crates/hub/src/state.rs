@@ -6,11 +6,12 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use h2::Reason;
+use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::watch;
 use ztm_net::now_ms;
 use ztm_pki::Revoked;
@@ -159,7 +160,7 @@ pub struct Hub {
     pub revoked: Revoked,
     pub revocations: RevocationStatus,
     /// What the hub's tunnel relays hold for stalled next hops.
-    pub stalls: ztm_net::relay::StallGuard,
+    pub stalls: ztm_relay::StallGuard,
 }
 
 /// Why a registration was refused.
@@ -189,15 +190,15 @@ impl Hub {
     }
 
     pub fn registry(&self) -> MutexGuard<'_, Registry> {
-        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+        self.registry.lock()
     }
 
     fn sessions(&self) -> MutexGuard<'_, HashMap<SessionId, SessionIo>> {
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+        self.sessions.lock()
     }
 
     fn conns(&self) -> MutexGuard<'_, HashMap<u64, ConnEntry>> {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+        self.conns.lock()
     }
 
     /// Admits an authenticated connection: within its user's bound, and not with a revoked
@@ -409,7 +410,7 @@ impl Hub {
     /// The current lists, rebuilt if the registry changed or they are over a second old.
     fn with_lists<T>(&self, f: impl FnOnce(&mut Lists) -> T) -> T {
         let now = now_ms();
-        let mut lists = self.lists.lock().unwrap_or_else(|p| p.into_inner());
+        let mut lists = self.lists.lock();
         let version = self.registry().version();
         let current = lists.as_ref().is_some_and(|l| {
             l.snapshot.version == version && now.saturating_sub(l.snapshot.built) < LIST_MAX_AGE_MS

@@ -23,10 +23,11 @@ use std::fmt;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
 
 use h2::Reason;
+use parking_lot::{Mutex, MutexGuard};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The client connection preface (RFC 9113 §3.4) that precedes the client's first frame.
@@ -92,7 +93,7 @@ pub struct Farewell(Arc<Shared>);
 
 impl Farewell {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.0.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.0.state.lock()
     }
 
     /// Closes the connection with a GOAWAY saying `bye`. The first call decides what is said;
@@ -599,7 +600,7 @@ mod tests {
                 };
                 let body = Bytes::from(vec![7u8; size]);
                 tokio::spawn(async move {
-                    let _ = crate::relay::send_all(&mut send, body).await;
+                    let _ = ztm_relay::send_all(&mut send, body).await;
                 });
             }
         });

@@ -1,11 +1,11 @@
 //! I/O helpers shared by the hub, the agent and the command-line client: HTTP/2 request and
-//! response plumbing, a small HTTP/1.1 client, reconnect backoff and wall-clock time.
+//! response plumbing, GOAWAY with a reason, a small HTTP/1.1 client, reconnect backoff and
+//! wall-clock time. The tunnel relay is its own crate, `ztm-relay`.
 
 pub mod backoff;
 pub mod goaway;
 pub mod h2io;
 pub mod http1;
-pub mod relay;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {

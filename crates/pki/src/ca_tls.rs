@@ -4,9 +4,10 @@
 //! (or whose fingerprint it was given) and, under it, only that certificate: a hub certificate
 //! of the same CA, which a compromised hub holds for any address it likes, is not the CA.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use parking_lot::RwLock;
 use rcgen::{ExtendedKeyUsagePurpose, KeyPair};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -17,7 +18,11 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
-use crate::{cert_info, parse_cert, provider, roots, CaSigner, Issued, PkiError};
+use crate::inspect::{cert_info, parse_cert};
+use crate::issue::{CaSigner, Issued};
+use crate::tls::provider;
+use crate::trust::roots;
+use crate::PkiError;
 
 /// The common name of the CA's HTTPS certificate. It contains a `/`, which no user name may,
 /// and does not start with `hub/`, so neither hubs (client certificates must be user
@@ -103,11 +108,7 @@ fn certified(signer: &CaSigner, sans: &[String]) -> Result<Arc<CertifiedKey>, Pk
 
 impl ResolvesServerCert for CaServerCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let (issued, key) = self
-            .current
-            .read()
-            .map(|c| c.clone())
-            .unwrap_or_else(|p| p.into_inner().clone());
+        let (issued, key) = self.current.read().clone();
         let age = SystemTime::now()
             .duration_since(issued)
             .unwrap_or(Duration::ZERO);
@@ -117,9 +118,7 @@ impl ResolvesServerCert for CaServerCert {
         // Renew; should that fail, the current one is still valid for a while.
         match certified(&self.signer, &self.sans) {
             Ok(fresh) => {
-                if let Ok(mut c) = self.current.write() {
-                    *c = (SystemTime::now(), fresh.clone());
-                }
+                *self.current.write() = (SystemTime::now(), fresh.clone());
                 Some(fresh)
             }
             Err(_) => Some(key),
@@ -289,7 +288,7 @@ pub fn unauthenticated_ca_client_config() -> Result<ClientConfig, PkiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tests::handshake_named;
+    use crate::tls::tests::handshake_named;
     use crate::{
         agent_client_config, create_ca, generate_key, hub_server_config, Revoked, ALPN_CONTROL,
         HUB_VALIDITY,

@@ -11,7 +11,9 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateRevocationListDer;
 use tokio::sync::watch;
 
-use crate::{hex, parse_cert, CaSigner, PkiError};
+use crate::inspect::{hex, parse_cert};
+use crate::issue::CaSigner;
+use crate::PkiError;
 
 /// A CRL of the mesh CA whose signature has been checked.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,9 +1,11 @@
-//! Shared types of ZTM: names and their rules, the JSON model of the agent's REST API,
-//! and the messages and timers of the agent ↔ hub wire protocol (see PROTOCOL.md).
+//! Shared types of ZTM: names and their rules, `HOST:PORT` addresses, the JSON model of the
+//! agent's REST API, and the messages and timers of the agent ↔ hub wire protocol (see
+//! PROTOCOL.md).
 //!
 //! Nothing here does I/O, so every rule can be unit-tested.
 
 pub mod acl;
+pub mod addr;
 pub mod capsule;
 pub mod invite;
 pub mod listing;

@@ -4,18 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-/// Splits `host[:port]` (with `[v6]` brackets) into host and port.
-fn split_host(authority: &str) -> (&str, Option<&str>) {
-    if let Some(rest) = authority.strip_prefix('[') {
-        if let Some((h, tail)) = rest.split_once(']') {
-            return (h, tail.strip_prefix(':'));
-        }
-    }
-    match authority.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') => (h, Some(p)),
-        _ => (authority, None),
-    }
-}
+use crate::addr::HostPort;
 
 fn is_local_host(host: &str, listen: &SocketAddr) -> bool {
     let host = host.to_ascii_lowercase();
@@ -31,7 +20,7 @@ fn is_local_host(host: &str, listen: &SocketAddr) -> bool {
 /// Is a request with this `Host` header addressed to us?
 pub fn host_allowed(host: Option<&str>, listen: &SocketAddr) -> bool {
     match host {
-        Some(h) => is_local_host(split_host(h).0, listen),
+        Some(h) => is_local_host(HostPort::host_of(h), listen),
         None => false,
     }
 }
@@ -48,7 +37,7 @@ pub fn origin_allowed(origin: Option<&str>, listen: &SocketAddr) -> bool {
     else {
         return false;
     };
-    let (host, port) = split_host(authority);
+    let (host, port) = HostPort::split(authority);
     let port_ok = match port {
         Some(p) => p.parse::<u16>().ok() == Some(listen.port()),
         None => listen.port() == 80,

@@ -40,22 +40,21 @@ impl std::error::Error for NameError {}
 
 /// Percent-decodes one path segment; invalid escapes or non-UTF-8 results are errors.
 pub fn decode_segment(raw: &str) -> Result<String, NameError> {
-    let bytes = raw.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3).ok_or(NameError::BadEncoding)?;
-            let s = std::str::from_utf8(hex).map_err(|_| NameError::BadEncoding)?;
-            let v = u8::from_str_radix(s, 16).map_err(|_| NameError::BadEncoding)?;
-            out.push(v);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+    // `percent_decode_str` keeps a `%` without two hex digits after it as it is; here that is
+    // an error, like a decoded text that is not UTF-8.
+    let escapes_ok = raw.split('%').skip(1).all(|after| {
+        after
+            .as_bytes()
+            .get(..2)
+            .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !escapes_ok {
+        return Err(NameError::BadEncoding);
     }
-    String::from_utf8(out).map_err(|_| NameError::BadEncoding)
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| NameError::BadEncoding)
 }
 
 /// A plain name: 1–64 characters of letters, digits, `.`, `_`, `-`, `@`, starting with a

@@ -238,7 +238,7 @@ pub fn is_endpoint_id(s: &str) -> bool {
 }
 
 /// Largest DATA frame we accept (and so the peer sends). As large as a tunnel's socket read
-/// (`ztm_net::relay::READ_SIZE`), so each read travels as one frame: a quarter of the frames,
+/// (`ztm_relay::READ_SIZE`), so each read travels as one frame: a quarter of the frames,
 /// TLS writes and wake-ups per byte that the HTTP/2 default of 16 KiB costs.
 pub const MAX_FRAME: u32 = 64 * 1024;
 /// Largest header list (all headers of one request or response, as HTTP/2 counts them) either

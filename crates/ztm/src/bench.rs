@@ -4,7 +4,8 @@
 //! (client → A → hub → B → target), interleaved (the latency scenarios slice by slice). A
 //! third reference runs each scenario through three plain TCP relays (no TLS, no HTTP/2; see
 //! `plain.rs`): what three relay hops cost on this machine whatever the protocol. Prints a
-//! table with the ratios and the targets of issue 7 and can write every figure as JSON.
+//! table with the ratios and the targets (docs/requirements.md §10's quality bars in figures,
+//! `Report::targets`) and can write every figure as JSON.
 
 mod load;
 mod plain;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::builder::TypedValueParser;
 use clap::Args;
+use ztm_proto::addr::{is_valid_host, HostPort};
 
 use crate::serve::{bind, expand_home, parse_listen, shutdown_signal};
 
@@ -84,24 +85,9 @@ impl CaArgs {
 fn ca_names(names: &[String], listen: std::net::SocketAddr) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for name in names {
-        let host = match name.parse::<std::net::SocketAddr>() {
-            Ok(sa) => sa.ip().to_string(),
-            Err(_) => match name.rsplit_once(':') {
-                Some((h, p)) if !h.contains(':') && p.chars().all(|c| c.is_ascii_digit()) => {
-                    h.to_string()
-                }
-                _ => name
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .to_string(),
-            },
-        };
-        let ok = !host.is_empty()
-            && host.len() <= 253
-            && host
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'));
-        if !ok {
+        // Host names and addresses; unlike the names in hub certificates, no `_`.
+        let host = HostPort::host_of(name).to_string();
+        if !is_valid_host(&host) || host.contains('_') {
             bail!("bad --name {name:?}: expected a host name or an IP address");
         }
         out.push(host);

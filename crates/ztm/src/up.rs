@@ -10,6 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use clap::Args;
 use ztm_net::http1;
+use ztm_proto::addr::HostPort;
 
 use crate::roles::{run_agent, run_ca, run_hub, AgentArgs, CaArgs, HubArgs};
 use crate::serve::expand_home;
@@ -49,17 +50,16 @@ fn hub_for_others(hub_names: &[String], hub_listen: &str) -> String {
     if let Some(name) = hub_names.first() {
         return name.clone();
     }
-    match hub_listen.rsplit_once(':') {
-        Some((host, port)) if host == "0.0.0.0" || host == "[::]" => {
-            format!("{THIS_COMPUTER}:{port}")
-        }
+    match HostPort::parse(hub_listen) {
+        Ok(at) if at.is_unspecified() => HostPort::new(THIS_COMPUTER, at.port).to_string(),
         _ => hub_listen.to_string(),
     }
 }
 
+/// Where this computer reaches a server listening on `listen`: 127.0.0.1 for a wildcard host.
 fn local_of(listen: &str) -> String {
-    match listen.rsplit_once(':') {
-        Some((host, port)) if host == "0.0.0.0" || host == "[::]" => format!("127.0.0.1:{port}"),
+    match HostPort::parse(listen) {
+        Ok(at) if at.is_unspecified() => HostPort::new("127.0.0.1", at.port).to_string(),
         _ => listen.to_string(),
     }
 }

@@ -1,5 +1,6 @@
 //! The agent's REST API against bad input and hostile callers: clear 4xx errors in JSON, and
 //! nothing changed by any of it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

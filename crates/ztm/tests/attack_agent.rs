@@ -1,6 +1,7 @@
 //! Attacks on the agent: by a hostile mesh user whose endpoint answers remote management with
 //! a web page, by a compromised hub that forwards tunnels and management requests the hub
 //! should have refused, and by a page in the browser of the agent's owner.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

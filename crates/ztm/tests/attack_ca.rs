@@ -3,6 +3,7 @@
 //! changes traffic, a hub token used beyond its scope, and a revoked hub that agents must stop
 //! using. Each test performs the attack and checks that it fails. docs/security.md ("Hubs, the CA and revocation")
 //! describes the attacker.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

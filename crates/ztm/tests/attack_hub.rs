@@ -2,6 +2,7 @@
 //! speaking raw HTTP/2) and by strangers on the internet, with real processes. Each test
 //! performs the attack, checks that it fails, and that honest agents beside it keep working.
 //! docs/security.md describes the attacker and the bounds these tests hold the hub to.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

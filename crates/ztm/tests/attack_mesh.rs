@@ -1,6 +1,7 @@
 //! Attacks through the mesh's own features, by a hostile user with a real agent: publishing
 //! a service under a name others use, to receive their connections. docs/security.md
 //! describes the attacker.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! every scenario with positive figures direct, through the tunnel and through the plain
 //! reference relays. No performance thresholds here: the figures are the benchmark's
 //! business, not the test's.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

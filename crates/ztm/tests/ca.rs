@@ -1,5 +1,6 @@
 //! End-to-end tests of `ztm ca`: the real process on loopback, driven with curl, openssl and
 //! raw HTTP requests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

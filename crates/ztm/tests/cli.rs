@@ -1,5 +1,6 @@
 //! End-to-end tests of the `ztm` command-line client: the real binary against a real CA, hub
 //! and agents on loopback.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! The hub says why it closes a connection (a GOAWAY's debug text, PROTOCOL.md "Closing
 //! connections"), and the agent tells its user: real CA, hub and agents on loopback.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

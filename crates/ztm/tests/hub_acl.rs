@@ -1,5 +1,6 @@
 //! The hub's own access checks, exercised by a hand-made HTTP/2 client with a user's
 //! certificate (an agent would not even ask for what its user may not do).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Adding a computer in one step: `ztm invite` writes one invitation, `ztm join --invite`
 //! joins with it, and a damaged, altered or revoked invitation is refused with words that say
 //! what is wrong, changing nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! End-to-end tests of the control plane: a real CA, hub(s) and agents on loopback, driven
 //! through the agents' REST API (and curl/openssl against the hub).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! End-to-end tests of tunnels (port mappings, docs/requirements.md §5, §7, §8, §11): a CA, a hub and agents as
 //! real processes on loopback (or in network namespaces the test creates), small TCP and UDP
 //! servers written here as the services, and clients that push data through the agents' ports.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

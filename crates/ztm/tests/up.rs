@@ -1,5 +1,6 @@
 //! `ztm up`, the README's first command: a CA, a hub and an agent joined as root on one
 //! machine, with the web UI answering; a second run reuses the same mesh.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -250,12 +250,12 @@ async fn an_empty_record_flood_is_cut_off() {
 
 /// Keeps the client's handshake traffic secret (what SSLKEYLOGFILE would show).
 #[derive(Debug, Default)]
-struct HandshakeSecret(std::sync::Mutex<Option<Vec<u8>>>);
+struct HandshakeSecret(parking_lot::Mutex<Option<Vec<u8>>>);
 
 impl rustls::KeyLog for HandshakeSecret {
     fn log(&self, label: &str, _: &[u8], secret: &[u8]) {
         if label == "CLIENT_HANDSHAKE_TRAFFIC_SECRET" {
-            *self.0.lock().unwrap() = Some(secret.to_vec());
+            *self.0.lock() = Some(secret.to_vec());
         }
     }
     fn will_log(&self, label: &str) -> bool {
@@ -322,7 +322,7 @@ async fn padding_proxy(
         }
         if record[0] == CONTENT_APPLICATION_DATA && !finished {
             let (key, iv, seq) = cipher.get_or_insert_with(|| {
-                let secret = secret.0.lock().unwrap().clone().unwrap();
+                let secret = secret.0.lock().clone().unwrap();
                 let key = expand_label(&secret, "key", 16);
                 let iv = expand_label(&secret, "iv", NONCE_LEN);
                 let key = UnboundKey::new(&aead::AES_128_GCM, &key).unwrap();

@@ -8,7 +8,7 @@ use clap::Args;
 use tokio::net::{TcpListener, TcpStream};
 
 /// Buffer of each direction of a plain relay: the size of a tunnel's largest read.
-const COPY_BUF: usize = ztm_net::relay::READ_SIZE;
+const COPY_BUF: usize = ztm_relay::READ_SIZE;
 
 #[derive(Args)]
 pub struct RelayArgs {

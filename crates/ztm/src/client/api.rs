@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 use ztm_net::http1;
+use ztm_proto::addr::HostPort;
 
 use super::Usage;
 
@@ -71,11 +72,7 @@ pub fn normalize_addr(raw: &str) -> Result<String> {
     if let Ok(port) = s.parse::<u16>() {
         return Ok(format!("127.0.0.1:{port}"));
     }
-    let ok = match s.rsplit_once(':') {
-        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
-        None => false,
-    };
-    if ok {
+    if HostPort::parse(&s).is_ok_and(|at| at.port > 0) {
         Ok(s)
     } else {
         Err(Usage(format!("bad agent address {raw:?}: expected HOST:PORT")).into())

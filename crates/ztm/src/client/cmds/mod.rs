@@ -10,6 +10,7 @@ mod services;
 
 use anyhow::{anyhow, Result};
 use serde_json::Value;
+use ztm_proto::addr::HostPort;
 use ztm_proto::model::Mesh;
 
 use super::api::{enc, normalize_addr, Agent, Config, DEFAULT_AGENT};
@@ -163,9 +164,5 @@ fn ep_label(mesh: &Mesh, ep: Option<&str>) -> String {
 
 /// An address as `IP:PORT`, or `[IP]:PORT` for IPv6.
 fn listen_text(ip: &str, port: u16) -> String {
-    if ip.contains(':') {
-        format!("[{ip}]:{port}")
-    } else {
-        format!("{ip}:{port}")
-    }
+    HostPort::new(ip, port).to_string()
 }

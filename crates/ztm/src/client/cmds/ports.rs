@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use anyhow::Result;
 use serde_json::Value;
+use ztm_proto::addr::HostPort;
 use ztm_proto::model::{Mesh, Port, PortBody, PortTarget};
 
 use super::{ep_label, ep_path, listen_text, print_json, Ctx};
@@ -180,11 +181,8 @@ fn parse_listen(s: &str) -> Result<(IpAddr, u16)> {
     } else if let Ok(sa) = s.parse::<SocketAddr>() {
         (sa.ip(), sa.port())
     } else {
-        let (ip, port) = s.rsplit_once(':').ok_or_else(bad)?;
-        (
-            ip.parse::<IpAddr>().map_err(|_| bad())?,
-            port.parse::<u16>().map_err(|_| bad())?,
-        )
+        let at = HostPort::parse(s).map_err(|_| bad())?;
+        (at.host.parse::<IpAddr>().map_err(|_| bad())?, at.port)
     };
     if port == 0 {
         return Err(bad().into());

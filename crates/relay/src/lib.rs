@@ -9,12 +9,12 @@ use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
+use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 use ztm_proto::wire::{STALL_AFTER, STALL_LIMIT, STALL_MIN};
@@ -156,7 +156,7 @@ impl StallGuard {
     /// logged since the last warning; resets are logged at most once per [`RESET_LOG_EVERY`],
     /// so that many tunnels stalling at once cannot flood the log.
     fn note_reset(&self, now: Instant) -> Option<u64> {
-        let mut log = self.resets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut log = self.resets.lock();
         if log.last.is_some_and(|last| now < last + RESET_LOG_EVERY) {
             log.unlogged += 1;
             return None;
@@ -602,7 +602,7 @@ mod tests {
     use tokio::io::{duplex, DuplexStream};
 
     use super::*;
-    use crate::h2io::{client_builder, server_builder};
+    use ztm_net::h2io::{client_builder, server_builder};
 
     const STREAM_WINDOW_BYTES: usize = ztm_proto::wire::STREAM_WINDOW as usize;
 
