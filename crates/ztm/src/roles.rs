@@ -380,13 +380,16 @@ pub async fn run_agent(args: AgentArgs) -> Result<()> {
         );
     }
     let path = expand_home(&args.database);
+    // Bound first: the Host and Origin checks compare against the port actually bound (the
+    // one the kernel chose for port 0), which is also the one the UI's pages come from.
+    let listener = bind(addr).await?;
+    let local = listener.local_addr()?;
     let agent = {
         let path = path.clone();
         let reset = args.reset;
-        tokio::task::spawn_blocking(move || ztm_agent::Agent::open(&path, reset, addr, token))
+        tokio::task::spawn_blocking(move || ztm_agent::Agent::open(&path, reset, local, token))
             .await??
     };
-    let listener = bind(addr).await?;
     let router = agent.start()?;
     tracing::info!(
         "agent listening on http://{} (database {}{})",
