@@ -311,6 +311,13 @@ pub async fn run_hub(args: HubArgs) -> Result<()> {
     ztm_hub::ca_client::check_ca(&args.ca, ca_pin.as_ref())?;
     let addr = parse_listen(&args.listen)?;
     let listener = bind(addr).await?;
+    // The bound address (the port the kernel chose for port 0), said before the hub waits for
+    // its certificate: a hub whose CA never answers would not say it otherwise.
+    tracing::info!(
+        "hub bound to {}; getting its certificate from the CA at {}",
+        listener.local_addr()?,
+        args.ca
+    );
     ztm_hub::run(
         listener,
         ztm_hub::HubConfig {
