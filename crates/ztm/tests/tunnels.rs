@@ -2,9 +2,7 @@
 //! real processes on loopback (or in network namespaces the test creates), small TCP and UDP
 //! servers written here as the services, and clients that push data through the agents' ports.
 
-mod common;
-
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -12,191 +10,13 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-
-use common::mesh::*;
-use common::*;
-
-// ---------------------------------------------------------------------------------------------
-// Deterministic data streams: block `k` of stream `seed` is 64 KiB of xorshift output, so a
-// receiver can check any amount of data without keeping a copy of what was sent.
-
-const BLOCK: usize = 64 * 1024;
-const MB: u64 = 1_000_000;
-
-fn block(seed: u64, k: u64) -> Vec<u8> {
-    // splitmix64 of (seed, k) as the xorshift state.
-    let mut z = seed
-        .wrapping_add(k.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-        .wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    let mut x = (z ^ (z >> 31)) | 1;
-    let mut out = Vec::with_capacity(BLOCK);
-    while out.len() < BLOCK {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out
-}
-
-/// Writes `len` bytes of stream `seed` to `w`.
-fn write_stream(w: &mut impl Write, seed: u64, len: u64) -> std::io::Result<()> {
-    let mut sent = 0u64;
-    let mut k = 0u64;
-    while sent < len {
-        let b = block(seed, k);
-        let n = (len - sent).min(BLOCK as u64) as usize;
-        w.write_all(&b[..n])?;
-        sent += n as u64;
-        k += 1;
-    }
-    Ok(())
-}
-
-/// Checks bytes against stream `seed` as they arrive.
-struct Verifier {
-    seed: u64,
-    k: u64,
-    pending: Vec<u8>,
-    checked: u64,
-}
-
-impl Verifier {
-    fn new(seed: u64) -> Verifier {
-        Verifier {
-            seed,
-            k: 0,
-            pending: Vec::with_capacity(2 * BLOCK),
-            checked: 0,
-        }
-    }
-
-    fn total(&self) -> u64 {
-        self.checked + self.pending.len() as u64
-    }
-
-    /// Err(offset of the first wrong byte).
-    fn push(&mut self, data: &[u8]) -> Result<(), u64> {
-        self.pending.extend_from_slice(data);
-        while self.pending.len() >= BLOCK {
-            self.check(BLOCK)?;
-        }
-        Ok(())
-    }
-
-    fn check(&mut self, n: usize) -> Result<(), u64> {
-        let want = block(self.seed, self.k);
-        if self.pending[..n] != want[..n] {
-            let at = (0..n).find(|&i| self.pending[i] != want[i]).unwrap_or(0);
-            return Err(self.checked + at as u64);
-        }
-        self.pending.drain(..n);
-        self.checked += n as u64;
-        self.k += 1;
-        Ok(())
-    }
-
-    /// Checks the trailing partial block.
-    fn finish(&mut self) -> Result<u64, u64> {
-        let n = self.pending.len();
-        if n > 0 {
-            self.check(n)?;
-        }
-        Ok(self.checked)
-    }
-}
-
-/// Reads `r` to its end, checking it against stream `seed`; returns the byte count.
-fn read_verify(r: &mut impl Read, seed: u64) -> Result<u64, String> {
-    let mut v = Verifier::new(seed);
-    let mut buf = vec![0u8; BLOCK];
-    loop {
-        let n = r
-            .read(&mut buf)
-            .map_err(|e| format!("read failed after {} bytes: {e}", v.total()))?;
-        if n == 0 {
-            break;
-        }
-        v.push(&buf[..n])
-            .map_err(|at| format!("wrong byte at offset {at}"))?;
-    }
-    v.finish()
-        .map_err(|at| format!("wrong byte at offset {at}"))
-}
+use ztm_testkit::prelude::*;
+use ztm_testkit::procfs::{fds, status_field, threads, PeakRss};
+use ztm_testkit::stack::Stack;
+use ztm_testkit::traffic::*;
 
 // ---------------------------------------------------------------------------------------------
-// Services: small blocking servers, one thread per connection.
-
-/// A server the test runs as a service's backend.
-struct Backend {
-    port: u16,
-    /// Connections accepted so far.
-    accepted: Arc<AtomicUsize>,
-}
-
-fn bind_local() -> TcpListener {
-    TcpListener::bind("127.0.0.1:0").unwrap()
-}
-
-/// Runs `handler` for every connection `listener` accepts, each on its own thread.
-fn serve(listener: TcpListener, handler: impl Fn(TcpStream) + Send + Sync + 'static) -> Backend {
-    let port = listener.local_addr().unwrap().port();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    let handler = Arc::new(handler);
-    std::thread::spawn(move || {
-        for s in listener.incoming() {
-            let Ok(s) = s else { continue };
-            count.fetch_add(1, Ordering::SeqCst);
-            let h = handler.clone();
-            std::thread::spawn(move || {
-                // No read timeout: an idle client may stay quiet for many minutes.
-                let _ = s.set_write_timeout(Some(Duration::from_secs(120)));
-                h(s)
-            });
-        }
-    });
-    Backend { port, accepted }
-}
-
-/// Echoes every byte back.
-fn echo_server() -> Backend {
-    serve(bind_local(), |s| {
-        let mut r = s.try_clone().unwrap();
-        let mut w = s;
-        let _ = std::io::copy(&mut r, &mut w);
-        let _ = w.shutdown(Shutdown::Write);
-    })
-}
-
-/// Answers every line `L` with `{tag}:L`, until the client closes.
-fn tagged_handler(tag: &str) -> impl Fn(TcpStream) + Send + Sync + 'static {
-    let tag = tag.to_string();
-    move |s: TcpStream| {
-        let mut w = s.try_clone().unwrap();
-        let mut r = BufReader::new(s);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match r.read_line(&mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-            if w.write_all(format!("{tag}:{}\n", line.trim_end()).as_bytes())
-                .is_err()
-            {
-                break;
-            }
-        }
-        let _ = w.shutdown(Shutdown::Write);
-    }
-}
-
-fn tagged_server(tag: &str) -> Backend {
-    serve(bind_local(), tagged_handler(tag))
-}
+// Services: small blocking servers, one thread per connection (more in ztm_testkit::traffic).
 
 /// Reads everything, at most `rate` bytes per second, counting into `received`; at the
 /// client's end of stream answers the count as a decimal line.
@@ -294,59 +114,6 @@ fn udp_echo_server() -> (u16, Arc<AtomicUsize>) {
     (port, count)
 }
 
-// ---------------------------------------------------------------------------------------------
-// Clients.
-
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-fn connect_addr(addr: SocketAddr) -> std::io::Result<TcpStream> {
-    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    s.set_write_timeout(Some(Duration::from_secs(30)))?;
-    s.set_nodelay(true)?;
-    Ok(s)
-}
-
-fn connect(port: u16) -> std::io::Result<TcpStream> {
-    connect_addr(local(port))
-}
-
-/// Sends one line on `s` and reads one line back (without its newline).
-fn line_on(s: &mut TcpStream, msg: &str) -> std::io::Result<String> {
-    s.write_all(format!("{msg}\n").as_bytes())?;
-    let mut got = Vec::new();
-    let mut byte = [0u8; 1];
-    loop {
-        match s.read(&mut byte)? {
-            0 => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "closed after {:?} without a full line",
-                        String::from_utf8_lossy(&got)
-                    ),
-                ))
-            }
-            _ if byte[0] == b'\n' => break,
-            _ => got.push(byte[0]),
-        }
-    }
-    Ok(String::from_utf8_lossy(&got).into_owned())
-}
-
-/// A fresh connection to `addr`, one line there and back, closed.
-fn roundtrip_addr(addr: SocketAddr, msg: &str) -> std::io::Result<String> {
-    let mut s = connect_addr(addr)?;
-    line_on(&mut s, msg)
-}
-
-fn roundtrip(port: u16, msg: &str) -> std::io::Result<String> {
-    roundtrip_addr(local(port), msg)
-}
-
-/// Waits until a fresh connection through `port` gets `{tag}:ping` back.
 /// 30 connections through `port`, 100 ms apart (3 s: longer than an agent keeps its list of
 /// providers), all answered by the server tagged `tag`.
 fn every_connection_reaches(port: u16, tag: &str) {
@@ -361,302 +128,6 @@ fn every_connection_reaches(port: u16, tag: &str) {
     }
 }
 
-fn wait_tunnel(port: u16, tag: &str, within: Duration) {
-    let want = format!("{tag}:ping");
-    let mut last = String::new();
-    let ok = time_until(within, || match roundtrip(port, "ping") {
-        Ok(got) if got == want => true,
-        Ok(got) => {
-            last = format!("answer {got:?}");
-            false
-        }
-        Err(e) => {
-            last = e.to_string();
-            false
-        }
-    });
-    assert!(
-        ok.is_some(),
-        "no working tunnel through port {port} within {within:?}; last attempt: {last}"
-    );
-}
-
-// ---------------------------------------------------------------------------------------------
-// The processes: one CA, one hub and N agents joined to MESH.
-
-const AGENT_NAMES: [&str; 4] = ["a", "b", "c", "d"];
-
-struct Stack {
-    /// First, so that agents stop before the hub and the CA.
-    agents: Vec<AgentProc>,
-    ids: Vec<String>,
-    /// The users' certificates, one per user name.
-    users: Vec<User>,
-    hub: HubProc,
-    /// Kept running (and its log printed on failure) for the whole test.
-    _ca: CaProc,
-    /// Last, so that processes are gone (and their logs printed) before it is removed.
-    _dir: TempDir,
-}
-
-/// Starts a CA, a hub and one agent per entry of `users` (named a, b, c, ... and joined as
-/// that user); waits until every agent lists every endpoint online.
-fn stack(tag: &str, users: &[&str]) -> Stack {
-    let dir = TempDir::new(tag);
-    let ca = start_ca(dir.path());
-    let pem = ca_pem(&ca.addr);
-    let mut issued: Vec<User> = Vec::new();
-    for u in users {
-        if !issued.iter().any(|i| i.name == *u) {
-            issued.push(create_user(&ca.addr, u));
-        }
-    }
-    let hub = start_hub(dir.path(), "hub", &ca.addr);
-    let mut agents = Vec::new();
-    let mut ids = Vec::new();
-    for (i, u) in users.iter().enumerate() {
-        let name = AGENT_NAMES[i];
-        let agent = start_agent(dir.path(), name);
-        let user = issued.iter().find(|x| x.name == *u).unwrap();
-        join_ok(&agent.addr, &pem, name, user, &[&hub.addr]);
-        ids.push(local_id(&agent.addr));
-        agents.push(agent);
-    }
-    let st = Stack {
-        agents,
-        ids,
-        users: issued,
-        hub,
-        _ca: ca,
-        _dir: dir,
-    };
-    wait_until(
-        Duration::from_secs(30),
-        "every endpoint online as seen from every agent",
-        || {
-            st.agents
-                .iter()
-                .all(|a| st.ids.iter().all(|id| is_online(&a.addr, id)))
-        },
-    );
-    st
-}
-
-impl Stack {
-    fn api(&self, i: usize) -> &str {
-        &self.agents[i].addr
-    }
-
-    /// Agent `i` publishes `{proto}/{name}` on its own endpoint, backed by 127.0.0.1:`port`.
-    fn add_service(&self, i: usize, proto: &str, name: &str, port: u16, users: Option<&[&str]>) {
-        add_service_at(self.api(i), &self.ids[i], proto, name, port, users);
-    }
-
-    /// Publishes `service` (TCP, at `svc_port`) on agent 1 beside a `lines` witness service
-    /// (a [`tagged_server`] answering "B"), maps both to new ports on agent 0 and waits until
-    /// the witness answers. Returns the witness, the service's port and the witness's port.
-    fn map_beside_lines(&self, service: &str, svc_port: u16) -> (Backend, u16, u16) {
-        let lines = tagged_server("B");
-        self.add_service(1, "tcp", service, svc_port, None);
-        self.add_service(1, "tcp", "lines", lines.port, None);
-        self.wait_service(0, "tcp", service, &[1]);
-        self.wait_service(0, "tcp", "lines", &[1]);
-        let port = free_port();
-        let lines_port = free_port();
-        self.map_port(0, "tcp", port, service, None);
-        self.map_port(0, "tcp", lines_port, "lines", None);
-        wait_tunnel(lines_port, "B", Duration::from_secs(20));
-        (lines, port, lines_port)
-    }
-
-    /// Agent `i` maps 127.0.0.1:`port`/`proto` on its own endpoint to `service`.
-    fn map_port(
-        &self,
-        i: usize,
-        proto: &str,
-        port: u16,
-        service: &str,
-        endpoint: Option<&str>,
-    ) -> Value {
-        map_port_at(self.api(i), &self.ids[i], proto, port, service, endpoint)
-    }
-
-    /// Waits until agent `i` discovers `{proto}/{name}` provided by every endpoint of
-    /// `providers` (indices).
-    fn wait_service(&self, i: usize, proto: &str, name: &str, providers: &[usize]) {
-        let ids: Vec<&str> = providers.iter().map(|p| self.ids[*p].as_str()).collect();
-        let api = self.api(i).to_string();
-        wait_until(
-            Duration::from_secs(20),
-            &format!("agent {i} to discover {proto}/{name} on {ids:?}"),
-            || discovered(&api, proto, name, &ids),
-        );
-    }
-
-    /// The pids of the hub and the agents still running, with names.
-    fn pids(&self) -> Vec<(String, u32)> {
-        let mut v = vec![("hub".to_string(), self.hub.proc.pid())];
-        for a in &self.agents {
-            if a.proc.pid() != 0 {
-                v.push((a.proc.name.clone(), a.proc.pid()));
-            }
-        }
-        v
-    }
-}
-
-fn add_service_at(api: &str, ep: &str, proto: &str, name: &str, port: u16, users: Option<&[&str]>) {
-    let mut body = json!({"host": "127.0.0.1", "port": port});
-    if let Some(u) = users {
-        body["users"] = json!(u);
-    }
-    let path = format!("/api/meshes/{MESH}/endpoints/{ep}/services/{proto}/{name}");
-    let r = post_json(api, &path, &body);
-    assert!(is_2xx(&r), "POST {path}: {} {}", r.status, r.text());
-}
-
-fn map_port_at(
-    api: &str,
-    ep: &str,
-    proto: &str,
-    port: u16,
-    service: &str,
-    endpoint: Option<&str>,
-) -> Value {
-    let mut target = json!({"service": service});
-    match endpoint {
-        Some(e) => target["endpoint"] = json!(e),
-        // These tests are about tunnels: a port without an endpoint reaches providers of every
-        // user (by default only its own user's and root's; attack_mesh.rs tests that).
-        None => target["trust"] = json!(["*"]),
-    }
-    let path = format!("/api/meshes/{MESH}/endpoints/{ep}/ports/127.0.0.1/{proto}/{port}");
-    let r = post_json(api, &path, &json!({ "target": target }));
-    assert!(is_2xx(&r), "POST {path}: {} {}", r.status, r.text());
-    let v = r.json();
-    assert_eq!(v["open"], true, "the port did not open: {v}");
-    assert_eq!(v["listen"]["port"], port, "{v}");
-    assert_eq!(v["protocol"], proto, "{v}");
-    assert_eq!(v["target"]["service"], service, "{v}");
-    v
-}
-
-/// Whether `GET /api/meshes/{MESH}/services` on `api` lists `{proto}/{name}` provided by all
-/// of `ids`.
-fn discovered(api: &str, proto: &str, name: &str, ids: &[&str]) -> bool {
-    service_seen(api, proto, name).is_some_and(|s| {
-        s["endpoints"].as_array().is_some_and(|eps| {
-            ids.iter()
-                .all(|id| eps.iter().any(|e| e["id"].as_str() == Some(*id)))
-        })
-    })
-}
-
-/// `{proto}/{name}` as `GET /api/meshes/{MESH}/services` on `api` lists it.
-fn service_seen(api: &str, proto: &str, name: &str) -> Option<Value> {
-    let list = try_json(api, &format!("/api/meshes/{MESH}/services"))?;
-    list.as_array()?
-        .iter()
-        .find(|s| s["name"] == name && s["protocol"] == proto)
-        .cloned()
-}
-
-/// The ids of the endpoints `api` lists as providing `{proto}/{name}`, sorted.
-fn providers_seen(api: &str, proto: &str, name: &str) -> Vec<String> {
-    let mut ids: Vec<String> = service_seen(api, proto, name)
-        .and_then(|s| s["endpoints"].as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|e| e["id"].as_str().map(str::to_string))
-        .collect();
-    ids.sort();
-    ids
-}
-
-// ---------------------------------------------------------------------------------------------
-// Process statistics from /proc.
-
-fn status_field(pid: u32, field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = text.lines().find(|l| l.starts_with(field))?;
-    line[field.len()..]
-        .trim_start_matches(':')
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    status_field(pid, "VmRSS")
-}
-
-fn threads(pid: u32) -> Option<u64> {
-    status_field(pid, "Threads")
-}
-
-fn fds(pid: u32) -> Option<usize> {
-    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
-}
-
-/// Samples the RSS of `pids` every 200 ms until dropped; keeps the maximum of each.
-struct RssSampler {
-    stop: Arc<AtomicBool>,
-    max: Arc<Mutex<Vec<(String, u32, u64)>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl RssSampler {
-    fn start(pids: Vec<(String, u32)>) -> RssSampler {
-        let stop = Arc::new(AtomicBool::new(false));
-        let max = Arc::new(Mutex::new(
-            pids.iter()
-                .map(|(n, p)| (n.clone(), *p, 0u64))
-                .collect::<Vec<_>>(),
-        ));
-        let (s, m) = (stop.clone(), max.clone());
-        let thread = std::thread::spawn(move || {
-            // Bounded: at most 10 minutes of samples.
-            for _ in 0..3000 {
-                for entry in m.lock().unwrap().iter_mut() {
-                    if let Some(kib) = rss_kib(entry.1) {
-                        entry.2 = entry.2.max(kib);
-                    }
-                }
-                if s.load(Ordering::SeqCst) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        });
-        RssSampler {
-            stop,
-            max,
-            thread: Some(thread),
-        }
-    }
-
-    /// Stops sampling; returns (name, max RSS in KiB) per process.
-    fn finish(mut self) -> Vec<(String, u64)> {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.max
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(n, _, k)| (n.clone(), *k))
-            .collect()
-    }
-}
-
-impl Drop for RssSampler {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The tests.
 
@@ -664,7 +135,7 @@ impl Drop for RssSampler {
 /// same port all work.
 #[test]
 fn bulk_echo_and_200_concurrent_connections() {
-    let st = stack("tun-bulk", &["root", "bob"]);
+    let st = Stack::start(&ztm!(), "tun-bulk", &["root", "bob"]);
     let echo = echo_server();
     let (lines, echo_port, lines_port) = st.map_beside_lines("echo", echo.port);
 
@@ -751,7 +222,7 @@ fn udp_echo_client(st: &Stack) -> (UdpSocket, Arc<AtomicUsize>) {
 /// 1,000 datagrams of mixed sizes up to 8 KiB through a UDP port come back intact.
 #[test]
 fn udp_echo_through_a_port() {
-    let st = stack("tun-udp", &["root", "bob"]);
+    let st = Stack::start(&ztm!(), "tun-udp", &["root", "bob"]);
     let (client, served) = udp_echo_client(&st);
     let mut rng = Rng::new();
     let mut buf = vec![0u8; 65_536];
@@ -846,7 +317,7 @@ fn echoed(client: &UdpSocket, d: &[u8], tries: usize, wait: Duration) -> bool {
 /// it answers again as soon as the flood ends.
 #[test]
 fn udp_flood_both_ways_does_not_stall_the_flow() {
-    let st = stack("tun-udpflood", &["root", "bob"]);
+    let st = Stack::start(&ztm!(), "tun-udpflood", &["root", "bob"]);
     let (client, served) = udp_echo_client(&st);
     assert!(echoed(&client, b"open", 40, Duration::from_millis(500)));
     let flood = vec![0xAB; 1024];
@@ -866,14 +337,18 @@ fn udp_flood_both_ways_does_not_stall_the_flow() {
 /// agents stay under 64 MiB RSS throughout and every byte arrives.
 #[test]
 fn slow_reader_keeps_memory_bounded() {
-    let st = stack("tun-slow", &["root", "bob"]);
+    let st = Stack::start(&ztm!(), "tun-slow", &["root", "bob"]);
     // The service reads at most 16 MB/s: far slower than the tunnel, so windows fill.
     let rate = 16 * MB;
     let received = Arc::new(AtomicU64::new(0));
     let sink = slow_sink(rate, received.clone());
     let (_lines, port, lines_port) = st.map_beside_lines("sink", sink.port);
 
-    let sampler = RssSampler::start(st.pids());
+    let pids = st.pids();
+    let sampler = PeakRss::start(
+        pids.iter().map(|(_, pid)| *pid).collect(),
+        Duration::from_millis(200),
+    );
     let limit = 1000 * MB;
     let budget = Duration::from_secs(65);
     let chunk = block(rand_u64(), 0);
@@ -896,7 +371,11 @@ fn slow_reader_keeps_memory_bounded() {
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let mut answer = String::new();
     let read = s.read_to_string(&mut answer);
-    let maxima = sampler.finish();
+    let maxima: Vec<(String, u64)> = pids
+        .into_iter()
+        .map(|(name, _)| name)
+        .zip(sampler.finish())
+        .collect();
     eprintln!(
         "pushed {sent} bytes in {push_time:?}; at most {max_in_flight} bytes in flight; \
          max RSS (KiB): {maxima:?}"
@@ -955,7 +434,7 @@ fn drip_server(count: usize, done: Arc<AtomicUsize>) -> Backend {
 /// connection on which too many small frames sit unread, or that receives empty ones).
 #[test]
 fn tiny_writes_to_a_stalled_reader_lose_nothing() {
-    let st = stack("tun-drip", &["root", "bob"]);
+    let st = Stack::start(&ztm!(), "tun-drip", &["root", "bob"]);
     let count = 60_000;
     let written = Arc::new(AtomicUsize::new(0));
     let drip = drip_server(count, written.clone());
@@ -1071,7 +550,7 @@ fn push_until_closed(port: u16, me: Arc<Pusher>, stop: Arc<AtomicBool>) {
 #[test]
 fn stalled_tunnels_neither_block_others_nor_pile_up() {
     use ztm_proto::wire::{STALL_LIMIT, STREAM_WINDOW};
-    let st = stack("tun-stall", &["root", "bob"]);
+    let st = Stack::start(&ztm!(), "tun-stall", &["root", "bob"]);
     let hole = black_hole();
     let (_lines, port, lines_port) = st.map_beside_lines("hole", hole.port);
 
@@ -1161,7 +640,7 @@ fn deaf_service() -> (TcpListener, Vec<TcpStream>) {
 /// (not a bare timeout of agent A) is what A reports. Each hop waits less than the one before.
 #[test]
 fn a_service_that_never_accepts_is_reported_with_the_far_agents_reason() {
-    let st = stack("tun-deaf", &["root", "bob"]);
+    let st = Stack::start(&ztm!(), "tun-deaf", &["root", "bob"]);
     let (deaf, _queued) = deaf_service();
     let deaf_port = deaf.local_addr().unwrap().port();
     let (_lines, port, lines_port) = st.map_beside_lines("deaf", deaf_port);
@@ -1201,7 +680,7 @@ fn a_service_that_never_accepts_is_reported_with_the_far_agents_reason() {
 
 #[test]
 fn twenty_transfers_in_a_row() {
-    let st = stack("tun-20x", &["root", "bob"]);
+    let st = Stack::start(&ztm!(), "tun-20x", &["root", "bob"]);
     let xfer = transfer_server();
     let (_lines, port, lines_port) = st.map_beside_lines("xfer", xfer.port);
 
@@ -1252,7 +731,7 @@ fn idle_tunnel_survives_ten_minutes() {
         eprintln!("idle_tunnel_survives_ten_minutes: skipped (set ZTM_SLOW_TESTS=1 to run it)");
         return;
     }
-    let st = stack("tun-idle", &["root", "bob"]);
+    let st = Stack::start(&ztm!(), "tun-idle", &["root", "bob"]);
     let lines = tagged_server("B");
     st.add_service(1, "tcp", "lines", lines.port, None);
     st.wait_service(0, "tcp", "lines", &[1]);
@@ -1274,7 +753,7 @@ fn idle_tunnel_survives_ten_minutes() {
 /// list first; the others see each provider's list.
 #[test]
 fn each_provider_admits_users_by_its_own_list() {
-    let st = stack("tun-users", &["dave", "bob", "carol"]);
+    let st = Stack::start(&ztm!(), "tun-users", &["dave", "bob", "carol"]);
     let (b_srv, c_srv) = (tagged_server("B"), tagged_server("C"));
     let erin: &[&str] = &["erin"];
     // s1: B admits only erin, C everyone; s2 the other way round.
@@ -1333,7 +812,7 @@ fn each_provider_admits_users_by_its_own_list() {
 /// naming both.
 #[test]
 fn a_target_endpoint_given_by_name_is_pinned_to_its_id() {
-    let st = stack("tun-pin", &["root", "bob"]);
+    let st = Stack::start(&ztm!(), "tun-pin", &["root", "bob"]);
     let b_srv = tagged_server("B");
     st.add_service(1, "tcp", "svc", b_srv.port, None);
     st.wait_service(0, "tcp", "svc", &[1]);
@@ -1343,9 +822,9 @@ fn a_target_endpoint_given_by_name_is_pinned_to_its_id() {
     wait_tunnel(port, "B", Duration::from_secs(20));
 
     // Carol's endpoint, also named "b", publishes the same service.
-    let carol = create_user(&st._ca.addr, "carol");
-    let c = start_agent(st._dir.path(), "c");
-    join_ok(&c.addr, &ca_pem(&st._ca.addr), "b", &carol, &[&st.hub.addr]);
+    let carol = create_user(&st.ca.addr, "carol");
+    let c = st.ztm.start_agent(st.dir.path(), "c");
+    join_ok(&c.addr, &ca_pem(&st.ca.addr), "b", &carol, &[&st.hub.addr]);
     let c_id = local_id(&c.addr);
     let c_srv = tagged_server("C");
     add_service_at(&c.addr, &c_id, "tcp", "svc", c_srv.port, None);
@@ -1391,7 +870,7 @@ fn a_target_endpoint_given_by_name_is_pinned_to_its_id() {
 /// both; with one provider killed, every next connection still succeeds.
 #[test]
 fn balancing_over_two_providers_and_failover() {
-    let mut st = stack("tun-lb", &["root", "bob", "carol"]);
+    let mut st = Stack::start(&ztm!(), "tun-lb", &["root", "bob", "carol"]);
     let b_srv = tagged_server("B");
     let c_srv = tagged_server("C");
     st.add_service(1, "tcp", "web", b_srv.port, None);
@@ -1467,7 +946,7 @@ fn balancing_over_two_providers_and_failover() {
 /// that sends and half-closes at once still gets its whole answer.
 #[test]
 fn first_bytes_reach_the_next_provider_after_a_refusal() {
-    let st = stack("tun-first", &["root", "bob", "carol"]);
+    let st = Stack::start(&ztm!(), "tun-first", &["root", "bob", "carol"]);
     let dead = free_port(); // nothing listens here
     let c_srv = tagged_server("C");
     st.add_service(1, "tcp", "web", dead, None);
@@ -1502,7 +981,7 @@ fn first_bytes_reach_the_next_provider_after_a_refusal() {
 /// backend; deleting it through A closes it on B.
 #[test]
 fn remote_port_mapping() {
-    let st = stack("tun-remote", &["root", "bob"]);
+    let st = Stack::start(&ztm!(), "tun-remote", &["root", "bob"]);
     let home = tagged_server("A");
     st.add_service(0, "tcp", "home", home.port, None);
     st.wait_service(1, "tcp", "home", &[0]);
@@ -1545,7 +1024,7 @@ fn remote_port_mapping() {
 #[test]
 fn service_users_list_refuses_others() {
     // A: bob, B: root (provides), C: alice.
-    let st = stack("tun-acl", &["bob", "root", "alice"]);
+    let st = Stack::start(&ztm!(), "tun-acl", &["bob", "root", "alice"]);
     let secret = tagged_server("S");
     let open = tagged_server("O");
     st.add_service(1, "tcp", "secret", secret.port, Some(&["alice"]));
@@ -1598,7 +1077,7 @@ fn service_users_list_refuses_others() {
 /// threads are back to where they were.
 #[test]
 fn no_descriptor_or_thread_leak_after_1000_tunnels() {
-    let st = stack("tun-leak", &["root", "bob"]);
+    let st = Stack::start(&ztm!(), "tun-leak", &["root", "bob"]);
     let lines = tagged_server("B");
     st.add_service(1, "tcp", "lines", lines.port, None);
     st.wait_service(0, "tcp", "lines", &[1]);
@@ -1745,6 +1224,7 @@ fn tunnel_crosses_nat_and_firewalls_in_namespaces() {
         eprintln!("tunnel_crosses_nat_and_firewalls_in_namespaces: SKIPPED: {why}");
         return;
     }
+    let z = ztm!();
     let pid = std::process::id();
     let tag = format!("{pid}-{:x}", rand_u64() & 0xfff);
     let ns_hub = format!("ztm-t-{tag}-hub");
@@ -1827,21 +1307,21 @@ fn tunnel_crosses_nat_and_firewalls_in_namespaces() {
     // CA and hub in the hub's namespace.
     let hub_addr = format!("{hub_ip}:7443");
     let (ca, hub, pem, root, bob) = in_ns(&ns_hub, || {
-        let ca = start_ca(dir.path());
+        let ca = z.start_ca(dir.path());
         let pem = ca_pem(&ca.addr);
         let root = create_user(&ca.addr, "root");
         let bob = create_user(&ca.addr, "bob");
-        let hub = start_hub_on(dir.path(), "hub", &ca.addr, &hub_addr);
+        let hub = z.start_hub_on(dir.path(), "hub", &ca.addr, &hub_addr, &[]);
         (ca, hub, pem, root, bob)
     });
     // Agents in theirs, each on 127.0.0.1 there.
     let a = in_ns(&ns_a, || {
-        let a = start_agent(dir.path(), "a");
+        let a = z.start_agent(dir.path(), "a");
         join_ok(&a.addr, &pem, "a", &root, &[&hub_addr]);
         a
     });
     let b = in_ns(&ns_b, || {
-        let b = start_agent(dir.path(), "b");
+        let b = z.start_agent(dir.path(), "b");
         join_ok(&b.addr, &pem, "b", &bob, &[&hub_addr]);
         b
     });
@@ -1917,9 +1397,9 @@ fn tunnel_crosses_nat_and_firewalls_in_namespaces() {
 /// Bob's id is refused, and A's port to Bob's endpoint reaches only Bob.
 #[test]
 fn another_user_claiming_an_endpoint_id_at_another_hub_gets_nothing() {
-    let st = stack("tun-claim", &["root", "bob"]);
-    let hub2 = start_hub(st._dir.path(), "hub2", &st._ca.addr);
-    let pem = ca_pem(&st._ca.addr);
+    let st = Stack::start(&ztm!(), "tun-claim", &["root", "bob"]);
+    let hub2 = st.ztm.start_hub(st.dir.path(), "hub2", &st.ca.addr);
+    let pem = ca_pem(&st.ca.addr);
     let root = st.users.iter().find(|u| u.name == "root").unwrap();
     // A uses both hubs, the second one first; Bob only the first.
     join_ok(st.api(0), &pem, "a", root, &[&hub2.addr, &st.hub.addr]);
@@ -1933,8 +1413,8 @@ fn another_user_claiming_an_endpoint_id_at_another_hub_gets_nothing() {
     wait_tunnel(port, "B", Duration::from_secs(20));
 
     // Mallory's agent, on the second hub only, is given Bob's id (written into its database).
-    let mallory = create_user(&st._ca.addr, "mallory");
-    let mut m = start_agent(st._dir.path(), "m");
+    let mallory = create_user(&st.ca.addr, "mallory");
+    let mut m = st.ztm.start_agent(st.dir.path(), "m");
     join_ok(&m.addr, &pem, "m", &mallory, &[&hub2.addr]);
     m.proc.stop();
     rusqlite::Connection::open(&m.db)
@@ -1954,7 +1434,7 @@ fn another_user_claiming_an_endpoint_id_at_another_hub_gets_nothing() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     for hub in [&hub2.addr, &st.hub.addr] {
         let refused = rt.block_on(async {
-            use common::hostile::*;
+            use ztm_testkit::hostile::*;
             let c = control(hub, &pem, &mallory).await;
             register(&c.sender, &Ident::claim(&st.ids[1]), "b", json!([])).await
         });
