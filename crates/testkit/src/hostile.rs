@@ -305,7 +305,6 @@ async fn connect_from(
 /// Honest users beside the attack: a CA, a hub, root's agent A publishing an echo service,
 /// and alice's agent B with a port mapped to it.
 pub struct Honest {
-    pub dir: TempDir,
     pub ca: CaProc,
     pub pem: String,
     pub root: User,
@@ -316,6 +315,8 @@ pub struct Honest {
     pub a_id: String,
     /// B's port that reaches A's echo service.
     pub port: u16,
+    /// Last, so that processes are gone (and their logs printed) before it is removed.
+    pub dir: TempDir,
 }
 
 impl Honest {
@@ -349,7 +350,6 @@ impl Honest {
         );
         assert_eq!(r.status, 200, "{}", r.text());
         let honest = Honest {
-            dir,
             ca,
             pem,
             root,
@@ -359,6 +359,7 @@ impl Honest {
             b,
             a_id,
             port,
+            dir,
         };
         wait_until(Duration::from_secs(20), "the honest tunnel works", || {
             honest.tunnel_works()
