@@ -9,7 +9,6 @@
 
 mod load;
 mod plain;
-mod procfs;
 mod stack;
 
 pub use plain::{run_relay, RelayArgs};
@@ -22,6 +21,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use load::{Concurrent, Direction, Latency, Throughput};
+use ztm_testkit::procfs;
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -226,8 +226,21 @@ struct Report {
     mem: Vec<Mem>,
 }
 
+/// VmRSS of each of `pids`, bytes.
 fn rss_all(pids: &[u32]) -> Vec<u64> {
-    pids.iter().map(|p| procfs::rss(*p).unwrap_or(0)).collect()
+    pids.iter()
+        .map(|p| procfs::rss_kib(*p).unwrap_or(0) * 1024)
+        .collect()
+}
+
+/// Samples the RSS of `pids` every 100 ms until [`peak_bytes`].
+fn peak_sampler(pids: &[u32]) -> procfs::PeakRss {
+    procfs::PeakRss::start(pids.to_vec(), Duration::from_millis(100))
+}
+
+/// The peak RSS of each process the sampler watched, bytes.
+fn peak_bytes(sampler: procfs::PeakRss) -> Vec<u64> {
+    sampler.finish().into_iter().map(|kib| kib * 1024).collect()
 }
 
 async fn measure(
@@ -255,8 +268,8 @@ async fn measure(
     eprintln!("bench: tunnel up; letting the stack idle");
     tokio::time::sleep(plan.settle).await;
     let idle = rss_all(&pids);
-    let load_peak = procfs::PeakSampler::start(pids.clone());
-    let tp_peak = procfs::PeakSampler::start(pids.clone());
+    let load_peak = peak_sampler(&pids);
+    let tp_peak = peak_sampler(&pids);
 
     let mut throughput = Vec::new();
     let phases = [
@@ -312,7 +325,7 @@ async fn measure(
             },
         ));
     }
-    let tp_peak = tp_peak.finish().await;
+    let tp_peak = peak_bytes(tp_peak);
 
     eprintln!(
         "bench: {} fresh connections + 64 B echo, {} ping-pongs on one connection ...",
@@ -337,7 +350,7 @@ async fn measure(
         plain: load::concurrent(p_echo, plan.concurrent, plan.rounds).await,
     };
     st.check_alive()?;
-    let load_peak = load_peak.finish().await;
+    let load_peak = peak_bytes(load_peak);
     eprintln!("bench: letting the stack settle");
     tokio::time::sleep(plan.settle).await;
     let after = rss_all(&pids);

@@ -297,6 +297,13 @@ pub async fn run_hub(args: HubArgs) -> Result<()> {
     ztm_hub::ca_client::check_ca(&args.ca, ca_pin.as_ref())?;
     let addr = parse_listen(&args.listen)?;
     let listener = bind(addr).await?;
+    // The bound address (the port the kernel chose for port 0), said before the hub waits for
+    // its certificate: a hub whose CA never answers would not say it otherwise.
+    tracing::info!(
+        "hub bound to {}; getting its certificate from the CA at {}",
+        listener.local_addr()?,
+        args.ca
+    );
     ztm_hub::run(
         listener,
         ztm_hub::HubConfig {
@@ -366,13 +373,16 @@ pub async fn run_agent(args: AgentArgs) -> Result<()> {
         );
     }
     let path = expand_home(&args.database);
+    // Bound first: the Host and Origin checks compare against the port actually bound (the
+    // one the kernel chose for port 0), which is also the one the UI's pages come from.
+    let listener = bind(addr).await?;
+    let local = listener.local_addr()?;
     let agent = {
         let path = path.clone();
         let reset = args.reset;
-        tokio::task::spawn_blocking(move || ztm_agent::Agent::open(&path, reset, addr, token))
+        tokio::task::spawn_blocking(move || ztm_agent::Agent::open(&path, reset, local, token))
             .await??
     };
-    let listener = bind(addr).await?;
     let router = ztm_agent::api::router(agent.clone());
     agent.start(router.clone())?;
     tracing::info!(

@@ -2,20 +2,17 @@
 //! nothing changed by any of it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::mesh::*;
-use common::*;
 use serde_json::json;
 use std::time::Duration;
+use ztm_testkit::prelude::*;
 
 #[test]
 fn bad_input_gets_clear_errors_and_changes_nothing() {
     let dir = TempDir::new("agent-bad");
-    let ca = start_ca(dir.path());
+    let ca = ztm!().start_ca(dir.path());
     let pem = ca_pem(&ca.addr);
     let root = create_user(&ca.addr, "root");
-    let agent = start_agent(dir.path(), "a");
+    let agent = ztm!().start_agent(dir.path(), "a");
     // A working mesh to compare against (its hub does not exist: that is fine here).
     let hub = format!("127.0.0.1:{}", free_port());
     join_ok(&agent.addr, &pem, "a", &root, &[&hub]);
@@ -235,7 +232,7 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
 #[test]
 fn only_local_callers_and_same_origin_pages() {
     let dir = TempDir::new("agent-guard");
-    let agent = start_agent(dir.path(), "a");
+    let agent = ztm!().start_agent(dir.path(), "a");
     let port = agent.addr.rsplit(':').next().unwrap().to_string();
     // DNS rebinding: a request addressed to another name is refused.
     let raw = raw_request(
@@ -279,7 +276,7 @@ fn an_agent_off_loopback_needs_a_token() {
         ("192.0.2.1:7777", &[("ZTM_AGENT_TOKEN", "")][..]),
         ("[2001:db8::1]:7777", &[][..]),
     ] {
-        let mut p = Proc::spawn_env(
+        let mut p = ztm!().spawn_env(
             "agent",
             dir.path(),
             &["agent", "--listen", listen, "--database", db],
@@ -305,7 +302,7 @@ fn an_agent_off_loopback_needs_a_token() {
     ] {
         let mut all = vec!["agent", "--listen", "192.0.2.1:7777", "--database", db];
         all.extend_from_slice(args);
-        let mut p = Proc::spawn_env("agent", dir.path(), &all, env);
+        let mut p = ztm!().spawn_env("agent", dir.path(), &all, env);
         assert_eq!(p.wait_exit(Duration::from_secs(10)), Some(1));
         let log = p.log();
         assert!(log.contains("cannot listen on 192.0.2.1:7777"), "{log}");
@@ -321,7 +318,7 @@ fn an_agent_off_loopback_needs_a_token() {
 fn a_token_guards_every_api_request() {
     let dir = TempDir::new("agent-token");
     let token = "correct horse battery staple";
-    let agent = start_agent_with(dir.path(), "a", &["--token", token]);
+    let agent = ztm!().start_agent_with(dir.path(), "a", &["--token", token]);
     let bearer = format!("Bearer {token}");
     let refused = |r: &Resp, what: &str| {
         assert_eq!(r.status, 401, "{what}: {}", r.text());
@@ -412,12 +409,12 @@ fn raw_request(addr: &str, request: &str) -> String {
 #[test]
 fn an_agent_changes_its_identity_in_one_step() {
     let dir = TempDir::new("agent-identity");
-    let ca = start_ca(dir.path());
+    let ca = ztm!().start_ca(dir.path());
     let pem = ca_pem(&ca.addr);
     let alice = create_user(&ca.addr, "alice");
     let bob = create_user(&ca.addr, "bob");
-    let hub = start_hub(dir.path(), "hub", &ca.addr);
-    let agent = start_agent(dir.path(), "a");
+    let hub = ztm!().start_hub(dir.path(), "hub", &ca.addr);
+    let agent = ztm!().start_agent(dir.path(), "a");
     join_ok(&agent.addr, &pem, "a", &alice, &[&hub.addr]);
     let id = local_id(&agent.addr);
     // An endpoint id belongs to its user: the agent's id, online at the hub as `want`.

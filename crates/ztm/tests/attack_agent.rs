@@ -3,19 +3,16 @@
 //! should have refused, and by a page in the browser of the agent's owner.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::fake_hub::{sign_hub, FakeHub};
-use common::mesh::*;
-use common::*;
 use http::Method;
 use serde_json::json;
+use ztm_testkit::fake_hub::{sign_hub, FakeHub};
+use ztm_testkit::prelude::*;
 
 /// Dials `hub` as `user` with ALPN `alpn`.
 async fn dial(
@@ -104,12 +101,12 @@ const SCRIPT: &str = "<html><body><script>fetch('/api/meshes').then(r=>r.text())
 #[test]
 fn a_hostile_endpoint_cannot_answer_remote_management_with_a_page() {
     let dir = TempDir::new("attack-html");
-    let ca = start_ca(dir.path());
+    let ca = ztm!().start_ca(dir.path());
     let pem = ca_pem(&ca.addr);
     let root = create_user(&ca.addr, "root");
     let mallory = create_user(&ca.addr, "mallory");
-    let hub = start_hub(dir.path(), "hub", &ca.addr);
-    let a = start_agent(dir.path(), "a");
+    let hub = ztm!().start_hub(dir.path(), "hub", &ca.addr);
+    let a = ztm!().start_agent(dir.path(), "a");
     join_ok(&a.addr, &pem, "a", &root, &[&hub.addr]);
     let nonce = ztm_proto::wire::new_id_nonce();
     let evil_id = ztm_proto::wire::endpoint_id("mallory", &nonce);
@@ -176,7 +173,7 @@ fn a_hostile_endpoint_cannot_answer_remote_management_with_a_page() {
 #[test]
 fn every_answer_carries_the_security_headers() {
     let dir = TempDir::new("attack-headers");
-    let a = start_agent(dir.path(), "a");
+    let a = ztm!().start_agent(dir.path(), "a");
     let api_csp = "default-src 'none'; frame-ancestors 'none'";
     let answers = [
         ("/api/meshes", get(&a.addr, "/api/meshes")),
@@ -258,7 +255,7 @@ fn counting_backend() -> (u16, Arc<AtomicUsize>) {
 struct Compromised {
     agent: AgentProc,
     hub: FakeHub,
-    reverse: common::fake_hub::Reverse,
+    reverse: ztm_testkit::fake_hub::Reverse,
     id: String,
     rt: tokio::runtime::Runtime,
     _ca: CaProc,
@@ -267,13 +264,13 @@ struct Compromised {
 
 fn compromised(tag: &str, user: &str) -> Compromised {
     let dir = TempDir::new(tag);
-    let ca = start_ca(dir.path());
+    let ca = ztm!().start_ca(dir.path());
     let pem = ca_pem(&ca.addr);
     let owner = create_user(&ca.addr, user);
     let (cert, key) = sign_hub(&ca.addr, "fake");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut hub = rt.block_on(FakeHub::start(&pem, &cert, &key));
-    let agent = start_agent(dir.path(), "a");
+    let agent = ztm!().start_agent(dir.path(), "a");
     join_ok(&agent.addr, &pem, "a", &owner, &[&hub.addr]);
     let reverse = rt.block_on(hub.next_reverse(Duration::from_secs(15)));
     let id = local_id(&agent.addr);
@@ -457,12 +454,10 @@ fn names_from_a_compromised_hub_cannot_drive_the_terminal() {
     }]));
     let home = c.dir.path();
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(ztm_bin())
+        let out = ztm!()
+            .command(home)
             .args(args)
             .args(["--agent", &c.agent.addr])
-            .env("HOME", home)
-            .env_remove("ZTM_AGENT")
-            .env_remove("ZTM_AGENT_TOKEN")
             .output()
             .unwrap();
         (

@@ -5,8 +5,6 @@
 //! describes the attacker.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,10 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::hostile::*;
-use common::mesh::*;
-use common::*;
 use serde_json::json;
+use ztm_testkit::hostile::*;
+use ztm_testkit::prelude::*;
+use ztm_testkit::traffic::echo_server;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -193,15 +191,6 @@ fn openssl_fingerprint(dir: &std::path::Path, file: &str) -> String {
         .to_string()
 }
 
-/// Waits until `proc`'s log holds `words` at least `times` times.
-fn wait_log(proc: &Proc, words: &str, times: usize, within: Duration) {
-    wait_until(
-        within,
-        &format!("{:?} {times} times in the log of {}", words, proc.name),
-        || proc.log().matches(words).count() >= times,
-    );
-}
-
 /// Whether a hub at `hub` answers a control request of `user` (whose CA is `ca_pem`) within
 /// a few seconds.
 fn hub_admits(hub: &str, ca_pem: &str, user: &User) -> bool {
@@ -237,8 +226,8 @@ fn a_pinned_hub_never_trusts_another_ca() {
     let fake_dir = dir.join("impostor");
     std::fs::create_dir_all(&real_dir).unwrap();
     std::fs::create_dir_all(&fake_dir).unwrap();
-    let real = start_ca(&real_dir);
-    let fake = start_ca(&fake_dir);
+    let real = ztm!().start_ca(&real_dir);
+    let fake = ztm!().start_ca(&fake_dir);
     let real_pem = ca_pem(&real.addr);
     let fake_pem = ca_pem(&fake.addr);
     assert_ne!(real_pem, fake_pem);
@@ -246,7 +235,7 @@ fn a_pinned_hub_never_trusts_another_ca() {
     let fingerprint = openssl_fingerprint(dir.path(), "real.crt");
     // A user of the impostor CA, whose agent joins the hub.
     let mallory = create_user(&fake.addr, "root");
-    let agent = start_agent(dir.path(), "mallory");
+    let agent = ztm!().start_agent(dir.path(), "mallory");
 
     for (i, pin) in [
         ["--ca-cert", real_crt.as_str()],
@@ -255,9 +244,9 @@ fn a_pinned_hub_never_trusts_another_ca() {
     .iter()
     .enumerate()
     {
-        let hub = start_hub_with(dir.path(), &format!("hub{i}"), &fake.addr, pin);
+        let hub = ztm!().spawn_hub_with(dir.path(), &format!("hub{i}"), &fake.addr, pin);
         join_ok(&agent.addr, &fake_pem, "mallory", &mallory, &[&hub.addr]);
-        wait_log(&hub.proc, "pinned CA", 2, Duration::from_secs(20));
+        hub.proc.wait_log("pinned CA", 2, Duration::from_secs(20));
         let log = hub.proc.log();
         assert!(!log.contains("listening on"), "the hub came up:\n{log}");
         assert!(
@@ -278,8 +267,9 @@ fn a_pinned_hub_never_trusts_another_ca() {
 
     // Pinned to the CA that answers, the same hub comes up and admits that CA's users.
     let root = create_user(&real.addr, "root");
-    let hub = start_hub_with(dir.path(), "good", &real.addr, &["--ca-cert", &real_crt]);
-    wait_log(&hub.proc, "listening on", 1, Duration::from_secs(20));
+    let hub = ztm!().start_hub_with(dir.path(), "good", &real.addr, &["--ca-cert", &real_crt]);
+    hub.proc
+        .wait_log("listening on", 1, Duration::from_secs(20));
     assert!(hub_admits(&hub.addr, &real_pem, &root));
 }
 
@@ -291,7 +281,7 @@ fn a_pinned_hub_never_trusts_another_ca() {
 fn with_tls_the_network_sees_no_token_and_impostors_are_refused() {
     let dir = TempDir::new("attack-ca-tls");
     const ADMIN: &str = "admin-token-4f9c2e71d0b3";
-    let ca = start_ca_with(dir.path(), &["--tls", "--token", ADMIN]);
+    let ca = ztm!().start_ca_with(dir.path(), &["--tls", "--token", ADMIN]);
     let base = format!("https://{}", ca.addr);
     let (code, pem, err) = sh(dir.path(), &format!("curl -sfk {base}/api/certificates/ca"));
     assert_eq!(code, 0, "{err}");
@@ -319,7 +309,7 @@ fn with_tls_the_network_sees_no_token_and_impostors_are_refused() {
     // Hubs reach the CA through a relay that records everything.
     let relay = Relay::start(&ca.addr);
     let via = format!("https://{}", relay.addr);
-    let h1 = start_hub_with(
+    let h1 = ztm!().start_hub_with(
         dir.path(),
         "h1",
         &via,
@@ -332,7 +322,7 @@ fn with_tls_the_network_sees_no_token_and_impostors_are_refused() {
             "h1",
         ],
     );
-    let h2 = start_hub_with(
+    let h2 = ztm!().start_hub_with(
         dir.path(),
         "h2",
         &via,
@@ -346,11 +336,12 @@ fn with_tls_the_network_sees_no_token_and_impostors_are_refused() {
         ],
     );
     for hub in [&h1, &h2] {
-        wait_log(&hub.proc, "listening on", 1, Duration::from_secs(20));
+        hub.proc
+            .wait_log("listening on", 1, Duration::from_secs(20));
         assert!(hub_admits(&hub.addr, &pem, &root), "{}", hub.proc.log());
     }
     // The CRL went through the relay too.
-    wait_log(&h1.proc, "CRL number", 1, Duration::from_secs(20));
+    h1.proc.wait_log("CRL number", 1, Duration::from_secs(20));
     let seen = relay.seen();
     assert!(
         seen.len() > 2_000,
@@ -410,13 +401,13 @@ fn with_tls_the_network_sees_no_token_and_impostors_are_refused() {
         {
             let mut flags = pin.to_vec();
             flags.extend(["--ca-token", hub_token.as_str(), "--id", "h1"]);
-            let hub = start_hub_with(
+            let hub = ztm!().spawn_hub_with(
                 dir.path(),
                 &format!("impostor-{i}-{}", what.replace(' ', "-")),
                 &format!("https://{}", impostor.addr),
                 &flags,
             );
-            wait_log(&hub.proc, "pinned CA", 2, Duration::from_secs(20));
+            hub.proc.wait_log("pinned CA", 2, Duration::from_secs(20));
             let log = hub.proc.log();
             assert!(
                 !log.contains("listening on"),
@@ -440,7 +431,7 @@ fn with_tls_the_network_sees_no_token_and_impostors_are_refused() {
 fn a_hub_token_is_scoped_to_its_hub() {
     let dir = TempDir::new("attack-ca-scope");
     const ADMIN: &str = "admin-token-8e1d";
-    let ca = start_ca_with(dir.path(), &["--token", ADMIN]);
+    let ca = ztm!().start_ca_with(dir.path(), &["--token", ADMIN]);
     let as_admin = [("Authorization", format!("Bearer {ADMIN}"))];
     let req = |method: &str, path: &str, auth: &[(&str, String)], body: &str| {
         let headers: Vec<(&str, &str)> = auth.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -558,21 +549,21 @@ fn a_hub_token_is_scoped_to_its_hub() {
 #[test]
 fn agents_drop_a_revoked_hub_and_learn_it_from_another() {
     let dir = TempDir::new("attack-ca-revoke-hub");
-    let ca = start_ca(dir.path());
+    let ca = ztm!().start_ca(dir.path());
     let pem = ca_pem(&ca.addr);
     let root = create_user(&ca.addr, "root");
     let alice = create_user(&ca.addr, "alice");
     let relay = Relay::start(&ca.addr);
-    let h1 = start_hub(dir.path(), "hub1", &relay.addr);
-    let h2 = start_hub(dir.path(), "hub2", &ca.addr);
+    let h1 = ztm!().start_hub(dir.path(), "hub1", &relay.addr);
+    let h2 = ztm!().start_hub(dir.path(), "hub2", &ca.addr);
     let h1_name = format!("127.0.0.1-{}", h1.addr.rsplit(':').next().unwrap());
-    let a = start_agent(dir.path(), "a");
-    let mut b = start_agent(dir.path(), "b");
+    let a = ztm!().start_agent(dir.path(), "a");
+    let mut b = ztm!().start_agent(dir.path(), "b");
     join_ok(&a.addr, &pem, "a", &root, &[&h1.addr, &h2.addr]);
     join_ok(&b.addr, &pem, "b", &alice, &[&h1.addr, &h2.addr]);
     let (a_id, b_id) = (local_id(&a.addr), local_id(&b.addr));
     let echo = echo_server();
-    let r = create_service(&a.addr, &a_id, "echo", echo);
+    let r = create_service(&a.addr, &a_id, "echo", echo.port);
     assert_eq!(r.status, 200, "{}", r.text());
     let port = free_port();
     let r = post_json(
@@ -624,7 +615,7 @@ fn agents_drop_a_revoked_hub_and_learn_it_from_another() {
     assert_eq!(r.status, 204, "revoke hub 1: {}", r.text());
     let revoked = format!("hub/{h1_name}'s certificate has been revoked");
     for agent in [&a, &b] {
-        wait_log(&agent.proc, &revoked, 1, Duration::from_secs(60));
+        agent.proc.wait_log(&revoked, 1, Duration::from_secs(60));
     }
     wait_until(Duration::from_secs(10), "A and B gone from hub 1", || {
         !online_at(&h1.addr, &a_id) && !online_at(&h1.addr, &b_id)
@@ -633,7 +624,7 @@ fn agents_drop_a_revoked_hub_and_learn_it_from_another() {
     // Dialling hub 1 again fails in the TLS handshake.
     let refused = "the hub's certificate has been revoked by the mesh CA";
     for agent in [&a, &b] {
-        wait_log(&agent.proc, refused, 1, Duration::from_secs(30));
+        agent.proc.wait_log(refused, 1, Duration::from_secs(30));
     }
 
     // After a restart, B refuses hub 1 at once: it kept the CRL.
@@ -688,10 +679,10 @@ fn a_hub_refuses_a_remote_ca_it_cannot_authenticate() {
         ),
     ];
     for (flags, words) in cases {
-        let listen = format!("127.0.0.1:{}", free_port());
-        let mut args = vec!["hub", "--listen", listen.as_str()];
+        // It refuses before it listens.
+        let mut args = vec!["hub", "--listen", "127.0.0.1:0"];
         args.extend(&flags);
-        let mut hub = Proc::spawn("hub-remote", dir.path(), &args);
+        let mut hub = ztm!().spawn("hub-remote", dir.path(), &args);
         let code = hub.wait_exit(Duration::from_secs(5));
         let log = hub.log();
         let _ = std::fs::remove_file(&hub.log_path);

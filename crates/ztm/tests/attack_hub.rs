@@ -4,16 +4,13 @@
 //! docs/security.md describes the attacker and the bounds these tests hold the hub to.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::hostile::*;
-use common::mesh::*;
-use common::*;
 use serde_json::json;
+use ztm_testkit::hostile::*;
+use ztm_testkit::prelude::*;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -45,7 +42,7 @@ fn services(n: usize) -> serde_json::Value {
 /// asked on one meanwhile.
 #[test]
 fn a_revoked_user_keeps_no_connection() {
-    let honest = Honest::start("attack-revoked", &[]);
+    let honest = Honest::start(&ztm!(), "attack-revoked", &[]);
     let bob = honest.user("bob");
     let hub = honest.hub.addr.clone();
     runtime().block_on(async {
@@ -100,7 +97,7 @@ fn a_revoked_user_keeps_no_connection() {
 /// from one address. Registered agents keep their tunnels and a new agent joins within 5 s.
 #[test]
 fn a_flood_of_strangers_locks_nobody_out() {
-    let honest = Honest::start("attack-flood", &[]);
+    let honest = Honest::start(&ztm!(), "attack-flood", &[]);
     let rt = runtime();
     let from = "127.0.0.2".parse().unwrap();
     let flood = rt.block_on(async { Flood::start(from, honest.hub_addr(), 2_000, 200) });
@@ -110,7 +107,7 @@ fn a_flood_of_strangers_locks_nobody_out() {
     let fresh = (0..20).filter(|_| honest.tunnel_works()).count();
     assert_eq!(fresh, 20, "fresh tunnels during the flood");
 
-    let c = start_agent(honest.dir.path(), "c");
+    let c = ztm!().start_agent(honest.dir.path(), "c");
     let carol = honest.user("carol");
     let started = Instant::now();
     join_ok(&c.addr, &honest.pem, "c", &carol, &[&honest.hub.addr]);
@@ -136,7 +133,7 @@ fn a_flood_of_strangers_locks_nobody_out() {
 /// bounded bodies; every refusal says why.
 #[test]
 fn hostile_registrations_are_refused_with_reasons() {
-    let honest = Honest::start("attack-register", &[]);
+    let honest = Honest::start(&ztm!(), "attack-register", &[]);
     let bob = honest.user("bob");
     let hub = honest.hub.addr.clone();
     runtime().block_on(async {
@@ -222,6 +219,7 @@ fn hostile_registrations_are_refused_with_reasons() {
 #[test]
 fn one_user_cannot_take_more_than_its_share() {
     let honest = Honest::start(
+        &ztm!(),
         "attack-share",
         &[
             "--max-endpoints-per-user",
@@ -335,7 +333,7 @@ fn one_user_cannot_take_more_than_its_share() {
 /// the connection is taken, and only one endpoint is online.
 #[test]
 fn registrations_racing_on_one_connection_leave_one_endpoint() {
-    let honest = Honest::start("attack-race", &[]);
+    let honest = Honest::start(&ztm!(), "attack-race", &[]);
     let bob = honest.user("bob");
     let hub = honest.hub.addr.clone();
     runtime().block_on(async {
@@ -370,7 +368,7 @@ fn registrations_racing_on_one_connection_leave_one_endpoint() {
 /// relays JSON only.
 #[test]
 fn the_hub_relays_only_json_from_managed_endpoints() {
-    let honest = Honest::start("attack-html", &[]);
+    let honest = Honest::start(&ztm!(), "attack-html", &[]);
     let bob = honest.user("bob");
     let hub = honest.hub.addr.clone();
     runtime().block_on(async {
@@ -411,7 +409,7 @@ fn the_hub_relays_only_json_from_managed_endpoints() {
 /// the operator allows, it refuses new sessions (and says why) and keeps the ones it has.
 #[test]
 fn stale_revocations_stop_new_sessions() {
-    let mut honest = Honest::start("attack-stale", &["--revocation-max-age", "10"]);
+    let mut honest = Honest::start(&ztm!(), "attack-stale", &["--revocation-max-age", "10"]);
     let bob = honest.user("bob");
     let hub = honest.hub.addr.clone();
     honest.ca.proc.kill9();

@@ -3,15 +3,12 @@
 //! describes the attacker.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::io::{BufRead, BufReader, Write};
 use std::time::Duration;
 
-use common::hostile::*;
-use common::mesh::*;
-use common::*;
 use serde_json::json;
+use ztm_testkit::hostile::*;
+use ztm_testkit::prelude::*;
 
 /// A TCP server on 127.0.0.1 answering each connection's first line with `tag`.
 fn tagged(tag: &'static str) -> u16 {
@@ -46,9 +43,9 @@ fn who(port: u16) -> Option<String> {
 /// root by default): none reaches Mallory. A port that trusts every user (`*`) reaches both.
 #[test]
 fn a_service_published_under_anothers_name_gets_no_connections() {
-    let honest = Honest::start("attack-samename", &[]);
+    let honest = Honest::start(&ztm!(), "attack-samename", &[]);
     let mallory = honest.user("mallory");
-    let m = start_agent(honest.dir.path(), "m");
+    let m = ztm!().start_agent(honest.dir.path(), "m");
     join_ok(&m.addr, &honest.pem, "m", &mallory, &[&honest.hub.addr]);
     let m_id = local_id(&m.addr);
     let r = create_service(&m.addr, &m_id, "db", tagged("mallory"));

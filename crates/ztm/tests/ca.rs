@@ -2,16 +2,14 @@
 //! raw HTTP requests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use ztm_testkit::prelude::*;
 
 #[test]
 fn seed_curl_lines_work_verbatim() {
     let dir = TempDir::new("ca-seed");
-    let ca = start_ca(dir.path());
+    let ca = ztm!().start_ca(dir.path());
     let port = ca.addr.rsplit(':').next().unwrap();
     let base = format!("http://localhost:{port}");
     // The seed README's lines, with our port.
@@ -67,7 +65,7 @@ fn seed_curl_lines_work_verbatim() {
 #[test]
 fn duplicate_and_concurrent_creation() {
     let dir = TempDir::new("ca-dup");
-    let ca = start_ca(dir.path());
+    let ca = ztm!().start_ca(dir.path());
     assert_eq!(post(&ca.addr, "/api/certificates/alice", "").status, 200);
     let before = get(&ca.addr, "/api/certificates/alice").text();
     let second = post(&ca.addr, "/api/certificates/alice", "");
@@ -116,12 +114,12 @@ fn the_database_is_readable_by_its_owner_only() {
     use std::os::unix::fs::PermissionsExt;
     let dir = TempDir::new("ca-mode");
     let db = dir.join("ca.db");
-    let mut ca = start_ca(dir.path());
+    let mut ca = ztm!().start_ca(dir.path());
     assert_eq!(post(&ca.addr, "/api/certificates/carol", "").status, 200);
     assert_eq!(mode(&db), 0o600);
     assert_eq!(ca.proc.stop(), Some(0));
     std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let ca2 = start_ca(dir.path());
+    let ca2 = ztm!().start_ca(dir.path());
     assert_eq!(mode(&db), 0o600);
     for journal in ["ca.db-wal", "ca.db-shm"] {
         let path = dir.join(journal);
@@ -135,12 +133,12 @@ fn the_database_is_readable_by_its_owner_only() {
 #[test]
 fn restart_keeps_the_ca() {
     let dir = TempDir::new("ca-restart");
-    let mut ca = start_ca(dir.path());
+    let mut ca = ztm!().start_ca(dir.path());
     let first = get(&ca.addr, "/api/certificates/ca").text();
     assert!(first.starts_with("-----BEGIN CERTIFICATE-----"));
     assert_eq!(post(&ca.addr, "/api/certificates/carol", "").status, 200);
     assert_eq!(ca.proc.stop(), Some(0), "clean exit on SIGTERM");
-    let ca2 = start_ca(dir.path());
+    let ca2 = ztm!().start_ca(dir.path());
     assert_eq!(get(&ca2.addr, "/api/certificates/ca").text(), first);
     assert_eq!(get(&ca2.addr, "/api/certificates/carol").status, 200);
 }
@@ -148,7 +146,7 @@ fn restart_keeps_the_ca() {
 #[test]
 fn bad_input_is_refused_and_changes_nothing() {
     let dir = TempDir::new("ca-bad");
-    let ca = start_ca(dir.path());
+    let ca = ztm!().start_ca(dir.path());
     let long = "a".repeat(300);
     let cases: Vec<(&str, String, u16)> = vec![
         ("POST", "/api/certificates/ca".into(), 403),
@@ -206,7 +204,7 @@ fn bad_input_is_refused_and_changes_nothing() {
 #[test]
 fn signs_hub_public_keys() {
     let dir = TempDir::new("ca-hub");
-    let ca = start_ca(dir.path());
+    let ca = ztm!().start_ca(dir.path());
     let (code, _, err) = sh(
         dir.path(),
         "openssl ecparam -name prime256v1 -genkey -noout -out hub.key && openssl pkey -in hub.key -pubout -out hub.pub",
@@ -242,15 +240,8 @@ fn signs_hub_public_keys() {
 #[test]
 fn admin_token_guards_everything_but_the_ca_certificate() {
     let dir = TempDir::new("ca-token");
-    let addr = format!("127.0.0.1:{}", free_port());
-    let db = dir.join("ca.db");
-    let _ca = Proc::spawn_env(
-        "ca",
-        dir.path(),
-        &["ca", "--listen", &addr, "--database", db.to_str().unwrap()],
-        &[("ZTM_CA_TOKEN", "s3cret")],
-    );
-    wait_port(&addr, Duration::from_secs(20));
+    let ca = ztm!().start_ca_env(dir.path(), &[], &[("ZTM_CA_TOKEN", "s3cret")]);
+    let addr = ca.addr.clone();
     assert_eq!(get(&addr, "/api/certificates/ca").status, 200);
     assert_eq!(post(&addr, "/api/certificates/alice", "").status, 401);
     assert_eq!(get(&addr, "/api/certificates").status, 401);
@@ -282,7 +273,7 @@ fn admin_token_guards_everything_but_the_ca_certificate() {
 #[test]
 fn without_a_token_only_local_callers_and_same_origin_pages() {
     let dir = TempDir::new("ca-guard");
-    let ca = start_ca(dir.path());
+    let ca = ztm!().start_ca(dir.path());
     let port = ca.addr.rsplit(':').next().unwrap().to_string();
     let evil_host = format!("evil.example:{port}");
     for (method, path) in [
@@ -342,7 +333,7 @@ fn without_a_token_only_local_callers_and_same_origin_pages() {
 }
 
 fn run_to_exit(dir: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {
-    let mut p = Proc::spawn("ca-fail", dir, args);
+    let mut p = ztm!().spawn("ca-fail", dir, args);
     let code = p.wait_exit(Duration::from_secs(20));
     let log = p.log();
     let _ = std::fs::remove_file(&p.log_path);
@@ -352,7 +343,8 @@ fn run_to_exit(dir: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {
 #[test]
 fn startup_errors_are_one_line_and_non_zero() {
     let dir = TempDir::new("ca-fail");
-    let port = format!("127.0.0.1:{}", free_port());
+    // Each of these fails before it listens.
+    let port = "127.0.0.1:0".to_string();
     let missing = dir.join("no/such/dir/ca.db");
     let garbage = dir.join("garbage.db");
     std::fs::write(&garbage, vec![0x42u8; 8192]).unwrap();
@@ -372,7 +364,7 @@ fn startup_errors_are_one_line_and_non_zero() {
     // The garbage file is left as it was.
     assert_eq!(std::fs::read(&garbage).unwrap(), vec![0x42u8; 8192]);
 
-    let ca = start_ca(dir.path());
+    let ca = ztm!().start_ca(dir.path());
     let other_db = dir.join("other.db");
     let (code, log) = run_to_exit(
         dir.path(),
@@ -412,7 +404,7 @@ fn startup_errors_are_one_line_and_non_zero() {
 #[test]
 fn tls_with_a_certificate_of_its_own() {
     let dir = TempDir::new("ca-tls");
-    let ca = start_ca_with(
+    let ca = ztm!().start_ca_with(
         dir.path(),
         &[
             "--tls",

@@ -3,13 +3,12 @@
 //! meanwhile (they never wait for a stream), and every tunnel still works afterwards.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::hostile::*;
+use ztm_testkit::hostile::*;
+use ztm_testkit::ztm;
 
 /// Sends a line on `s` and reads the echo.
 fn roundtrip(s: &mut TcpStream, r: &mut BufReader<TcpStream>, line: &str) -> bool {
@@ -22,7 +21,7 @@ fn roundtrip(s: &mut TcpStream, r: &mut BufReader<TcpStream>, line: &str) -> boo
 #[test]
 fn two_thousand_open_tunnels_through_one_agent_survive_heartbeats() {
     const N: usize = 2_000;
-    let honest = Honest::start("capacity-tunnels", &[]);
+    let honest = Honest::start(&ztm!(), "capacity-tunnels", &[]);
     let started = Instant::now();
     let mut conns = Vec::with_capacity(N);
     for i in 0..N {

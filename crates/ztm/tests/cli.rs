@@ -2,17 +2,13 @@
 //! and agents on loopback.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::mesh::*;
-use common::*;
 use serde_json::Value;
+use ztm_testkit::prelude::*;
 
 const S: fn(u64) -> Duration = Duration::from_secs;
 
@@ -57,15 +53,8 @@ fn cell<'a>(row: &'a [(String, String)], col: &str) -> Option<&'a str> {
 
 /// Runs `ztm ARGS` with HOME = `home` (so no user config leaks in) and the given environment.
 fn ztm_env(home: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
-    let mut cmd = Command::new(ztm_bin());
-    cmd.args(args)
-        .current_dir(home)
-        .env("HOME", home)
-        .env_remove("ZTM_AGENT")
-        .env_remove("ZTM_MESH")
-        .env_remove("ZTM_AGENT_TOKEN")
-        .env_remove("ZTM_LOG")
-        .stdin(Stdio::null());
+    let mut cmd = ztm!().command(home);
+    cmd.args(args).env_remove("ZTM_LOG");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -156,7 +145,7 @@ fn row_named<'a>(
 fn cli_drives_a_mesh() {
     let dir = TempDir::new("cli");
     let home = dir.path();
-    let ca = start_ca(home);
+    let ca = ztm!().start_ca(home);
     let ca_cert = ca_pem(&ca.addr);
     let root = create_user(&ca.addr, "root");
     let bob = create_user(&ca.addr, "bob");
@@ -165,9 +154,9 @@ fn cli_drives_a_mesh() {
     write_file(home, "root.key", &root.key);
     write_file(home, "bob.crt", &bob.cert);
     write_file(home, "bob.key", &bob.key);
-    let hub = start_hub(home, "hub", &ca.addr);
-    let a = start_agent(home, "a");
-    let b = start_agent(home, "b");
+    let hub = ztm!().start_hub(home, "hub", &ca.addr);
+    let a = ztm!().start_agent(home, "a");
+    let b = ztm!().start_agent(home, "b");
 
     // Before joining: no mesh to work in is the agent's state, not a usage error.
     let r = ztm_at(home, &a.addr, &["get", "ep"]);
@@ -475,7 +464,7 @@ fn unreachable_agent_is_one_line_and_exit_1() {
 fn cli_sends_the_agent_token() {
     let dir = TempDir::new("cli-token");
     let home = dir.path();
-    let agent = start_agent_with(home, "a", &["--token", "t0ken"]);
+    let agent = ztm!().start_agent_with(home, "a", &["--token", "t0ken"]);
     let addr = agent.addr.as_str();
     let r = ztm_at(home, addr, &["get", "mesh"]);
     assert_eq!(r.code, 1, "{r:?}");

@@ -2,12 +2,9 @@
 //! connections"), and the agent tells its user: real CA, hub and agents on loopback.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::mesh::*;
-use common::*;
+use ztm_testkit::prelude::*;
 
 /// The messages of an agent's mesh log.
 fn mesh_log(agent: &str) -> Vec<String> {
@@ -31,13 +28,13 @@ fn logged(agent: &str, words: &[&str]) -> bool {
 #[test]
 fn agents_hear_why_the_hub_closed_their_connections() {
     let dir = TempDir::new("goaway");
-    let ca = start_ca(dir.path());
+    let ca = ztm!().start_ca(dir.path());
     let pem = ca_pem(&ca.addr);
     let root = create_user(&ca.addr, "root");
     let alice = create_user(&ca.addr, "alice");
-    let mut hub = start_hub(dir.path(), "hub", &ca.addr);
-    let a = start_agent(dir.path(), "a");
-    let b = start_agent(dir.path(), "b");
+    let mut hub = ztm!().start_hub(dir.path(), "hub", &ca.addr);
+    let a = ztm!().start_agent(dir.path(), "a");
+    let b = ztm!().start_agent(dir.path(), "b");
     join_ok(&a.addr, &pem, "a", &root, &[&hub.addr]);
     join_ok(&b.addr, &pem, "b", &alice, &[&hub.addr]);
     wait_until(Duration::from_secs(20), "both agents connected", || {

@@ -2,17 +2,14 @@
 //! certificate (an agent would not even ask for what its user may not do).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::mesh::*;
-use common::*;
 use serde_json::json;
+use ztm_testkit::prelude::*;
 
 /// A backend answering one line per connection.
 fn backend() -> u16 {
@@ -114,13 +111,13 @@ async fn ask_on(
 #[test]
 fn hub_refuses_tunnels_and_management_to_users_without_rights() {
     let dir = TempDir::new("hub-acl");
-    let ca = start_ca(dir.path());
+    let ca = ztm!().start_ca(dir.path());
     let pem = ca_pem(&ca.addr);
     let root = create_user(&ca.addr, "root");
     let bob = create_user(&ca.addr, "bob");
     let alice = create_user(&ca.addr, "alice");
-    let hub = start_hub(dir.path(), "hub", &ca.addr);
-    let b = start_agent(dir.path(), "b");
+    let hub = ztm!().start_hub(dir.path(), "hub", &ca.addr);
+    let b = ztm!().start_agent(dir.path(), "b");
     join_ok(&b.addr, &pem, "b", &root, &[&hub.addr]);
     let b_id = local_id(&b.addr);
     wait_until(Duration::from_secs(10), "B online", || {
@@ -218,10 +215,10 @@ fn hub_refuses_tunnels_and_management_to_users_without_rights() {
 #[test]
 fn management_waits_for_a_late_reverse_connection() {
     let dir = TempDir::new("hub-late-reverse");
-    let ca = start_ca(dir.path());
+    let ca = ztm!().start_ca(dir.path());
     let pem = ca_pem(&ca.addr);
     let root = create_user(&ca.addr, "root");
-    let hub = start_hub(dir.path(), "hub", &ca.addr);
+    let hub = ztm!().start_hub(dir.path(), "hub", &ca.addr);
     // An id derived from root's name, as agents make them (PROTOCOL.md, Identity).
     let nonce = ztm_proto::wire::new_id_nonce();
     let id: &'static str = Box::leak(ztm_proto::wire::endpoint_id("root", &nonce).into_boxed_str());

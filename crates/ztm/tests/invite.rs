@@ -3,27 +3,17 @@
 //! what is wrong, changing nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::mesh::*;
-use common::*;
 use serde_json::Value;
+use ztm_testkit::prelude::*;
 
 /// Runs `ztm ARGS` in `dir`: exit code, stdout, stderr.
 fn ztm(dir: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(ztm_bin())
-        .args(args)
-        .current_dir(dir)
-        .env("HOME", dir)
-        .env_remove("ZTM_AGENT")
-        .env_remove("ZTM_MESH")
-        .output()
-        .unwrap();
+    let out = ztm!().command(dir).args(args).output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -49,11 +39,11 @@ struct Site {
 
 fn site(tag: &str) -> Site {
     let dir = TempDir::new(tag);
-    let ca = start_ca(dir.path());
+    let ca = ztm!().start_ca(dir.path());
     let pem = ca_pem(&ca.addr);
     let root = create_user(&ca.addr, "root");
-    let hub = start_hub(dir.path(), "hub", &ca.addr);
-    let a = start_agent(dir.path(), "a");
+    let hub = ztm!().start_hub(dir.path(), "hub", &ca.addr);
+    let a = ztm!().start_agent(dir.path(), "a");
     join_ok(&a.addr, &pem, "a", &root, &[&hub.addr]);
     Site { dir, ca, hub, a }
 }
@@ -121,7 +111,7 @@ fn an_invitation_is_all_a_new_computer_needs() {
     assert!(!again.join("alice.ztm-invite").exists());
 
     // The new computer joins with the file alone.
-    let b = start_agent(d, "b");
+    let b = ztm!().start_agent(d, "b");
     let (code, out, err) = ztm(
         d,
         &[
@@ -188,7 +178,7 @@ fn an_invitation_is_all_a_new_computer_needs() {
         text.starts_with("ztm-invite-1:") && !text.contains('\n'),
         "{text}"
     );
-    let c = start_agent(d, "c");
+    let c = ztm!().start_agent(d, "c");
     let (code, out, err) = ztm(d, &["join", "--invite", &text, "--agent", &c.addr]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("as user carol"), "{out}");
@@ -205,8 +195,8 @@ fn an_invitation_is_all_a_new_computer_needs() {
 fn bad_invitations_are_refused_with_reasons_and_change_nothing() {
     let s = site("invite-bad");
     let d = s.dir.path();
-    let other_ca = start_other_ca(d, "other");
-    let b = start_agent(d, "b");
+    let other_ca = ztm!().start_other_ca(d, "other");
+    let b = ztm!().start_agent(d, "b");
     let invite = |name: &str| {
         let (code, out, err) = ztm(
             d,
@@ -313,9 +303,13 @@ fn bad_invitations_are_refused_with_reasons_and_change_nothing() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     wait_until(Duration::from_secs(20), "the hub to refuse carol", || {
         rt.block_on(async {
-            let Ok(tls) =
-                common::hostile::try_dial(&s.hub.addr, &pem, &carol_user, ztm_pki::ALPN_CONTROL)
-                    .await
+            let Ok(tls) = ztm_testkit::hostile::try_dial(
+                &s.hub.addr,
+                &pem,
+                &carol_user,
+                ztm_pki::ALPN_CONTROL,
+            )
+            .await
             else {
                 return true;
             };
@@ -323,12 +317,12 @@ fn bad_invitations_are_refused_with_reasons_and_change_nothing() {
                 return true;
             };
             tokio::spawn(conn);
-            common::hostile::call(&sender, "GET", "/api/endpoints", &[], bytes::Bytes::new())
+            ztm_testkit::hostile::call(&sender, "GET", "/api/endpoints", &[], bytes::Bytes::new())
                 .await
                 .is_err()
         })
     });
-    let c = start_agent(d, "c");
+    let c = ztm!().start_agent(d, "c");
     let path = write("carol.inv", &serde_json::to_string(&carol).unwrap());
     let (code, out, err) = ztm(d, &["join", "--invite", &path, "--agent", &c.addr]);
     assert_ne!(code, 0, "{out}{err}");
@@ -394,7 +388,7 @@ impl TwoComputers {
 
     /// Runs `line` (a shell line) in namespace `ns`, in `dir` with HOME=`dir`.
     fn run(&self, ns: &str, dir: &Path, line: &str) -> (i32, String, String) {
-        let bin_dir = Path::new(ztm_bin()).parent().unwrap().display().to_string();
+        let bin_dir = ztm!().bin().parent().unwrap().display().to_string();
         sh(
             dir,
             &format!(
@@ -409,7 +403,7 @@ impl TwoComputers {
     fn spawn(&self, ns: &str, dir: &Path, args: &[&str], log: &str) -> NsProc {
         let log = std::fs::File::create(dir.join(log)).unwrap();
         let child = Command::new("ip")
-            .args(["netns", "exec", ns, ztm_bin()])
+            .args(["netns", "exec", ns, ztm!().bin_str()])
             .args(args)
             .current_dir(dir)
             .env("HOME", dir)
@@ -581,11 +575,11 @@ impl TwoComputers {
 fn certificate_expiry_is_in_view() {
     let dir = TempDir::new("invite-expiry");
     let d = dir.path();
-    let ca = start_ca_with(d, &["--user-cert-lifetime", "10d"]);
+    let ca = ztm!().start_ca_with(d, &["--user-cert-lifetime", "10d"]);
     let pem = ca_pem(&ca.addr);
     let alice = create_user(&ca.addr, "alice");
-    let hub = start_hub(d, "hub", &ca.addr);
-    let a = start_agent(d, "a");
+    let hub = ztm!().start_hub(d, "hub", &ca.addr);
+    let a = ztm!().start_agent(d, "a");
     join_ok(&a.addr, &pem, "a", &alice, &[&hub.addr]);
     let m = mesh_info(&a.addr);
     let now = ztm_net::now_ms();

@@ -2,15 +2,12 @@
 //! through the agents' REST API (and curl/openssl against the hub).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::collections::VecDeque;
 use std::io::Write;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::mesh::*;
-use common::*;
+use ztm_testkit::prelude::*;
 
 const S: fn(u64) -> Duration = Duration::from_secs;
 
@@ -18,13 +15,13 @@ const S: fn(u64) -> Duration = Duration::from_secs;
 #[test]
 fn two_agents_join_and_see_each_other() {
     let dir = TempDir::new("mesh-join");
-    let ca = start_ca(dir.path());
+    let ca = ztm!().start_ca(dir.path());
     let ca_cert = ca_pem(&ca.addr);
     let root = create_user(&ca.addr, "root");
     let bob = create_user(&ca.addr, "bob");
-    let hub = start_hub(dir.path(), "hub", &ca.addr);
-    let a = start_agent(dir.path(), "a");
-    let b = start_agent(dir.path(), "b");
+    let hub = ztm!().start_hub(dir.path(), "hub", &ca.addr);
+    let a = ztm!().start_agent(dir.path(), "a");
+    let b = ztm!().start_agent(dir.path(), "b");
 
     let ma = join_ok(&a.addr, &ca_cert, "a", &root, &[&hub.addr]);
     let mb = join_ok(&b.addr, &ca_cert, "b", &bob, &[&hub.addr]);
@@ -134,7 +131,7 @@ fn user_cert<'a>(root: &'a User, bob: &'a User, name: &str) -> &'a str {
 /// across a restart.
 #[test]
 fn root_manages_services_on_a_remote_endpoint() {
-    let mut net = setup("mesh-remote", NetOpts::default());
+    let mut net = setup(&ztm!(), "mesh-remote", NetOpts::default());
     let (a, b_id) = (net.a.addr.clone(), net.b_id.clone());
 
     for (name, port) in [("web", 8080), ("tmp", 8081)] {
@@ -210,7 +207,7 @@ fn root_manages_services_on_a_remote_endpoint() {
 /// 3. A non-root user may not manage someone else's endpoint.
 #[test]
 fn non_root_user_cannot_manage_another_users_endpoint() {
-    let net = setup("mesh-403", NetOpts::default());
+    let net = setup(&ztm!(), "mesh-403", NetOpts::default());
     let (a, b) = (&net.a.addr, &net.b.addr);
     // A (root) has a service of its own.
     let r = create_service(a, &net.a_id, "a-svc", 9000);
@@ -248,7 +245,7 @@ fn non_root_user_cannot_manage_another_users_endpoint() {
 /// 4. The hub is killed and restarted: agents reconnect by themselves.
 #[test]
 fn hub_restart_is_recovered_without_touching_agents() {
-    let mut net = setup("mesh-hubkill", NetOpts::default());
+    let mut net = setup(&ztm!(), "mesh-hubkill", NetOpts::default());
     let r = create_service(&net.b.addr, &net.b_id, "web", 8080);
     assert!(is_2xx(&r), "{} {}", r.status, r.text());
     wait_until(S(10), "A discovers B's service", || {
@@ -292,12 +289,12 @@ fn hub_restart_is_recovered_without_touching_agents() {
 #[test]
 fn hub_renews_its_certificate_before_it_expires() {
     let dir = TempDir::new("mesh-renew");
-    let ca = start_ca_with(dir.path(), &["--hub-cert-lifetime", "30"]);
+    let ca = ztm!().start_ca_with(dir.path(), &["--hub-cert-lifetime", "30"]);
     let pem = ca_pem(&ca.addr);
     let root = create_user(&ca.addr, "root");
-    let hub = start_hub(dir.path(), "hub", &ca.addr);
+    let hub = ztm!().start_hub(dir.path(), "hub", &ca.addr);
     let started = Instant::now();
-    let a = start_agent(dir.path(), "a");
+    let a = ztm!().start_agent(dir.path(), "a");
     join_ok(&a.addr, &pem, "a", &root, &[&hub.addr]);
     let a_id = local_id(&a.addr);
     wait_until(S(20), "A online", || is_online(&a.addr, &a_id));
@@ -307,7 +304,7 @@ fn hub_renews_its_certificate_before_it_expires() {
     wait_until(S(40), "the hub's first certificate to expire", || {
         Instant::now() >= expired
     });
-    let b = start_agent(dir.path(), "b");
+    let b = ztm!().start_agent(dir.path(), "b");
     join_ok(&b.addr, &pem, "b", &root, &[&hub.addr]);
     let b_id = local_id(&b.addr);
     wait_until(
@@ -321,7 +318,7 @@ fn hub_renews_its_certificate_before_it_expires() {
 /// 5. A hung agent (SIGSTOP) goes offline; it comes back after SIGCONT.
 #[test]
 fn stopped_agent_goes_offline_and_comes_back() {
-    let net = setup("mesh-sigstop", NetOpts::default());
+    let net = setup(&ztm!(), "mesh-sigstop", NetOpts::default());
     net.b.proc.signal("STOP");
     let took = time_until(S(45), || is_offline(&net.a.addr, &net.b_id));
     if took.is_none() {
@@ -359,7 +356,7 @@ fn stopped_agent_goes_offline_and_comes_back() {
 /// 6. Revoking B's user certificate at the CA takes B off the mesh.
 #[test]
 fn revoked_user_is_dropped() {
-    let net = setup("mesh-revoke", NetOpts::default());
+    let net = setup(&ztm!(), "mesh-revoke", NetOpts::default());
     let r = delete(&net.ca.addr, "/api/certificates/bob");
     assert_eq!(r.status, 204, "{}", r.text());
     let took = time_until(S(30), || is_offline(&net.a.addr, &net.b_id));
@@ -412,16 +409,16 @@ fn revoked_user_is_dropped() {
 #[test]
 fn misconfigured_meshes_report_errors() {
     let dir = TempDir::new("mesh-errors");
-    let ca = start_ca(dir.path());
-    let other = start_other_ca(dir.path(), "other-ca");
+    let ca = ztm!().start_ca(dir.path());
+    let other = ztm!().start_other_ca(dir.path(), "other-ca");
     let ca_cert = ca_pem(&ca.addr);
     let other_cert = ca_pem(&other.addr);
     assert_ne!(ca_cert, other_cert);
     let alice = create_user(&ca.addr, "alice");
     let carol = create_user(&ca.addr, "carol");
     let mallory = create_user(&other.addr, "mallory");
-    let hub = start_hub(dir.path(), "hub", &ca.addr);
-    let agent = start_agent(dir.path(), "x");
+    let hub = ztm!().start_hub(dir.path(), "hub", &ca.addr);
+    let agent = ztm!().start_agent(dir.path(), "x");
     let ag = agent.addr.as_str();
     let dead_hub = format!("127.0.0.1:{}", free_port());
 
@@ -574,10 +571,10 @@ fn s_client_hub(
 /// 8. The hub refuses TLS without a mesh certificate, and survives 1,000 junk connections.
 #[test]
 fn hub_refuses_strangers_and_survives_junk() {
-    let net = setup("mesh-junk", NetOpts::default());
+    let net = setup(&ztm!(), "mesh-junk", NetOpts::default());
     let d = net.dir.path();
     let hub = net.hubs[0].addr.clone();
-    let other = start_other_ca(d, "other-ca");
+    let other = ztm!().start_other_ca(d, "other-ca");
     let stranger = create_user(&other.addr, "root");
     let (sc, sk) = (
         write_file(d, "stranger.crt", &stranger.cert),
@@ -729,6 +726,7 @@ fn two_hubs_survive_losing_one() {
     // A lists [hub1, hub2], B lists [hub2, hub1]: they only see each other if agents keep
     // sessions to more than their first hub.
     let mut net = setup(
+        &ztm!(),
         "mesh-2hubs",
         NetOpts {
             hubs: 2,

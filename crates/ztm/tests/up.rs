@@ -2,15 +2,13 @@
 //! machine, with the web UI answering; a second run reuses the same mesh.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use ztm_testkit::prelude::*;
 
 fn start_up(dir: &TempDir, ca: &str, hub: &str, agent: &str) -> Proc {
     let state = dir.join("state");
-    Proc::spawn(
+    ztm!().spawn(
         "up",
         dir.path(),
         &[
@@ -30,6 +28,8 @@ fn start_up(dir: &TempDir, ca: &str, hub: &str, agent: &str) -> Proc {
 #[test]
 fn up_brings_a_working_mesh_with_the_web_ui() {
     let dir = TempDir::new("up");
+    // Fixed ports: `ztm up` runs the three roles in one process and tells each the others'
+    // addresses as configured, so it cannot be given port 0; and the second run reuses them.
     let (ca, hub, agent) = (
         format!("127.0.0.1:{}", free_port()),
         format!("127.0.0.1:{}", free_port()),

@@ -190,7 +190,7 @@ impl Throughput {
 
 fn ticks(pids: &[u32]) -> Vec<u64> {
     pids.iter()
-        .map(|p| super::procfs::cpu_ticks(*p).unwrap_or(0))
+        .map(|p| ztm_testkit::procfs::cpu_ticks(*p).unwrap_or(0))
         .collect()
 }
 

@@ -34,6 +34,11 @@ pub async fn run_relay(args: RelayArgs) -> Result<()> {
         let listener = TcpListener::bind(&listen)
             .await
             .with_context(|| format!("listening on {listen}"))?;
+        // The address bound (the port the kernel chose for port 0), for the benchmark to read.
+        tracing::info!(
+            "plain relay listening on {} for {target}",
+            listener.local_addr()?
+        );
         tokio::spawn(async move {
             loop {
                 let inbound = match listener.accept().await {

@@ -1,143 +1,74 @@
-//! The mesh under test: CA, hub and two agents as child processes of this executable on free
-//! loopback ports, their databases and logs in a temporary directory. Dropping the stack kills
-//! the children and removes the directory.
+//! The mesh under test, started by the test kit (`ztm_testkit`) from this executable: a CA, a
+//! hub and two agents A and B (both root) as child processes on ports of 127.0.0.1 the kernel
+//! chose, their databases and logs in a temporary directory; B's services, A's ports to them,
+//! and the plain relays. Dropping the stack kills the children and removes the directory
+//! (`ZTM_BENCH_KEEP` keeps it).
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use bytes::Bytes;
 use serde_json::{json, Value};
-use ztm_net::http1;
+use ztm_testkit::dir::TempDir;
+use ztm_testkit::mesh::{discovered, MESH};
+use ztm_testkit::poll::poll;
+use ztm_testkit::proc::Proc;
+use ztm_testkit::Ztm;
 
-pub const MESH: &str = "bench";
-
-/// One child process and where its log goes.
-pub struct Proc {
-    pub name: &'static str,
-    pub child: Child,
-    log: PathBuf,
+/// A service published on B and the port mapped to it on A.
+pub struct Mapping {
+    pub service: &'static str,
+    pub target: String,
 }
 
-impl Proc {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
+/// The three plain reference relays, first hop first.
+pub const PLAIN: [&str; 3] = ["plain-1", "plain-2", "plain-3"];
 
-    fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let v: Vec<&str> = text.lines().collect();
-        v[v.len().saturating_sub(lines)..].join("\n")
-    }
-}
+/// What a plain relay logs for each address it listens on (see `plain.rs`).
+const PLAIN_LISTENING: &str = "plain relay listening on ";
 
-/// Children and the temporary directory; both cleaned up on drop (also on error paths).
+/// The children and their directory; both cleaned up on drop (also on error paths).
 pub struct Stack {
-    pub procs: Vec<Proc>,
-    dir: PathBuf,
-    keep: bool,
-    pub ca: String,
-    pub hub: String,
-    pub a: String,
-    pub b: String,
-    pub b_id: String,
-    /// Environment the hub and agents get on top of ours.
-    env: Vec<(&'static str, &'static str)>,
+    /// The plain relays, first: they go before the directory does.
+    plain: Vec<Proc>,
+    mesh: ztm_testkit::stack::Stack,
+    ztm: Ztm,
 }
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        for p in &mut self.procs {
-            let _ = p.child.kill();
-        }
-        for p in &mut self.procs {
-            let _ = p.child.wait();
-        }
-        if self.keep {
-            eprintln!("bench: keeping {}", self.dir.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
+        if std::env::var_os("ZTM_BENCH_KEEP").is_some() {
+            eprintln!("bench: keeping {}", self.mesh.dir.path().display());
+            self.mesh.dir.keep();
         }
     }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")
-        .context("finding a free port")?
-        .local_addr()?
-        .port())
-}
-
-pub fn free_addr() -> Result<String> {
-    Ok(format!("127.0.0.1:{}", free_port()?))
-}
-
-fn temp_dir() -> Result<PathBuf> {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let dir = std::env::temp_dir().join(format!("ztm-bench-{}-{nanos:x}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
 }
 
 impl Stack {
-    fn new() -> Result<Stack> {
-        Ok(Stack {
-            procs: Vec::new(),
-            dir: temp_dir()?,
-            keep: std::env::var_os("ZTM_BENCH_KEEP").is_some(),
-            ca: String::new(),
-            hub: String::new(),
-            a: String::new(),
-            b: String::new(),
-            b_id: String::new(),
-            env: Vec::new(),
-        })
+    fn procs_mut(&mut self) -> Vec<&mut Proc> {
+        let mesh = &mut self.mesh;
+        let mut all = vec![&mut mesh.ca.proc, &mut mesh.hub.proc];
+        all.extend(mesh.agents.iter_mut().map(|a| &mut a.proc));
+        all.extend(self.plain.iter_mut());
+        all
     }
 
-    fn path(&self, name: &str) -> String {
-        self.dir.join(name).to_string_lossy().into_owned()
+    fn procs(&self) -> Vec<&Proc> {
+        let mesh = &self.mesh;
+        let mut all = vec![&mesh.ca.proc, &mesh.hub.proc];
+        all.extend(mesh.agents.iter().map(|a| &a.proc));
+        all.extend(self.plain.iter());
+        all
     }
 
-    fn spawn(&mut self, name: &'static str, args: &[&str]) -> Result<()> {
-        let exe = std::env::current_exe().context("locating the ztm executable")?;
-        let log = self.dir.join(format!("{name}.log"));
-        let out =
-            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let err = out.try_clone()?;
-        let mut cmd = Command::new(&exe);
-        if let Ok(n) = std::env::var("ZTM_BENCH_THREADS") {
-            cmd.env("ZTM_THREADS", n);
-        }
-        cmd.envs(self.env.iter().copied());
-        let child = cmd
-            .args(args)
-            .current_dir(&self.dir)
-            .env("HOME", &self.dir)
-            .env(
-                "ZTM_LOG",
-                std::env::var("ZTM_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .with_context(|| format!("starting {} {name}", exe.display()))?;
-        self.procs.push(Proc { name, child, log });
-        Ok(())
-    }
-
+    /// The process named `name`: ca, hub, agent-a, agent-b or one of [`PLAIN`].
     pub fn proc(&self, name: &str) -> Option<&Proc> {
-        self.procs.iter().find(|p| p.name == name)
+        self.procs().into_iter().find(|p| p.name == name)
     }
 
     /// An error if any child has exited, with the end of its log.
     pub fn check_alive(&mut self) -> Result<()> {
-        for p in &mut self.procs {
-            if let Ok(Some(st)) = p.child.try_wait() {
+        for p in self.procs_mut() {
+            if let Some(st) = p.exited() {
                 bail!(
                     "{} exited ({st}); end of its log:\n{}",
                     p.name,
@@ -155,8 +86,8 @@ impl Stack {
             return err.context(format!("{dead:#}"));
         }
         let mut notes = String::new();
-        for p in &self.procs {
-            let text = std::fs::read_to_string(&p.log).unwrap_or_default();
+        for p in self.procs() {
+            let text = p.log();
             let warnings: Vec<&str> = text
                 .lines()
                 .filter(|l| l.contains("WARN") || l.contains("ERROR"))
@@ -171,93 +102,36 @@ impl Stack {
             err.context(format!("last warnings of the mesh processes:{notes}"))
         }
     }
-}
 
-async fn call(addr: &str, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
-    let (ct, bytes) = match body {
-        Some(v) => (Some("application/json"), Bytes::from(v.to_string())),
-        None => (None, Bytes::new()),
-    };
-    let r = http1::request(addr, method, path, None, ct, bytes, Duration::from_secs(10)).await?;
-    if r.status >= 300 {
-        bail!("{method} {path} on {addr}: {} {}", r.status, r.text());
-    }
-    if r.body.is_empty() {
-        return Ok(Value::Null);
-    }
-    Ok(serde_json::from_slice(&r.body).unwrap_or_else(|_| Value::String(r.text())))
-}
-
-async fn call_text(addr: &str, method: &str, path: &str) -> Result<String> {
-    let r = http1::request(
-        addr,
-        method,
-        path,
-        None,
-        None,
-        Bytes::new(),
-        Duration::from_secs(10),
-    )
-    .await?;
-    if r.status >= 300 {
-        bail!("{method} {path} on {addr}: {} {}", r.status, r.text());
-    }
-    Ok(r.text())
-}
-
-/// Polls `f` every 100 ms until it yields a value; an error naming `what` after `within`.
-async fn poll<T, F, Fut>(within: Duration, what: &str, mut f: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if let Some(v) = f().await {
-            return Ok(v);
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out after {within:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn wait_http(addr: &str, path: &str) -> Result<()> {
-    http1::wait_ready(addr, path, Duration::from_secs(30)).await
-}
-
-/// A service published on B and the port mapped to it on A.
-pub struct Mapping {
-    pub service: &'static str,
-    pub target: String,
-}
-
-/// The three plain reference relays, first hop first.
-pub const PLAIN: [&str; 3] = ["plain-1", "plain-2", "plain-3"];
-
-impl Stack {
     /// Starts three chained plain relays (see `plain.rs`) in front of each of `targets`;
     /// returns the first hop's address for each target. The processes are the stack's: checked
     /// and stopped with it.
     pub fn start_plain(&mut self, targets: &[String]) -> Result<Vec<String>> {
         let mut next: Vec<String> = targets.to_vec();
         for name in PLAIN.iter().rev() {
-            let mut maps = Vec::new();
-            let mut listens = Vec::new();
+            let mut args = vec!["bench-relay".to_string()];
             for to in &next {
-                let listen = free_addr()?;
-                maps.push("--map".to_string());
-                maps.push(format!("{listen}={to}"));
-                listens.push(listen);
+                args.push("--map".into());
+                args.push(format!("127.0.0.1:0={to}"));
             }
-            let mut args = vec!["bench-relay"];
-            args.extend(maps.iter().map(String::as_str));
-            self.spawn(name, &args)?;
-            next = listens;
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let mut relay = self.ztm.try_spawn(name, self.mesh.dir.path(), &args, &[])?;
+            let listening = relay.wait_addresses(PLAIN_LISTENING, next.len(), START_WITHIN);
+            self.plain.push(relay);
+            next = listening?;
         }
         Ok(next)
     }
+}
+
+/// How long a process may take to come up.
+const START_WITHIN: Duration = Duration::from_secs(30);
+
+/// The processes' log filter: `ZTM_BENCH_LOG` (default `warn`), with the lines that tell
+/// where each listens.
+fn log_filter() -> String {
+    let base = std::env::var("ZTM_BENCH_LOG").unwrap_or_else(|_| "warn".into());
+    format!("{base},ztm::bench::plain=info")
 }
 
 /// Starts the processes (with `env` set for them), joins both agents as root, publishes
@@ -267,118 +141,97 @@ pub async fn start(
     services: &[Mapping],
     env: &[(&'static str, &'static str)],
 ) -> Result<(Stack, Vec<String>)> {
-    let mut stack = Stack::new()?;
-    stack.env = env.to_vec();
-    match bring_up(&mut stack, services).await {
-        Ok(ports) => Ok((stack, ports)),
-        Err(e) => Err(stack.explain(e)),
-    }
+    let services: Vec<(&'static str, String)> = services
+        .iter()
+        .map(|m| (m.service, m.target.clone()))
+        .collect();
+    let env = env.to_vec();
+    // The kit waits for processes and answers by polling: off the async runtime.
+    tokio::task::spawn_blocking(move || {
+        let exe = std::env::current_exe().context("locating the ztm executable")?;
+        let mut ztm = Ztm::new(exe).with_log(&log_filter());
+        if let Ok(n) = std::env::var("ZTM_BENCH_THREADS") {
+            ztm = ztm.with_env("ZTM_THREADS", &n);
+        }
+        for (k, v) in env {
+            ztm = ztm.with_env(k, v);
+        }
+        let dir = TempDir::try_with_prefix("ztm-bench")?;
+        let mesh = ztm_testkit::stack::Stack::try_start_in(&ztm, dir, &["root", "root"])?;
+        let mut stack = Stack {
+            plain: Vec::new(),
+            mesh,
+            ztm,
+        };
+        match bring_up(&stack, &services) {
+            Ok(ports) => Ok((stack, ports)),
+            Err(e) => Err(stack.explain(e)),
+        }
+    })
+    .await?
 }
 
-async fn bring_up(s: &mut Stack, services: &[Mapping]) -> Result<Vec<String>> {
-    s.ca = free_addr()?;
-    s.hub = free_addr()?;
-    s.a = free_addr()?;
-    s.b = free_addr()?;
-    let (ca, hub, a, b) = (s.ca.clone(), s.hub.clone(), s.a.clone(), s.b.clone());
-    let (ca_db, a_db, b_db) = (s.path("ca.db"), s.path("a.db"), s.path("b.db"));
-    s.spawn("ca", &["ca", "--listen", &ca, "--database", &ca_db])?;
-    wait_http(&ca, "/api/certificates/ca").await?;
-    s.spawn(
-        "hub",
-        &["hub", "--listen", &hub, "--ca", &ca, "--name", &hub],
-    )?;
-    s.spawn("agent-a", &["agent", "--listen", &a, "--database", &a_db])?;
-    s.spawn("agent-b", &["agent", "--listen", &b, "--database", &b_db])?;
-
-    let key = call_text(&ca, "POST", "/api/certificates/root").await?;
-    let cert = call_text(&ca, "GET", "/api/certificates/root").await?;
-    let ca_pem = call_text(&ca, "GET", "/api/certificates/ca").await?;
-    wait_http(&a, "/api/meshes").await?;
-    wait_http(&b, "/api/meshes").await?;
-    for (addr, name) in [(&a, "bench-a"), (&b, "bench-b")] {
-        let body = json!({
-            "ca": ca_pem,
-            "agent": {"name": name, "certificate": cert, "privateKey": key},
-            "bootstraps": [hub],
-        });
-        call(addr, "POST", &format!("/api/meshes/{MESH}"), Some(&body))
-            .await
-            .with_context(|| format!("joining {name}"))?;
+/// One request to an agent's API; its JSON answer (Null if empty), or an error unless 2xx.
+fn call(addr: &str, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+    let text = body.map(Value::to_string).unwrap_or_default();
+    let headers: &[(&str, &str)] = match body {
+        Some(_) => &[("Content-Type", "application/json")],
+        None => &[],
+    };
+    let r = ztm_testkit::http::http(addr, method, path, headers, text.as_bytes())
+        .with_context(|| format!("{method} {path} on {addr}"))?;
+    if r.status >= 300 {
+        bail!("{method} {path} on {addr}: {} {}", r.status, r.text());
     }
-    let mesh = call(&b, "GET", &format!("/api/meshes/{MESH}"), None).await?;
-    let b_id = mesh["agent"]["id"]
-        .as_str()
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| anyhow!("agent B reports no endpoint id: {mesh}"))?
-        .to_string();
-    s.b_id = b_id.clone();
+    if r.body.is_empty() {
+        return Ok(Value::Null);
+    }
+    Ok(serde_json::from_slice(&r.body).unwrap_or_else(|_| Value::String(r.text())))
+}
 
-    for m in services {
-        let (host, port) = m
-            .target
+/// B publishes `services`; A discovers them and maps a port to each.
+fn bring_up(st: &Stack, services: &[(&'static str, String)]) -> Result<Vec<String>> {
+    let mesh = &st.mesh;
+    let (a, b) = (mesh.api(0), mesh.api(1));
+    let (a_id, b_id) = (&mesh.ids[0], &mesh.ids[1]);
+    for (service, target) in services {
+        let (host, port) = target
             .rsplit_once(':')
-            .ok_or_else(|| anyhow!("bad target {}", m.target))?;
+            .ok_or_else(|| anyhow!("bad target {target}"))?;
         let port: u16 = port.parse()?;
         call(
-            &b,
+            b,
             "POST",
-            &format!(
-                "/api/meshes/{MESH}/endpoints/{b_id}/services/tcp/{}",
-                m.service
-            ),
+            &format!("/api/meshes/{MESH}/endpoints/{b_id}/services/tcp/{service}"),
             Some(&json!({"host": host, "port": port})),
         )
-        .await
-        .with_context(|| format!("publishing {} on B", m.service))?;
+        .with_context(|| format!("publishing {service} on B"))?;
     }
-    let names: Vec<&str> = services.iter().map(|m| m.service).collect();
-    let a2 = a.clone();
-    poll(
-        Duration::from_secs(30),
-        "A to discover B's services",
-        || async {
-            let list = call(&a2, "GET", &format!("/api/meshes/{MESH}/services"), None)
-                .await
-                .ok()?;
-            let list = list.as_array()?;
-            let found = names.iter().all(|n| {
-                list.iter().any(|s| {
-                    s["name"] == *n
-                        && s["protocol"] == "tcp"
-                        && s["endpoints"]
-                            .as_array()
-                            .is_some_and(|e| e.iter().any(|e| e["id"] == b_id.as_str()))
-                })
-            });
-            found.then_some(())
-        },
-    )
-    .await?;
+    poll(Duration::from_secs(30), || {
+        services
+            .iter()
+            .all(|(service, _)| discovered(a, "tcp", service, &[b_id]))
+            .then_some(())
+    })
+    .ok_or_else(|| anyhow!("A did not discover B's services within 30 s"))?;
 
-    let a_mesh = call(&a, "GET", &format!("/api/meshes/{MESH}"), None).await?;
-    let a_id = a_mesh["agent"]["id"]
-        .as_str()
-        .ok_or_else(|| anyhow!("agent A reports no endpoint id: {a_mesh}"))?
-        .to_string();
     let mut ports = Vec::new();
-    for m in services {
-        let port = free_port()?;
+    for (service, _) in services {
+        // The agent's API takes the port as a number: one that was free a moment ago.
+        let port = ztm_testkit::http::free_port();
         let path = format!("/api/meshes/{MESH}/endpoints/{a_id}/ports/127.0.0.1/tcp/{port}");
-        let body = json!({"target": {"service": m.service}});
-        call(&a, "POST", &path, Some(&body))
-            .await
-            .with_context(|| format!("mapping port {port} on A to {}", m.service))?;
-        let a3 = a.clone();
-        poll(
-            Duration::from_secs(20),
-            &format!("port {port} on A to open"),
-            || async {
-                let r = call(&a3, "GET", &path, None).await.ok()?;
-                (r["open"] == true).then_some(())
-            },
+        call(
+            a,
+            "POST",
+            &path,
+            Some(&json!({"target": {"service": service}})),
         )
-        .await?;
+        .with_context(|| format!("mapping port {port} on A to {service}"))?;
+        poll(Duration::from_secs(20), || {
+            let r = call(a, "GET", &path, None).ok()?;
+            (r["open"] == true).then_some(())
+        })
+        .ok_or_else(|| anyhow!("port {port} on A did not open within 20 s"))?;
         ports.push(format!("127.0.0.1:{port}"));
     }
     Ok(ports)

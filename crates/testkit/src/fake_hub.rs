@@ -6,7 +6,6 @@
 //! It accepts every registration, heartbeat and publication, answers discovery with the lists
 //! the test gives it, and hands each reverse connection to the test once the agent answered
 //! `GET /api/hello`.
-#![allow(dead_code)]
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,7 +19,7 @@ use tokio::sync::mpsc;
 /// Has the CA at `ca_addr` sign a new hub key for `hub/{name}`; returns (certificate, key) PEM.
 pub fn sign_hub(ca_addr: &str, name: &str) -> (String, String) {
     let (key, public) = ztm_pki::generate_key().expect("hub key");
-    let r = super::post(
+    let r = crate::http::post(
         ca_addr,
         &format!("/api/sign/hub/{name}?names=127.0.0.1"),
         &public,

@@ -1,15 +1,17 @@
-//! Helpers for the control-plane end-to-end tests: a CA, hubs and agents as real processes on
-//! loopback, joined to one mesh through the agents' REST API, and polling helpers that never
-//! panic on a refused connection (agents and hubs get restarted, stopped and killed).
-#![allow(dead_code)]
+//! Users, joining, and what agents report, through the CA's and the agents' REST APIs; and
+//! [`setup`], a CA, hubs and two agents joined to one mesh. Polling helpers never panic on a
+//! refused connection (agents and hubs get restarted, stopped and killed).
 
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
-use super::*;
+use crate::dir::TempDir;
+use crate::http::{get, http, post_json, try_json, try_req, Resp};
+use crate::poll::wait_until;
+use crate::roles::{AgentProc, CaProc, HubProc};
+use crate::Ztm;
 
 /// The mesh every test joins.
 pub const MESH: &str = "m";
@@ -24,147 +26,42 @@ pub struct User {
 
 /// Issues a user at the CA (`POST` returns the key, `GET` the certificate).
 pub fn create_user(ca_addr: &str, name: &str) -> User {
-    let k = post(ca_addr, &format!("/api/certificates/{name}"), "");
-    assert_eq!(k.status, 200, "create user {name}: {}", k.text());
+    try_create_user(ca_addr, name).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// Like [`create_user`], with an error instead of a panic.
+pub fn try_create_user(ca_addr: &str, name: &str) -> anyhow::Result<User> {
+    let path = format!("/api/certificates/{name}");
+    let k = http(ca_addr, "POST", &path, &[], b"").with_context(|| format!("POST {path}"))?;
     let key = k.text();
-    assert!(key.contains("PRIVATE KEY"), "{key}");
-    let c = get(ca_addr, &format!("/api/certificates/{name}"));
-    assert_eq!(c.status, 200, "get cert {name}: {}", c.text());
+    if k.status != 200 || !key.contains("PRIVATE KEY") {
+        bail!("create user {name}: {} {key}", k.status);
+    }
+    let c = http(ca_addr, "GET", &path, &[], b"").with_context(|| format!("GET {path}"))?;
     let cert = c.text();
-    assert!(cert.contains("BEGIN CERTIFICATE"), "{cert}");
-    User {
+    if c.status != 200 || !cert.contains("BEGIN CERTIFICATE") {
+        bail!("get the certificate of {name}: {} {cert}", c.status);
+    }
+    Ok(User {
         name: name.to_string(),
         cert,
         key,
-    }
+    })
 }
 
 /// The CA's own certificate, PEM.
 pub fn ca_pem(ca_addr: &str) -> String {
-    let r = get(ca_addr, "/api/certificates/ca");
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.text()
+    try_ca_pem(ca_addr).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-/// Starts a second, unrelated CA in `dir/sub`.
-pub fn start_other_ca(dir: &Path, sub: &str) -> CaProc {
-    let d = dir.join(sub);
-    std::fs::create_dir_all(&d).unwrap();
-    start_ca(&d)
-}
-
-/// A running hub.
-pub struct HubProc {
-    pub proc: Proc,
-    pub addr: String,
-    pub tag: String,
-    dir: PathBuf,
-    ca_addr: String,
-}
-
-/// Starts `ztm hub` on a fresh port and waits until it accepts connections.
-pub fn start_hub(dir: &Path, tag: &str, ca_addr: &str) -> HubProc {
-    let addr = format!("127.0.0.1:{}", free_port());
-    start_hub_on(dir, tag, ca_addr, &addr)
-}
-
-/// Starts `ztm hub` on `addr` and waits until it accepts connections.
-pub fn start_hub_on(dir: &Path, tag: &str, ca_addr: &str, addr: &str) -> HubProc {
-    let proc = spawn_hub(dir, tag, ca_addr, addr);
-    wait_port(addr, Duration::from_secs(20));
-    HubProc {
-        proc,
-        addr: addr.to_string(),
-        tag: tag.to_string(),
-        dir: dir.to_path_buf(),
-        ca_addr: ca_addr.to_string(),
+/// Like [`ca_pem`], with an error instead of a panic.
+pub fn try_ca_pem(ca_addr: &str) -> anyhow::Result<String> {
+    let r = http(ca_addr, "GET", "/api/certificates/ca", &[], b"")
+        .context("GET /api/certificates/ca")?;
+    if r.status != 200 {
+        bail!("GET /api/certificates/ca: {} {}", r.status, r.text());
     }
-}
-
-/// Spawns `ztm hub` on `addr` without waiting for its port.
-pub fn spawn_hub(dir: &Path, tag: &str, ca_addr: &str, addr: &str) -> Proc {
-    spawn_hub_with(dir, tag, ca_addr, addr, &[])
-}
-
-/// Spawns `ztm hub` on `addr` with `extra` flags, without waiting for its port.
-pub fn spawn_hub_with(dir: &Path, tag: &str, ca_addr: &str, addr: &str, extra: &[&str]) -> Proc {
-    let mut args = vec!["hub", "--listen", addr, "--ca", ca_addr, "--name", addr];
-    args.extend_from_slice(extra);
-    Proc::spawn(tag, dir, &args)
-}
-
-/// Starts `ztm hub` with `extra` flags on a fresh port and waits until it accepts connections.
-pub fn start_hub_with(dir: &Path, tag: &str, ca_addr: &str, extra: &[&str]) -> HubProc {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let proc = spawn_hub_with(dir, tag, ca_addr, &addr, extra);
-    wait_port(&addr, Duration::from_secs(20));
-    HubProc {
-        proc,
-        addr,
-        tag: tag.to_string(),
-        dir: dir.to_path_buf(),
-        ca_addr: ca_addr.to_string(),
-    }
-}
-
-impl HubProc {
-    /// Starts the hub again on the same port (after `kill9`); returns when the port accepts.
-    pub fn restart(&mut self) {
-        self.proc = spawn_hub(&self.dir, &self.tag, &self.ca_addr, &self.addr);
-        wait_port(&self.addr, Duration::from_secs(20));
-    }
-}
-
-/// A running agent (REST API on `addr`, state in `db`).
-pub struct AgentProc {
-    pub proc: Proc,
-    pub addr: String,
-    pub db: PathBuf,
-    pub tag: String,
-    dir: PathBuf,
-    extra: Vec<String>,
-}
-
-/// Starts `ztm agent` on a fresh port with database `dir/{tag}.db`.
-pub fn start_agent(dir: &Path, tag: &str) -> AgentProc {
-    start_agent_with(dir, tag, &[])
-}
-
-/// Like `start_agent`, with `extra` command-line arguments (`--token T`, say).
-pub fn start_agent_with(dir: &Path, tag: &str, extra: &[&str]) -> AgentProc {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let db = dir.join(format!("{tag}.db"));
-    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-    let proc = spawn_agent(dir, tag, &addr, &db, &extra);
-    wait_port(&addr, Duration::from_secs(20));
-    AgentProc {
-        proc,
-        addr,
-        db,
-        tag: tag.to_string(),
-        dir: dir.to_path_buf(),
-        extra,
-    }
-}
-
-fn spawn_agent(dir: &Path, tag: &str, addr: &str, db: &Path, extra: &[String]) -> Proc {
-    let mut args = vec![
-        "agent",
-        "--listen",
-        addr,
-        "--database",
-        db.to_str().unwrap(),
-    ];
-    args.extend(extra.iter().map(String::as_str));
-    Proc::spawn(&format!("agent-{tag}"), dir, &args)
-}
-
-impl AgentProc {
-    /// Starts the agent again on the same port and database (after `stop` or `kill9`).
-    pub fn restart(&mut self) {
-        self.proc = spawn_agent(&self.dir, &self.tag, &self.addr, &self.db, &self.extra);
-        wait_port(&self.addr, Duration::from_secs(20));
-    }
+    Ok(r.text())
 }
 
 /// The JSON body of a join request.
@@ -181,41 +78,25 @@ pub fn join(agent: &str, mesh: &str, body: &Value) -> Resp {
     post_json(agent, &format!("/api/meshes/{mesh}"), body)
 }
 
-/// Joins and asserts success (200/201); returns the Mesh JSON of the answer.
+/// Joins MESH and asserts success (200/201); returns the Mesh JSON of the answer.
 pub fn join_ok(agent: &str, ca_pem: &str, name: &str, user: &User, bootstraps: &[&str]) -> Value {
-    let r = join(agent, MESH, &join_body(ca_pem, name, user, bootstraps));
-    assert!(
-        r.status == 200 || r.status == 201,
-        "join {name}: {} {}",
-        r.status,
-        r.text()
-    );
-    assert!(
-        !r.text().contains("PRIVATE KEY"),
-        "the join answer contains the private key: {}",
-        r.text()
-    );
-    r.json()
+    try_join(agent, MESH, &join_body(ca_pem, name, user, bootstraps))
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-/// One request that may fail (process down, stopped, restarting): None on any I/O error.
-pub fn try_req(addr: &str, method: &str, path: &str, body: Option<&Value>) -> Option<Resp> {
-    let b = body.map(|v| v.to_string()).unwrap_or_default();
-    let headers: &[(&str, &str)] = if body.is_some() {
-        &[("Content-Type", "application/json")]
-    } else {
-        &[]
-    };
-    http(addr, method, path, headers, b.as_bytes()).ok()
-}
-
-/// `GET` answering 200 with JSON, or None.
-pub fn try_json(addr: &str, path: &str) -> Option<Value> {
-    let r = try_req(addr, "GET", path, None)?;
-    if r.status != 200 {
-        return None;
+/// Joins `mesh`: the Mesh JSON of the answer, or an error unless it is 200/201 without the
+/// private key in it.
+pub fn try_join(agent: &str, mesh: &str, body: &Value) -> anyhow::Result<Value> {
+    let name = &body["agent"]["name"];
+    let r = try_req(agent, "POST", &format!("/api/meshes/{mesh}"), Some(body))
+        .with_context(|| format!("join {name}: the agent at {agent} does not answer"))?;
+    if r.status != 200 && r.status != 201 {
+        bail!("join {name}: {} {}", r.status, r.text());
     }
-    serde_json::from_slice(&r.body).ok()
+    if r.text().contains("PRIVATE KEY") {
+        bail!("the join answer contains the private key: {}", r.text());
+    }
+    serde_json::from_slice(&r.body).with_context(|| format!("join {name}: {}", r.text()))
 }
 
 /// `GET /api/meshes/{MESH}` (panics unless 200).
@@ -227,13 +108,17 @@ pub fn mesh_info(agent: &str) -> Value {
 
 /// The local endpoint id of the agent in MESH.
 pub fn local_id(agent: &str) -> String {
-    let m = mesh_info(agent);
-    let id = m["agent"]["id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("mesh has no agent.id: {m}"))
-        .to_string();
-    assert!(!id.is_empty(), "{m}");
-    id
+    try_local_id(agent, MESH).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// The local endpoint id of the agent in `mesh`.
+pub fn try_local_id(agent: &str, mesh: &str) -> anyhow::Result<String> {
+    let m = try_json(agent, &format!("/api/meshes/{mesh}"))
+        .with_context(|| format!("GET /api/meshes/{mesh} on {agent}"))?;
+    match m["agent"]["id"].as_str() {
+        Some(id) if !id.is_empty() => Ok(id.to_string()),
+        _ => bail!("mesh {mesh} has no agent.id: {m}"),
+    }
 }
 
 /// `GET /api/meshes/{MESH}/endpoints`, or None if the agent does not answer.
@@ -321,6 +206,85 @@ pub fn discovers(agent: &str, name: &str, ep: &str) -> bool {
     })
 }
 
+/// Whether `GET /api/meshes/{MESH}/services` on `api` lists `{proto}/{name}` provided by all
+/// of `ids`.
+pub fn discovered(api: &str, proto: &str, name: &str, ids: &[&str]) -> bool {
+    service_seen(api, proto, name).is_some_and(|s| {
+        s["endpoints"].as_array().is_some_and(|eps| {
+            ids.iter()
+                .all(|id| eps.iter().any(|e| e["id"].as_str() == Some(*id)))
+        })
+    })
+}
+
+/// `{proto}/{name}` as `GET /api/meshes/{MESH}/services` on `api` lists it.
+pub fn service_seen(api: &str, proto: &str, name: &str) -> Option<Value> {
+    let list = try_json(api, &format!("/api/meshes/{MESH}/services"))?;
+    list.as_array()?
+        .iter()
+        .find(|s| s["name"] == name && s["protocol"] == proto)
+        .cloned()
+}
+
+/// The ids of the endpoints `api` lists as providing `{proto}/{name}`, sorted.
+pub fn providers_seen(api: &str, proto: &str, name: &str) -> Vec<String> {
+    let mut ids: Vec<String> = service_seen(api, proto, name)
+        .and_then(|s| s["endpoints"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| e["id"].as_str().map(str::to_string))
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Agent `api` publishes `{proto}/{name}` on endpoint `ep`, backed by 127.0.0.1:`port`, for
+/// `users` (everyone if None); asserts a 2xx answer.
+pub fn add_service_at(
+    api: &str,
+    ep: &str,
+    proto: &str,
+    name: &str,
+    port: u16,
+    users: Option<&[&str]>,
+) {
+    let mut body = json!({"host": "127.0.0.1", "port": port});
+    if let Some(u) = users {
+        body["users"] = json!(u);
+    }
+    let path = format!("/api/meshes/{MESH}/endpoints/{ep}/services/{proto}/{name}");
+    let r = post_json(api, &path, &body);
+    assert!(is_2xx(&r), "POST {path}: {} {}", r.status, r.text());
+}
+
+/// Agent `api` maps 127.0.0.1:`port`/`proto` on endpoint `ep` to `service` (at `endpoint`, or
+/// at any provider of any user); asserts that the port opened as asked, and returns it.
+pub fn map_port_at(
+    api: &str,
+    ep: &str,
+    proto: &str,
+    port: u16,
+    service: &str,
+    endpoint: Option<&str>,
+) -> Value {
+    let mut target = json!({"service": service});
+    match endpoint {
+        Some(e) => target["endpoint"] = json!(e),
+        // For tests of tunnels: a port without an endpoint reaches providers of every user (by
+        // default only its own user's and root's; attack_mesh.rs tests that).
+        None => target["trust"] = json!(["*"]),
+    }
+    let path = format!("/api/meshes/{MESH}/endpoints/{ep}/ports/127.0.0.1/{proto}/{port}");
+    let r = post_json(api, &path, &json!({ "target": target }));
+    assert!(is_2xx(&r), "POST {path}: {} {}", r.status, r.text());
+    let v = r.json();
+    assert_eq!(v["open"], true, "the port did not open: {v}");
+    assert_eq!(v["listen"]["port"], port, "{v}");
+    assert_eq!(v["protocol"], proto, "{v}");
+    assert_eq!(v["target"]["service"], service, "{v}");
+    v
+}
+
 pub fn is_2xx(r: &Resp) -> bool {
     (200..300).contains(&r.status)
 }
@@ -333,11 +297,6 @@ pub fn timed_list_meshes(agent: &str) -> Duration {
     let took = t.elapsed();
     assert_eq!(r.status, 200, "GET /api/meshes: {}", r.text());
     took
-}
-
-/// Whether something accepts TCP connections on `addr` right now.
-pub fn port_open(addr: &str) -> bool {
-    TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_millis(200)).is_ok()
 }
 
 /// A CA, hubs and two agents A and B joined to MESH.
@@ -378,9 +337,9 @@ impl Default for NetOpts<'_> {
 
 /// Starts CA, hubs and agents; joins A as `root` and B as `opts.b_user`; waits until both are
 /// online as seen from both agents.
-pub fn setup(tag: &str, opts: NetOpts) -> Net {
+pub fn setup(ztm: &Ztm, tag: &str, opts: NetOpts) -> Net {
     let dir = TempDir::new(tag);
-    let ca = start_ca(dir.path());
+    let ca = ztm.start_ca(dir.path());
     let ca_pem = ca_pem(&ca.addr);
     let a_user = create_user(&ca.addr, "root");
     let b_user = if opts.b_user == "root" {
@@ -389,10 +348,10 @@ pub fn setup(tag: &str, opts: NetOpts) -> Net {
         create_user(&ca.addr, opts.b_user)
     };
     let hubs: Vec<HubProc> = (0..opts.hubs)
-        .map(|i| start_hub(dir.path(), &format!("hub{}", i + 1), &ca.addr))
+        .map(|i| ztm.start_hub(dir.path(), &format!("hub{}", i + 1), &ca.addr))
         .collect();
-    let a = start_agent(dir.path(), "a");
-    let b = start_agent(dir.path(), "b");
+    let a = ztm.start_agent(dir.path(), "a");
+    let b = ztm.start_agent(dir.path(), "b");
     let mut boots: Vec<&str> = hubs.iter().map(|h| h.addr.as_str()).collect();
     join_ok(&a.addr, &ca_pem, "a", &a_user, &boots);
     if opts.b_reversed {
@@ -427,12 +386,14 @@ impl Net {
     pub fn online_from_a(&self) -> bool {
         is_online(&self.a.addr, &self.a_id) && is_online(&self.a.addr, &self.b_id)
     }
+
     /// Both endpoints online as seen from both agents.
     pub fn all_online(&self) -> bool {
         self.online_from_a()
             && is_online(&self.b.addr, &self.a_id)
             && is_online(&self.b.addr, &self.b_id)
     }
+
     /// A readable summary of what both agents report, for assertion messages.
     pub fn state(&self) -> String {
         let mut s = String::new();
@@ -448,32 +409,5 @@ impl Net {
             ));
         }
         s
-    }
-}
-
-/// Writes `text` to `dir/name` and returns the path as a string.
-pub fn write_file(dir: &Path, name: &str, text: &str) -> String {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p.to_str().unwrap().to_string()
-}
-
-/// A small xorshift generator for junk bytes.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new() -> Rng {
-        Rng(rand_u64() | 1)
-    }
-    pub fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
     }
 }

@@ -1,7 +1,6 @@
 //! A hand-made hostile agent: raw HTTP/2 over TLS with a valid user certificate, speaking the
 //! wire protocol however a test wants (PROTOCOL.md), and a flood of strangers. The attack
 //! tests use it to do what a modified agent or an internet host could do.
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,7 +9,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::Value;
 
-use super::mesh::User;
+use crate::dir::{rand_u64, TempDir};
+use crate::http::{free_port, post_json};
+use crate::mesh::*;
+use crate::poll::wait_until;
+use crate::roles::{AgentProc, CaProc, HubProc};
+use crate::traffic::echo_server;
+use crate::Ztm;
 
 pub type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
@@ -297,67 +302,45 @@ async fn connect_from(
         .map_err(|_| std::io::Error::other("connect timed out"))?
 }
 
-/// A TCP server on 127.0.0.1 answering each line it reads with the same line; its port.
-pub fn echo_server() -> u16 {
-    use std::io::{BufRead, BufReader, Write};
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = l.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let Ok(mut w) = s.try_clone() else { return };
-                let mut r = BufReader::new(s);
-                let mut line = String::new();
-                while matches!(r.read_line(&mut line), Ok(n) if n > 0) {
-                    if w.write_all(line.as_bytes()).is_err() {
-                        return;
-                    }
-                    line.clear();
-                }
-            });
-        }
-    });
-    port
-}
-
 /// Honest users beside the attack: a CA, a hub, root's agent A publishing an echo service,
 /// and alice's agent B with a port mapped to it.
 pub struct Honest {
-    pub dir: super::TempDir,
-    pub ca: super::CaProc,
+    pub ca: CaProc,
     pub pem: String,
     pub root: User,
     pub alice: User,
-    pub hub: super::mesh::HubProc,
-    pub a: super::mesh::AgentProc,
-    pub b: super::mesh::AgentProc,
+    pub hub: HubProc,
+    pub a: AgentProc,
+    pub b: AgentProc,
     pub a_id: String,
     /// B's port that reaches A's echo service.
     pub port: u16,
+    /// Last, so that processes are gone (and their logs printed) before it is removed.
+    pub dir: TempDir,
 }
 
 impl Honest {
-    pub fn start(tag: &str, hub_flags: &[&str]) -> Honest {
-        use super::mesh::*;
-        let dir = super::TempDir::new(tag);
-        let ca = super::start_ca(dir.path());
+    /// Starts them in a new directory; the hub gets `hub_flags`.
+    pub fn start(ztm: &Ztm, tag: &str, hub_flags: &[&str]) -> Honest {
+        let dir = TempDir::new(tag);
+        let ca = ztm.start_ca(dir.path());
         let pem = ca_pem(&ca.addr);
         let root = create_user(&ca.addr, "root");
         let alice = create_user(&ca.addr, "alice");
-        let hub = start_hub_with(dir.path(), "hub", &ca.addr, hub_flags);
-        let a = start_agent(dir.path(), "a");
-        let b = start_agent(dir.path(), "b");
+        let hub = ztm.start_hub_with(dir.path(), "hub", &ca.addr, hub_flags);
+        let a = ztm.start_agent(dir.path(), "a");
+        let b = ztm.start_agent(dir.path(), "b");
         join_ok(&a.addr, &pem, "a", &root, &[&hub.addr]);
         join_ok(&b.addr, &pem, "b", &alice, &[&hub.addr]);
         let a_id = local_id(&a.addr);
         let echo = echo_server();
-        let r = create_service(&a.addr, &a_id, "echo", echo);
+        let r = create_service(&a.addr, &a_id, "echo", echo.port);
         assert_eq!(r.status, 200, "{}", r.text());
-        super::wait_until(Duration::from_secs(20), "B sees A's echo service", || {
+        wait_until(Duration::from_secs(20), "B sees A's echo service", || {
             discovers(&b.addr, "echo", &a_id)
         });
-        let port = super::free_port();
-        let r = super::post_json(
+        let port = free_port();
+        let r = post_json(
             &b.addr,
             &format!(
                 "/api/meshes/{MESH}/endpoints/{}/ports/127.0.0.1/tcp/{port}",
@@ -367,7 +350,6 @@ impl Honest {
         );
         assert_eq!(r.status, 200, "{}", r.text());
         let honest = Honest {
-            dir,
             ca,
             pem,
             root,
@@ -377,8 +359,9 @@ impl Honest {
             b,
             a_id,
             port,
+            dir,
         };
-        super::wait_until(Duration::from_secs(20), "the honest tunnel works", || {
+        wait_until(Duration::from_secs(20), "the honest tunnel works", || {
             honest.tunnel_works()
         });
         honest
@@ -395,7 +378,7 @@ impl Honest {
             return false;
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        let msg = format!("hello {}\n", super::rand_u64());
+        let msg = format!("hello {}\n", rand_u64());
         if s.write_all(msg.as_bytes()).is_err() {
             return false;
         }
@@ -405,6 +388,6 @@ impl Honest {
 
     /// A user issued by this mesh's CA.
     pub fn user(&self, name: &str) -> User {
-        super::mesh::create_user(&self.ca.addr, name)
+        create_user(&self.ca.addr, name)
     }
 }
