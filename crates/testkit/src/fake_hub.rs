@@ -81,8 +81,8 @@ impl Reverse {
             .send_request(req, body.is_empty())
             .expect("send request");
         if !body.is_empty() {
-            send.send_data(Bytes::from(body.to_string()), true)
-                .expect("send body");
+            // The agent may answer (a refusal, say) and end the stream before it reads the body.
+            let _ = send.send_data(Bytes::from(body.to_string()), true);
         }
         let resp = tokio::time::timeout(Duration::from_secs(15), resp)
             .await

@@ -61,6 +61,7 @@ pub async fn control(hub: &str, ca: &str, user: &User) -> Control {
 pub struct Answer {
     pub status: u16,
     pub content_type: Option<String>,
+    pub headers: http::HeaderMap,
     pub body: String,
 }
 
@@ -99,6 +100,7 @@ pub async fn call(
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    let headers = resp.headers().clone();
     let mut body = resp.into_body();
     let mut text = Vec::new();
     while let Some(chunk) = body.data().await {
@@ -109,6 +111,7 @@ pub async fn call(
     Ok(Answer {
         status,
         content_type,
+        headers,
         body: String::from_utf8_lossy(&text).into_owned(),
     })
 }

@@ -93,7 +93,8 @@ async fn ask_on(
         .send_request(req, !tunnel && body.is_empty())
         .expect("send");
     if !body.is_empty() {
-        send.send_data(body, true).expect("send body");
+        // The hub may answer (a refusal, say) and end the stream before it reads the body.
+        let _ = send.send_data(body, true);
     }
     let resp = resp.await.expect("response");
     let status = resp.status().as_u16();
