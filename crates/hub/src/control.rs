@@ -80,6 +80,14 @@ pub async fn serve(
         tokio::select! {
             next = h2.accept() => match next {
                 Some(Ok((req, send))) => {
+                    // Heartbeats, by far the most frequent request, are answered here without
+                    // a task of their own (a revoked certificate's go the long way, to 403).
+                    if let Some(id) = heartbeat_of(&req) {
+                        if !conn.hub.revoked.contains(&conn.peer.serial) {
+                            heartbeat(&conn, id, send);
+                            continue;
+                        }
+                    }
                     let conn = conn.clone();
                     tokio::spawn(async move { handle(conn, req, send).await });
                 }
@@ -452,6 +460,19 @@ fn own_session(conn: &Conn, id: &str) -> Option<SessionId> {
         .map(|(_, s)| s)
 }
 
+/// The endpoint id of a heartbeat request (`POST /api/endpoints/{id}/heartbeat`).
+fn heartbeat_of<B>(req: &Request<B>) -> Option<&str> {
+    if req.method() != Method::POST {
+        return None;
+    }
+    let id = req
+        .uri()
+        .path()
+        .strip_prefix("/api/endpoints/")?
+        .strip_suffix("/heartbeat")?;
+    (!id.is_empty() && !id.contains('/')).then_some(id)
+}
+
 fn heartbeat(conn: &Arc<Conn>, id: &str, send: SendResponse<Bytes>) {
     match own_session(conn, id) {
         Some(s) if conn.hub.registry().heartbeat(id, s, now_ms()) => {
@@ -798,6 +819,27 @@ async fn tunnel(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heartbeats_are_recognised_by_method_and_path() {
+        let cases = [
+            ("POST", "/api/endpoints/abc/heartbeat", Some("abc")),
+            ("GET", "/api/endpoints/abc/heartbeat", None),
+            ("POST", "/api/endpoints/abc/services", None),
+            ("POST", "/api/endpoints//heartbeat", None),
+            ("POST", "/api/endpoints/a/b/heartbeat", None),
+            ("POST", "/api/endpoints/heartbeat", None),
+            ("POST", "/api/endpoints/abc/heartbeat/", None),
+        ];
+        for (method, path, id) in cases {
+            let req = Request::builder()
+                .method(method)
+                .uri(path)
+                .body(())
+                .unwrap();
+            assert_eq!(heartbeat_of(&req), id, "{method} {path}");
+        }
+    }
 
     fn answer(ct: Option<&str>, body: &'static [u8]) -> h2io::Answer {
         let mut headers = http::HeaderMap::new();

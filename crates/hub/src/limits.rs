@@ -73,6 +73,38 @@ pub const MAX_SERVICE_USERS: usize = 1_000;
 /// Most names in all `users` lists of one endpoint's services together.
 pub const MAX_USER_ENTRIES: usize = 10_000;
 
+/// Open files the hub keeps for itself whatever connects: its listener, its connections to the
+/// CA (certificates, revocations), its log, the runtime's own.
+pub const FILE_RESERVE: u64 = 64;
+
+/// What the hub's open-file limit leaves for connections (each connection is a file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileBudget {
+    /// Connections the hub holds at once; one more is accepted and closed at once, so that
+    /// its agent hears "no" instead of waiting in the kernel's queue.
+    pub connections: usize,
+    /// Of those, connections still in their TLS handshake (every stranger's): at most a
+    /// quarter, so that strangers can never take the files honest agents need.
+    pub unauthenticated: usize,
+}
+
+impl FileBudget {
+    /// The budget for an open-file limit of `files` (`None`: unknown, the OS bounds it).
+    pub fn of(files: Option<u64>, limits: &Limits) -> FileBudget {
+        let Some(files) = files else {
+            return FileBudget {
+                connections: usize::MAX,
+                unauthenticated: limits.unauthenticated,
+            };
+        };
+        let connections = usize::try_from(files.saturating_sub(FILE_RESERVE)).unwrap_or(usize::MAX);
+        FileBudget {
+            connections,
+            unauthenticated: limits.unauthenticated.min(connections / 4),
+        }
+    }
+}
+
 /// The address a per-source bound counts: IPv4 addresses one by one, IPv6 by /64 (one host
 /// usually has a whole /64).
 pub fn source_key(ip: IpAddr) -> IpAddr {
@@ -192,6 +224,36 @@ impl<K: Eq + Hash + Clone + Send + 'static> Drop for Slot<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_open_file_limit_bounds_connections_and_strangers() {
+        let limits = Limits::default();
+        let cases = [
+            // files, connections, of them still handshaking
+            (None, usize::MAX, 4_096),
+            (Some(1_024), 960, 240),
+            (Some(20_000), 19_936, 4_096),
+            (Some(1_048_576), 1_048_512, 4_096),
+            (Some(256), 192, 48),
+            (Some(64), 0, 0),
+            (Some(10), 0, 0),
+        ];
+        for (files, connections, unauthenticated) in cases {
+            assert_eq!(
+                FileBudget::of(files, &limits),
+                FileBudget {
+                    connections,
+                    unauthenticated
+                },
+                "{files:?}"
+            );
+        }
+        let few = Limits {
+            unauthenticated: 100,
+            ..Limits::default()
+        };
+        assert_eq!(FileBudget::of(Some(20_000), &few).unauthenticated, 100);
+    }
 
     #[test]
     fn sources_are_counted_by_address_or_by_64() {

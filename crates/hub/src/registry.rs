@@ -2,11 +2,12 @@
 //! publish. Pure state: time is passed in (milliseconds since the epoch), no I/O, so every rule
 //! (id binding, liveness, retention, per-user caps) is unit-tested.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use ztm_proto::wire::{
-    EndpointInfo, ServiceDecl, ServiceEndpoint, ServiceInfo, HEARTBEAT_TIMEOUT, OFFLINE_RETENTION,
+    EndpointInfo, Proto, ServiceDecl, ServiceEndpoint, ServiceInfo, HEARTBEAT_TIMEOUT,
+    OFFLINE_RETENTION,
 };
 
 use crate::limits::Limits;
@@ -101,6 +102,9 @@ pub struct Snapshot {
 pub struct Registry {
     endpoints: HashMap<String, Entry>,
     usage: HashMap<String, Usage>,
+    /// The endpoints (ids) that publish each service, kept with every change: what opening
+    /// a tunnel asks costs the providers of one service, not a walk over the mesh.
+    providers: HashMap<(Proto, String), BTreeSet<String>>,
     next_session: SessionId,
     /// Bumped by every change that a list shows (heartbeat times aside).
     version: u64,
@@ -128,6 +132,7 @@ impl Registry {
         Self {
             endpoints: HashMap::new(),
             usage: HashMap::new(),
+            providers: HashMap::new(),
             next_session: 0,
             version: 0,
             limits,
@@ -152,6 +157,15 @@ impl Registry {
         if u.is_empty() {
             self.usage.remove(&entry.user);
         }
+        for s in &entry.services {
+            let key = (s.protocol, s.name.clone());
+            if let Some(ids) = self.providers.get_mut(&key) {
+                ids.remove(&entry.id);
+                if ids.is_empty() {
+                    self.providers.remove(&key);
+                }
+            }
+        }
     }
 
     fn account(&mut self, entry: &Entry) {
@@ -164,6 +178,12 @@ impl Registry {
             u.offline += 1;
         }
         u.services += services;
+        for s in &entry.services {
+            self.providers
+                .entry((s.protocol, s.name.clone()))
+                .or_default()
+                .insert(entry.id.clone());
+        }
     }
 
     /// Takes an entry out (keeping the usage right).
@@ -391,7 +411,7 @@ impl Registry {
             })
             .collect();
         endpoints.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
-        // Sorted by protocol (as text) and name: `Hub::service_json` searches it.
+        // Sorted by protocol (as text) and name (PROTOCOL.md, "Lists").
         let mut by_key: BTreeMap<(&'static str, String), ServiceInfo> = BTreeMap::new();
         let mut restricted = false;
         for e in self.endpoints.values().filter(|e| e.online(now)) {
@@ -425,6 +445,37 @@ impl Registry {
             services: Arc::new(services),
             restricted,
         }
+    }
+
+    /// Service `proto/name` as a snapshot would list it at `now` (every online provider, by
+    /// id), from the index of providers; `None` if no online endpoint publishes it.
+    pub fn service(&self, proto: Proto, name: &str, now: u64) -> Option<ServiceInfo> {
+        let ids = self.providers.get(&(proto, name.to_string()))?;
+        let endpoints: Vec<ServiceEndpoint> = ids
+            .iter()
+            .filter_map(|id| self.endpoints.get(id))
+            .filter(|e| e.online(now))
+            .flat_map(|e| {
+                e.services
+                    .iter()
+                    .filter(|s| s.protocol == proto && s.name == name)
+                    .map(|s| ServiceEndpoint {
+                        id: e.id.clone(),
+                        name: e.name.clone(),
+                        username: e.user.clone(),
+                        users: s.users.clone(),
+                    })
+            })
+            .collect();
+        if endpoints.is_empty() {
+            return None;
+        }
+        Some(ServiceInfo {
+            protocol: proto,
+            name: name.to_string(),
+            users: ServiceInfo::common_users(&endpoints),
+            endpoints,
+        })
     }
 
     /// Every endpoint, sorted by name (a snapshot's list).
@@ -566,6 +617,81 @@ mod tests {
         assert_eq!(s.len(), 1);
         assert_eq!(s[0].endpoints.len(), 2);
         assert!(!r.snapshot(0).restricted);
+    }
+
+    /// The index of providers answers for one service exactly what the whole list says of
+    /// it, through registrations, publishing, sessions ending and sweeping.
+    #[test]
+    fn one_service_from_the_index_is_the_listed_one() {
+        let restricted = |name: &str, users: &[&str]| ServiceDecl {
+            users: Some(users.iter().map(|u| u.to_string()).collect()),
+            ..svc(name)
+        };
+        let check = |r: &Registry, now: u64| {
+            let listed = r.services(now);
+            for s in &listed {
+                assert_eq!(
+                    r.service(s.protocol, &s.name, now).as_ref(),
+                    Some(s),
+                    "{}",
+                    s.name
+                );
+            }
+            for name in ["ssh", "web", "db", "none"] {
+                for proto in [Proto::Tcp, Proto::Udp] {
+                    let in_list = listed
+                        .iter()
+                        .find(|s| s.protocol == proto && s.name == name);
+                    assert_eq!(
+                        r.service(proto, name, now).as_ref(),
+                        in_list,
+                        "{proto:?}/{name}"
+                    );
+                }
+            }
+            let indexed: usize = r.providers.values().map(BTreeSet::len).sum();
+            let published: usize = r.endpoints.values().map(|e| e.services.len()).sum();
+            assert_eq!(indexed, published, "one index entry per published service");
+        };
+        let mut r = Registry::default();
+        let a = r.register(reg("e1", "alice", "a"), 0).unwrap();
+        let b = r
+            .register(
+                Register {
+                    services: vec![svc("ssh"), restricted("web", &["carol"])],
+                    ..reg("e2", "bob", "b")
+                },
+                0,
+            )
+            .unwrap();
+        r.register(
+            Register {
+                services: vec![restricted("web", &["carol"]), svc("db")],
+                ..reg("e3", "carol", "c")
+            },
+            100,
+        )
+        .unwrap();
+        check(&r, 1_000);
+        assert_eq!(
+            r.service(Proto::Tcp, "web", 1_000).unwrap().users,
+            Some(vec!["carol".into()])
+        );
+        r.publish("e2", b.session, vec![svc("web")]).unwrap();
+        check(&r, 1_000);
+        assert_eq!(r.service(Proto::Tcp, "web", 1_000).unwrap().users, None);
+        r.end_session("e1", a.session);
+        check(&r, 1_000);
+        assert_eq!(r.service(Proto::Tcp, "ssh", 1_000), None);
+        // Stale heartbeats: not online, so not a provider, before and after the sweep.
+        r.heartbeat("e3", 3, 20_000);
+        check(&r, 30_050);
+        r.sweep(30_050);
+        check(&r, 30_050);
+        assert_eq!(
+            r.service(Proto::Tcp, "db", 30_050).unwrap().endpoints.len(),
+            1
+        );
     }
 
     fn limits() -> Limits {

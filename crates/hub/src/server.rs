@@ -23,7 +23,9 @@ use ztm_proto::wire::{HANDSHAKE_TIMEOUT, REVOCATION_POLL};
 
 use crate::ca_client::{CaClient, CaPin, NotPinned};
 use crate::closer::{Closer, FAREWELL_TIMEOUT};
-use crate::limits::{source_key, Counter, Limits, Refused, CLIENT_HELLO_TIMEOUT};
+use crate::limits::{
+    source_key, Counter, FileBudget, Limits, Refused, CLIENT_HELLO_TIMEOUT, FILE_RESERVE,
+};
 pub use crate::state::{Hub, Peer};
 
 const SWEEP_INTERVAL: Duration = Duration::from_secs(2);
@@ -249,16 +251,25 @@ pub async fn run(
         revoked.clone(),
         config.revocation_max_age,
     ));
+    let budget = FileBudget::of(files, &limits);
     tracing::info!(
         "hub {} listening on {local} (CA {}, names: {}); open-file limit {}",
         hub.name,
         ca.addr,
         sans.join(", "),
         files.map_or("unknown".to_string(), |n| format!(
-            "{n}: about {} endpoints",
-            n / 2
+            "{n}: {} connections, about {} endpoints",
+            budget.connections,
+            budget.connections / 2
         ))
     );
+    if budget.connections < 64 {
+        tracing::warn!(
+            "the open-file limit leaves room for {} connections ({FILE_RESERVE} files are kept \
+             for the hub itself): raise it (ulimit -n, LimitNOFILE=)",
+            budget.connections
+        );
+    }
 
     // Certificate renewal: new connections get the new certificate; open ones keep theirs.
     let (acceptor_tx, acceptor) = watch::channel(acceptor);
@@ -381,7 +392,14 @@ pub async fn run(
 
     let handshakes = Arc::new(Semaphore::new(limits.handshakes));
     let strangers: Counter<IpAddr> =
-        Counter::new(limits.unauthenticated_per_source, limits.unauthenticated);
+        Counter::new(limits.unauthenticated_per_source, budget.unauthenticated);
+    // Every connection holds a permit while it lives: the hub never runs out of files (its
+    // CA polls and certificate renewals need some), and a connection over the limit is
+    // closed at once rather than left waiting in the kernel's queue.
+    let open = Arc::new(Semaphore::new(
+        budget.connections.min(Semaphore::MAX_PERMITS),
+    ));
+    let mut full_log = Throttled::new(Duration::from_secs(10));
     let mut refused_log = Throttled::new(Duration::from_secs(10));
     let mut accept_log = Throttled::new(Duration::from_secs(10));
     let mut next_conn: u64 = 0;
@@ -400,6 +418,17 @@ pub async fn run(
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
+        };
+        let Ok(file) = open.clone().try_acquire_owned() else {
+            drop(stream);
+            if let Some(skipped) = full_log.tick() {
+                tracing::warn!(
+                    "refused a connection from {addr}: the hub holds {} connections, all its \
+                     open-file limit allows; {skipped} more refused since the last warning",
+                    budget.connections
+                );
+            }
+            continue;
         };
         let slot = match strangers.try_take(source_key(addr.ip())) {
             Ok(slot) => slot,
@@ -426,6 +455,7 @@ pub async fn run(
         // The user is known once the handshake is done (`serve_connection` records it).
         let span = tracing::info_span!("connection", from = %addr, user = tracing::field::Empty);
         let task = async move {
+            let _file = file;
             if let Err(e) =
                 serve_connection(hub, acceptor, handshakes, slot, stream, addr, conn_id, kill).await
             {

@@ -506,14 +506,8 @@ impl Hub {
     /// the caller). What an agent asks when it opens a tunnel: the cost of one service, not of
     /// the mesh.
     pub fn service_json(&self, caller: &str, proto: Proto, name: &str) -> Option<Bytes> {
-        let services = self.with_lists(|l| l.snapshot.services.clone());
-        // The snapshot is sorted by protocol (as text) and name.
-        let at = services
-            .binary_search_by(|s| {
-                (s.protocol.as_str(), s.name.as_str()).cmp(&(proto.as_str(), name))
-            })
-            .ok()?;
-        let visible = admission::service_for(caller, &services[at])?;
+        let service = self.registry().service(proto, name, now_ms())?;
+        let visible = admission::service_for(caller, &service)?;
         Some(to_json(&visible))
     }
 }

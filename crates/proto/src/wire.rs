@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 /// An endpoint whose last heartbeat is older than this is offline.
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30);
-pub const PING_INTERVAL: Duration = Duration::from_secs(5);
+pub const PING_INTERVAL: Duration = Duration::from_secs(15);
 pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
 pub const REVOCATION_POLL: Duration = Duration::from_secs(5);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -35,6 +35,7 @@ pub mod poll;
 pub mod proc;
 pub mod procfs;
 pub mod roles;
+pub mod sim;
 pub mod stack;
 pub mod traffic;
 
@@ -60,6 +61,8 @@ pub const LISTEN_LINES: &str = "ztm::roles=info,ztm_hub::server=info";
 pub struct Ztm {
     bin: Arc<PathBuf>,
     env: Vec<(String, String)>,
+    /// The open-file limit (soft and hard) processes start with, if not the test's own.
+    files: Option<u64>,
 }
 
 impl Ztm {
@@ -68,6 +71,7 @@ impl Ztm {
         Ztm {
             bin: Arc::new(bin.into()),
             env: vec![("ZTM_LOG".into(), "debug".into())],
+            files: None,
         }
     }
 
@@ -75,6 +79,13 @@ impl Ztm {
     pub fn with_env(mut self, key: &str, value: &str) -> Ztm {
         self.env.retain(|(k, _)| k != key);
         self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// The same, with processes that may open at most `n` files, soft and hard limit (they
+    /// start under util-linux's `prlimit`).
+    pub fn with_files(mut self, n: u64) -> Ztm {
+        self.files = Some(n);
         self
     }
 
@@ -136,7 +147,15 @@ impl Ztm {
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         all.extend_from_slice(env);
-        proc::Proc::spawn(self.bin(), name, dir, args, &all)
+        match self.files {
+            None => proc::Proc::spawn(self.bin(), name, dir, args, &all),
+            Some(n) => {
+                let limit = format!("--nofile={n}:{n}");
+                let mut wrapped = vec![limit.as_str(), "--", self.bin_str()];
+                wrapped.extend_from_slice(args);
+                proc::Proc::spawn(Path::new("prlimit"), name, dir, &wrapped, &all)
+            }
+        }
     }
 }
 

@@ -9,6 +9,7 @@
 
 mod load;
 mod plain;
+mod scale;
 mod stack;
 
 pub use plain::{run_relay, RelayArgs};
@@ -17,14 +18,17 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::Args;
+use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
 use load::{Concurrent, Direction, Latency, Throughput};
 use ztm_testkit::procfs;
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    other: Option<Other>,
     /// Seconds each throughput phase is measured (direct and tunnel each)
     #[arg(long, default_value_t = 10)]
     duration: u64,
@@ -35,6 +39,14 @@ pub struct BenchArgs {
     /// ping-pongs, 100 concurrent connections)
     #[arg(long)]
     quick: bool,
+}
+
+/// The benchmarks besides the tunnel's.
+#[derive(Subcommand)]
+enum Other {
+    /// One hub with many simulated endpoints: memory, a join storm, heartbeat CPU, lists and a
+    /// fresh tunnel, for each endpoint count
+    Scale(scale::ScaleArgs),
 }
 
 /// How much of everything.
@@ -87,8 +99,14 @@ const MIB: f64 = 1024.0 * 1024.0;
 pub async fn run_bench(args: BenchArgs) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
+    let run = async {
+        match &args.other {
+            Some(Other::Scale(scale)) => scale::run_scale(scale).await,
+            None => bench(&args).await,
+        }
+    };
     tokio::select! {
-        r = bench(&args) => r,
+        r = run => r,
         _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
         _ = term.recv() => anyhow::bail!("terminated"),
     }

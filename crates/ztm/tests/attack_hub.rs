@@ -131,6 +131,76 @@ fn a_flood_of_strangers_locks_nobody_out() {
 
 /// What a modified agent registers is checked: names by the CA's rules, bounded lists,
 /// bounded bodies; every refusal says why.
+/// Strangers from many addresses flood a hub whose open-file limit is small (256 files; 1,024
+/// is a common default): idle TCP connections and stalled handshakes, more together than the
+/// hub may open. The hub must never run out of files — it would stop polling the CA, and a
+/// revoked user would keep its session — and must keep serving the agents it has.
+#[test]
+fn strangers_cannot_take_the_files_a_hub_needs() {
+    let honest = Honest::start(&ztm!().with_files(256), "attack-files", &[]);
+    let bob = honest.user("bob");
+    let hub = honest.hub.addr.clone();
+    let rt = runtime();
+    let session = rt.block_on(async {
+        let c = control(&hub, &honest.pem, &bob).await;
+        let r = register(&c.sender, &Ident::of("bob"), "bobs", json!([]))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        c
+    });
+    // Eight addresses, each as many handshakes as the hub allows one address, and more.
+    let floods: Vec<Flood> = (2..10)
+        .map(|i| {
+            let from = format!("127.0.0.{i}").parse().unwrap();
+            rt.block_on(async { Flood::start(from, honest.hub_addr(), 100, 5) })
+        })
+        .collect();
+    // Let the floods build up: their connections fill whatever the hub gives them.
+    std::thread::sleep(Duration::from_secs(3));
+
+    let fresh = (0..10).filter(|_| honest.tunnel_works()).count();
+    assert_eq!(fresh, 10, "fresh tunnels during the flood");
+    // The CA revokes bob: the hub hears it at its next poll and ends his session.
+    let revoked = delete(&honest.ca.addr, "/api/certificates/bob");
+    assert_eq!(revoked.status, 204, "{}", revoked.text());
+    let closed = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !session.is_closed() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .is_ok()
+    });
+    let opened: u64 = rt.block_on(async {
+        let mut n = 0;
+        for f in floods {
+            n += f.stop().await;
+        }
+        n
+    });
+    let log = honest.hub.proc.log();
+    assert!(
+        closed,
+        "a revoked user kept his session during the flood ({opened} connections opened)\n{log}"
+    );
+    assert!(
+        !log.contains("Too many open files"),
+        "the hub ran out of files ({opened} connections opened)\n{log}"
+    );
+    assert!(honest.tunnel_works(), "the honest tunnel broke");
+    // After the flood, a new agent joins at once.
+    let c = ztm!().start_agent(honest.dir.path(), "c");
+    let carol = honest.user("carol");
+    join_ok(&c.addr, &honest.pem, "c", &carol, &[&honest.hub.addr]);
+    assert!(
+        time_until(Duration::from_secs(10), || is_connected(&c.addr)).is_some(),
+        "a new agent did not join after the flood\n{}",
+        c.proc.log()
+    );
+}
+
 #[test]
 fn hostile_registrations_are_refused_with_reasons() {
     let honest = Honest::start(&ztm!(), "attack-register", &[]);

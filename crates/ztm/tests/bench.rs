@@ -25,34 +25,69 @@ fn positive(v: &Value, field: &str, what: &str) {
     assert!(x > 0.0, "{what}: {field} = {x} is not positive: {v}");
 }
 
-#[test]
-fn quick_bench_reports_every_scenario() {
-    let dir = std::env::temp_dir().join(format!("ztm-test-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let json_path = dir.join("bench.json");
+/// What a bounded run of `ztm` printed, and its process id.
+struct Run {
+    pid: u32,
+    output: std::process::Output,
+}
+
+/// Runs `ztm args` with HOME in `dir`; kills it if it runs longer than `within`.
+fn run_bounded(args: &[&str], dir: &std::path::Path, within: Duration) -> Run {
     let started = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_ztm"))
-        .args(["bench", "--quick", "--json", json_path.to_str().unwrap()])
-        .env("HOME", &dir)
+        .args(args)
+        .env("HOME", dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let pid = child.id();
-    // Bounded: kill the bench if it runs far longer than a quick run should.
-    let deadline = started + Duration::from_secs(600);
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            break;
+    // Read both pipes while waiting, so that a chatty child cannot block on a full one.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stdout, &mut v);
+        v
+    });
+    let err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stderr, &mut v);
+        v
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
         }
-        if Instant::now() > deadline {
+        if started.elapsed() > within {
             let _ = child.kill();
-            break;
+            break child.wait().unwrap();
         }
         std::thread::sleep(Duration::from_millis(100));
+    };
+    Run {
+        pid,
+        output: std::process::Output {
+            status,
+            stdout: out.join().unwrap(),
+            stderr: err.join().unwrap(),
+        },
     }
-    let out = child.wait_with_output().unwrap();
+}
+
+#[test]
+fn quick_bench_reports_every_scenario() {
+    let dir = std::env::temp_dir().join(format!("ztm-test-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json_path = dir.join("bench.json");
+    let out = run_bounded(
+        &["bench", "--quick", "--json", json_path.to_str().unwrap()],
+        &dir,
+        Duration::from_secs(600),
+    );
+    let pid = out.pid;
+    let out = out.output;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -215,4 +250,65 @@ fn terminated_bench_stops_its_processes() {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `ztm bench scale` with a small mesh: each count measured on its own mesh, every endpoint
+/// registered and heartbeating, the lists growing with the mesh, the tunnel working.
+#[test]
+fn scale_bench_measures_each_count() {
+    let dir = std::env::temp_dir().join(format!("ztm-test-bench-scale-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json_path = dir.join("scale.json");
+    let args = [
+        "bench",
+        "scale",
+        "--endpoints",
+        "0,40",
+        "--steady",
+        "2",
+        "--join-within",
+        "120",
+        "--json",
+        json_path.to_str().unwrap(),
+    ];
+    let out = run_bounded(&args, &dir, Duration::from_secs(300)).output;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "ztm bench scale failed ({:?}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    assert!(
+        stdout.contains("endpoints on one hub"),
+        "no table:\n{stdout}"
+    );
+    let text = std::fs::read_to_string(&json_path).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let report: Value = serde_json::from_str(&text).unwrap();
+    let rows = report["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 2, "{text}");
+    let (empty, full) = (&rows[0], &rows[1]);
+    assert_eq!(
+        (empty["endpoints"].as_u64(), full["endpoints"].as_u64()),
+        (Some(0), Some(40))
+    );
+    for row in rows {
+        let what = format!("{} endpoints", row["endpoints"]);
+        positive(row, "hub_rss_bytes", &what);
+        positive(row, "tunnel_fresh_p50_ms", &what);
+        positive(row, "tunnel_cold_ms", &what);
+        positive(row, "agent_services_page_ms", &what);
+        assert_eq!(row["tunnel_errors"], 0, "{what}: {row}");
+        assert_eq!(row["heartbeats_missed"], 0, "{what}: {row}");
+    }
+    positive(full, "join_secs", "40 endpoints");
+    positive(full, "hub_kib_per_endpoint", "40 endpoints");
+    // Each simulated endpoint holds two connections to the hub.
+    let files = |r: &Value| r["hub_open_files"].as_u64().unwrap();
+    assert!(files(full) >= files(empty) + 80, "{text}");
+    let size = |r: &Value, f: &str| r[f].as_u64().unwrap();
+    for f in ["hub_services_bytes", "agent_services_bytes"] {
+        assert!(size(full, f) > size(empty, f) + 40 * 20, "{f}: {text}");
+    }
 }

@@ -60,6 +60,11 @@ impl Stack {
         all
     }
 
+    /// The CA, the hub and the agents.
+    pub fn mesh(&self) -> &ztm_testkit::stack::Stack {
+        &self.mesh
+    }
+
     /// The process named `name`: ca, hub, agent-a, agent-b or one of [`PLAIN`].
     pub fn proc(&self, name: &str) -> Option<&Proc> {
         self.procs().into_iter().find(|p| p.name == name)
