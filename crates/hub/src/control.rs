@@ -30,6 +30,7 @@ use ztm_tls::TlsStream;
 use crate::admission::{self, Refusal, Target};
 use crate::closer::{self, Closer, Goodbye, FAREWELL_TIMEOUT};
 use crate::limits::{Refused, Slot, BODY_TIMEOUT, MAX_CONTROL_BODY};
+use crate::metrics;
 use crate::registry::{self, RegisterError, SessionId};
 use crate::state::{Hub, NoReverse, Peer, RegisterRefusal};
 use ztm_proto::listing::ListQuery;
@@ -60,6 +61,7 @@ pub async fn serve(
     conn_id: u64,
     kill: Closer,
 ) -> Result<()> {
+    let _open = hub.metrics.connection(metrics::Kind::Control);
     let (io, farewell) = goaway::wrap(tls, Role::Server);
     let mut h2 = ztm_net::h2io::server_builder()
         .handshake::<_, Bytes>(io)
@@ -559,21 +561,22 @@ async fn manage(conn: &Arc<Conn>, ep: &str, req: Request<RecvStream>, send: Send
         owner: owner.as_str(),
     });
     if let Err(r) = admission::manage(&conn.peer.user, ep, view, endpoint_user(&req).as_deref()) {
-        return refuse_with(send, r);
+        return manage_refuse(conn, send, r);
     }
     let Some((_, Some(session))) = target else {
-        return refuse_with(
+        return manage_refuse(
+            conn,
             send,
             Refusal::not_here(format!("endpoint {ep} is not online at this hub")),
         );
     };
     let _permit = match body_permit(conn) {
         Ok(p) => p,
-        Err(r) => return refuse_with(send, r),
+        Err(r) => return manage_refuse(conn, send, r),
     };
     let sender = match conn.hub.reverse_of(session).await {
         Ok(s) => s,
-        Err(e) => return respond_error(send, StatusCode::BAD_GATEWAY, no_reverse(ep, e)),
+        Err(e) => return manage_error(conn, send, StatusCode::BAD_GATEWAY, no_reverse(ep, e)),
     };
     let prefix = format!("/api/endpoints/{ep}/manage");
     let rest = req
@@ -589,7 +592,7 @@ async fn manage(conn: &Arc<Conn>, ep: &str, req: Request<RecvStream>, send: Send
     let mut body = req.into_body();
     let body = match read_bounded(&mut body, MAX_MANAGE_BODY).await {
         Ok(b) => b,
-        Err(r) => return refuse_with(send, r),
+        Err(r) => return manage_refuse(conn, send, r),
     };
     let forwarded = h2io::build(method, &format!("/api{rest}")).map(|b| {
         let b = b.header(USER_HEADER, conn.peer.user.as_str());
@@ -599,7 +602,7 @@ async fn manage(conn: &Arc<Conn>, ep: &str, req: Request<RecvStream>, send: Send
         }
     });
     let Ok(Ok(forwarded)) = forwarded.map(|b| b.body(())) else {
-        return respond_error(send, StatusCode::BAD_REQUEST, "bad management path");
+        return manage_error(conn, send, StatusCode::BAD_REQUEST, "bad management path");
     };
     // The hop's own deadline says 504; anything else that fails it, 502.
     let asked = h2io::request(
@@ -610,7 +613,8 @@ async fn manage(conn: &Arc<Conn>, ep: &str, req: Request<RecvStream>, send: Send
         HOP_TIMEOUT + Duration::from_secs(1),
     );
     let Ok(answer) = tokio::time::timeout(HOP_TIMEOUT, asked).await else {
-        return respond_error(
+        return manage_error(
+            conn,
             send,
             StatusCode::GATEWAY_TIMEOUT,
             format!("endpoint {ep} did not answer within {HOP_TIMEOUT:?}"),
@@ -619,6 +623,7 @@ async fn manage(conn: &Arc<Conn>, ep: &str, req: Request<RecvStream>, send: Send
     match answer {
         Ok(answer) if relayable(&answer) => {
             let ct = (!answer.body.is_empty()).then_some("application/json");
+            conn.hub.metrics.management(answer.status.as_u16());
             respond(send, answer.status, ct, answer.body)
         }
         Ok(answer) => {
@@ -628,18 +633,56 @@ async fn manage(conn: &Arc<Conn>, ep: &str, req: Request<RecvStream>, send: Send
                 conn.peer.user,
                 answer.headers.get(http::header::CONTENT_TYPE)
             );
-            respond_error(
+            manage_error(
+                conn,
                 send,
                 StatusCode::BAD_GATEWAY,
                 format!("endpoint {ep} answered with something that is not JSON"),
             )
         }
-        Err(e) => respond_error(
+        Err(e) => manage_error(
+            conn,
             send,
             StatusCode::BAD_GATEWAY,
             format!("endpoint {ep} did not answer: {e:#}"),
         ),
     }
+}
+
+/// Answers a management request with an error, counting it by status.
+fn manage_error(
+    conn: &Conn,
+    send: SendResponse<Bytes>,
+    status: StatusCode,
+    message: impl Into<String>,
+) {
+    conn.hub.metrics.management(status.as_u16());
+    respond_error(send, status, message)
+}
+
+fn manage_refuse(conn: &Conn, send: SendResponse<Bytes>, refusal: Refusal) {
+    conn.hub.metrics.management(refusal.status.as_u16());
+    refuse_with(send, refusal)
+}
+
+/// Answers a tunnel request with an error, counting the failure by its reason.
+fn tunnel_error(
+    conn: &Conn,
+    send: SendResponse<Bytes>,
+    status: StatusCode,
+    message: impl Into<String>,
+) {
+    conn.hub
+        .metrics
+        .tunnel_failed(metrics::tunnel_failure(status.as_u16()));
+    respond_error(send, status, message)
+}
+
+fn tunnel_refuse(conn: &Conn, send: SendResponse<Bytes>, refusal: Refusal) {
+    conn.hub
+        .metrics
+        .tunnel_failed(metrics::tunnel_failure(refusal.status.as_u16()));
+    refuse_with(send, refusal)
 }
 
 /// Why a request for endpoint `ep` cannot go over its reverse connection, in words.
@@ -669,7 +712,12 @@ async fn tunnel(
     send: SendResponse<Bytes>,
 ) {
     let Some(proto) = Proto::parse(proto) else {
-        return respond_error(send, StatusCode::BAD_REQUEST, "protocol must be tcp or udp");
+        return tunnel_error(
+            conn,
+            send,
+            StatusCode::BAD_REQUEST,
+            "protocol must be tcp or udp",
+        );
     };
     let target = {
         let registry = conn.hub.registry();
@@ -701,10 +749,11 @@ async fn tunnel(
                 conn.peer.user
             );
         }
-        return refuse_with(send, r);
+        return tunnel_refuse(conn, send, r);
     }
     let Some((_, Some(session), _)) = target else {
-        return refuse_with(
+        return tunnel_refuse(
+            conn,
             send,
             Refusal::not_here(format!("endpoint {ep} is not online at this hub")),
         );
@@ -712,7 +761,8 @@ async fn tunnel(
     let _user_slot = match conn.hub.tunnels.try_take(conn.peer.user.clone()) {
         Ok(slot) => slot,
         Err(Refused::Key(n)) => {
-            return respond_error(
+            return tunnel_error(
+                conn,
                 send,
                 StatusCode::TOO_MANY_REQUESTS,
                 format!(
@@ -722,7 +772,8 @@ async fn tunnel(
             )
         }
         Err(Refused::Total(_)) => {
-            return respond_error(
+            return tunnel_error(
+                conn,
                 send,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "this hub carries as many tunnels as it may; try another hub",
@@ -736,7 +787,8 @@ async fn tunnel(
         .tunnel_slots(session)
         .and_then(|slots| slots.try_acquire_owned().ok());
     let Some(_stream_slot) = stream_slot else {
-        return respond_error(
+        return tunnel_error(
+            conn,
             send,
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
@@ -747,9 +799,12 @@ async fn tunnel(
     };
     let reverse = match conn.hub.reverse_of(session).await {
         Ok(r) => r,
-        Err(e) => return respond_error(send, StatusCode::BAD_GATEWAY, no_reverse(ep, e)),
+        Err(e) => return tunnel_error(conn, send, StatusCode::BAD_GATEWAY, no_reverse(ep, e)),
     };
     let started = std::time::Instant::now();
+    // Counted as active from the provider's yes until the relay ends.
+    let active = std::sync::OnceLock::new();
+    let active = &active;
     let requested = async {
         let mut b_req = h2io::build(Method::CONNECT, &format!("/api/services/{proto}/{svc}"))?
             .header(USER_HEADER, conn.peer.user.as_str())
@@ -763,32 +818,42 @@ async fn tunnel(
     .await;
     let (b_resp, b_send) = match requested {
         Ok(v) => v,
-        Err(e) => return respond_error(send, StatusCode::BAD_GATEWAY, format!("{e:#}")),
+        Err(e) => return tunnel_error(conn, send, StatusCode::BAD_GATEWAY, format!("{e:#}")),
     };
     // B's answer decides; meanwhile the client's first bytes already travel on to B.
     let opened = async move {
         let resp = match tokio::time::timeout(HOP_TIMEOUT, b_resp).await {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
-                respond_error(send, StatusCode::BAD_GATEWAY, format!("endpoint {ep}: {e}"));
+                tunnel_error(
+                    conn,
+                    send,
+                    StatusCode::BAD_GATEWAY,
+                    format!("endpoint {ep}: {e}"),
+                );
                 return Err(());
             }
             Err(_) => {
                 let msg = format!("endpoint {ep} did not answer");
-                respond_error(send, StatusCode::GATEWAY_TIMEOUT, msg);
+                tunnel_error(conn, send, StatusCode::GATEWAY_TIMEOUT, msg);
                 return Err(());
             }
         };
         if resp.status() != StatusCode::OK {
             let status = resp.status();
             let message = h2io::error_message_of(resp).await;
-            respond_error(send, status, message);
+            tunnel_error(conn, send, status, message);
             return Err(());
         }
         let mut send = send;
         let a_send = send
             .send_response(http::Response::new(()), false)
-            .map_err(|_| ())?;
+            .map_err(|_| conn.hub.metrics.tunnel_failed(metrics::BROKEN))?;
+        let _ = active.set(
+            conn.hub
+                .metrics
+                .tunnel_opened(started.elapsed().as_secs_f64()),
+        );
         tracing::debug!("tunnel {} -> {proto}/{svc}@{ep} opened", conn.peer.user);
         Ok((a_send, resp.into_body()))
     };
@@ -803,16 +868,22 @@ async fn tunnel(
         .await;
     match relayed {
         Err(()) => {}
-        Ok(Ok((up, down))) => tracing::debug!(
-            "tunnel {} -> {proto}/{svc}@{ep} closed: {up} bytes up, {down} down, {:?}",
-            conn.peer.user,
-            started.elapsed()
-        ),
-        Ok(Err(e)) => tracing::debug!(
-            "tunnel {} -> {proto}/{svc}@{ep} failed after {:?}: {e}",
-            conn.peer.user,
-            started.elapsed()
-        ),
+        Ok(Ok((up, down))) => {
+            conn.hub.metrics.relayed(up, down);
+            tracing::debug!(
+                "tunnel {} -> {proto}/{svc}@{ep} closed: {up} bytes up, {down} down, {:?}",
+                conn.peer.user,
+                started.elapsed()
+            )
+        }
+        Ok(Err(e)) => {
+            conn.hub.metrics.tunnel_failed(metrics::BROKEN);
+            tracing::debug!(
+                "tunnel {} -> {proto}/{svc}@{ep} failed after {:?}: {e}",
+                conn.peer.user,
+                started.elapsed()
+            )
+        }
     }
 }
 

@@ -11,6 +11,8 @@ pub mod ca_client;
 pub mod closer;
 pub mod control;
 pub mod limits;
+pub mod metrics;
+mod metrics_api;
 pub mod registry;
 pub mod reverse;
 pub mod server;

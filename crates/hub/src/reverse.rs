@@ -59,6 +59,7 @@ impl Client {
 }
 
 pub async fn serve(hub: Arc<Hub>, tls: TlsStream, peer: Peer, kill: Closer) -> anyhow::Result<()> {
+    let _open = hub.metrics.connection(crate::metrics::Kind::Reverse);
     let mut client = Client::start(tls).await?;
     let goodbye = bind_and_watch(&hub, &mut client, &peer, &kill).await;
     if let Some(goodbye) = goodbye {

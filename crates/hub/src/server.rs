@@ -26,6 +26,7 @@ use crate::closer::{Closer, FAREWELL_TIMEOUT};
 use crate::limits::{
     source_key, Counter, FileBudget, Limits, Refused, CLIENT_HELLO_TIMEOUT, FILE_RESERVE,
 };
+use crate::metrics::Handshake;
 pub use crate::state::{Hub, Peer};
 
 const SWEEP_INTERVAL: Duration = Duration::from_secs(2);
@@ -50,6 +51,15 @@ pub struct HubConfig {
     pub limits: Limits,
     /// Past this age of the last successful revocation poll, new sessions are refused.
     pub revocation_max_age: Duration,
+    /// Where to serve `GET /metrics` (Prometheus), if anywhere.
+    pub metrics: Option<MetricsListen>,
+}
+
+/// The metrics listener: bound by the caller (so that a port in use fails at start), with
+/// the token asked of every scrape (required off loopback).
+pub struct MetricsListen {
+    pub listener: std::net::TcpListener,
+    pub token: Option<String>,
 }
 
 impl HubConfig {
@@ -62,6 +72,7 @@ impl HubConfig {
             names,
             limits: Limits::default(),
             revocation_max_age: DEFAULT_REVOCATION_MAX_AGE,
+            metrics: None,
         }
     }
 }
@@ -245,12 +256,21 @@ pub async fn run(
         }
     };
     let limits = config.limits.clone();
+    let metrics = Arc::new(
+        crate::metrics::Metrics::new().map_err(|e| anyhow!("setting up the metrics: {e}"))?,
+    );
     let hub = Arc::new(Hub::new(
         format!("hub/{name}"),
         limits.clone(),
         revoked.clone(),
         config.revocation_max_age,
+        metrics,
     ));
+    if let Some(listen) = config.metrics {
+        let addr = listen.listener.local_addr()?;
+        crate::metrics_api::spawn(hub.clone(), listen, root.clone())?;
+        tracing::info!("hub metrics on http://{addr}/metrics");
+    }
     let budget = FileBudget::of(files, &limits);
     tracing::info!(
         "hub {} listening on {local} (CA {}, names: {}); open-file limit {}",
@@ -331,6 +351,7 @@ pub async fn run(
                         failing = false;
                         stale_logged = false;
                         hub.revocations.polled(now_ms());
+                        hub.metrics.revocations(feed.revocations.len() as u64);
                         for r in &feed.revocations {
                             if r.name == own {
                                 tracing::error!(
@@ -421,6 +442,7 @@ pub async fn run(
         };
         let Ok(file) = open.clone().try_acquire_owned() else {
             drop(stream);
+            hub.metrics.refused_full();
             if let Some(skipped) = full_log.tick() {
                 tracing::warn!(
                     "refused a connection from {addr}: the hub holds {} connections, all its \
@@ -505,12 +527,29 @@ async fn serve_connection(
     }
     // Waiting for a handshake slot counts against the same deadline as the handshake itself:
     // a stranger holds a connection for at most that long.
+    let handshaking = hub.metrics.handshaking();
     let tls = tokio::time::timeout_at(deadline, async {
         let _permit = handshakes.acquire().await?;
         Ok::<_, anyhow::Error>(ztm_tls::accept(acceptor, stream).await?)
     })
-    .await
-    .map_err(|_| anyhow!("TLS handshake not done within {HANDSHAKE_TIMEOUT:?}"))??;
+    .await;
+    drop(handshaking);
+    let tls = match tls {
+        Ok(Ok(tls)) => {
+            hub.metrics.handshake(Handshake::Ok);
+            tls
+        }
+        Ok(Err(e)) => {
+            hub.metrics.handshake(Handshake::of_error(&e));
+            return Err(e);
+        }
+        Err(_) => {
+            hub.metrics.handshake(Handshake::Timeout);
+            return Err(anyhow!(
+                "TLS handshake not done within {HANDSHAKE_TIMEOUT:?}"
+            ));
+        }
+    };
     drop(stranger);
     let cert = tls
         .peer_certificates()

@@ -161,6 +161,8 @@ pub struct Hub {
     pub revocations: RevocationStatus,
     /// What the hub's tunnel relays hold for stalled next hops.
     pub stalls: ztm_relay::StallGuard,
+    /// What Prometheus is shown (`ztm hub --metrics`); counted whether or not anyone looks.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Why a registration was refused.
@@ -172,7 +174,13 @@ pub enum RegisterRefusal {
 }
 
 impl Hub {
-    pub fn new(name: String, limits: Limits, revoked: Revoked, max_staleness: Duration) -> Hub {
+    pub fn new(
+        name: String,
+        limits: Limits,
+        revoked: Revoked,
+        max_staleness: Duration,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Hub {
         Hub {
             name,
             registry: Mutex::new(Registry::new(limits.clone())),
@@ -185,6 +193,7 @@ impl Hub {
             revoked,
             revocations: RevocationStatus::new(max_staleness),
             stalls: Default::default(),
+            metrics,
             limits,
         }
     }
@@ -401,6 +410,14 @@ impl Hub {
             }
         }
         closed
+    }
+
+    /// The metrics in Prometheus' text format, with what the hub holds read now.
+    pub fn metrics_text(&self) -> String {
+        let now = now_ms();
+        let online = self.registry().online_count(now);
+        let age = now.saturating_sub(self.revocations.last_ok()) as f64 / 1000.0;
+        self.metrics.render(online, age, self.stalls.resets())
     }
 
     pub fn connections(&self) -> usize {

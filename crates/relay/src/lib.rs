@@ -124,6 +124,8 @@ pub async fn read_to_h2<R: AsyncRead + Unpin>(
 #[derive(Debug)]
 pub struct StallGuard {
     held: AtomicUsize,
+    /// Tunnels reset so far.
+    reset_total: std::sync::atomic::AtomicU64,
     resets: Mutex<ResetLog>,
     limit: usize,
     after: Duration,
@@ -141,10 +143,16 @@ impl StallGuard {
     pub fn new(limit: usize, after: Duration) -> StallGuard {
         StallGuard {
             held: AtomicUsize::new(0),
+            reset_total: std::sync::atomic::AtomicU64::new(0),
             resets: Mutex::new(ResetLog::default()),
             limit,
             after: after.max(Duration::from_millis(1)),
         }
+    }
+
+    /// Stalled tunnels reset so far.
+    pub fn resets(&self) -> u64 {
+        self.reset_total.load(Ordering::Relaxed)
     }
 
     /// Bytes the relays hold right now.
@@ -156,6 +164,7 @@ impl StallGuard {
     /// logged since the last warning; resets are logged at most once per [`RESET_LOG_EVERY`],
     /// so that many tunnels stalling at once cannot flood the log.
     fn note_reset(&self, now: Instant) -> Option<u64> {
+        self.reset_total.fetch_add(1, Ordering::Relaxed);
         let mut log = self.resets.lock();
         if log.last.is_some_and(|last| now < last + RESET_LOG_EVERY) {
             log.unlogged += 1;

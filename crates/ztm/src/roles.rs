@@ -215,6 +215,13 @@ pub struct HubArgs {
     #[arg(long, default_value_t = ztm_hub::server::DEFAULT_REVOCATION_MAX_AGE.as_secs(),
           value_parser = clap::value_parser!(u64).range(10..=7 * 24 * 3600))]
     revocation_max_age: u64,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (off unless given); an address
+    /// that is not loopback needs --metrics-token
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<String>,
+    /// Bearer token Prometheus must send to read the metrics (required off loopback)
+    #[arg(long, env = "ZTM_METRICS_TOKEN", hide_env_values = true)]
+    metrics_token: Option<String>,
 }
 
 impl HubArgs {
@@ -234,6 +241,8 @@ impl HubArgs {
             max_connections_per_user: limits.connections_per_user,
             max_handshakes_per_address: limits.unauthenticated_per_source,
             revocation_max_age: ztm_hub::server::DEFAULT_REVOCATION_MAX_AGE.as_secs(),
+            metrics: None,
+            metrics_token: None,
         }
     }
 }
@@ -296,6 +305,26 @@ pub async fn run_hub(args: HubArgs) -> Result<()> {
     // Refused before the hub listens or connects anywhere.
     ztm_hub::ca_client::check_ca(&args.ca, ca_pin.as_ref())?;
     let addr = parse_listen(&args.listen)?;
+    let metrics = match &args.metrics {
+        Some(at) => {
+            let at = parse_listen(at)?;
+            let token = args
+                .metrics_token
+                .clone()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty());
+            if !at.ip().is_loopback() && token.is_none() {
+                bail!(
+                    "--metrics {at} is not a loopback address: give --metrics-token (or \
+                     ZTM_METRICS_TOKEN) too"
+                );
+            }
+            let listener = std::net::TcpListener::bind(at)
+                .map_err(|e| anyhow::anyhow!("cannot listen on {at} for --metrics: {e}"))?;
+            Some(ztm_hub::server::MetricsListen { listener, token })
+        }
+        None => None,
+    };
     let listener = bind(addr).await?;
     // The bound address (the port the kernel chose for port 0), said before the hub waits for
     // its certificate: a hub whose CA never answers would not say it otherwise.
@@ -323,6 +352,7 @@ pub async fn run_hub(args: HubArgs) -> Result<()> {
                 ..ztm_hub::Limits::default()
             },
             revocation_max_age: Duration::from_secs(args.revocation_max_age),
+            metrics,
         },
         shutdown_signal(),
     )
