@@ -7,6 +7,7 @@
 //   page.evaluate(fn, arg) / evaluateHandle(fn, arg)     (one argument, serialisable)
 //   page.click(el) / fill(el, text) / setFiles(el, path) / select(el, value)   (el: an element handle)
 //   page.problems                                  what the page reported that a test must not allow
+//   page.requests                                  the URL of every request the page made, in order
 //   browser.close()
 //
 // Chromium is Debian's, driven by playwright-core over the DevTools protocol; Firefox is
@@ -42,8 +43,11 @@ export async function launchChromium() {
       const problems = [];
       page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
       page.on("console", (m) => collectProblems(problems, m.type(), m.text(), m.location().url));
+      const requests = [];
+      page.on("request", (r) => requests.push(r.url()));
       return {
         problems,
+        requests,
         goto: (url) => page.goto(url),
         reload: () => page.reload(),
         setViewport: (w, h) => page.setViewportSize({ width: w, height: h }),
@@ -96,8 +100,11 @@ export async function launchFirefox() {
       const problems = [];
       page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
       page.on("console", (m) => collectProblems(problems, m.type(), m.text(), (m.location() || {}).url));
+      const requests = [];
+      page.on("request", (r) => requests.push(r.url()));
       return {
         problems,
+        requests,
         goto: (url) => page.goto(url),
         reload: () => page.reload(),
         setViewport: (w, h) => page.setViewport({ width: w, height: h }),

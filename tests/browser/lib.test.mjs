@@ -1,6 +1,6 @@
 // Unit tests of the web UI's helpers (crates/agent/ui/lib.js) that need no browser: reading an
-// invitation in either form, and dates in words.
-import { test } from "node:test";
+// invitation in either form, dates in words, and lists asked for in pages.
+import { test, mock } from "node:test";
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 
@@ -55,4 +55,84 @@ test("dates as the agent writes them, and how far they are", () => {
   assert.equal(lib.daysFrom(now + 5 * 365 * day, now), "in 5 years");
   assert.equal(lib.daysFrom(now - 1000, now), "today");
   assert.equal(lib.daysFrom(now - 3 * day, now), "3 days ago");
+});
+
+// The agent as `fetch` sees it: answers `body` with these headers, and keeps the requests.
+function fakeAgent(status, body, headers = {}) {
+  const asked = [];
+  globalThis.sessionStorage = { getItem: () => null };
+  globalThis.fetch = async (path, init) => {
+    asked.push({ path, init });
+    return new Response(body === undefined ? "" : JSON.stringify(body), { status, headers });
+  };
+  return asked;
+}
+
+test("the path of a page always has a limit, and leaves empty parts out", () => {
+  const path = "/api/meshes/home/services";
+  assert.equal(lib.PAGE, 100);
+  assert.equal(lib.pagePath(path), `${path}?limit=100`);
+  assert.equal(lib.pagePath(path, { offset: 200, limit: 50 }), `${path}?offset=200&limit=50`);
+  assert.equal(lib.pagePath(path, { q: "  ", offset: 0 }), `${path}?limit=100`);
+  // A search is sent as typed (trimmed), encoded so that the agent reads it back.
+  const withSearch = new URL(lib.pagePath(path, { q: " Office PC&x=1 ", offset: 100 }), "http://agent");
+  assert.equal(withSearch.searchParams.get("q"), "Office PC&x=1");
+  assert.equal(withSearch.searchParams.get("offset"), "100");
+  assert.equal(withSearch.searchParams.get("limit"), "100");
+  assert.deepEqual([...withSearch.searchParams.keys()], ["q", "offset", "limit"]);
+});
+
+test("a page of a list reads how many match in all from ztm-total", async () => {
+  const items = [{ name: "a" }, { name: "b" }];
+  const asked = fakeAgent(200, items, { "ztm-total": "150" });
+  assert.deepEqual(await lib.apiPage("/api/meshes/m/endpoints", { q: "a", offset: 100 }), { items, total: 150 });
+  assert.equal(asked.length, 1);
+  assert.equal(asked[0].path, "/api/meshes/m/endpoints?q=a&offset=100&limit=100");
+  assert.equal(asked[0].init.method, "GET");
+
+  // Without the header (an agent that sends whole lists), the total is what came.
+  fakeAgent(200, items);
+  assert.deepEqual(await lib.apiPage("/api/meshes/m/endpoints", { offset: 100 }), { items, total: 102 });
+  fakeAgent(200, [], { "ztm-total": "not a number" });
+  assert.deepEqual(await lib.apiPage("/api/meshes/m/services"), { items: [], total: 0 });
+});
+
+test("a refused page is an error with the agent's message and status", async () => {
+  fakeAgent(400, { status: 400, message: "limit: give 1 to 10000" });
+  await assert.rejects(lib.apiPage("/api/meshes/m/services", { limit: 0 }), (e) => {
+    assert.equal(e.message, "limit: give 1 to 10000");
+    assert.equal(e.status, 400);
+    return true;
+  });
+  fakeAgent(404, { status: 404, message: "no service tcp/x in mesh m" });
+  await assert.rejects(lib.api("GET", "/api/meshes/m/services/tcp/x"), { status: 404, message: "no service tcp/x in mesh m" });
+});
+
+test("which rows a page shows, in words", () => {
+  assert.equal(lib.pageLabel("services", 0, 100, 150), "Services 1–100 of 150");
+  assert.equal(lib.pageLabel("services", 100, 50, 150), "Services 101–150 of 150");
+  assert.equal(lib.pageLabel("endpoints", 0, 3, 3), "Endpoints 1–3 of 3");
+  assert.equal(lib.pageLabel("endpoints", 0, 0, 0), "No endpoints");
+  assert.equal(lib.pageLabel("services", 200, 0, 150), "Services: none here of 150");
+});
+
+test("a debounced call waits for the input to pause, and takes the last arguments", () => {
+  mock.timers.enable({ apis: ["setTimeout"] });
+  try {
+    const calls = [];
+    const typed = lib.debounce((q) => calls.push(q), 250);
+    typed("b");
+    mock.timers.tick(100);
+    typed("bu");
+    mock.timers.tick(200);
+    typed("bul");
+    assert.deepEqual(calls, []);
+    mock.timers.tick(250);
+    assert.deepEqual(calls, ["bul"]);
+    typed("bulk");
+    mock.timers.tick(250);
+    assert.deepEqual(calls, ["bul", "bulk"]);
+  } finally {
+    mock.timers.reset();
+  }
 });

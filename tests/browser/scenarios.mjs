@@ -54,6 +54,13 @@ async function call(addr, method, path, body) {
 
 const meshes = async (addr) => JSON.parse(await call(addr, "GET", "/api/meshes"));
 
+// A part of a list as the agent answers it: its items, and how many match in all.
+async function listPage(addr, path) {
+  const resp = await fetch(`http://${addr}${path}`);
+  if (!resp.ok) throw new Error(`GET ${path}: ${resp.status} ${await resp.text()}`);
+  return { items: await resp.json(), total: Number(resp.headers.get("ztm-total")) };
+}
+
 function get(port, path = "/") {
   return new Promise((res, rej) => {
     const req = http.get({ host: "127.0.0.1", port, path, timeout: 5000 }, (r) => {
@@ -475,6 +482,125 @@ export function scenarios(label, launch) {
 
     await ui.click({ button: "Endpoints" });
     await ui.waitFor({ css: '[data-endpoint="c"] .online' });
+    ui.assertNoProblems();
+  });
+
+  test(`${label}: a mesh with more services than a page: search, pages and pickers ask only for what they show`, opts, async (t) => {
+    const count = 150;
+    const mapPort = await freePort();
+    const [p, q] = (await Promise.all([agent("p"), agent("q")])).map((x) => x.addr);
+    await until("agents P and Q", async () => Boolean(await call(p, "GET", "/api/meshes")) && Boolean(await call(q, "GET", "/api/meshes")));
+    for (const [addr, user, name] of [[p, "pat", "p"], [q, "quinn", "q"]]) {
+      await call(addr, "POST", "/api/meshes/big", { invitation: await invite(user, { mesh: "big", print: true }), agent: { name } });
+    }
+    // Q provides the services (the agent's REST API, as a script would), ten at a time.
+    const names = Array.from({ length: count }, (_, i) => `bulk-${String(i).padStart(3, "0")}`);
+    for (let i = 0; i < count; i += 10) {
+      await Promise.all(names.slice(i, i + 10).map((n, j) =>
+        call(q, "POST", `/api/meshes/big/endpoints/q/services/tcp/${n}`, { host: "127.0.0.1", port: 20000 + i + j })));
+    }
+    await until(`P sees Q's ${count} services`, async () => (await listPage(p, "/api/meshes/big/services?q=bulk-&limit=1")).total === count, 30000);
+    // What else the mesh holds (what other scenarios left), as the agent lists it.
+    const all = (await listPage(p, "/api/meshes/big/services?limit=1")).total;
+    const rest = (await listPage(p, "/api/meshes/big/services?offset=100&limit=100")).items.reduce((n, s) => n + s.endpoints.length, 0);
+    const endpoints = (await listPage(p, "/api/meshes/big/endpoints?limit=1")).total;
+    assert.ok(endpoints <= 100, "the endpoints fit on one page");
+
+    const ui = await open(p);
+    t.after(() => ui.page.close());
+    const listRequests = () => ui.page.requests.map((u) => new URL(u))
+      .filter((u) => /^\/api\/meshes\/[^/]+\/(endpoints|services)$/.test(u.pathname));
+    const rows = (css) => ui.page.evaluate((sel) => document.querySelectorAll(sel).length, css);
+    const range = { scope: "#view-services", css: "[data-range]" };
+    const svcRows = '#service-rows tr[data-service]';
+
+    // The first page: 100 rows, and how many there are in all.
+    await ui.click({ button: "Services" });
+    await ui.waitFor({ ...range, text: `Services 1–100 of ${all}` });
+    await ui.waitFor({ css: '[data-service="tcp/bulk-099"][data-provider="q"]' });
+    assert.equal(await rows(svcRows), 100);
+    assert.equal(await ui.isVisible({ css: '[data-service="tcp/bulk-100"]' }), false);
+
+    // The periodic refresh asks for that page again, and only for it.
+    const seen = listRequests().length;
+    await until("two refreshes of the services view", async () =>
+      listRequests().slice(seen).filter((u) => u.pathname.endsWith("/services")).length >= 2, 10000);
+    for (const u of listRequests().slice(seen).filter((x) => x.pathname.endsWith("/services"))) {
+      assert.equal(u.searchParams.get("limit"), "100", u.href);
+      assert.equal(u.searchParams.get("offset"), null, u.href);
+    }
+    assert.equal(await rows(svcRows), 100, "still one page after a refresh");
+
+    // The next page holds the rest; then there is no next one.
+    await ui.click({ scope: "#view-services", button: "Next" });
+    await ui.waitFor({ ...range, text: `Services 101–${all} of ${all}` });
+    await ui.waitFor({ css: '[data-service="tcp/bulk-149"]' });
+    await ui.waitFor({ css: '[data-service="tcp/bulk-000"]' }, { state: "detached" });
+    assert.equal(await rows(svcRows), rest);
+    assert.equal(await ui.page.evaluate(() => document.querySelector("#view-services [data-next]").disabled), true);
+    assert.ok(listRequests().some((u) => u.pathname.endsWith("/services") && u.searchParams.get("offset") === "100"));
+
+    // A search narrows the rows and the total (ignoring case), from the first page.
+    await ui.fill({ scope: "#view-services", label: "Search" }, "BULK-14");
+    await ui.waitFor({ ...range, text: "Services 1–10 of 10" });
+    await ui.waitFor({ css: '[data-service="tcp/bulk-140"]' });
+    assert.equal(await rows(svcRows), 10);
+    assert.deepEqual(await ui.texts({ css: '#service-rows td[data-label="Service"]' }), names.slice(140).map((n) => `tcp/${n}`));
+    assert.equal(await ui.isVisible({ scope: "#view-services", button: "Next" }), false, "one page: no paging");
+    assert.ok(listRequests().some((u) => u.searchParams.get("q") === "BULK-14" && u.searchParams.get("limit") === "100"));
+    await ui.fill({ scope: "#view-services", label: "Search" }, "no such thing");
+    await ui.waitFor({ ...range, text: "No services" });
+    await ui.waitFor({ css: "#service-rows td", text: "No service matches this search." });
+    await ui.fill({ scope: "#view-services", label: "Search" }, "");
+    await ui.waitFor({ ...range, text: `Services 1–100 of ${all}` });
+
+    // The endpoint picker of the form starts at this computer.
+    const chosen = (css) => ui.page.evaluate((sel) => {
+      const s = document.querySelector(sel);
+      return { text: s.selectedOptions[0] ? s.selectedOptions[0].textContent : null, options: s.options.length };
+    }, css);
+    assert.equal((await chosen('#service-form [name="ep"]')).text, "p (this computer)");
+
+    // Endpoints: a small list, on one page; a search by user.
+    await ui.click({ button: "Endpoints" });
+    const epRange = { scope: "#view-endpoints", css: "[data-range]" };
+    await ui.waitFor({ ...epRange, text: new RegExp(`^Endpoints 1–\\d+ of \\d+$`) });
+    await ui.waitFor({ css: '[data-endpoint="p"] .badge', text: "this computer" });
+    await ui.waitFor({ css: '[data-endpoint="q"] .online' });
+    assert.equal(await ui.isVisible({ scope: "#view-endpoints", button: "Next" }), false);
+    await ui.fill({ scope: "#view-endpoints", label: "Search" }, "quinn");
+    await ui.waitFor({ ...epRange, text: "Endpoints 1–1 of 1" });
+    await ui.waitFor({ css: '[data-endpoint="p"]' }, { state: "detached" });
+    assert.equal(await rows("#endpoint-rows tr[data-endpoint]"), 1);
+
+    // Ports: the service picker offers 100 services; its filter finds the others, and the
+    // target picker lists the chosen service's providers from that one service.
+    await ui.click({ button: "Ports" });
+    const pf = "#port-form";
+    await until("the service picker filled", async () => (await chosen(`${pf} [name="service"]`)).options === 100);
+    assert.equal((await chosen("#ports-ep")).text, "p (this computer)");
+    assert.equal(await ui.page.evaluate(() => [...document.querySelectorAll('#port-form [name="service"] option')]
+      .some((o) => o.value === "tcp/bulk-149")), false);
+    await ui.fill({ css: '#port-form [aria-label="Find a service"]' }, "bulk-149");
+    await until("tcp/bulk-149 chosen", async () => (await chosen(`${pf} [name="service"]`)).text === "tcp/bulk-149");
+    assert.equal((await chosen(`${pf} [name="service"]`)).options, 1);
+    await ui.select({ scope: pf, label: "Target endpoint" }, "q");
+    assert.ok(ui.page.requests.some((u) => new URL(u).pathname === "/api/meshes/big/services/tcp/bulk-149"), "the one-service route");
+    // Without a filter the choice stays, among at most 100 options.
+    await ui.fill({ css: '#port-form [aria-label="Find a service"]' }, "");
+    await until("the service picker refilled", async () => (await chosen(`${pf} [name="service"]`)).options === 100);
+    assert.equal((await chosen(`${pf} [name="service"]`)).text, "tcp/bulk-149");
+    assert.equal((await chosen(`${pf} [name="target"]`)).text, "q");
+    await ui.fill({ scope: pf, label: "Listen port" }, String(mapPort));
+    await ui.click({ scope: pf, button: "Map port" });
+    const row = `[data-port="127.0.0.1:${mapPort}/tcp"]`;
+    await ui.waitFor({ css: `${row} td[data-label="Target"]`, text: "bulk-149 @ q" });
+    await ui.waitFor({ css: `${row} td`, text: "open" });
+
+    // No list was ever asked for whole.
+    const lists = listRequests();
+    assert.ok(lists.length > 10, `${lists.length} list requests`);
+    assert.deepEqual(lists.filter((u) => !u.searchParams.has("limit")).map((u) => u.href), [], "every list request has a limit");
     ui.assertNoProblems();
   });
 

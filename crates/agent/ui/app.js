@@ -1,20 +1,59 @@
 // The agent's web UI: talks only to the agent's REST API (same origin) and refreshes the
-// visible view every two seconds. Data is always inserted as text, never as HTML.
+// visible view every two seconds. Data is always inserted as text, never as HTML. A mesh may
+// hold many thousands of endpoints and services: the UI asks only for the page of a list it
+// shows and for at most PAGE options of each picker, never for a whole list.
 
-import { api, daysFrom, el, fill, formError, isoDate, readFile, readInvitation, setToken, TokenRequired } from "/ui/lib.js";
+import {
+  api, apiPage, daysFrom, debounce, el, fill, formError, isoDate, PAGE, pageLabel, readFile, readInvitation,
+  setToken, TokenRequired,
+} from "/ui/lib.js";
 
 const REFRESH_MS = 2000;
-const state = { view: "meshes", mesh: null, meshes: [], endpoints: [], services: [] };
+// How long typing in a search box or a picker's filter pauses before the agent is asked.
+const SEARCH_MS = 250;
+const state = { view: "meshes", mesh: null, meshes: [] };
 
 const $ = (sel) => document.querySelector(sel);
 
+function meshPath() {
+  return `/api/meshes/${enc(state.mesh)}`;
+}
+
+// This computer's endpoint in the chosen mesh, as its mesh record says.
 function localEndpoint() {
-  return state.endpoints.find((e) => e.isLocal);
+  const m = state.meshes.find((x) => x.name === state.mesh);
+  return m ? { id: m.agent.id, name: m.agent.name, username: m.agent.username, isLocal: true } : null;
+}
+
+// Names of the mesh's endpoints by id (and by id and user), from the lists and look-ups the
+// UI made: a port's target shows its endpoint's name.
+const names = { known: new Map(), asked: new Map() };
+
+function learnNames(endpoints) {
+  for (const e of endpoints) {
+    names.known.set(e.id, e.name);
+    names.known.set(`${e.id} ${e.username}`, e.name);
+  }
 }
 
 function endpointName(id, user) {
-  const e = state.endpoints.find((x) => x.id === id && (!user || x.username === user));
-  return e ? e.name : id;
+  const local = localEndpoint();
+  if (local && local.id === id && (!user || user === local.username)) return local.name;
+  return names.known.get(user ? `${id} ${user}` : id) || id;
+}
+
+// Looks up the endpoints of `targets` ({id, user}) whose names are not known yet (a search
+// for an id finds that endpoint only); one that cannot be found is looked up again after 30 s.
+async function lookUpNames(targets) {
+  const now = Date.now();
+  const unknown = targets.filter((t) => !names.known.has(t.user ? `${t.id} ${t.user}` : t.id));
+  const wanted = [...new Set(unknown.map((t) => t.id))].filter((id) => !(names.asked.get(id) > now - 30000));
+  await Promise.all(wanted.map(async (id) => {
+    names.asked.set(id, now);
+    try {
+      learnNames((await apiPage(`${meshPath()}/endpoints`, { q: id, limit: 10 })).items);
+    } catch { /* shown by its id meanwhile */ }
+  }));
 }
 
 function ago(ms) {
@@ -213,66 +252,244 @@ async function join(ev) {
   }
 }
 
+// ---- lists in pages ------------------------------------------------------------
+
+// The endpoints and services views show one page of their list: what matches their search
+// box, from `offset`, at most PAGE items; `total` is how many match in all.
+const lists = {
+  endpoints: { q: "", offset: 0, total: 0, shown: 0, render: (items) => renderEndpoints(items) },
+  services: { q: "", offset: 0, total: 0, shown: 0, render: (items) => renderServices(items) },
+};
+
+async function loadList(name) {
+  const list = lists[name];
+  const { q, offset } = list;
+  const { items, total } = await apiPage(`${meshPath()}/${name}`, { q, offset, limit: PAGE });
+  if (list.q !== q || list.offset !== offset) return; // asked for another page meanwhile
+  if (!items.length && offset > 0) {
+    // The list became shorter than this page: its last page instead.
+    list.offset = total ? Math.min(offset - PAGE, Math.floor((total - 1) / PAGE) * PAGE) : 0;
+    if (list.offset < 0) list.offset = 0;
+    return loadList(name);
+  }
+  Object.assign(list, { total, shown: items.length });
+  list.render(items);
+  renderPager(name);
+}
+
+function renderPager(name) {
+  const { offset, total, shown } = lists[name];
+  const view = $(`#view-${name}`);
+  view.querySelector("[data-range]").textContent = pageLabel(name, offset, shown, total);
+  const prev = view.querySelector("[data-prev]");
+  const next = view.querySelector("[data-next]");
+  prev.disabled = offset === 0;
+  next.disabled = offset + PAGE >= total;
+  // Paging only when there is more than one page.
+  prev.hidden = next.hidden = offset === 0 && total <= PAGE;
+}
+
+function listControls(name) {
+  const list = lists[name];
+  const view = $(`#view-${name}`);
+  const search = view.querySelector("[data-search]");
+  const apply = () => {
+    const q = search.value.trim();
+    if (q === list.q) return;
+    Object.assign(list, { q, offset: 0 });
+    refresh();
+  };
+  search.addEventListener("input", debounce(apply, SEARCH_MS));
+  search.addEventListener("keydown", (ev) => { if (ev.key === "Enter") apply(); });
+  view.querySelector("[data-prev]").addEventListener("click", () => {
+    list.offset = Math.max(0, list.offset - PAGE);
+    refresh();
+  });
+  view.querySelector("[data-next]").addEventListener("click", () => {
+    if (list.offset + PAGE >= list.total) return;
+    list.offset += PAGE;
+    refresh();
+  });
+}
+
+// ---- pickers ------------------------------------------------------------------
+
+// A <select> offering at most PAGE options out of a list that may be long (the mesh's
+// endpoints, its services, a service's providers), with the filter input beside it: what is
+// typed there narrows the options. The chosen item stays chosen, and offered, as long as it
+// exists, whatever the options show; typing a filter that leaves it out chooses the first
+// match instead.
+class Picker {
+  // `find(q)`: `{items, total}`, at most PAGE items that match `q`; `one(value)`: the chosen
+  // item when `find` leaves it out, or null when it is gone; `option(item)`: its
+  // `{value, text}`; `fixed`: options always offered first; `fallback()`: the option chosen
+  // while nothing is (null: the first one), which needs no `one` to say it exists.
+  constructor(select, { find, one, option, fixed = [], fallback = () => null }) {
+    Object.assign(this, { select, find, one, option, fixed, fallback, drawn: "" });
+    this.filter = select.closest(".picker").querySelector("[data-filter]");
+    const filtered = () => this.load(true).catch(failed);
+    this.filter.addEventListener("input", debounce(filtered, SEARCH_MS));
+    // Enter in a filter filters; it does not submit the form around it.
+    this.filter.addEventListener("keydown", (ev) => {
+      if (ev.key === "Enter") { ev.preventDefault(); filtered(); }
+    });
+  }
+
+  // Forgets the options and the filter (another mesh is shown).
+  reset() {
+    this.filter.value = "";
+    this.drawn = "";
+    fill(this.select, this.fixed.map((o) => el("option", { value: o.value }, o.text)));
+  }
+
+  async load(filtered = false) {
+    const sel = this.select;
+    const q = this.filter.value.trim();
+    const { items, total } = await this.find(q);
+    if (q !== this.filter.value.trim()) return; // typed on: another load follows
+    const options = items.map((i) => this.option(i));
+    const current = sel.selectedOptions[0];
+    let chosen = current ? { value: current.value, text: current.textContent } : this.fallback();
+    const isChosen = (o) => Boolean(chosen) && o.value === chosen.value;
+    const room = PAGE - this.fixed.length;
+    const fallback = this.fallback();
+    if (chosen && current && !this.fixed.some(isChosen) && !options.slice(0, room).some(isChosen)) {
+      if (filtered && q && options.length) {
+        chosen = options[0];
+      } else if (!fallback || !isChosen(fallback)) {
+        let item = chosen;
+        try { item = await this.one(chosen.value); } catch { /* kept as it is */ }
+        if (sel.value !== current.value) return; // chosen anew meanwhile
+        if (item !== chosen) chosen = item ? this.option(item) : null;
+      }
+    }
+    const kept = chosen && !this.fixed.some(isChosen) && !options.slice(0, room).some(isChosen);
+    const shown = [...this.fixed, ...(kept ? [chosen] : []),
+      ...options.filter((o) => !kept || !isChosen(o)).slice(0, kept ? room - 1 : room)];
+    const before = sel.value;
+    const drawn = JSON.stringify(shown);
+    if (drawn !== this.drawn) {
+      fill(sel, shown.map((o) => el("option", { value: o.value }, o.text)));
+      this.drawn = drawn;
+    }
+    if (chosen) sel.value = chosen.value;
+    else if (!shown.some((o) => o.value === before)) sel.selectedIndex = shown.length ? 0 : -1;
+    const offered = shown.length - this.fixed.length - (kept ? 1 : 0);
+    this.filter.title = total > offered ? `${offered} of ${total} shown: type to find others` : "";
+    if (current && sel.value !== before) sel.dispatchEvent(new Event("change", { bubbles: true }));
+  }
+}
+
+const pickers = {};
+
+const endpointOption = (e) => ({ value: e.id, text: e.name + (e.isLocal ? " (this computer)" : "") });
+
+// A picker of the mesh's endpoints; this computer is chosen at first.
+function endpointPicker(select) {
+  return new Picker(select, {
+    find: async (q) => {
+      const page = await apiPage(`${meshPath()}/endpoints`, { q, limit: PAGE });
+      learnNames(page.items);
+      return page;
+    },
+    // A search for an id finds that endpoint only.
+    one: async (id) => (await apiPage(`${meshPath()}/endpoints`, { q: id, limit: 10 })).items.find((e) => e.id === id) || null,
+    option: endpointOption,
+    fallback: () => {
+      const local = localEndpoint();
+      return local ? endpointOption(local) : null;
+    },
+  });
+}
+
+// One service of the mesh ("tcp/web"), or null when no endpoint provides it.
+async function oneService(value) {
+  const at = value.indexOf("/");
+  if (at < 0) return null;
+  try {
+    return await api("GET", `${meshPath()}/services/${enc(value.slice(0, at))}/${enc(value.slice(at + 1))}`);
+  } catch (e) {
+    if (e.status === 404) return null;
+    throw e;
+  }
+}
+
+const serviceOption = (s) => ({ value: `${s.protocol}/${s.name}`, text: `${s.protocol}/${s.name}` });
+
+function servicePicker(select) {
+  return new Picker(select, {
+    find: (q) => apiPage(`${meshPath()}/services`, { q, limit: PAGE }),
+    one: oneService,
+    option: serviceOption,
+  });
+}
+
+// The providers of the service `service` (a picker) has chosen, from that one service.
+function providerPicker(select, service) {
+  let providers = [];
+  return new Picker(select, {
+    find: async (q) => {
+      const svc = service.value ? await oneService(service.value) : null;
+      providers = svc ? svc.endpoints : [];
+      const t = q.toLowerCase();
+      const items = providers.filter((p) => !t || p.name.toLowerCase().includes(t) || p.id.includes(t));
+      return { items: items.slice(0, PAGE), total: items.length };
+    },
+    one: async (id) => providers.find((p) => p.id === id) || null,
+    option: (p) => ({ value: p.id, text: p.name }),
+    fixed: [{ value: "", text: "any provider (load balanced)" }],
+  });
+}
+
 // ---- endpoints ------------------------------------------------------------
 
-function renderEndpoints() {
-  fill($("#endpoint-rows"), state.endpoints.map((e) => el("tr", { "data-endpoint": e.name }, [
+function renderEndpoints(endpoints) {
+  learnNames(endpoints);
+  const rows = endpoints.map((e) => el("tr", { "data-endpoint": e.name }, [
     el("td", { "data-label": "Name" }, [e.name, e.isLocal ? el("span", { class: "badge" }, "this computer") : null]),
     el("td", { "data-label": "User" }, e.username),
     el("td", { "data-label": "Address" }, e.ip ? `${e.ip}:${e.port}` : ""),
     el("td", { "data-label": "Status", class: e.online ? "online" : "offline" }, e.online ? "online" : "offline"),
     el("td", { "data-label": "Last heartbeat" }, ago(e.heartbeat)),
-  ])));
-  for (const sel of document.querySelectorAll("select[data-endpoints]")) {
-    const keep = sel.value;
-    fill(sel, state.endpoints.map((e) => el("option", { value: e.id }, e.name + (e.isLocal ? " (this computer)" : ""))));
-    sel.value = state.endpoints.some((e) => e.id === keep) ? keep : (localEndpoint() || {}).id || "";
-  }
+  ]));
+  fill($("#endpoint-rows"), rows.length ? rows : [el("tr", {}, el("td", { colspan: "5", class: "muted" }, "No endpoint matches this search."))]);
 }
 
 // ---- services -------------------------------------------------------------
 
-function renderServices() {
+function renderServices(services) {
+  const local = localEndpoint() || {};
   const rows = [];
-  for (const s of state.services) {
+  for (const s of services) {
     for (const p of s.endpoints) {
       const del = el("button", { class: "danger", type: "button", "aria-label": `Delete ${s.protocol}/${s.name} on ${p.name}` }, "Delete");
       const err = el("span", { class: "error", role: "alert" });
       del.addEventListener("click", async () => {
         try {
-          await api("DELETE", `/api/meshes/${enc(state.mesh)}/endpoints/${enc(p.id)}/services/${s.protocol}/${enc(s.name)}`);
+          await api("DELETE", `${meshPath()}/endpoints/${enc(p.id)}/services/${s.protocol}/${enc(s.name)}`);
           await refresh();
         } catch (e) { err.textContent = e.message; }
       });
-      const local = s.isLocal && p.id === (localEndpoint() || {}).id;
+      const here = s.isLocal && p.id === local.id;
       rows.push(el("tr", { "data-service": `${s.protocol}/${s.name}`, "data-provider": p.name }, [
         el("td", { "data-label": "Service" }, `${s.protocol}/${s.name}`),
         el("td", { "data-label": "Provided by" }, p.name),
-        el("td", { "data-label": "Local target" }, local && s.host ? `${s.host}:${s.port}` : ""),
+        el("td", { "data-label": "Local target" }, here && s.host ? `${s.host}:${s.port}` : ""),
         el("td", { "data-label": "Allowed users" }, p.users ? p.users.join(", ") : "everyone"),
         el("td", {}, [del, err]),
       ]));
     }
   }
-  fill($("#service-rows"), rows.length ? rows : [el("tr", {}, el("td", { colspan: "5", class: "muted" }, "No services in this mesh yet."))]);
-  for (const sel of document.querySelectorAll("select[data-services]")) {
-    const keep = sel.value;
-    fill(sel, state.services.map((s) => el("option", { value: `${s.protocol}/${s.name}` }, `${s.protocol}/${s.name}`)));
-    if (keep) sel.value = keep;
-  }
-  updateTargetChoices();
+  const none = lists.services.q ? "No service matches this search." : "No services in this mesh yet.";
+  fill($("#service-rows"), rows.length ? rows : [el("tr", {}, el("td", { colspan: "5", class: "muted" }, none))]);
 }
 
-function updateTargetChoices() {
+// The target endpoints of the service the port form has chosen (and its protocol).
+async function updateTargetChoices() {
   const form = $("#port-form");
-  const [proto, name] = String(form.elements.service.value || "").split("/");
-  const svc = state.services.find((s) => s.protocol === proto && s.name === name);
-  const target = form.elements.target;
-  const keep = target.value;
-  fill(target, [el("option", { value: "" }, "any provider (load balanced)"),
-    ...(svc ? svc.endpoints : []).map((p) => el("option", { value: p.id }, p.name))]);
-  target.value = keep;
-  if (svc && form.elements.proto.value !== proto) form.elements.proto.value = proto;
+  const [proto] = String(form.elements.service.value || "").split("/");
+  if (proto && form.elements.proto.value !== proto) form.elements.proto.value = proto;
+  await pickers.target.load();
 }
 
 async function createService(ev) {
@@ -284,7 +501,7 @@ async function createService(ev) {
   const body = { host: String(f.get("host")).trim(), port: Number(f.get("port")) };
   if (users.length) body.users = users;
   try {
-    await api("POST", `/api/meshes/${enc(state.mesh)}/endpoints/${enc(f.get("ep"))}/services/${f.get("proto")}/${enc(String(f.get("name")).trim())}`, body);
+    await api("POST", `${meshPath()}/endpoints/${enc(f.get("ep"))}/services/${f.get("proto")}/${enc(String(f.get("name")).trim())}`, body);
     form.elements.name.value = "";
     await refresh();
   } catch (e) {
@@ -297,7 +514,9 @@ async function createService(ev) {
 async function loadPorts() {
   const ep = $("#ports-ep").value || (localEndpoint() || {}).id;
   if (!ep) return [];
-  return api("GET", `/api/meshes/${enc(state.mesh)}/endpoints/${enc(ep)}/ports`);
+  const ports = await api("GET", `${meshPath()}/endpoints/${enc(ep)}/ports`);
+  await lookUpNames(ports.filter((p) => p.target.endpoint).map((p) => ({ id: p.target.endpoint, user: p.target.user })));
+  return ports;
 }
 
 function renderPorts(ports, error) {
@@ -307,7 +526,7 @@ function renderPorts(ports, error) {
     const err = el("span", { class: "error", role: "alert" });
     del.addEventListener("click", async () => {
       try {
-        await api("DELETE", `/api/meshes/${enc(state.mesh)}/endpoints/${enc(ep)}/ports/${enc(p.listen.ip)}/${p.protocol}/${p.listen.port}`);
+        await api("DELETE", `${meshPath()}/endpoints/${enc(ep)}/ports/${enc(p.listen.ip)}/${p.protocol}/${p.listen.port}`);
         await refresh();
       } catch (e) { err.textContent = e.message; }
     });
@@ -336,7 +555,7 @@ async function createPort(ev) {
   const trust = String(f.get("trust") || "").split(",").map((u) => u.trim()).filter(Boolean);
   if (!target.endpoint && trust.length) target.trust = trust;
   try {
-    const port = await api("POST", `/api/meshes/${enc(state.mesh)}/endpoints/${enc(ep)}/ports/${enc(String(f.get("ip")).trim())}/${f.get("proto")}/${Number(f.get("port"))}`, { target });
+    const port = await api("POST", `${meshPath()}/endpoints/${enc(ep)}/ports/${enc(String(f.get("ip")).trim())}/${f.get("proto")}/${Number(f.get("port"))}`, { target });
     if (!port.open && port.error) formError(form, port.error);
     await refresh();
   } catch (e) {
@@ -366,43 +585,75 @@ function renderHeader() {
   status.className = m.connected ? "status ok" : "status bad";
 }
 
-let refreshing = null;
-async function refresh() {
-  if (refreshing) return refreshing;
-  refreshing = (async () => {
-    try {
-      state.meshes = await api("GET", "/api/meshes");
-      askToken(null);
-      if (!state.meshes.some((m) => m.name === state.mesh)) {
-        const saved = localStorage.getItem("ztm.mesh");
-        state.mesh = state.meshes.some((m) => m.name === saved) ? saved : (state.meshes[0] || {}).name || null;
-      }
-      renderHeader();
-      renderMeshes();
-      if (!state.mesh) return;
-      const m = enc(state.mesh);
-      if (state.view !== "meshes" && state.view !== "log") {
-        [state.endpoints, state.services] = await Promise.all([api("GET", `/api/meshes/${m}/endpoints`), api("GET", `/api/meshes/${m}/services`)]);
-        renderEndpoints();
-        renderServices();
-      }
-      if (state.view === "ports") {
-        try { renderPorts(await loadPorts(), null); } catch (e) { renderPorts([], e.message); }
-      }
-      if (state.view === "log") renderLog(await api("GET", `/api/meshes/${m}/log`));
-    } catch (e) {
-      if (e instanceof TokenRequired) {
-        askToken(e);
-        return;
-      }
-      const status = $("#status");
-      status.textContent = `agent unreachable: ${e.message}`;
-      status.className = "status bad";
-    } finally {
-      refreshing = null;
+// What was learnt of the mesh shown last; another one starts afresh.
+let meshShown = null;
+
+function forgetMesh() {
+  names.known.clear();
+  names.asked.clear();
+  for (const [name, list] of Object.entries(lists)) {
+    Object.assign(list, { q: "", offset: 0, total: 0, shown: 0 });
+    $(`#view-${name} [data-search]`).value = "";
+  }
+  for (const p of Object.values(pickers)) p.reset();
+}
+
+// The visible view's data: a page of its list, its pickers' options, its ports or log.
+async function loadView() {
+  if (state.view === "endpoints") await loadList("endpoints");
+  if (state.view === "services") await Promise.all([loadList("services"), pickers.serviceEp.load()]);
+  if (state.view === "ports") {
+    await Promise.all([pickers.portsEp.load(), pickers.service.load().then(updateTargetChoices)]);
+    try { renderPorts(await loadPorts(), null); } catch (e) { renderPorts([], e.message); }
+  }
+  if (state.view === "log") renderLog(await api("GET", `${meshPath()}/log`));
+}
+
+function failed(e) {
+  if (e instanceof TokenRequired) {
+    askToken(e);
+    return;
+  }
+  const status = $("#status");
+  status.textContent = `agent unreachable: ${e.message}`;
+  status.className = "status bad";
+}
+
+async function update() {
+  try {
+    state.meshes = await api("GET", "/api/meshes");
+    askToken(null);
+    if (!state.meshes.some((m) => m.name === state.mesh)) {
+      const saved = localStorage.getItem("ztm.mesh");
+      state.mesh = state.meshes.some((m) => m.name === saved) ? saved : (state.meshes[0] || {}).name || null;
     }
-  })();
-  return refreshing;
+    if (state.mesh !== meshShown) {
+      forgetMesh();
+      meshShown = state.mesh;
+    }
+    renderHeader();
+    renderMeshes();
+    if (state.mesh) await loadView();
+  } catch (e) {
+    failed(e);
+  }
+}
+
+// Shows what the agent has now. A call while an update runs gets another one after it (so
+// that what was just done or chosen shows); the timer's calls skip while one runs.
+let refreshing = null;
+let again = null;
+function refresh() {
+  if (!refreshing) {
+    refreshing = update().finally(() => { refreshing = null; });
+    return refreshing;
+  }
+  if (!again) again = refreshing.then(() => { again = null; return refresh(); });
+  return again;
+}
+
+function tick() {
+  if (!refreshing) refresh();
 }
 
 // ---- API token ----------------------------------------------------------------
@@ -469,11 +720,18 @@ document.addEventListener("DOMContentLoaded", () => {
     if (ev.dataTransfer && !inv.contains(ev.target)) ev.dataTransfer.dropEffect = "none";
   });
   document.addEventListener("drop", (ev) => ev.preventDefault());
+  listControls("endpoints");
+  listControls("services");
+  const portForm = $("#port-form");
+  pickers.serviceEp = endpointPicker($("#service-form").elements.ep);
+  pickers.portsEp = endpointPicker($("#ports-ep"));
+  pickers.service = servicePicker(portForm.elements.service);
+  pickers.target = providerPicker(portForm.elements.target, portForm.elements.service);
   $("#service-form").addEventListener("submit", createService);
-  $("#port-form").addEventListener("submit", createPort);
-  $("#port-form").elements.service.addEventListener("change", updateTargetChoices);
+  portForm.addEventListener("submit", createPort);
+  portForm.elements.service.addEventListener("change", () => updateTargetChoices().catch(failed));
   $("#ports-ep").addEventListener("change", () => refresh());
   const hash = location.hash.slice(1);
   show(["meshes", "endpoints", "services", "ports", "log"].includes(hash) ? hash : "meshes");
-  setInterval(refresh, REFRESH_MS);
+  setInterval(tick, REFRESH_MS);
 });

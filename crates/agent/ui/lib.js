@@ -1,5 +1,5 @@
-// Small helpers for the UI: the API client (errors become Error with the agent's message),
-// element creation with text-only content, and file reading.
+// Small helpers for the UI: the API client (errors become Error with the agent's message and
+// status), lists asked for in pages, element creation with text-only content, and file reading.
 
 // An agent started with --token answers API requests only with it. The UI asks for it once
 // and keeps it for this browser tab only.
@@ -18,7 +18,8 @@ export class TokenRequired extends Error {
   }
 }
 
-export async function api(method, path, body) {
+// One request to the agent: its answer's JSON (null when empty) and the response.
+async function request(method, path, body) {
   const init = { method, headers: {} };
   const token = sessionStorage.getItem(TOKEN_KEY);
   if (token) init.headers.Authorization = `Bearer ${token}`;
@@ -40,9 +41,59 @@ export async function api(method, path, body) {
     throw new TokenRequired((data && data.message) || "this agent requires its API token", Boolean(token));
   }
   if (!resp.ok) {
-    throw new Error((data && data.message) || `${resp.status} ${resp.statusText}`);
+    const e = new Error((data && data.message) || `${resp.status} ${resp.statusText}`);
+    e.status = resp.status;
+    throw e;
   }
-  return data;
+  return { data, resp };
+}
+
+export async function api(method, path, body) {
+  return (await request(method, path, body)).data;
+}
+
+// ---- lists in pages -----------------------------------------------------------
+
+// Rows a page of a list shows, and options a picker offers.
+export const PAGE = 100;
+
+// The path of a part of a list (`/api/meshes/{mesh}/endpoints` or `/services`): what matches
+// the search `q` (ignoring case, in names, users and ids), from `offset`, at most `limit`.
+// Always with a limit: a list of the whole mesh may be long.
+export function pagePath(path, { q = "", offset = 0, limit = PAGE } = {}) {
+  const params = new URLSearchParams();
+  const search = String(q || "").trim();
+  if (search) params.set("q", search);
+  if (offset > 0) params.set("offset", String(offset));
+  params.set("limit", String(limit));
+  return `${path}?${params}`;
+}
+
+// A part of a list: `{items, total}`, where `total` is how many items match in all (the
+// agent's `ztm-total` header).
+export async function apiPage(path, { q = "", offset = 0, limit = PAGE } = {}) {
+  const { data, resp } = await request("GET", pagePath(path, { q, offset, limit }));
+  const items = Array.isArray(data) ? data : [];
+  const header = (resp.headers.get("ztm-total") || "").trim();
+  const total = /^\d+$/.test(header) ? Number(header) : offset + items.length;
+  return { items, total };
+}
+
+// Which rows of a list a page shows, in words: "Services 101–150 of 150", "No services".
+export function pageLabel(noun, offset, count, total) {
+  if (!total) return `No ${noun}`;
+  const Noun = noun[0].toUpperCase() + noun.slice(1);
+  if (!count) return `${Noun}: none here of ${total}`;
+  return `${Noun} ${offset + 1}–${offset + count} of ${total}`;
+}
+
+// `fn` called once input has paused for `ms`, with the last arguments.
+export function debounce(fn, ms) {
+  let timer = null;
+  return (...args) => {
+    clearTimeout(timer);
+    timer = setTimeout(() => fn(...args), ms);
+  };
 }
 
 export function el(tag, attrs = {}, children = []) {
