@@ -114,12 +114,12 @@ pub fn endpoints(answers: Vec<Vec<EndpointInfo>>, local: Endpoint) -> Vec<Endpoi
     list
 }
 
-/// The services the hubs report merged with this endpoint's own (`local`; `me` is its id and
-/// name), each provider once, this endpoint's own list of users fresher than the hubs'.
+/// The services the hubs report merged with this endpoint's own (`local`; `me` is its id,
+/// name and user), each provider once, this endpoint's own list of users fresher than the hubs'.
 pub fn services(
     answers: Vec<Vec<ServiceInfo>>,
     local: &[ServiceRecord],
-    me: (&str, &str),
+    me: (&str, &str, &str),
 ) -> Vec<Service> {
     let mut merged: BTreeMap<(Proto, String), (Service, HashSet<String>)> = BTreeMap::new();
     for s in answers.into_iter().flatten() {
@@ -131,6 +131,7 @@ pub fn services(
                 entry.endpoints.push(EndpointRef {
                     id: e.id,
                     name: e.name,
+                    username: e.username,
                     users: e.users,
                 });
             }
@@ -148,6 +149,7 @@ pub fn services(
             None => entry.endpoints.push(EndpointRef {
                 id: me.0.to_string(),
                 name: me.1.to_string(),
+                username: me.2.to_string(),
                 users: s.users.clone(),
             }),
         }
@@ -387,7 +389,7 @@ mod tests {
                 .map(|i| provider(&format!("e{i}"), "root", None))
                 .collect())]],
             &[],
-            ("me", "me"),
+            ("me", "me", "root"),
         );
         assert_eq!(merged[0].endpoints.len(), 20_000);
         // Quadratic merging took seconds here; linear takes milliseconds.
@@ -476,7 +478,7 @@ mod tests {
                 vec![db(vec![provider("e1", "bob", None)])],
             ],
             &local,
-            ("me", "mine"),
+            ("me", "mine", "alice"),
         );
         assert_eq!(merged.len(), 1);
         let s = &merged[0];
@@ -490,7 +492,7 @@ mod tests {
             "the local list is fresher"
         );
         // Only local: listed, not discovered.
-        let only = services(vec![], &local, ("me", "mine"));
+        let only = services(vec![], &local, ("me", "mine", "alice"));
         assert!(only[0].is_local && !only[0].is_discovered);
         assert_eq!(only[0].users, Some(vec!["bob".to_string()]));
     }

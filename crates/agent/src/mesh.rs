@@ -540,7 +540,11 @@ impl Mesh {
         discovery::services(
             answers,
             &local,
-            (&self.record.endpoint_id, &self.record.agent_name),
+            (
+                &self.record.endpoint_id,
+                &self.record.agent_name,
+                self.username(),
+            ),
         )
     }
 

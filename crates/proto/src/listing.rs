@@ -108,6 +108,7 @@ pub fn agent_service_fields(s: &Service) -> Vec<&str> {
     let mut f = vec![s.name.as_str()];
     for e in &s.endpoints {
         f.push(&e.name);
+        f.push(&e.username);
     }
     f
 }

@@ -162,6 +162,9 @@ pub struct Endpoint {
 pub struct EndpointRef {
     pub id: String,
     pub name: String,
+    /// The provider's user.
+    #[serde(default)]
+    pub username: String,
     /// The users this provider admits, if it lists them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub users: Option<Vec<String>>,

@@ -208,6 +208,20 @@ async fn hub_and_agent_lists_come_in_pieces() {
         let r = get(&agent.addr, &format!("{base}/services?q=svc-2&limit=2"));
         assert_eq!(r.header(ztm_proto::wire::TOTAL_HEADER), Some("5"));
         assert_eq!(names(&r.json()), ["svc-20", "svc-21"]);
+        // A provider's user finds its services at the agent too.
+        let r = get(&agent.addr, &format!("{base}/services?q=ALICE&limit=2"));
+        assert_eq!(
+            r.header(ztm_proto::wire::TOTAL_HEADER),
+            Some("25"),
+            "{}",
+            r.text()
+        );
+        assert_eq!(
+            r.json()[0]["endpoints"][0]["username"],
+            "alice",
+            "{}",
+            r.text()
+        );
         let r = get(&agent.addr, &format!("{base}/services?q=private"));
         assert_eq!(r.header(ztm_proto::wire::TOTAL_HEADER), Some("0"));
         for bad in ["limit=0", "offset=x"] {

@@ -62,6 +62,7 @@ fn local_services(rt: &Mesh) -> ApiResult<Vec<Service>> {
             endpoints: vec![ztm_proto::model::EndpointRef {
                 id: rt.id().to_string(),
                 name: rt.agent_name().to_string(),
+                username: rt.username().to_string(),
                 users: s.users.clone(),
             }],
             is_discovered: false,
