@@ -871,6 +871,9 @@ async fn tunnel(
         Ok(Ok((up, down))) => {
             conn.hub.metrics.relayed(up, down);
             tracing::debug!(
+                bytes_up = up,
+                bytes_down = down,
+                duration_ms = started.elapsed().as_millis() as u64,
                 "tunnel {} -> {proto}/{svc}@{ep} closed: {up} bytes up, {down} down, {:?}",
                 conn.peer.user,
                 started.elapsed()
@@ -879,6 +882,7 @@ async fn tunnel(
         Ok(Err(e)) => {
             conn.hub.metrics.tunnel_failed(metrics::BROKEN);
             tracing::debug!(
+                duration_ms = started.elapsed().as_millis() as u64,
                 "tunnel {} -> {proto}/{svc}@{ep} failed after {:?}: {e}",
                 conn.peer.user,
                 started.elapsed()

@@ -45,15 +45,41 @@ enum Command {
     Client(client::ClientCommand),
 }
 
+/// Logs on stderr: `ZTM_LOG` filters (default `info`); `ZTM_LOG_FORMAT=json` writes one JSON
+/// object a line (time, level, message, the event's fields and those of its spans) for log
+/// collectors, `text` (the default) lines for people.
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ZTM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_target(false);
+    match log_format(std::env::var("ZTM_LOG_FORMAT").ok().as_deref()) {
+        Ok(LogFormat::Text) => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        Ok(LogFormat::Json) => fmt.json().flatten_event(true).with_span_list(true).init(),
+        Err(e) => {
+            eprintln!("ztm: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The log format `ZTM_LOG_FORMAT` asks for.
+fn log_format(var: Option<&str>) -> Result<LogFormat, String> {
+    match var.map(str::trim) {
+        None | Some("") | Some("text") => Ok(LogFormat::Text),
+        Some("json") => Ok(LogFormat::Json),
+        Some(other) => Err(format!("ZTM_LOG_FORMAT={other:?}: give text or json")),
+    }
 }
 
 /// Parses the command line. Help and version go out as clap writes them; a mistake is one line
@@ -317,6 +343,27 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_formats() {
+        for (var, want) in [
+            (None, Ok(LogFormat::Text)),
+            (Some(""), Ok(LogFormat::Text)),
+            (Some("text"), Ok(LogFormat::Text)),
+            (Some("json"), Ok(LogFormat::Json)),
+            (Some(" json "), Ok(LogFormat::Json)),
+            (
+                Some("JSON"),
+                Err("ZTM_LOG_FORMAT=\"JSON\": give text or json".to_string()),
+            ),
+            (
+                Some("xml"),
+                Err("ZTM_LOG_FORMAT=\"xml\": give text or json".to_string()),
+            ),
+        ] {
+            assert_eq!(log_format(var), want, "{var:?}");
+        }
+    }
 
     #[test]
     fn command_line_mistakes_are_one_line() {

@@ -149,6 +149,9 @@ pub enum ClientCommand {
     Delete(DeleteArgs),
     /// Show the mesh's event log
     Log(LogArgs),
+    /// Is this computer fine? The agent, each mesh's hubs, certificates and ports; exit status 1
+    /// when something needs attention
+    Status(StatusArgs),
     /// Print a shell completion script (e.g. `source <(ztm completion bash)`)
     Completion(CompletionArgs),
 }
@@ -266,6 +269,12 @@ pub struct JoinArgs {
     /// The user's private key (PEM file)
     #[arg(long, value_name = "FILE", required_unless_present = "invite")]
     key: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    common: Common,
 }
 
 #[derive(Args, Debug)]

@@ -7,6 +7,7 @@ mod endpoints;
 mod meshes;
 mod ports;
 mod services;
+mod status;
 
 use anyhow::{anyhow, Result};
 use serde_json::Value;
@@ -57,6 +58,7 @@ pub async fn run(cmd: ClientCommand) -> Result<()> {
         ClientCommand::Join(a) => meshes::join(&Ctx::new(&a.common)?, &a).await,
         ClientCommand::Leave(a) => meshes::leave(&Ctx::new(&a.common)?, &a.mesh).await,
         ClientCommand::Log(a) => meshes::log(&Ctx::new(&a.common)?, &a.mesh, a.tail).await,
+        ClientCommand::Status(a) => status::status(&Ctx::new(&a.common)?).await,
         // Handled before a runtime is built.
         ClientCommand::Completion(_) => Ok(()),
     }
