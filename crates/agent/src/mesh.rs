@@ -525,6 +525,34 @@ impl Mesh {
         discovery::endpoints(answers, self.local_endpoint())
     }
 
+    /// Service `proto/name` as [`Mesh::services`] would list it, from each hub's answer for
+    /// that one service (`None`: neither a hub nor this endpoint has it).
+    pub async fn service(&self, proto: Proto, name: &str) -> Option<Service> {
+        let path = format!(
+            "/api/services/{proto}/{}",
+            percent_encoding::utf8_percent_encode(name, SEGMENT)
+        );
+        let answers = self.query_hubs::<ServiceInfo>(&path).await;
+        let local: Vec<_> = self
+            .store
+            .services(&self.record.name)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| s.protocol == proto && s.name == name)
+            .collect();
+        discovery::services(
+            answers.into_iter().map(|s| vec![s]).collect(),
+            &local,
+            (
+                &self.record.endpoint_id,
+                &self.record.agent_name,
+                self.username(),
+            ),
+        )
+        .into_iter()
+        .find(|s| s.protocol == proto && s.name == name)
+    }
+
     /// Services discovered through hubs merged with the local ones.
     pub async fn services(&self) -> Vec<Service> {
         self.services_matching(None).await

@@ -224,6 +224,23 @@ async fn hub_and_agent_lists_come_in_pieces() {
         );
         let r = get(&agent.addr, &format!("{base}/services?q=private"));
         assert_eq!(r.header(ztm_proto::wire::TOTAL_HEADER), Some("0"));
+        // One service by name, from each hub's answer for that service.
+        let r = get(&agent.addr, &format!("{base}/services/tcp/svc-05"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["endpoints"][0]["name"], "node-05", "{}", r.text());
+        assert_eq!(
+            r.json()["endpoints"][0]["username"],
+            "alice",
+            "{}",
+            r.text()
+        );
+        let r = get(&agent.addr, &format!("{base}/services/tcp/private"));
+        assert_eq!(
+            r.status,
+            404,
+            "bob's agent must not find carol's service: {}",
+            r.text()
+        );
         for bad in ["limit=0", "offset=x"] {
             let r = get(&agent.addr, &format!("{base}/endpoints?{bad}"));
             assert_eq!(r.status, 400, "{bad}: {}", r.text());

@@ -43,10 +43,8 @@ pub async fn get(
 ) -> ApiResult<Json<Service>> {
     let rt = runtime(&agent, &mesh)?;
     let proto = parse_proto(&proto)?;
-    rt.services()
+    rt.service(proto, &svc)
         .await
-        .into_iter()
-        .find(|s| s.protocol == proto && s.name == svc)
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("no service {proto}/{svc} in mesh {mesh}")))
 }
