@@ -40,6 +40,13 @@ pub struct CaArgs {
     /// h or d (agents warn from 30 days before expiry)
     #[arg(long, default_value = "1825d", value_parser = parse_lifetime)]
     user_cert_lifetime: Duration,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (off unless given); an address
+    /// that is not loopback needs --metrics-token
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<String>,
+    /// Bearer token Prometheus must send to read the metrics (required off loopback)
+    #[arg(long, env = "ZTM_METRICS_TOKEN", hide_env_values = true)]
+    metrics_token: Option<String>,
 }
 
 /// A lifetime: seconds, or a number followed by s, m, h or d; at least a minute.
@@ -76,6 +83,8 @@ impl CaArgs {
             names: Vec::new(),
             hub_cert_lifetime: ztm_pki::HUB_VALIDITY.as_secs(),
             user_cert_lifetime: ztm_pki::USER_VALIDITY,
+            metrics: None,
+            metrics_token: None,
         }
     }
 }
@@ -106,6 +115,30 @@ fn ca_names(names: &[String], listen: std::net::SocketAddr) -> Result<Vec<String
     Ok(out)
 }
 
+/// The listener of `--metrics ADDR` (bound now, so that a taken port fails at start) and the
+/// token scrapes must carry; refused off loopback without a token.
+fn metrics_listener(
+    at: Option<&str>,
+    token: Option<&str>,
+) -> Result<Option<(std::net::TcpListener, Option<String>)>> {
+    let Some(at) = at else {
+        return Ok(None);
+    };
+    let at = parse_listen(at)?;
+    let token = token
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty());
+    if !at.ip().is_loopback() && token.is_none() {
+        bail!(
+            "--metrics {at} is not a loopback address: give --metrics-token (or \
+             ZTM_METRICS_TOKEN) too"
+        );
+    }
+    let listener = std::net::TcpListener::bind(at)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {at} for --metrics: {e}"))?;
+    Ok(Some((listener, token)))
+}
+
 pub async fn run_ca(args: CaArgs) -> Result<()> {
     let addr = parse_listen(&args.listen)?;
     if !addr.ip().is_loopback() && args.token.as_deref().unwrap_or("").is_empty() {
@@ -113,6 +146,7 @@ pub async fn run_ca(args: CaArgs) -> Result<()> {
             "listening on {addr} (not loopback) needs an admin token: pass --token or set ZTM_CA_TOKEN"
         );
     }
+    let metrics = metrics_listener(args.metrics.as_deref(), args.metrics_token.as_deref())?;
     let path = expand_home(&args.database);
     let mut store = {
         let path = path.clone();
@@ -137,7 +171,23 @@ pub async fn run_ca(args: CaArgs) -> Result<()> {
         token: args.token.filter(|t| !t.is_empty()),
         listen: local,
     });
-    let router = ztm_ca::router(state);
+    let mut router = ztm_ca::router(state);
+    if let Some((listener, token)) = metrics {
+        let counts = Arc::new(
+            ztm_ca::metrics::Metrics::new()
+                .map_err(|e| anyhow::anyhow!("setting up the metrics: {e}"))?,
+        );
+        router = ztm_ca::metrics::counted(router, counts.clone());
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        tracing::info!("CA metrics on http://{}/metrics", listener.local_addr()?);
+        let scrape = ztm_ca::metrics::scrape_router(counts, token);
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, scrape).await {
+                tracing::warn!("the metrics listener stopped: {e}");
+            }
+        });
+    }
     if tls {
         let config = ztm_pki::ca_server_config(signer, &sans)?;
         tracing::info!(
@@ -305,26 +355,8 @@ pub async fn run_hub(args: HubArgs) -> Result<()> {
     // Refused before the hub listens or connects anywhere.
     ztm_hub::ca_client::check_ca(&args.ca, ca_pin.as_ref())?;
     let addr = parse_listen(&args.listen)?;
-    let metrics = match &args.metrics {
-        Some(at) => {
-            let at = parse_listen(at)?;
-            let token = args
-                .metrics_token
-                .clone()
-                .map(|t| t.trim().to_string())
-                .filter(|t| !t.is_empty());
-            if !at.ip().is_loopback() && token.is_none() {
-                bail!(
-                    "--metrics {at} is not a loopback address: give --metrics-token (or \
-                     ZTM_METRICS_TOKEN) too"
-                );
-            }
-            let listener = std::net::TcpListener::bind(at)
-                .map_err(|e| anyhow::anyhow!("cannot listen on {at} for --metrics: {e}"))?;
-            Some(ztm_hub::server::MetricsListen { listener, token })
-        }
-        None => None,
-    };
+    let metrics = metrics_listener(args.metrics.as_deref(), args.metrics_token.as_deref())?
+        .map(|(listener, token)| ztm_hub::server::MetricsListen { listener, token });
     let listener = bind(addr).await?;
     // The bound address (the port the kernel chose for port 0), said before the hub waits for
     // its certificate: a hub whose CA never answers would not say it otherwise.

@@ -33,6 +33,30 @@ fn scrape(addr: &str) -> String {
     r.text()
 }
 
+/// `promtool check metrics` finds nothing wrong with `text`.
+fn promtool_accepts(text: &str) {
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package) runs");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+}
+
 /// A child process killed when dropped.
 struct Killed(Child);
 
@@ -118,26 +142,7 @@ fn hub_metrics_count_tunnels_and_bytes_and_prometheus_reads_them() {
     );
 
     // The exposition is well formed.
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian's prometheus package) runs");
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(after.as_bytes())
-        .unwrap();
-    let checked = promtool.wait_with_output().unwrap();
-    assert!(
-        checked.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
-    );
+    promtool_accepts(&after);
 
     // A real Prometheus scrapes the hub every second and answers PromQL.
     let web = format!("127.0.0.1:{}", free_port());
@@ -201,4 +206,44 @@ fn metrics_off_loopback_need_a_token() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("--metrics-token"), "{err}");
+}
+
+/// The CA's metrics (`ztm ca --metrics`): certificates issued and revoked, requests by status,
+/// in a form promtool accepts.
+#[test]
+fn ca_metrics_count_certificates_and_requests() {
+    let dir = TempDir::new("ca-metrics");
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let ca = ztm!().start_ca_with(dir.path(), &["--metrics", &metrics]);
+    create_user(&ca.addr, "alice");
+    create_user(&ca.addr, "bob");
+    let revoked = delete(&ca.addr, "/api/certificates/bob");
+    assert_eq!(revoked.status, 204, "{}", revoked.text());
+    let missing = get(&ca.addr, "/api/certificates/nobody");
+    assert_eq!(missing.status, 404, "{}", missing.text());
+    let text = scrape(&metrics);
+    assert_eq!(
+        figure(&text, "ztm_ca_certificates_issued_total{kind=\"user\"}"),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(
+        figure(&text, "ztm_ca_certificates_revoked_total{kind=\"user\"}"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        figure(&text, "ztm_ca_certificates_issued_total{kind=\"hub\"}"),
+        0.0,
+        "{text}"
+    );
+    assert!(
+        figure(&text, "ztm_ca_requests_total{status=\"404\"}") >= 1.0,
+        "{text}"
+    );
+    assert!(
+        figure(&text, "ztm_ca_requests_total{status=\"200\"}") >= 2.0,
+        "{text}"
+    );
+    promtool_accepts(&text);
 }
