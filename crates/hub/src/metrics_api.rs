@@ -11,8 +11,14 @@ use axum::routing::get;
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
-use crate::server::MetricsListen;
 use crate::state::Hub;
+
+/// The metrics listener: bound by the caller (so that a port in use fails at start), with
+/// the token asked of every scrape (required off loopback).
+pub struct MetricsListen {
+    pub listener: std::net::TcpListener,
+    pub token: Option<String>,
+}
 
 /// The content type of Prometheus' text format.
 const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";

@@ -27,6 +27,7 @@ use crate::limits::{
     source_key, Counter, FileBudget, Limits, Refused, CLIENT_HELLO_TIMEOUT, FILE_RESERVE,
 };
 use crate::metrics::Handshake;
+pub use crate::metrics_api::MetricsListen;
 pub use crate::state::{Hub, Peer};
 
 const SWEEP_INTERVAL: Duration = Duration::from_secs(2);
@@ -53,13 +54,6 @@ pub struct HubConfig {
     pub revocation_max_age: Duration,
     /// Where to serve `GET /metrics` (Prometheus), if anywhere.
     pub metrics: Option<MetricsListen>,
-}
-
-/// The metrics listener: bound by the caller (so that a port in use fails at start), with
-/// the token asked of every scrape (required off loopback).
-pub struct MetricsListen {
-    pub listener: std::net::TcpListener,
-    pub token: Option<String>,
 }
 
 impl HubConfig {
