@@ -281,9 +281,11 @@ async fn tcp_accept_loop(
                 recv,
                 active: _active,
                 slot: _slot,
+                first_sent,
                 ..
             } = opened;
             let (to_service, from_service) = figures.meters();
+            relay::count(&to_service, first_sent);
             let meters = relay::Meters {
                 sent: &to_service,
                 received: &from_service,

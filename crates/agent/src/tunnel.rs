@@ -237,6 +237,9 @@ pub struct Opened {
     pub endpoint: String,
     pub active: Active,
     pub slot: tokio::sync::OwnedSemaphorePermit,
+    /// How many of the client's first bytes went out with the CONNECT (see [`FirstBytes`]):
+    /// moved towards the service already, before any relay.
+    pub first_sent: usize,
 }
 
 /// The first bytes a TCP client sends while its tunnel is being opened. They go out right
@@ -350,12 +353,17 @@ pub async fn open(
                 {
                     Ok((send, recv)) => {
                         let active = balancer.track(&ep);
+                        let first_sent = first
+                            .as_ref()
+                            .and_then(|f| f.data.as_ref())
+                            .map_or(0, Bytes::len);
                         return Ok(Opened {
                             send,
                             recv,
                             endpoint: ep,
                             active,
                             slot,
+                            first_sent,
                         });
                     }
                     Err(e) => last_error = e,
