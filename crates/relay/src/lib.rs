@@ -91,8 +91,8 @@ pub const EAGER_BYTES: usize = 16 * 1024;
 /// chunk read or written: no lock, nothing the relay waits for. Empty: nothing counted.
 pub type Meter<'a> = &'a [&'a AtomicU64];
 
-/// Adds `n` bytes to every counter of `meter` (for relays written elsewhere, such as UDP
-/// flows').
+/// Adds `n` bytes to every counter of `meter`: for bytes moved outside this crate's relays
+/// (UDP flows' datagrams, a tunnel's first bytes sent with its CONNECT).
 pub fn count(meter: Meter<'_>, n: usize) {
     for counter in meter {
         counter.fetch_add(n as u64, Ordering::Relaxed);
