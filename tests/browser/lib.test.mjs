@@ -1,5 +1,5 @@
 // Unit tests of the web UI's helpers (crates/agent/ui/lib.js) that need no browser: reading an
-// invitation in either form, dates in words, and lists asked for in pages.
+// invitation in either form, dates in words, lists asked for in pages, and byte counts.
 import { test, mock } from "node:test";
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
@@ -135,4 +135,24 @@ test("a debounced call waits for the input to pause, and takes the last argument
   } finally {
     mock.timers.reset();
   }
+});
+
+test("byte counts read as people write them", () => {
+  const cases = [
+    [0, "0 B"],
+    [1023, "1023 B"],
+    [1024, "1.0 KiB"],
+    [1536, "1.5 KiB"],
+    [102348, "99.9 KiB"],
+    [102400, "100 KiB"],
+    [1047552, "1023 KiB"],
+    // 1023.5 KiB would show as 1024 KiB: the next unit instead.
+    [1048064, "1.0 MiB"],
+    [1.2 * 1024 * 1024, "1.2 MiB"],
+    [4 * 2 ** 30, "4.0 GiB"],
+    [800 * 2 ** 30, "800 GiB"],
+    [2 ** 64, "16.0 EiB"],
+  ];
+  for (const [n, want] of cases) assert.equal(lib.formatBytes(n), want, String(n));
+  for (const bad of [undefined, null, "12", -1, NaN, Infinity]) assert.equal(lib.formatBytes(bad), "–", String(bad));
 });

@@ -15,6 +15,8 @@ import http from "node:http";
 import net from "node:net";
 
 const run = promisify(execFile);
+const { formatBytes } = await import(`data:text/javascript,${encodeURIComponent(
+  readFileSync(new URL("../../crates/agent/ui/lib.js", import.meta.url), "utf8"))}`);
 const here = dirname(fileURLToPath(import.meta.url));
 const root = resolve(here, "../..");
 const shots = join(root, "docs/screenshots");
@@ -61,15 +63,40 @@ async function listPage(addr, path) {
   return { items: await resp.json(), total: Number(resp.headers.get("ztm-total")) };
 }
 
+// A GET on a connection of its own, closed after the answer.
 function get(port, path = "/") {
   return new Promise((res, rej) => {
-    const req = http.get({ host: "127.0.0.1", port, path, timeout: 5000 }, (r) => {
+    const req = http.get({ host: "127.0.0.1", port, path, timeout: 5000, agent: false }, (r) => {
       let body = "";
       r.on("data", (d) => { body += d; });
       r.on("end", () => res({ status: r.statusCode, body }));
     });
     req.on("error", rej);
     req.on("timeout", () => req.destroy(new Error("timeout")));
+  });
+}
+
+// A TCP connection to a local port, held open until the test ends it: its socket once it is
+// connected, and `exchange(bytes, until)`, which sends the bytes and resolves with everything
+// received once it includes `until`.
+function hold(port) {
+  return new Promise((res, rej) => {
+    const socket = net.connect(port, "127.0.0.1", () => {
+      socket.off("error", rej);
+      let got = Buffer.alloc(0);
+      let waiting = null;
+      socket.on("data", (d) => {
+        got = Buffer.concat([got, d]);
+        if (waiting && got.includes(waiting.until)) waiting.done(got);
+      });
+      socket.exchange = (bytes, until) => new Promise((done) => {
+        got = Buffer.alloc(0);
+        waiting = { until, done };
+        socket.write(bytes);
+      });
+      res(socket);
+    });
+    socket.once("error", rej);
   });
 }
 
@@ -353,6 +380,28 @@ export function scenarios(label, launch) {
     let reply;
     await until("a reply through the tunnel", async () => { reply = await get(mapPort); return reply.status === 200; });
     assert.equal(reply.body, "hello from behind B\n");
+
+    // The port's live figures: a connection held open through it shows as active (1 of the
+    // connections opened), its known bytes each way show, and once closed none is active.
+    const active = { css: `${row} [data-stat="active"]` };
+    await ui.waitFor({ ...active, text: "0" });
+    const portPath = `/api/meshes/demo/endpoints/a/ports/127.0.0.1/tcp/${mapPort}`;
+    const before = JSON.parse(await call(a, "GET", portPath)).stats;
+    const held = await hold(mapPort);
+    await ui.waitFor({ ...active, text: "1" });
+    await ui.waitFor({ css: `${row} [data-stat="opened"]`, text: `of ${before.total + 1}` });
+    const request = Buffer.from(`GET /${"x".repeat(2000)} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`);
+    const response = await held.exchange(request, "hello from behind B\n");
+    await ui.waitFor({ css: `${row} [data-stat="to-service"]`, text: formatBytes(before.bytesToService + request.length) });
+    await ui.waitFor({ css: `${row} [data-stat="from-service"]`, text: formatBytes(before.bytesFromService + response.length) });
+    assert.equal(await ui.isVisible(active), true);
+    assert.deepEqual(await ui.texts(active), ["1"], "still open while its bytes show");
+    held.destroy();
+    await ui.waitFor({ ...active, text: "0" });
+    const after = JSON.parse(await call(a, "GET", portPath)).stats;
+    assert.equal(after.bytesToService - before.bytesToService, request.length);
+    assert.equal(after.bytesFromService - before.bytesFromService, response.length);
+    assert.equal(after.failed, 0);
     await ui.shot("ports");
 
     // Delete the port, then the service; both disappear.

@@ -8,7 +8,10 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::RwLock;
 
+use anyhow::Context;
+
 use crate::identity;
+use crate::metrics::{self, Metrics};
 use crate::store::{self, MeshRecord, Store};
 use crate::supervisor::MeshRuntime;
 
@@ -18,6 +21,8 @@ pub struct Agent {
     pub listen: SocketAddr,
     /// When set, every API request must carry `Authorization: Bearer <token>` ([`guard`]).
     pub token: Option<String>,
+    /// What Prometheus is shown (`GET /metrics`); counted whether or not anyone looks.
+    pub metrics: Arc<Metrics>,
     meshes: RwLock<HashMap<String, Arc<MeshRuntime>>>,
     router: OnceLock<axum::Router>,
 }
@@ -29,12 +34,14 @@ impl Agent {
         reset: bool,
         listen: SocketAddr,
         token: Option<String>,
-    ) -> Result<Arc<Agent>, store::StoreError> {
+    ) -> anyhow::Result<Arc<Agent>> {
         let store = Arc::new(Store::open(database, reset)?);
+        let metrics = Metrics::new().context("setting up the metrics")?;
         Ok(Arc::new(Agent {
             store,
             listen,
             token: token.filter(|t| !t.is_empty()),
+            metrics: Arc::new(metrics),
             meshes: RwLock::new(HashMap::new()),
             router: OnceLock::new(),
         }))
@@ -75,7 +82,7 @@ impl Agent {
             }
             Some((old, user.to_string()))
         });
-        let rt = MeshRuntime::start(record, self.store.clone(), router);
+        let rt = MeshRuntime::start(record, self.store.clone(), router, self.metrics.clone());
         if let Some((old, user)) = rebound.filter(|(old, _)| !old.is_empty()) {
             rt.event(
                 "info",
@@ -98,6 +105,20 @@ impl Agent {
         if let Some(old) = old {
             old.stop();
         }
+    }
+
+    /// The metrics in Prometheus' text format, with what the meshes hold read now.
+    pub fn metrics_text(&self) -> String {
+        let mut held = metrics::Held::default();
+        for rt in self.runtimes() {
+            held.meshes.push(metrics::MeshHubs {
+                mesh: rt.name().to_string(),
+                hubs: rt.links().len(),
+                connected: rt.hubs_connected(),
+            });
+            held.ports_open += rt.ports_open();
+        }
+        self.metrics.render(&held)
     }
 
     pub fn shutdown(&self) {

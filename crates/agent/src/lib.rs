@@ -4,10 +4,13 @@
 //! listeners in [`ports`]), and serves the REST API ([`api`]) that the
 //! web UI and the CLI use. The decisions are pure functions with table tests: [`admission`]
 //! (who may do what a hub forwards), [`discovery`] (what the hubs report, merged), [`balance`]
-//! (which provider), [`identity`] (endpoint ids), [`expiry`] (certificate warnings).
+//! (which provider), [`identity`] (endpoint ids), [`expiry`] (certificate warnings). What the
+//! tunnels did is counted per port in [`figures`] and for the whole agent in [`metrics`]
+//! (Prometheus).
 //!
 //! Modules depend one way: `api` → `agent` → `supervisor` → (`session`, `ports`) → `tunnel` →
-//! `mesh` → (`crl`, `store`, the pure modules); `scripts/module-cycles.py` checks it.
+//! `mesh` → (`crl`, `store`, `figures` → `metrics`, the pure modules);
+//! `scripts/module-cycles.py` checks it.
 
 pub mod admission;
 pub mod agent;
@@ -17,8 +20,10 @@ pub mod crl;
 pub mod discovery;
 pub mod error;
 pub mod expiry;
+pub mod figures;
 pub mod identity;
 pub mod mesh;
+pub mod metrics;
 pub mod ports;
 pub mod session;
 pub mod store;

@@ -25,6 +25,7 @@ use ztm_proto::wire::{
 
 use crate::discovery;
 use crate::error::MeshError;
+use crate::metrics::Metrics;
 use crate::store::{MeshRecord, ServiceRecord, Store};
 
 /// The state of the link to one hub.
@@ -142,6 +143,8 @@ pub struct Mesh {
     providers_cache: Mutex<HashMap<(Proto, String), (Instant, HubServices)>>,
     /// What this mesh's tunnel relays hold for stalled readers.
     stalls: ztm_relay::StallGuard,
+    /// The agent's figures for Prometheus, which this mesh's tunnels count in.
+    metrics: Arc<Metrics>,
     /// When the agent's and the CA's certificates expire (ms since the epoch; 0: unknown).
     cert_expires: u64,
     ca_expires: u64,
@@ -185,7 +188,12 @@ fn expiry_of(pem: &str) -> u64 {
 impl Mesh {
     /// The mesh of `record`: its TLS configurations, its stored CRL and services, a link
     /// state per hub. Problems with the configuration are kept as its errors.
-    pub fn new(record: MeshRecord, store: Arc<Store>, router: axum::Router) -> Arc<Mesh> {
+    pub fn new(
+        record: MeshRecord,
+        store: Arc<Store>,
+        router: axum::Router,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Mesh> {
         let mut config_errors = Vec::new();
         let username = ztm_pki::cert_info_pem(&record.cert, "certificate")
             .map(|i| i.common_name)
@@ -238,6 +246,7 @@ impl Mesh {
             refusals: Mutex::new(RefusalLog::default()),
             providers_cache: Mutex::new(HashMap::new()),
             stalls: Default::default(),
+            metrics,
         })
     }
 
@@ -288,6 +297,19 @@ impl Mesh {
 
     pub fn stalls(&self) -> &ztm_relay::StallGuard {
         &self.stalls
+    }
+
+    /// The agent's figures, which this mesh's tunnels count in.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Hubs with a registered control connection.
+    pub fn hubs_connected(&self) -> usize {
+        self.links
+            .iter()
+            .filter(|l| l.state().control.is_some())
+            .count()
     }
 
     /// Cancelled when the mesh stops (left, or reconfigured).

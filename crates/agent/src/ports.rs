@@ -1,24 +1,26 @@
 //! Port mappings: a listener per configured port, whose connections (TCP) or client flows
 //! (UDP) are carried through tunnels to the target service. Listeners that cannot open (port
-//! taken) report why and retry.
+//! taken) report why and retry. Each port keeps its live figures ([`PortFigures`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use ztm_proto::model::PortTarget;
+use ztm_net::now_ms;
+use ztm_proto::model::{PortStats, PortTarget};
 use ztm_proto::wire::Proto;
 use ztm_relay as relay;
 
 use crate::balance::Balancer;
+use crate::figures::PortFigures;
 use crate::mesh::Mesh;
 use crate::store::PortRecord;
 use crate::tunnel;
@@ -43,6 +45,7 @@ struct Running {
     target: PortTarget,
     stop: CancellationToken,
     state: Arc<Mutex<PortState>>,
+    figures: Arc<PortFigures>,
 }
 
 /// The listeners of one mesh.
@@ -62,6 +65,24 @@ impl Ports {
             .get(key)
             .map(|r| r.state.lock().clone())
             .unwrap_or_default()
+    }
+
+    /// The live figures of a port (zero for one not running).
+    pub fn stats(&self, key: &PortKey) -> PortStats {
+        self.running
+            .lock()
+            .get(key)
+            .map(|r| r.figures.stats())
+            .unwrap_or_default()
+    }
+
+    /// How many ports are listening.
+    pub fn open(&self) -> usize {
+        self.running
+            .lock()
+            .values()
+            .filter(|r| r.state.lock().open)
+            .count()
     }
 
     /// Makes the running listeners match `wanted`: starts new ones, stops removed ones and
@@ -88,11 +109,13 @@ impl Ports {
                     .err()
                     .map(|e| format!("cannot listen on {}:{}/{}: {e}", p.ip, p.port, p.protocol)),
             }));
+            let figures = Arc::new(PortFigures::new(rt.metrics().clone()));
             tokio::spawn(run_port(
                 rt.clone(),
                 p.clone(),
                 stop.clone(),
                 state.clone(),
+                figures.clone(),
                 first,
             ));
             running.insert(
@@ -101,6 +124,7 @@ impl Ports {
                     target: p.target.clone(),
                     stop,
                     state,
+                    figures,
                 },
             );
         }
@@ -159,6 +183,7 @@ async fn run_port(
     port: PortRecord,
     stop: CancellationToken,
     state: Arc<Mutex<PortState>>,
+    figures: Arc<PortFigures>,
     first: std::io::Result<Bound>,
 ) {
     let name = format!("{}:{}/{}", port.ip, port.port, port.protocol);
@@ -174,7 +199,7 @@ async fn run_port(
                     "info",
                     &format!("port {name} open, to service {}", port.target.service),
                 );
-                return tcp_accept_loop(&rt, l, &port.target, &balancer, &stop).await;
+                return tcp_accept_loop(&rt, l, &port.target, &balancer, &figures, &stop).await;
             }
             Ok(Bound::Udp(s)) => {
                 set(&state, true, None);
@@ -182,7 +207,8 @@ async fn run_port(
                     "info",
                     &format!("port {name} open, to service {}", port.target.service),
                 );
-                return udp_loop(&rt, Arc::new(s), &port.target, &balancer, &stop).await;
+                let socket = Arc::new(s);
+                return udp_loop(&rt, socket, &port.target, &balancer, &figures, &stop).await;
             }
             Err(e) => {
                 let message = format!("cannot listen on {name}: {e}");
@@ -205,6 +231,7 @@ async fn tcp_accept_loop(
     listener: TcpListener,
     target: &PortTarget,
     balancer: &Arc<Balancer>,
+    figures: &Arc<PortFigures>,
     stop: &CancellationToken,
 ) {
     loop {
@@ -224,6 +251,7 @@ async fn tcp_accept_loop(
         let rt = rt.clone();
         let target = target.clone();
         let balancer = balancer.clone();
+        let figures = figures.clone();
         let stop = stop.clone();
         let span = tracing::info_span!(
             "tunnel",
@@ -232,6 +260,7 @@ async fn tcp_accept_loop(
             client = %client
         );
         let task = async move {
+            let opening = Instant::now();
             let opened = tokio::select! {
                 o = tunnel::open(&rt, Proto::Tcp, &target, &balancer, Some(tunnel::FirstBytes::new(&socket))) => o,
                 _ = stop.cancelled() => return,
@@ -239,21 +268,30 @@ async fn tcp_accept_loop(
             let opened = match opened {
                 Ok(o) => o,
                 Err(e) => {
+                    figures.failed(&e, now_ms());
                     rt.event("error", &format!("connection from {client}: {e}"));
                     return;
                 }
             };
-            let started = std::time::Instant::now();
+            let _open = figures.opened(opening.elapsed());
+            let started = Instant::now();
             let ep = opened.endpoint.clone();
             let tunnel::Opened {
                 send,
                 recv,
                 active: _active,
                 slot: _slot,
+                first_sent,
                 ..
             } = opened;
+            let (to_service, from_service) = figures.meters();
+            relay::count(&to_service, first_sent);
+            let meters = relay::Meters {
+                sent: &to_service,
+                received: &from_service,
+            };
             let result = tokio::select! {
-                r = relay::pump(socket, send, recv, rt.stalls()) => r,
+                r = relay::pump(socket, send, recv, rt.stalls(), meters) => r,
                 _ = stop.cancelled() => return,
             };
             match result {
@@ -265,7 +303,11 @@ async fn tcp_accept_loop(
                     started.elapsed()
                 ),
                 Err(e) => {
-                    tracing::debug!("tunnel {client} -> tcp/{}@{ep} failed: {e}", target.service)
+                    tracing::debug!("tunnel {client} -> tcp/{}@{ep} failed: {e}", target.service);
+                    figures.error(
+                        &format!("tunnel to tcp/{} on {ep} broke: {e}", target.service),
+                        now_ms(),
+                    );
                 }
             }
         };
@@ -278,6 +320,7 @@ async fn udp_loop(
     socket: Arc<UdpSocket>,
     target: &PortTarget,
     balancer: &Arc<Balancer>,
+    figures: &Arc<PortFigures>,
     stop: &CancellationToken,
 ) {
     let mut flows: HashMap<SocketAddr, mpsc::Sender<Bytes>> = HashMap::new();
@@ -306,12 +349,25 @@ async fn udp_loop(
                 let socket = socket.clone();
                 let done = done_tx.clone();
                 let stop = stop.clone();
+                let figures = figures.clone();
                 tokio::spawn(async move {
                     tokio::select! {
                         _ = async {
+                            let opening = Instant::now();
                             match tunnel::open(&rt, Proto::Udp, &target, &balancer, None).await {
-                                Ok(opened) => tunnel::udp_client_flow(opened, socket, client, rx).await,
-                                Err(e) => rt.event("error", &format!("udp flow from {client}: {e}")),
+                                Ok(opened) => {
+                                    let _open = figures.opened(opening.elapsed());
+                                    let (to_service, from_service) = figures.meters();
+                                    let meters = relay::Meters {
+                                        sent: &to_service,
+                                        received: &from_service,
+                                    };
+                                    tunnel::udp_client_flow(opened, socket, client, rx, meters).await
+                                }
+                                Err(e) => {
+                                    figures.failed(&e, now_ms());
+                                    rt.event("error", &format!("udp flow from {client}: {e}"));
+                                }
                             }
                         } => {}
                         _ = stop.cancelled() => {}

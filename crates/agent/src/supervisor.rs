@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use tracing::Instrument;
 
+use ztm_proto::model::PortStats;
+
 use crate::mesh::Mesh;
+use crate::metrics::Metrics;
 use crate::ports::{PortKey, PortState, Ports};
 use crate::store::{MeshRecord, Store};
 
@@ -29,9 +32,14 @@ impl std::ops::Deref for MeshRuntime {
 
 impl MeshRuntime {
     /// Builds the mesh of `record` and starts it: a link task per hub, its port listeners,
-    /// its warnings.
-    pub fn start(record: MeshRecord, store: Arc<Store>, router: axum::Router) -> Arc<MeshRuntime> {
-        let mesh = Mesh::new(record, store, router);
+    /// its warnings. Its tunnels count in `metrics`.
+    pub fn start(
+        record: MeshRecord,
+        store: Arc<Store>,
+        router: axum::Router,
+        metrics: Arc<Metrics>,
+    ) -> Arc<MeshRuntime> {
+        let mesh = Mesh::new(record, store, router, metrics);
         for e in mesh.config_errors() {
             mesh.event("error", &e.message);
         }
@@ -77,6 +85,16 @@ impl MeshRuntime {
 
     pub fn port_state(&self, key: &PortKey) -> PortState {
         self.ports.state(key)
+    }
+
+    /// A port's live figures.
+    pub fn port_stats(&self, key: &PortKey) -> PortStats {
+        self.ports.stats(key)
+    }
+
+    /// How many of the mesh's ports are listening.
+    pub fn ports_open(&self) -> usize {
+        self.ports.open()
     }
 
     /// Stops the links, the listeners and every tunnel of the mesh.

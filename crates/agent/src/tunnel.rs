@@ -24,9 +24,43 @@ use ztm_relay as relay;
 use crate::admission;
 use crate::balance::{Active, Balancer};
 use crate::mesh::{LocalService, Mesh, Provider};
+use crate::metrics::{OpenTunnel, Tunnels};
 
 /// A UDP flow with no datagram either way for this long is closed.
 pub const UDP_IDLE: Duration = Duration::from_secs(60);
+
+/// A tunnel request being answered at the service end: counted in the agent's figures as
+/// failed unless it opens (a refusal, a service that does not accept, a request dropped
+/// meanwhile).
+struct Opening<'a> {
+    figures: &'a Tunnels,
+    started: Instant,
+    opened: bool,
+}
+
+impl<'a> Opening<'a> {
+    fn new(figures: &'a Tunnels) -> Opening<'a> {
+        Opening {
+            figures,
+            started: Instant::now(),
+            opened: false,
+        }
+    }
+
+    /// The service accepted: the tunnel counts as open until the guard is dropped.
+    fn opened(mut self) -> OpenTunnel {
+        self.opened = true;
+        self.figures.opened(self.started.elapsed())
+    }
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        if !self.opened {
+            self.figures.failed();
+        }
+    }
+}
 
 /// Service end: hub `hub` asks for `CONNECT /api/services/{proto}/{name}` on behalf of the
 /// user in `ztm-user`, whom the service must admit (checked here again: see
@@ -37,6 +71,7 @@ pub async fn accept(
     req: Request<RecvStream>,
     mut send: SendResponse<Bytes>,
 ) {
+    let opening = Opening::new(&rt.metrics().service);
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let ["api", "services", proto, name] = segments.as_slice() else {
@@ -72,6 +107,14 @@ pub async fn accept(
     let LocalService { host, port, .. } = service;
     let recv = req.into_body();
     let started = Instant::now();
+    // A relay at the service end sends what it reads from the service and writes what it
+    // receives to it.
+    let figures = &rt.metrics().service;
+    let (to_service, from_service) = ([&figures.to_service], [&figures.from_service]);
+    let meters = relay::Meters {
+        sent: &from_service,
+        received: &to_service,
+    };
     let result = match proto {
         Proto::Tcp => {
             let tcp = match tokio::time::timeout(
@@ -97,10 +140,11 @@ pub async fn accept(
                 }
             };
             let _ = tcp.set_nodelay(true);
+            let _open = opening.opened();
             let Ok(stream) = send.send_response(http::Response::new(()), false) else {
                 return;
             };
-            relay::pump(tcp, stream, recv, rt.stalls()).await
+            relay::pump(tcp, stream, recv, rt.stalls(), meters).await
         }
         Proto::Udp => {
             let socket = match udp_connected(&host, port).await {
@@ -113,10 +157,11 @@ pub async fn accept(
                     )
                 }
             };
+            let _open = opening.opened();
             let Ok(stream) = send.send_response(http::Response::new(()), false) else {
                 return;
             };
-            udp_service_flow(socket, stream, recv).await
+            udp_service_flow(socket, stream, recv, meters).await
         }
     };
     match result {
@@ -146,10 +191,12 @@ async fn udp_connected(host: &str, port: u16) -> std::io::Result<UdpSocket> {
 }
 
 /// Service end of a UDP flow: capsules from the stream to the service, datagrams back.
+/// Datagrams' bytes count in `meters` as they go.
 async fn udp_service_flow(
     socket: UdpSocket,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
+    meters: relay::Meters<'_>,
 ) -> std::io::Result<relay::Moved> {
     let mut decoder = capsule::Decoder::default();
     let mut buf = vec![0u8; 65_536];
@@ -163,13 +210,16 @@ async fn udp_service_flow(
                 decoder.push(&chunk);
                 while let Some(d) = decoder.next_datagram().map_err(std::io::Error::other)? {
                     moved.received += d.len() as u64;
-                    let _ = socket.send(&d).await;
+                    if socket.send(&d).await.is_ok() {
+                        relay::count(meters.received, d.len());
+                    }
                 }
             }
             n = socket.recv(&mut buf) => {
                 let n = n?;
                 if relay::send_datagram(&mut send, capsule::encode_datagram(&buf[..n]))? {
                     moved.sent += n as u64;
+                    relay::count(meters.sent, n);
                 }
             }
             _ = tokio::time::sleep(UDP_IDLE) => break,
@@ -187,6 +237,9 @@ pub struct Opened {
     pub endpoint: String,
     pub active: Active,
     pub slot: tokio::sync::OwnedSemaphorePermit,
+    /// How many of the client's first bytes went out with the CONNECT (see [`FirstBytes`]):
+    /// moved towards the service already, before any relay.
+    pub first_sent: usize,
 }
 
 /// The first bytes a TCP client sends while its tunnel is being opened. They go out right
@@ -300,12 +353,17 @@ pub async fn open(
                 {
                     Ok((send, recv)) => {
                         let active = balancer.track(&ep);
+                        let first_sent = first
+                            .as_ref()
+                            .and_then(|f| f.data.as_ref())
+                            .map_or(0, Bytes::len);
                         return Ok(Opened {
                             send,
                             recv,
                             endpoint: ep,
                             active,
                             slot,
+                            first_sent,
                         });
                     }
                     Err(e) => last_error = e,
@@ -388,11 +446,13 @@ async fn connect(
 }
 
 /// Client end of a UDP flow: datagrams from `rx` into the tunnel, capsules back to `client`.
+/// Datagrams' bytes count in `meters` as they go (`sent`: towards the service).
 pub async fn udp_client_flow(
     opened: Opened,
     socket: Arc<UdpSocket>,
     client: SocketAddr,
     mut rx: tokio::sync::mpsc::Receiver<Bytes>,
+    meters: relay::Meters<'_>,
 ) {
     let Opened {
         mut send,
@@ -406,8 +466,10 @@ pub async fn udp_client_flow(
         tokio::select! {
             d = rx.recv() => {
                 let Some(d) = d else { break };
-                if relay::send_datagram(&mut send, capsule::encode_datagram(&d)).is_err() {
-                    break;
+                match relay::send_datagram(&mut send, capsule::encode_datagram(&d)) {
+                    Ok(true) => relay::count(meters.sent, d.len()),
+                    Ok(false) => {}
+                    Err(_) => break,
                 }
             }
             chunk = recv.data() => {
@@ -416,7 +478,11 @@ pub async fn udp_client_flow(
                 decoder.push(&chunk);
                 loop {
                     match decoder.next_datagram() {
-                        Ok(Some(d)) => { let _ = socket.send_to(&d, client).await; }
+                        Ok(Some(d)) => {
+                            if socket.send_to(&d, client).await.is_ok() {
+                                relay::count(meters.received, d.len());
+                            }
+                        }
                         Ok(None) => break,
                         Err(_) => return,
                     }

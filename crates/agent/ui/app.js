@@ -4,8 +4,8 @@
 // shows and for at most PAGE options of each picker, never for a whole list.
 
 import {
-  api, apiPage, daysFrom, debounce, el, fill, formError, isoDate, PAGE, pageLabel, readFile, readInvitation,
-  setToken, TokenRequired,
+  api, apiPage, daysFrom, debounce, el, fill, formatBytes, formError, isoDate, PAGE, pageLabel, readFile,
+  readInvitation, setToken, TokenRequired,
 } from "/ui/lib.js";
 
 const REFRESH_MS = 2000;
@@ -535,11 +535,35 @@ function renderPorts(ports, error) {
       el("td", { "data-label": "Protocol" }, p.protocol),
       el("td", { "data-label": "Target" }, p.target.service + (p.target.endpoint ? ` @ ${endpointName(p.target.endpoint, p.target.user)}` : p.target.trust ? ` @ any of ${p.target.trust.join(", ")}` : "")),
       el("td", { "data-label": "State", class: p.open ? "online" : "offline" }, p.open ? "open" : (p.error || "closed")),
+      ...portFigures(p.stats),
       el("td", {}, [del, err]),
     ]);
   });
-  if (error) rows.push(el("tr", {}, el("td", { colspan: "5", class: "error" }, error)));
-  fill($("#port-rows"), rows.length ? rows : [el("tr", {}, el("td", { colspan: "5", class: "muted" }, "No ports mapped on this endpoint."))]);
+  if (error) rows.push(el("tr", {}, el("td", { colspan: String(PORT_COLUMNS), class: "error" }, error)));
+  fill($("#port-rows"), rows.length ? rows : [el("tr", {}, el("td", { colspan: String(PORT_COLUMNS), class: "muted" }, "No ports mapped on this endpoint."))]);
+}
+
+// Columns of the ports table.
+const PORT_COLUMNS = 9;
+
+// A port's live figures as table cells: connections open now (with those opened and failed
+// so far), bytes each way, the last error and when. An agent that gives none shows dashes.
+function portFigures(stats) {
+  const s = stats || {};
+  const count = (n) => (typeof n === "number" ? String(n) : "–");
+  const lastError = s.lastError
+    ? [el("span", {}, s.lastError.message), el("span", { class: "muted", title: new Date(s.lastError.time).toLocaleString() }, ` (${ago(s.lastError.time)})`)]
+    : "";
+  return [
+    el("td", { "data-label": "Active", class: "num", title: `${count(s.total)} opened, ${count(s.failed)} failed` }, [
+      el("span", { "data-stat": "active" }, count(s.active)),
+      el("span", { class: "muted small", "data-stat": "opened" }, ` of ${count(s.total)}`),
+      s.failed ? el("span", { class: "error-count small", "data-stat": "failed" }, ` · ${s.failed} failed`) : null,
+    ]),
+    el("td", { "data-label": "To service", "data-stat": "to-service", class: "num", title: `${count(s.bytesToService)} bytes` }, formatBytes(s.bytesToService)),
+    el("td", { "data-label": "From service", "data-stat": "from-service", class: "num", title: `${count(s.bytesFromService)} bytes` }, formatBytes(s.bytesFromService)),
+    el("td", { "data-label": "Last error", "data-stat": "last-error", class: "last-error" }, lastError),
+  ];
 }
 
 async function createPort(ev) {

@@ -170,6 +170,25 @@ export function readInvitation(input) {
   return { mesh: inv.mesh, user: inv.user, hubs };
 }
 
+// ---- figures ------------------------------------------------------------------
+
+const BYTE_UNITS = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+
+// A byte count for people: "512 B", "1.5 KiB", "12.3 MiB", "800 GiB" (units of 1024; one
+// decimal below 100). Counts that are not numbers show as "–".
+export function formatBytes(n) {
+  if (typeof n !== "number" || !Number.isFinite(n) || n < 0) return "–";
+  if (n < 1024) return `${Math.floor(n)} B`;
+  let value = n / 1024;
+  let unit = 0;
+  // Rounded as shown, a value must stay below 1024 of its unit.
+  while (value >= 1023.5 && unit + 1 < BYTE_UNITS.length) {
+    value /= 1024;
+    unit += 1;
+  }
+  return `${value < 99.95 ? value.toFixed(1) : value.toFixed(0)} ${BYTE_UNITS[unit]}`;
+}
+
 // ---- dates --------------------------------------------------------------------
 
 const DAY_MS = 24 * 3600 * 1000;

@@ -232,6 +232,30 @@ pub struct Port {
     pub open: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What the port's tunnels did (set by the agent that has the port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<PortStats>,
+}
+
+/// A port's live figures, since it was mapped or its agent started. A tunnel is one TCP
+/// connection or one UDP flow (a client address) accepted on the port.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PortStats {
+    /// Tunnels open now.
+    pub active: u64,
+    /// Tunnels opened.
+    pub total: u64,
+    /// Connections and flows whose tunnel could not be opened (no provider, refused, no
+    /// answer).
+    pub failed: u64,
+    /// Bytes from the port's clients towards the service, counted as they move.
+    pub bytes_to_service: u64,
+    /// Bytes from the service back to the clients, counted as they move.
+    pub bytes_from_service: u64,
+    /// The last error: a tunnel that could not be opened or broke once open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<TimedMessage>,
 }
 
 /// Body of `POST .../ports/{ip}/{proto}/{port}`.

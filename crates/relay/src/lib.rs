@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -86,10 +86,34 @@ pub fn send_datagram(send: &mut SendStream<Bytes>, capsule: Bytes) -> io::Result
 /// CONNECT, and what the hub passes on while the far end is still opening.
 pub const EAGER_BYTES: usize = 16 * 1024;
 
-/// Copies a reader into an h2 stream until EOF, then ends the stream (half-close).
+/// Counters a relay adds the bytes it moves to as it moves them (a port's figures, the whole
+/// agent's), so that a tunnel's bytes show while it is open. One relaxed atomic add each per
+/// chunk read or written: no lock, nothing the relay waits for. Empty: nothing counted.
+pub type Meter<'a> = &'a [&'a AtomicU64];
+
+/// Adds `n` bytes to every counter of `meter`: for bytes moved outside this crate's relays
+/// (UDP flows' datagrams, a tunnel's first bytes sent with its CONNECT).
+pub fn count(meter: Meter<'_>, n: usize) {
+    for counter in meter {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// The counters of both directions of a [`pump`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Meters<'a> {
+    /// Bytes read from the socket and handed on to the stream.
+    pub sent: Meter<'a>,
+    /// Bytes taken off the stream and written to the socket.
+    pub received: Meter<'a>,
+}
+
+/// Copies a reader into an h2 stream until EOF, then ends the stream (half-close). Each chunk
+/// counts in `meter` once h2 has taken it.
 pub async fn read_to_h2<R: AsyncRead + Unpin>(
     r: &mut R,
     send: &mut SendStream<Bytes>,
+    meter: Meter<'_>,
 ) -> io::Result<u64> {
     let mut total = 0u64;
     let mut size = FIRST_READ;
@@ -109,6 +133,7 @@ pub async fn read_to_h2<R: AsyncRead + Unpin>(
         }
         total += n as u64;
         send_all(send, buf.split().freeze()).await?;
+        count(meter, n);
     }
 }
 
@@ -379,11 +404,13 @@ fn take_ready(
 
 /// Copies an h2 stream into a writer until the stream ends, then shuts the writer down.
 /// DATA is taken off the stream while the writer is blocked (see [`Backlog`]); a writer that
-/// stalls may get the tunnel reset (see [`StallGuard`]).
+/// stalls may get the tunnel reset (see [`StallGuard`]). Bytes count in `meter` as the writer
+/// takes them.
 pub async fn h2_to_write<W: AsyncWrite + Unpin>(
     recv: &mut RecvStream,
     w: &mut W,
     guard: &StallGuard,
+    meter: Meter<'_>,
 ) -> io::Result<u64> {
     let mut backlog = Backlog::counted_in(guard);
     let mut watch = StallWatch::new(guard);
@@ -407,6 +434,7 @@ pub async fn h2_to_write<W: AsyncWrite + Unpin>(
             Poll::Ready(Ok(n)) => {
                 backlog.advance(n);
                 total += n as u64;
+                count(meter, n);
                 let _ = recv.flow_control().release_capacity(n);
             }
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -426,17 +454,18 @@ pub struct Moved {
 }
 
 /// Runs both directions between a socket and an h2 stream until both ended, or either failed
-/// (then the stream is reset and the socket dropped).
+/// (then the stream is reset and the socket dropped). Bytes count in `meters` as they move.
 pub async fn pump(
     socket: tokio::net::TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
     guard: &StallGuard,
+    meters: Meters<'_>,
 ) -> io::Result<Moved> {
     // Owned halves: no lock shared between the two directions.
     let (mut rd, mut wr) = socket.into_split();
-    let up = read_to_h2(&mut rd, &mut send);
-    let down = h2_to_write(&mut recv, &mut wr, guard);
+    let up = read_to_h2(&mut rd, &mut send, meters.sent);
+    let down = h2_to_write(&mut recv, &mut wr, guard, meters.received);
     tokio::pin!(up, down);
     let mut moved = Moved::default();
     let (mut up_done, mut down_done) = (false, false);
@@ -761,7 +790,7 @@ mod tests {
         src_w.write_all(&vec![b'b'; total]).await.unwrap();
         drop(src_w);
         assert_eq!(
-            read_to_h2(&mut src_r, &mut send).await.unwrap(),
+            read_to_h2(&mut src_r, &mut send, &[]).await.unwrap(),
             total as u64
         );
 
@@ -774,6 +803,69 @@ mod tests {
         assert!(sizes.iter().all(|&n| n <= READ_SIZE), "{sizes:?}");
     }
 
+    /// Waits (at most 10 s) until `counter` reads `want`.
+    async fn reaches(counter: &AtomicU64, want: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while counter.load(Ordering::Relaxed) != want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "counted {} of {want}",
+                counter.load(Ordering::Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn bytes_count_as_they_move_while_the_tunnel_is_open() {
+        let (client, conn) = connected().await;
+        // Every byte counts twice in each direction: in a port's counter and in a total.
+        let [port_up, total_up, port_down, total_down] =
+            [(); 4].map(|_| Arc::new(AtomicU64::new(0)));
+        let (mut sink_w, mut sink_r) = duplex(1 << 20);
+        let (down_done_tx, down_done_rx) = tokio::sync::oneshot::channel();
+        {
+            let (port_down, total_down) = (port_down.clone(), total_down.clone());
+            serve(conn, move |mut recv, _send| async move {
+                let meter = [&*port_down, &*total_down];
+                let r = h2_to_write(&mut recv, &mut sink_w, &StallGuard::default(), &meter).await;
+                let _ = down_done_tx.send(r.map_err(|e| e.to_string()));
+            });
+        }
+        let mut client = client.ready().await.unwrap();
+        let (_resp, mut send) = client.send_request(request("/tunnel"), false).unwrap();
+        let (mut src_w, mut src_r) = duplex(1 << 20);
+        let up = {
+            let (port_up, total_up) = (port_up.clone(), total_up.clone());
+            tokio::spawn(async move {
+                let meter = [&*port_up, &*total_up];
+                read_to_h2(&mut src_r, &mut send, &meter).await
+            })
+        };
+
+        // Neither direction has ended: what moved so far shows.
+        let first = 300 * 1024 + 7;
+        src_w.write_all(&vec![b'a'; first]).await.unwrap();
+        let mut got = vec![0u8; first];
+        sink_r.read_exact(&mut got).await.unwrap();
+        for c in [&port_up, &total_up, &port_down, &total_down] {
+            reaches(c, first as u64).await;
+        }
+        assert!(!up.is_finished());
+
+        // More, then the end: the counters agree with what the relays return.
+        src_w.write_all(&vec![b'b'; 5000]).await.unwrap();
+        drop(src_w);
+        let sent = up.await.unwrap().unwrap();
+        assert_eq!(sent, first as u64 + 5000);
+        let mut rest = Vec::new();
+        sink_r.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(down_done_rx.await.unwrap(), Ok(sent));
+        for c in [&port_up, &total_up, &port_down, &total_down] {
+            assert_eq!(c.load(Ordering::Relaxed), sent);
+        }
+    }
+
     #[tokio::test]
     async fn tiny_frames_towards_a_blocked_writer_keep_the_connection() {
         let (mut client, conn) = connected().await;
@@ -781,7 +873,7 @@ mod tests {
         let (mut sink_w, mut sink_r) = duplex(64 * 1024);
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         serve(conn, move |mut recv, _send| async move {
-            let r = h2_to_write(&mut recv, &mut sink_w, &StallGuard::default()).await;
+            let r = h2_to_write(&mut recv, &mut sink_w, &StallGuard::default(), &[]).await;
             let _ = done_tx.send(r.map_err(|e| e.to_string()));
         });
 
@@ -930,7 +1022,7 @@ mod tests {
         let (mut sink_w, sink_r) = duplex(64 * 1024);
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         serve(conn, move |mut recv, _send| async move {
-            let _ = done_tx.send(h2_to_write(&mut recv, &mut sink_w, &guard).await);
+            let _ = done_tx.send(h2_to_write(&mut recv, &mut sink_w, &guard, &[]).await);
         });
         tokio::spawn(async move {
             let mut client = client.ready().await.unwrap();

@@ -234,17 +234,19 @@ fn only_local_callers_and_same_origin_pages() {
     let dir = TempDir::new("agent-guard");
     let agent = ztm!().start_agent(dir.path(), "a");
     let port = agent.addr.rsplit(':').next().unwrap().to_string();
-    // DNS rebinding: a request addressed to another name is refused.
-    let raw = raw_request(
-        &agent.addr,
-        "GET /api/meshes HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
-    );
-    assert!(raw.starts_with("HTTP/1.1 403"), "{raw}");
-    let ok = raw_request(
-        &agent.addr,
-        &format!("GET /api/meshes HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n"),
-    );
-    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    // DNS rebinding: a request addressed to another name is refused, the metrics' too.
+    for path in ["/api/meshes", "/metrics"] {
+        let raw = raw_request(
+            &agent.addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"),
+        );
+        assert!(raw.starts_with("HTTP/1.1 403"), "{path}: {raw}");
+        let ok = raw_request(
+            &agent.addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n"),
+        );
+        assert!(ok.starts_with("HTTP/1.1 200"), "{path}: {ok}");
+    }
     // CSRF: a state-changing request from another origin is refused, same origin is not.
     let body = "{}";
     let cross = raw_request(
@@ -336,6 +338,7 @@ fn a_token_guards_every_api_request() {
         ("DELETE", "/api/meshes/m", ""),
         ("GET", "/api/nothing", ""),
         ("GET", "/nothing", ""),
+        ("GET", "/metrics", ""),
     ] {
         for auth in [
             None,
@@ -358,6 +361,10 @@ fn a_token_guards_every_api_request() {
     };
     let r = with("GET", "/api/meshes", &[], "");
     assert_eq!((r.status, r.json()), (200, json!([])));
+    // Prometheus sends the token as a bearer token too.
+    let r = with("GET", "/metrics", &[], "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("ztm_agent_ports_open 0"), "{}", r.text());
     let r = with(
         "GET",
         "/api/meshes/m",

@@ -321,18 +321,45 @@ fn cli_drives_a_mesh() {
     for _ in 0..3 {
         assert_eq!(exchange(&listen).as_deref(), Some(REPLY));
     }
-    let r = ztm_ok(home, &a.addr, &["get", "port"]);
+    // The port's figures: no connection open once the exchanges closed, at least the four
+    // that got a reply opened, and their bytes (5 each way in, 13 back).
+    let mut r = ztm_ok(home, &a.addr, &["get", "port"]);
+    wait_until(S(10), "no tunnel active on A's port", || {
+        r = ztm_ok(home, &a.addr, &["get", "port"]);
+        r.rows().first().and_then(|row| cell(row, "ACTIVE")) == Some("0")
+    });
     let rows = r.rows();
     assert_eq!(rows.len(), 1, "{r:?}");
     assert_eq!(cell(&rows[0], "LISTEN"), Some(listen.as_str()), "{r:?}");
     assert_eq!(cell(&rows[0], "SERVICE"), Some("greet"), "{r:?}");
     assert_eq!(cell(&rows[0], "OPEN"), Some("yes"), "{r:?}");
+    let number = |col: &str| -> u64 {
+        cell(&rows[0], col)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{col}: {r:?}"))
+    };
+    assert!(number("TOTAL") >= 4, "{r:?}");
+    let _ = number("FAILED");
+    let bytes = |col: &str| -> u64 {
+        cell(&rows[0], col)
+            .and_then(|v| v.strip_suffix('B')?.parse().ok())
+            .unwrap_or_else(|| panic!("{col}: {r:?}"))
+    };
+    assert!(bytes("TO-SVC") >= 4 * 5, "{r:?}");
+    assert!(bytes("FROM-SVC") >= 4 * REPLY.len() as u64, "{r:?}");
     let r = ztm_ok(
         home,
         &a.addr,
         &["describe", "port", &local_port.to_string()],
     );
     assert!(r.out.contains("greet"), "{r:?}");
+    assert!(
+        r.out
+            .lines()
+            .any(|l| l.starts_with("Tunnels open:") && l.ends_with(" 0")),
+        "{r:?}"
+    );
+    assert!(r.out.contains("From the service:"), "{r:?}");
 
     // `-o json` matches the API for ports, services and meshes.
     let ports_path = format!("/api/meshes/{MESH}/endpoints/{a_id}/ports");

@@ -1,7 +1,10 @@
-//! The hub's Prometheus metrics (`ztm hub --metrics`): known traffic through a tunnel shows in
+//! Prometheus metrics. The hub's (`ztm hub --metrics`): known traffic through a tunnel shows in
 //! them (bytes within 1%, tunnel counts exact), the exposition passes `promtool check
 //! metrics`, and a real Prometheus (Debian's `prometheus` package) scrapes the hub every
-//! second and answers a PromQL query for the relayed bytes.
+//! second and answers a PromQL query for the relayed bytes. The agents' (`GET /metrics` on
+//! their API) and a port's live figures in the REST API: a held connection counts as active
+//! while it is open, its bytes show while they move, a tunnel that cannot open counts as
+//! failed with its error, and the exposition passes `promtool check metrics`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
@@ -21,19 +24,7 @@ fn figure(text: &str, name: &str) -> f64 {
         .unwrap()
 }
 
-fn scrape(addr: &str) -> String {
-    let r = get(addr, "/metrics");
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert!(
-        r.header("content-type")
-            .is_some_and(|c| c.starts_with("text/plain; version=0.0.4")),
-        "{:?}",
-        r.header("content-type")
-    );
-    r.text()
-}
-
-/// `promtool check metrics` finds nothing wrong with `text`.
+/// `promtool check metrics` accepts `text`.
 fn promtool_accepts(text: &str) {
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
@@ -51,10 +42,22 @@ fn promtool_accepts(text: &str) {
     let checked = promtool.wait_with_output().unwrap();
     assert!(
         checked.status.success(),
-        "promtool check metrics: {}{}",
+        "promtool check metrics: {}{}\n{text}",
         String::from_utf8_lossy(&checked.stdout),
         String::from_utf8_lossy(&checked.stderr)
     );
+}
+
+fn scrape(addr: &str) -> String {
+    let r = get(addr, "/metrics");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.header("content-type")
+            .is_some_and(|c| c.starts_with("text/plain; version=0.0.4")),
+        "{:?}",
+        r.header("content-type")
+    );
+    r.text()
 }
 
 /// A child process killed when dropped.
@@ -246,4 +249,217 @@ fn ca_metrics_count_certificates_and_requests() {
         "{text}"
     );
     promtool_accepts(&text);
+}
+
+/// A port's figures in B's REST API, from the port list (the one-port GET must agree).
+fn port_stats(agent: &str, ep: &str, port: u16) -> serde_json::Value {
+    let list = get(agent, &format!("/api/meshes/{MESH}/endpoints/{ep}/ports")).json();
+    let listed = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["listen"]["port"] == port)
+        .unwrap_or_else(|| panic!("no port {port} in {list}"))["stats"]
+        .clone();
+    let one = get(
+        agent,
+        &format!("/api/meshes/{MESH}/endpoints/{ep}/ports/127.0.0.1/tcp/{port}"),
+    )
+    .json();
+    assert!(listed.is_object(), "no stats: {list}");
+    // Both read the same counters; only traffic in between could part them.
+    assert_eq!(one["stats"]["total"], listed["total"], "{one} vs {listed}");
+    listed
+}
+
+fn n(v: &serde_json::Value, field: &str) -> f64 {
+    v[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no number {field} in {v}"))
+}
+
+/// Within 1% of `want`.
+fn near(got: f64, want: f64) -> bool {
+    (got - want).abs() <= want / 100.0
+}
+
+#[test]
+fn agent_metrics_and_port_figures_follow_known_traffic() {
+    let honest = Honest::start(&ztm!(), "agent-metrics", &[]);
+    let (a, b) = (honest.a.addr.clone(), honest.b.addr.clone());
+    let b_id = local_id(&b);
+    let port = honest.port;
+    let port_active = "ztm_agent_tunnels_active{side=\"port\"}";
+    let served_active = "ztm_agent_tunnels_active{side=\"service\"}";
+
+    // The tunnels that showed the mesh working have ended at both ends.
+    wait_until(Duration::from_secs(20), "no tunnel open", || {
+        n(&port_stats(&b, &b_id, port), "active") == 0.0
+            && figure(&scrape(&b), port_active) == 0.0
+            && figure(&scrape(&a), served_active) == 0.0
+    });
+    let (stats0, b0, a0) = (port_stats(&b, &b_id, port), scrape(&b), scrape(&a));
+
+    // A connection held open through B's port: one tunnel active, at both ends.
+    let mut held = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let hello = b"hello\n";
+    held.write_all(hello).unwrap();
+    let mut back = [0u8; 6];
+    held.read_exact(&mut back).unwrap();
+    assert_eq!(&back, hello);
+    wait_until(Duration::from_secs(10), "one tunnel active", || {
+        n(&port_stats(&b, &b_id, port), "active") == 1.0
+            && figure(&scrape(&b), port_active) == 1.0
+            && figure(&scrape(&a), served_active) == 1.0
+    });
+
+    // Known traffic through it, counted while the connection is still open.
+    const N: usize = 4 << 20;
+    let data: Vec<u8> = (0..N).map(|i| (i % 251) as u8).collect();
+    let mut reader = held.try_clone().unwrap();
+    let echoed = std::thread::spawn(move || {
+        let mut got = vec![0u8; N];
+        reader.read_exact(&mut got).map(|_| got)
+    });
+    held.write_all(&data).unwrap();
+    assert!(echoed.join().unwrap().unwrap() == data, "the echo differs");
+    let sent = (N + hello.len()) as f64;
+    let moved = |now: &serde_json::Value, field: &str| n(now, field) - n(&stats0, field);
+    wait_until(
+        Duration::from_secs(10),
+        "the bytes show while the connection is open",
+        || {
+            let now = port_stats(&b, &b_id, port);
+            moved(&now, "bytesToService") >= sent && moved(&now, "bytesFromService") >= sent
+        },
+    );
+    let open = port_stats(&b, &b_id, port);
+    assert_eq!(n(&open, "active"), 1.0, "{open}");
+    for field in ["bytesToService", "bytesFromService"] {
+        assert!(
+            near(moved(&open, field), sent),
+            "{field}: {open}, {sent} sent"
+        );
+    }
+
+    // Closed: none active, one more opened, none failed; the same in the metrics.
+    drop(held);
+    wait_until(Duration::from_secs(20), "the tunnel ended", || {
+        n(&port_stats(&b, &b_id, port), "active") == 0.0
+            && figure(&scrape(&b), port_active) == 0.0
+            && figure(&scrape(&a), served_active) == 0.0
+    });
+    let stats = port_stats(&b, &b_id, port);
+    assert_eq!(moved(&stats, "total"), 1.0, "{stats}");
+    assert_eq!(moved(&stats, "failed"), 0.0, "{stats}");
+    for field in ["bytesToService", "bytesFromService"] {
+        assert!(near(moved(&stats, field), sent), "{field}: {stats}");
+    }
+    let (b1, a1) = (scrape(&b), scrape(&a));
+    for (agent, side, before, after) in [("B", "port", &b0, &b1), ("A", "service", &a0, &a1)] {
+        let delta = |name: &str| {
+            let name = name.replace("SIDE", side);
+            figure(after, &name) - figure(before, &name)
+        };
+        let what = format!("{agent}'s {side} side:\n{after}");
+        assert_eq!(
+            delta("ztm_agent_tunnels_opened_total{side=\"SIDE\"}"),
+            1.0,
+            "{what}"
+        );
+        assert_eq!(
+            delta("ztm_agent_tunnels_failed_total{side=\"SIDE\"}"),
+            0.0,
+            "{what}"
+        );
+        assert_eq!(
+            delta("ztm_agent_tunnel_open_seconds_count{side=\"SIDE\"}"),
+            1.0,
+            "{what}"
+        );
+        for direction in ["to_service", "from_service"] {
+            let bytes = delta(&format!(
+                "ztm_agent_tunnel_bytes_total{{direction=\"{direction}\",side=\"SIDE\"}}"
+            ));
+            assert!(near(bytes, sent), "{direction}: {bytes} of {sent}, {what}");
+        }
+    }
+    for (text, ports) in [(&b1, 1.0), (&a1, 0.0)] {
+        assert_eq!(
+            figure(text, &format!("ztm_agent_hubs{{mesh=\"{MESH}\"}}")),
+            1.0,
+            "{text}"
+        );
+        assert_eq!(
+            figure(
+                text,
+                &format!("ztm_agent_hubs_connected{{mesh=\"{MESH}\"}}")
+            ),
+            1.0,
+            "{text}"
+        );
+        assert_eq!(figure(text, "ztm_agent_ports_open"), ports, "{text}");
+    }
+
+    // A port to a service its endpoint does not have: the connection's tunnel fails, counted
+    // with its error.
+    let nowhere = free_port();
+    let r = post_json(
+        &b,
+        &format!("/api/meshes/{MESH}/endpoints/{b_id}/ports/127.0.0.1/tcp/{nowhere}"),
+        &serde_json::json!({"target": {"service": "nothing", "endpoint": honest.a_id}}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Listening as soon as it is mapped, with figures from zero.
+    assert_eq!(r.json()["open"], true, "{}", r.text());
+    assert_eq!(r.json()["stats"]["failed"], 0, "{}", r.text());
+    let tried = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as f64;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", nowhere)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut rest = Vec::new();
+    // The agent closes the connection once the tunnel failed.
+    let _ = s.read_to_end(&mut rest);
+    assert!(rest.is_empty());
+    wait_until(Duration::from_secs(10), "the failure is counted", || {
+        n(&port_stats(&b, &b_id, nowhere), "failed") >= 1.0
+    });
+    let failed = port_stats(&b, &b_id, nowhere);
+    assert_eq!(
+        (
+            n(&failed, "failed"),
+            n(&failed, "total"),
+            n(&failed, "active")
+        ),
+        (1.0, 0.0, 0.0),
+        "{failed}"
+    );
+    let error = &failed["lastError"];
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("nothing")),
+        "{failed}"
+    );
+    assert!(n(error, "time") >= tried - 1000.0, "{failed}");
+    let b2 = scrape(&b);
+    assert_eq!(
+        figure(&b2, "ztm_agent_tunnels_failed_total{side=\"port\"}")
+            - figure(&b1, "ztm_agent_tunnels_failed_total{side=\"port\"}"),
+        1.0,
+        "{b2}"
+    );
+    assert_eq!(figure(&b2, "ztm_agent_ports_open"), 2.0, "{b2}");
+    // The first port's figures are its own.
+    assert_eq!(port_stats(&b, &b_id, port)["failed"], stats["failed"]);
+
+    // Well formed, at both agents; and behind the API's guard like the rest of it.
+    promtool_accepts(&b2);
+    promtool_accepts(&scrape(&a));
+    let refused = http(&b, "GET", "/metrics", &[("Host", "evil.example")], b"").unwrap();
+    assert_eq!(refused.status, 403, "{}", refused.text());
 }

@@ -1,5 +1,6 @@
 //! End-to-end tests of UDP ports (docs/requirements.md §5): datagrams of every size through a
-//! port come back intact, and a flood both ways does not stall the flow.
+//! port come back intact, counted in the port's figures, and a flood both ways does not stall
+//! the flow.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::UdpSocket;
@@ -31,8 +32,8 @@ fn udp_echo_server() -> (u16, Arc<AtomicUsize>) {
 }
 
 /// A UDP echo service on agent 1, mapped to a port on agent 0, and a client socket connected to
-/// that port. Also returns the service's count of datagrams.
-fn udp_echo_client(st: &Stack) -> (UdpSocket, Arc<AtomicUsize>) {
+/// that port. Also returns the service's count of datagrams and the port.
+fn udp_echo_client(st: &Stack) -> (UdpSocket, Arc<AtomicUsize>, u16) {
     let (svc_port, served) = udp_echo_server();
     st.add_service(1, "udp", "uecho", svc_port, None);
     st.wait_service(0, "udp", "uecho", &[1]);
@@ -40,17 +41,18 @@ fn udp_echo_client(st: &Stack) -> (UdpSocket, Arc<AtomicUsize>) {
     st.map_port(0, "udp", port, "uecho", None);
     let client = UdpSocket::bind("127.0.0.1:0").unwrap();
     client.connect(local(port)).unwrap();
-    (client, served)
+    (client, served, port)
 }
 
 /// 1,000 datagrams of mixed sizes up to 8 KiB through a UDP port come back intact.
 #[test]
 fn udp_echo_through_a_port() {
     let st = Stack::start(&ztm!(), "tun-udp", &["root", "bob"]);
-    let (client, served) = udp_echo_client(&st);
+    let (client, served, port) = udp_echo_client(&st);
     let mut rng = Rng::new();
     let mut buf = vec![0u8; 65_536];
     let mut resent = 0usize;
+    let mut echoed_bytes = 0usize;
     let started = Instant::now();
     for i in 0..1000u64 {
         // Sizes: the edges (1 and 8 KiB) now and then, otherwise anything in between.
@@ -102,6 +104,7 @@ fn udp_echo_through_a_port() {
              (service got {} datagrams)",
             served.load(Ordering::SeqCst)
         );
+        echoed_bytes += d.len();
     }
     eprintln!(
         "1000 datagrams echoed in {:?}, {resent} resent",
@@ -111,6 +114,28 @@ fn udp_echo_through_a_port() {
         resent <= 50,
         "too many datagrams were lost: {resent} resent"
     );
+
+    // The port's figures: the client's one flow is open (until it idles out), and every
+    // datagram that came back counted each way (resent ones may count twice).
+    let stats = get(
+        &st.agents[0].addr,
+        &format!(
+            "/api/meshes/{MESH}/endpoints/{}/ports/127.0.0.1/udp/{port}",
+            st.ids[0]
+        ),
+    )
+    .json()["stats"]
+        .clone();
+    assert_eq!(stats["active"], 1, "{stats}");
+    assert!(stats["total"].as_u64() >= Some(1), "{stats}");
+    let most = (echoed_bytes + resent * 8192) as u64;
+    for field in ["bytesToService", "bytesFromService"] {
+        let n = stats[field].as_u64().unwrap_or(0);
+        assert!(
+            (echoed_bytes as u64..=most).contains(&n),
+            "{field}: {n}, {echoed_bytes} echoed: {stats}"
+        );
+    }
 }
 
 /// Sends `d` on `client` until it comes back (other datagrams may arrive first), at most
@@ -142,7 +167,7 @@ fn echoed(client: &UdpSocket, d: &[u8], tries: usize, wait: Duration) -> bool {
 #[test]
 fn udp_flood_both_ways_does_not_stall_the_flow() {
     let st = Stack::start(&ztm!(), "tun-udpflood", &["root", "bob"]);
-    let (client, served) = udp_echo_client(&st);
+    let (client, served, _) = udp_echo_client(&st);
     assert!(echoed(&client, b"open", 40, Duration::from_millis(500)));
     let flood = vec![0xAB; 1024];
     for _ in 0..50_000 {

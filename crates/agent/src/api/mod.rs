@@ -1,13 +1,15 @@
 //! The agent's REST API (docs/requirements.md §5), by entity: [`meshes`], [`endpoints`]
 //! (including everything under one endpoint, here or carried through a hub to it),
-//! [`services`] and [`ports`]. Errors become HTTP in [`error`]. Requests a hub forwards to us
-//! arrive here too, marked `Forwarded` (`crate::session`).
+//! [`services`] and [`ports`]; and the figures for Prometheus ([`metrics`]), behind the same
+//! guard. Errors become HTTP in [`error`]. Requests a hub forwards to us arrive here too,
+//! marked `Forwarded` (`crate::session`).
 
 mod common;
 mod endpoints;
 mod error;
 mod guard;
 mod meshes;
+mod metrics;
 mod ports;
 mod services;
 
@@ -28,6 +30,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/", get(crate::ui::index))
         .route("/ui/{file}", get(crate::ui::asset))
+        .route("/metrics", get(metrics::get))
         .route("/api/meshes", get(meshes::list))
         .route(
             "/api/meshes/{mesh}",

@@ -40,7 +40,8 @@ fn local_ports(rt: &MeshRuntime) -> ApiResult<Vec<ztm_proto::model::Port>> {
         .ports(rt.name())?
         .into_iter()
         .map(|p| {
-            let state = rt.port_state(&(p.ip.clone(), p.protocol, p.port));
+            let key = (p.ip.clone(), p.protocol, p.port);
+            let state = rt.port_state(&key);
             ztm_proto::model::Port {
                 protocol: p.protocol,
                 listen: ztm_proto::model::Listen {
@@ -50,6 +51,7 @@ fn local_ports(rt: &MeshRuntime) -> ApiResult<Vec<ztm_proto::model::Port>> {
                 target: p.target,
                 open: state.open,
                 error: state.error,
+                stats: Some(rt.port_stats(&key)),
             }
         })
         .collect())

@@ -1,16 +1,17 @@
-//! Ports: `get port`, `describe port`, `create port` (map a local port to a service of the
-//! mesh) and `delete port` (unmap it).
+//! Ports: `get port`, `describe port` (with the port's live figures: tunnels open, opened and
+//! failed, bytes each way, the last error), `create port` (map a local port to a service of
+//! the mesh) and `delete port` (unmap it).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use anyhow::Result;
 use serde_json::Value;
 use ztm_proto::addr::HostPort;
-use ztm_proto::model::{Mesh, Port, PortBody, PortTarget};
+use ztm_proto::model::{Mesh, Port, PortBody, PortStats, PortTarget};
 
 use super::{ep_label, ep_path, listen_text, print_json, Ctx};
 use crate::client::api::{decode, enc};
-use crate::client::table::{yes_no, Fields, Table};
+use crate::client::table::{age, time, yes_no, Fields, Table};
 use crate::client::{MeshOpt, NewPort, PortRef, ProtoArg, Usage};
 
 /// `get port [--ep ENDPOINT]`: the ports mapped on an endpoint (default: this one).
@@ -29,11 +30,26 @@ pub(super) async fn get(ctx: &Ctx, mesh_opt: &MeshOpt, ep: Option<&str>) -> Resu
     Ok(())
 }
 
-/// The ports table (also in `describe ep`).
+/// The ports table (also in `describe ep`), with each port's figures: tunnels open now
+/// (ACTIVE), opened (TOTAL) and not opened (FAILED), bytes to the service (TO-SVC) and from
+/// it (FROM-SVC), and the last error with its age. `-` where the agent gave no figures.
 pub(super) fn table(ports: &[Port]) -> Table {
-    let mut t = Table::new(&["LISTEN", "PROTO", "SERVICE", "TARGET-EP", "OPEN", "ERROR"]);
+    let mut t = Table::new(&[
+        "LISTEN",
+        "PROTO",
+        "SERVICE",
+        "TARGET-EP",
+        "OPEN",
+        "ACTIVE",
+        "TOTAL",
+        "FAILED",
+        "TO-SVC",
+        "FROM-SVC",
+        "ERROR",
+        "LAST-ERROR",
+    ]);
     for p in ports {
-        t.row(vec![
+        let mut row = vec![
             listen_text(&p.listen.ip, p.listen.port),
             p.protocol.to_string(),
             p.target.service.clone(),
@@ -42,10 +58,54 @@ pub(super) fn table(ports: &[Port]) -> Table {
                 .clone()
                 .unwrap_or_else(|| "(any)".to_string()),
             yes_no(p.open),
-            p.error.clone().unwrap_or_default(),
-        ]);
+        ];
+        row.extend(stats_cells(p.stats.as_ref()));
+        row.push(p.error.clone().unwrap_or_default());
+        row.push(
+            p.stats
+                .as_ref()
+                .and_then(|s| s.last_error.as_ref())
+                .map(|e| format!("{} ({} ago)", e.message, age(e.time)))
+                .unwrap_or_default(),
+        );
+        t.row(row);
     }
     t
+}
+
+/// The figures' cells of a ports table row: ACTIVE, TOTAL, FAILED, TO-SVC, FROM-SVC.
+fn stats_cells(stats: Option<&PortStats>) -> Vec<String> {
+    match stats {
+        Some(s) => vec![
+            s.active.to_string(),
+            s.total.to_string(),
+            s.failed.to_string(),
+            bytes(s.bytes_to_service),
+            bytes(s.bytes_from_service),
+        ],
+        None => vec!["-".to_string(); 5],
+    }
+}
+
+/// A byte count for a table, in one word: `512B`, `1.5KiB`, `12.3MiB`, `800GiB` (units of
+/// 1024; one decimal below 100).
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if n < 1024 {
+        return format!("{n}B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    // Rounded as shown, a value must stay below 1024 of its unit.
+    while value >= 1023.5 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if value < 99.95 {
+        format!("{value:.1}{}", UNITS[unit])
+    } else {
+        format!("{value:.0}{}", UNITS[unit])
+    }
 }
 
 /// `describe port [IP:]PORT`: the mapping, where its connections go, and whether it is open.
@@ -76,6 +136,34 @@ pub(super) async fn describe(ctx: &Ctx, mesh_opt: &MeshOpt, port: &PortRef) -> R
     );
     f.add("Open", yes_no(p.open));
     f.add("Error", p.error.clone().unwrap_or_else(|| "-".to_string()));
+    if let Some(s) = &p.stats {
+        f.add("Tunnels open", s.active.to_string());
+        f.add("Tunnels opened", s.total.to_string());
+        f.add("Tunnels failed", s.failed.to_string());
+        f.add(
+            "To the service",
+            format!(
+                "{} ({} bytes)",
+                bytes(s.bytes_to_service),
+                s.bytes_to_service
+            ),
+        );
+        f.add(
+            "From the service",
+            format!(
+                "{} ({} bytes)",
+                bytes(s.bytes_from_service),
+                s.bytes_from_service
+            ),
+        );
+        f.add(
+            "Last error",
+            s.last_error
+                .as_ref()
+                .map(|e| format!("{} UTC: {}", time(e.time), e.message))
+                .unwrap_or_else(|| "-".to_string()),
+        );
+    }
     out!("{}", f.render());
     Ok(())
 }
@@ -193,6 +281,76 @@ fn parse_listen(s: &str) -> Result<(IpAddr, u16)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_counts_in_one_word() {
+        let cases = [
+            (0, "0B"),
+            (1023, "1023B"),
+            (1024, "1.0KiB"),
+            (1536, "1.5KiB"),
+            (102_348, "99.9KiB"),
+            (102_400, "100KiB"),
+            (1_047_552, "1023KiB"),
+            // 1023.5 KiB would show as 1024KiB: the next unit instead.
+            (1_048_064, "1.0MiB"),
+            (4 << 20, "4.0MiB"),
+            (5 << 30, "5.0GiB"),
+            (800 << 30, "800GiB"),
+            (u64::MAX, "16.0EiB"),
+        ];
+        for (n, shown) in cases {
+            assert_eq!(bytes(n), shown, "{n}");
+        }
+    }
+
+    #[test]
+    fn figures_in_the_table() {
+        let port = |stats: Option<PortStats>| Port {
+            protocol: ztm_proto::wire::Proto::Tcp,
+            listen: ztm_proto::model::Listen {
+                ip: "127.0.0.1".into(),
+                port: 2222,
+            },
+            target: PortTarget {
+                service: "ssh".into(),
+                endpoint: None,
+                user: None,
+                trust: None,
+            },
+            open: true,
+            error: None,
+            stats,
+        };
+        let stats = PortStats {
+            active: 2,
+            total: 17,
+            failed: 3,
+            bytes_to_service: 1536,
+            bytes_from_service: 4 << 20,
+            last_error: Some(ztm_proto::model::TimedMessage::new(
+                crate::client::table::now_ms() - 5_500,
+                "no answer",
+            )),
+        };
+        let out = table(&[port(Some(stats)), port(None)]).render();
+        let lines: Vec<Vec<&str>> = out
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            lines[0][5..10],
+            ["ACTIVE", "TOTAL", "FAILED", "TO-SVC", "FROM-SVC"]
+        );
+        assert_eq!(lines[1][5..10], ["2", "17", "3", "1.5KiB", "4.0MiB"]);
+        let first = out.lines().nth(1).unwrap_or_default();
+        assert!(
+            first.contains("   no answer (") && first.ends_with("s ago)"),
+            "{out}"
+        );
+        // An agent that gives no figures: dashes.
+        assert_eq!(lines[2][5..10], ["-"; 5]);
+    }
 
     #[test]
     fn listens() {

@@ -261,6 +261,7 @@ mod tests {
             },
             open,
             error: (!open).then(|| "address in use".to_string()),
+            stats: None,
         }
     }
 
