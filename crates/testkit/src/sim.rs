@@ -14,6 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use tokio_rustls::rustls::ClientConfig;
 use tokio_rustls::TlsConnector;
+use tokio_util::task::AbortOnDropHandle;
 use ztm_net::h2io;
 use ztm_proto::wire::{
     self, Hello, Proto, Register, Registered, ServiceDecl, BACKOFF_MAX, BACKOFF_MIN,
@@ -177,7 +178,7 @@ async fn session(
     let control = tokio::spawn(async move {
         let _ = conn.await;
     });
-    let _control = AbortOnDrop(control);
+    let _control = AbortOnDropHandle::new(control);
     let register = Register {
         name: format!("sim-{i:05}"),
         services: vec![ServiceDecl {
@@ -222,7 +223,7 @@ async fn session(
             }
         }
     });
-    let _reverse = AbortOnDrop(reverse);
+    let _reverse = AbortOnDropHandle::new(reverse);
     tokio::time::timeout(REQUEST_TIMEOUT, hello_heard.recv())
         .await
         .map_err(|_| anyhow!("the hub did not say hello within {REQUEST_TIMEOUT:?}"))?
@@ -273,7 +274,7 @@ async fn session(
 /// A control connection that only lists (a hub closes it after 30 s without a registration).
 pub struct Lister {
     sender: h2::client::SendRequest<Bytes>,
-    _conn: AbortOnDrop,
+    _conn: AbortOnDropHandle<()>,
 }
 
 impl Lister {
@@ -285,7 +286,7 @@ impl Lister {
         });
         Ok(Lister {
             sender,
-            _conn: AbortOnDrop(conn),
+            _conn: AbortOnDropHandle::new(conn),
         })
     }
 
@@ -298,14 +299,5 @@ impl Lister {
             bail!("GET {path}: {} {}", a.status, a.error_message());
         }
         Ok((started.elapsed(), a.body.len()))
-    }
-}
-
-/// A task that ends with the session that started it.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
