@@ -547,8 +547,8 @@ impl Mesh {
         discovery::endpoints(answers, self.local_endpoint())
     }
 
-    /// Service `proto/name` as [`Mesh::services`] would list it, from each hub's answer for
-    /// that one service (`None`: neither a hub nor this endpoint has it).
+    /// Service `proto/name` as [`Mesh::services_matching`] would list it, from each hub's
+    /// answer for that one service (`None`: neither a hub nor this endpoint has it).
     pub async fn service(&self, proto: Proto, name: &str) -> Option<Service> {
         let path = format!(
             "/api/services/{proto}/{}",
@@ -575,13 +575,8 @@ impl Mesh {
         .find(|s| s.protocol == proto && s.name == name)
     }
 
-    /// Services discovered through hubs merged with the local ones.
-    pub async fn services(&self) -> Vec<Service> {
-        self.services_matching(None).await
-    }
-
-    /// Like [`Mesh::services`], only those whose name or a provider's name or user contains `q`
-    /// (lower case): the hubs are asked for those only.
+    /// Services discovered through hubs merged with the local ones: those whose name or a
+    /// provider's name or user contains `q` (lower case), the hubs asked for those only.
     pub async fn services_matching(&self, q: Option<&str>) -> Vec<Service> {
         let answers = self
             .query_hubs::<Vec<ServiceInfo>>(&with_search("/api/services", q))

@@ -147,9 +147,8 @@ async fn scrape(State(s): State<Arc<Scrape>>, headers: HeaderMap) -> Response {
     if let Some(token) = &s.token {
         let given = headers
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|g| crate::api::constant_time_eq(g.as_bytes(), token.as_bytes())) {
+            .and_then(|v| v.to_str().ok());
+        if !ztm_proto::local::bearer_matches(given, token) {
             return (StatusCode::UNAUTHORIZED, "a bearer token is required\n").into_response();
         }
     }

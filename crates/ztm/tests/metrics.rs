@@ -463,3 +463,37 @@ fn agent_metrics_and_port_figures_follow_known_traffic() {
     let refused = http(&b, "GET", "/metrics", &[("Host", "evil.example")], b"").unwrap();
     assert_eq!(refused.status, 403, "{}", refused.text());
 }
+
+/// With `--metrics-token`, the hub's and the CA's metrics answer only a scrape that carries it.
+#[test]
+fn metrics_with_a_token_refuse_scrapes_without_it() {
+    let dir = TempDir::new("metrics-auth");
+    let (ca_metrics, hub_metrics) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let token = ["--metrics-token", "s3cret"];
+    let ca = ztm!().start_ca_with(dir.path(), &["--metrics", &ca_metrics, token[0], token[1]]);
+    let _hub = ztm!().start_hub_with(
+        dir.path(),
+        "hub",
+        &ca.addr,
+        &["--metrics", &hub_metrics, token[0], token[1]],
+    );
+    for addr in [&ca_metrics, &hub_metrics] {
+        for (auth, status) in [
+            (None, 401),
+            (Some("Bearer wrong"), 401),
+            (Some("s3cret"), 401),
+            (Some("Bearer s3cret"), 200),
+        ] {
+            let headers: Vec<(&str, &str)> =
+                auth.map(|a| ("Authorization", a)).into_iter().collect();
+            let r = http(addr, "GET", "/metrics", &headers, b"").unwrap();
+            assert_eq!(r.status, status, "{addr} with {auth:?}: {}", r.text());
+            if status == 200 {
+                assert!(r.text().contains("# TYPE ztm_"), "{}", r.text());
+            }
+        }
+    }
+}
