@@ -98,11 +98,24 @@ impl Reverse {
         path: &str,
         user: Option<&str>,
     ) -> (Answer, Option<(h2::SendStream<Bytes>, h2::RecvStream)>) {
+        self.tunnel_with(path, user, &[]).await
+    }
+
+    /// Like [`Reverse::tunnel`], with more headers (an exit's `ztm-destination`).
+    pub async fn tunnel_with(
+        &self,
+        path: &str,
+        user: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> (Answer, Option<(h2::SendStream<Bytes>, h2::RecvStream)>) {
         let mut req = Request::builder()
             .method(Method::CONNECT)
             .uri(format!("https://ztm{path}"));
         if let Some(u) = user {
             req = req.header("ztm-user", u);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
         }
         let mut req = req.body(()).expect("request");
         req.extensions_mut()

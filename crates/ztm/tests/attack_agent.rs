@@ -290,6 +290,87 @@ fn mesh_log(agent: &str) -> String {
     get(agent, &format!("/api/meshes/{MESH}/log")).text()
 }
 
+/// A compromised hub cannot make an exit connect where its rules do not allow, nor for a
+/// user it does not admit: the exit checks the user and the destination itself, before any
+/// name is resolved and again for the address a name resolves to.
+#[test]
+fn a_compromised_hub_cannot_send_an_exit_past_its_rules() {
+    let c = compromised("attack-exit", "bob");
+    let (allowed, allowed_hits) = counting_backend();
+    let (forbidden, forbidden_hits) = counting_backend();
+    let r = post_json(
+        &c.agent.addr,
+        &format!("/api/meshes/{MESH}/endpoints/{}/exit", c.id),
+        &json!({"allow": [format!("127.0.0.1:{allowed}"), "localhost"], "users": ["alice"]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let path = "/api/services/tcp/~exit";
+    let to = |d: String| vec![("ztm-destination".to_string(), d)];
+    let cases = [
+        // mallory is not admitted, wherever he asks to go
+        ("mallory", to(format!("127.0.0.1:{allowed}")), 403),
+        // alice is, but not to a port the rules do not list,
+        ("alice", to(format!("127.0.0.1:{forbidden}")), 403),
+        // nor to a listed name at a port no address rule allows (it resolves to 127.0.0.1),
+        ("alice", to(format!("localhost:{forbidden}")), 403),
+        // nor to a name the rules do not list,
+        ("alice", to(format!("127.0.0.1.example:{allowed}")), 403),
+        // and a tunnel to an exit needs a destination.
+        ("alice", vec![], 400),
+        ("alice", to("nowhere".into()), 400),
+    ];
+    for (user, headers, want) in cases {
+        let headers: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let (answer, _stream) =
+            c.rt.block_on(c.reverse.tunnel_with(path, Some(user), &headers));
+        assert_eq!(
+            answer.status,
+            want,
+            "{user} {headers:?}: {answer:?} (the forbidden backend got {} connection(s))",
+            forbidden_hits.load(Ordering::SeqCst)
+        );
+    }
+    assert_eq!(
+        forbidden_hits.load(Ordering::SeqCst),
+        0,
+        "the exit connected where it may not"
+    );
+    assert_eq!(
+        allowed_hits.load(Ordering::SeqCst),
+        0,
+        "the exit connected for mallory"
+    );
+    // What the rules allow, for alice, goes through.
+    let dest = format!("127.0.0.1:{allowed}");
+    let (answer, stream) = c.rt.block_on(c.reverse.tunnel_with(
+        path,
+        Some("alice"),
+        &[("ztm-destination", &dest)],
+    ));
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let (_send, mut recv) = stream.unwrap();
+    let got = c.rt.block_on(async {
+        let mut got = Vec::new();
+        while let Some(Ok(chunk)) = recv.data().await {
+            got.extend_from_slice(&chunk);
+            if got.ends_with(b"\n") {
+                break;
+            }
+        }
+        got
+    });
+    assert_eq!(got, b"secret\n");
+    assert_eq!(allowed_hits.load(Ordering::SeqCst), 1);
+    wait_until(
+        Duration::from_secs(5),
+        "the refusal in the mesh log",
+        || mesh_log(&c.agent.addr).contains("refused an exit tunnel for user mallory"),
+    );
+}
+
 /// The hub decides who may open a tunnel to a service, but a compromised hub must not get a
 /// user through whom the service does not admit: the agent checks again.
 #[test]

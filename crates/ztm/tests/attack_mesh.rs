@@ -104,3 +104,95 @@ fn a_service_published_under_anothers_name_gets_no_connections() {
     assert_eq!(bad.status, 400, "{}", bad.text());
     assert!(honest.tunnel_works());
 }
+
+/// Opens an exit tunnel at the hub by hand, as `user`'s own client would: to endpoint `ep` of
+/// `ep_user`, service `svc`, with `destination`. The hub's status.
+async fn exit_tunnel(
+    sender: &h2::client::SendRequest<bytes::Bytes>,
+    ep: &str,
+    ep_user: &str,
+    svc: &str,
+    destination: &str,
+) -> u16 {
+    let mut req = http::Request::builder()
+        .method("CONNECT")
+        .uri(format!("https://hub/api/endpoints/{ep}/services/tcp/{svc}"))
+        .header("ztm-endpoint-user", ep_user)
+        .header("ztm-destination", destination)
+        .body(())
+        .unwrap();
+    req.extensions_mut()
+        .insert(h2::ext::Protocol::from_static("ztm-tunnel"));
+    let mut sender = sender.clone().ready().await.unwrap();
+    let (resp, _send) = sender.send_request(req, false).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(15), resp)
+        .await
+        .expect("the hub did not answer")
+        .unwrap();
+    resp.status().as_u16()
+}
+
+/// Mallory, with a hand-made client, asks the hub for a tunnel through an exit that admits
+/// only alice, and slips a destination onto a tunnel to an ordinary service: the hub refuses
+/// both, and the exit's network sees nothing.
+#[test]
+fn the_hub_keeps_users_out_of_exits_that_do_not_admit_them() {
+    let honest = Honest::start(&ztm!(), "attack-exit-hub", &[]);
+    let mallory = honest.user("mallory");
+    let alice = honest.user("alice");
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = l.local_addr().unwrap().port();
+    let seen = hits.clone();
+    std::thread::spawn(move || {
+        for _s in l.incoming().flatten() {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let r = post_json(
+        &honest.a.addr,
+        &format!("/api/meshes/{MESH}/endpoints/{}/exit", honest.a_id),
+        &json!({"allow": [format!("127.0.0.1:{target}")], "users": ["alice"]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let svc = create_service(&honest.a.addr, &honest.a_id, "web", target);
+    assert_eq!(svc.status, 200, "{}", svc.text());
+    let owner = get(&honest.a.addr, &format!("/api/meshes/{MESH}")).json()["agent"]["username"]
+        .as_str()
+        .unwrap_or("root")
+        .to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dest = format!("127.0.0.1:{target}");
+    // Until the exit is published, and then for good: mallory is refused by the hub.
+    let m = rt.block_on(control(&honest.hub.addr, &honest.pem, &mallory));
+    let a = rt.block_on(control(&honest.hub.addr, &honest.pem, &alice));
+    wait_until(Duration::from_secs(20), "alice to be let through", || {
+        rt.block_on(exit_tunnel(&a.sender, &honest.a_id, &owner, "~exit", &dest)) == 200
+    });
+    let alice_hits = hits.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        rt.block_on(exit_tunnel(&m.sender, &honest.a_id, &owner, "~exit", &dest)),
+        403,
+        "mallory was let into an exit that admits only alice"
+    );
+    assert_eq!(
+        rt.block_on(exit_tunnel(&m.sender, &honest.a_id, &owner, "web", &dest)),
+        400,
+        "a destination on a tunnel to a service"
+    );
+    assert_eq!(
+        rt.block_on(exit_tunnel(
+            &a.sender,
+            &honest.a_id,
+            &owner,
+            "~exit",
+            "no port"
+        )),
+        400
+    );
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::SeqCst),
+        alice_hits,
+        "the exit connected for mallory"
+    );
+}
