@@ -17,7 +17,7 @@ use ztm_net::h2io::{self, Answer};
 use ztm_net::now_ms;
 use ztm_pki::rustls::ClientConfig;
 use ztm_pki::CrlSlot;
-use ztm_proto::model::{ApiError, Endpoint, EndpointRef, Exit, Service, TimedMessage};
+use ztm_proto::model::{self, ApiError, Endpoint, EndpointRef, Exit, Service, TimedMessage};
 use ztm_proto::wire::{
     EndpointInfo, Proto, ServiceDecl, ServiceInfo, ENDPOINT_USER_HEADER, EXIT_SERVICE,
     MAX_MANAGE_BODY, NOT_HERE, REQUEST_TIMEOUT, TUNNEL_STREAMS,
@@ -35,6 +35,8 @@ pub struct LinkState {
     pub control: Option<Control>,
     /// Why the last attempt failed, while it keeps failing.
     pub error: Option<TimedMessage>,
+    /// The round trip of the latest PING on the control connection, while registered.
+    pub rtt: Option<Duration>,
 }
 
 /// A registered control connection to a hub.
@@ -67,6 +69,20 @@ pub struct HubLink {
 impl HubLink {
     pub fn state(&self) -> MutexGuard<'_, LinkState> {
         self.state.lock()
+    }
+
+    /// The link as the REST API shows it.
+    pub fn view(&self) -> model::HubLink {
+        let state = self.state();
+        model::HubLink {
+            address: self.addr.clone(),
+            connected: state.control.is_some(),
+            rtt_ms: state
+                .control
+                .as_ref()
+                .and(state.rtt)
+                .map(|d| d.as_secs_f64() * 1e3),
+        }
     }
 }
 
@@ -342,6 +358,11 @@ impl Mesh {
     /// The agent's figures, which this mesh's tunnels count in.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Each hub link as the REST API shows it, in the order of the configuration.
+    pub fn hub_links(&self) -> Vec<model::HubLink> {
+        self.links.iter().map(|l| l.view()).collect()
     }
 
     /// Hubs with a registered control connection.

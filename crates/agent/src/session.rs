@@ -3,6 +3,7 @@
 //! backoff on any failure.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use bytes::Bytes;
@@ -63,7 +64,11 @@ pub async fn run_link(rt: Arc<Mesh>, link: Arc<HubLink>) {
     let mut last_error: Option<String> = None;
     loop {
         let result = connect_once(&rt, &link, &mut backoff, &mut last_error).await;
-        link.state().control = None;
+        {
+            let mut state = link.state();
+            state.control = None;
+            state.rtt = None;
+        }
         if rt.stopping().is_cancelled() {
             return;
         }
@@ -200,10 +205,13 @@ async fn connect_once(
         .first()
         .and_then(|c| ztm_pki::cert_info(c.as_ref()).ok());
     let (stream, control_bye) = goaway::wrap(stream, Role::Client);
-    let (sender, conn) = ztm_net::h2io::client_builder()
+    let (sender, mut conn) = ztm_net::h2io::client_builder()
         .handshake::<_, Bytes>(stream)
         .await
         .map_err(|e| describe_h2(&e))?;
+    let mut pings = conn
+        .ping_pong()
+        .ok_or_else(|| anyhow!("no PING handle on the control connection"))?;
     let mut driver = spawn_owned(async move {
         let _ = conn.await;
     });
@@ -255,10 +263,13 @@ async fn connect_once(
     crl_rx.mark_changed();
     let mut crl_open = true;
 
+    // Connected with its round-trip time known: whoever sees the link up sees that too.
+    let rtt = round_trip(&mut pings).await?;
     {
         let mut state = link.state();
         state.control = Some(crate::mesh::Control::new(sender.clone(), &link.addr));
         state.error = None;
+        state.rtt = Some(rtt);
     }
     backoff.reset();
     *last_error = None;
@@ -296,6 +307,10 @@ async fn connect_once(
                     Ok(a) => break Err(anyhow!("the hub dropped our session ({})", a.error_message())),
                     Err(e) => break Err(anyhow!("heartbeat failed: {e:#}")),
                 }
+                match round_trip(&mut pings).await {
+                    Ok(rtt) => link.state().rtt = Some(rtt),
+                    Err(e) => break Err(e),
+                }
             }
             changed = services_rx.changed() => {
                 if changed.is_err() {
@@ -315,6 +330,18 @@ async fn connect_once(
     };
     // What the hub said when it closed a connection explains the end best.
     outcome.map_err(|e| said_by_hub(&control_bye, &reverse_bye).unwrap_or(e))
+}
+
+/// Sends an HTTP/2 PING on the control connection and times its acknowledgement: the link's
+/// round-trip time (PROTOCOL.md, "Control connection"). A hub that does not answer within
+/// [`REQUEST_TIMEOUT`] is as gone as one that does not answer a heartbeat.
+async fn round_trip(pings: &mut h2::PingPong) -> Result<Duration> {
+    let started = Instant::now();
+    tokio::time::timeout(REQUEST_TIMEOUT, pings.ping(h2::Ping::opaque()))
+        .await
+        .map_err(|_| anyhow!("the hub did not answer a PING within {REQUEST_TIMEOUT:?}"))?
+        .map_err(|e| anyhow!("PING failed: {e}"))?;
+    Ok(started.elapsed())
 }
 
 /// The version of the wire protocol a hub's registration answer names must be ours (a hub
@@ -413,6 +440,10 @@ async fn handle_reverse(
     forwarded(rt, hub, req, send).await
 }
 
+/// What of an endpoint's API other endpoints may reach through a hub (PROTOCOL.md, "Reverse
+/// connection"): its services, its ports, and (read only: the routes allow no more) its hubs.
+const FORWARDED_APIS: [&str; 3] = ["services", "ports", "hubs"];
+
 /// Answers a management request hub `hub` forwarded from another endpoint by running it
 /// through this agent's own REST API, scoped to this endpoint, if the user it names may
 /// manage this endpoint (checked here again: see [`crate::admission`]).
@@ -440,7 +471,7 @@ async fn forwarded(rt: Arc<Mesh>, hub: &str, req: Request<RecvStream>, send: Sen
         );
         return respond_error(send, refusal.status(), refusal.to_string());
     }
-    if !(rest.starts_with("services") || rest.starts_with("ports")) {
+    if !FORWARDED_APIS.iter().any(|api| rest.starts_with(api)) {
         return respond_error(send, StatusCode::NOT_FOUND, "no such management API");
     }
     let uri = format!("/api/meshes/{}/endpoints/{}/{rest}", rt.name(), rt.id());

@@ -120,7 +120,7 @@ pub struct MeshAgent {
     pub expires: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Mesh {
     pub name: String,
@@ -135,6 +135,25 @@ pub struct Mesh {
     /// What needs attention soon (a certificate near its expiry).
     #[serde(default)]
     pub warnings: Vec<TimedMessage>,
+    /// Each hub of `bootstraps` (same order): whether the agent is registered with it, and
+    /// the round-trip time to it.
+    #[serde(default)]
+    pub hubs: Vec<HubLink>,
+}
+
+/// One hub of an endpoint, as the endpoint sees its link to it (`GET /api/meshes/{mesh}`'s
+/// `hubs`, and `GET /api/meshes/{mesh}/endpoints/{ep}/hubs`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HubLink {
+    /// The hub's address, `HOST:PORT`, as the endpoint dials it.
+    pub address: String,
+    /// Whether the endpoint is registered with the hub now.
+    pub connected: bool,
+    /// The round trip of the latest HTTP/2 PING on the control connection, in milliseconds
+    /// (fractions included); absent while not connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -151,6 +151,21 @@ pub fn is_connected(agent: &str) -> bool {
     try_json(agent, &format!("/api/meshes/{MESH}")).is_some_and(|m| m["connected"] == true)
 }
 
+/// The round-trip time in milliseconds that a list of hub links (`hubs` of a mesh, or
+/// `GET …/endpoints/{ep}/hubs`: `[{address, connected, rttMs?}]`) gives for the hub at `hub`,
+/// if it is connected and has one.
+pub fn hub_rtt_ms(hubs: &Value, hub: &str) -> Option<f64> {
+    hubs.as_array()?
+        .iter()
+        .find(|h| h["address"] == hub && h["connected"] == true)?["rttMs"]
+        .as_f64()
+}
+
+/// A round-trip time on loopback is more than nothing and far less than the timeouts.
+pub fn plausible_rtt_ms(ms: f64) -> bool {
+    ms > 0.0 && ms < 5_000.0
+}
+
 pub fn svc_path(ep: &str, name: &str) -> String {
     format!("/api/meshes/{MESH}/endpoints/{ep}/services/tcp/{name}")
 }

@@ -41,6 +41,16 @@ impl Stack {
 
     /// Like [`Stack::start`] in `dir`, with an error instead of a panic.
     pub fn try_start_in(ztm: &Ztm, dir: TempDir, users: &[&str]) -> anyhow::Result<Stack> {
+        Self::try_start_with(ztm, dir, users, &[])
+    }
+
+    /// Like [`Stack::try_start_in`], the hub started with `hub_flags`.
+    pub fn try_start_with(
+        ztm: &Ztm,
+        dir: TempDir,
+        users: &[&str],
+        hub_flags: &[&str],
+    ) -> anyhow::Result<Stack> {
         if users.len() > AGENT_NAMES.len() {
             return Err(anyhow!("at most {} agents", AGENT_NAMES.len()));
         }
@@ -52,7 +62,7 @@ impl Stack {
                 issued.push(try_create_user(&ca.addr, u)?);
             }
         }
-        let hub = ztm.try_start_hub(dir.path(), "hub", &ca.addr, &[])?;
+        let hub = ztm.try_start_hub(dir.path(), "hub", &ca.addr, hub_flags)?;
         let mut agents = Vec::new();
         let mut ids = Vec::new();
         for (i, u) in users.iter().enumerate() {

@@ -10,6 +10,7 @@
 mod load;
 mod plain;
 mod scale;
+mod scrape;
 mod stack;
 
 pub use plain::{run_relay, RelayArgs};
@@ -39,6 +40,10 @@ pub struct BenchArgs {
     /// ping-pongs, 100 concurrent connections)
     #[arg(long)]
     quick: bool,
+    /// Scrape the hub's metrics listener and both agents' /metrics every second while the
+    /// benchmark runs, as Prometheus would, and report the scrapes
+    #[arg(long)]
+    scrape: bool,
 }
 
 /// The benchmarks besides the tunnel's.
@@ -139,7 +144,10 @@ async fn bench(args: &BenchArgs) -> Result<()> {
         Ok(p) => p,
         Err(e) => return Err(st.explain(e)),
     };
+    let mut scrapes = args.scrape.then(scrape::Scrapes::default);
+    let scraper = start_scraper(&mut st, args.scrape)?;
     let result = measure(&plan, &mut st, &targets, &ports, &plain).await;
+    let scraped = scraper.map(scrape::Scraper::finish);
     let mut report = match result {
         Ok(r) => r,
         Err(e) => return Err(st.explain(e)),
@@ -150,12 +158,19 @@ async fn bench(args: &BenchArgs) -> Result<()> {
     // our own record layer saves.
     eprintln!("bench: restarting the stack with ZTM_TLS=rustls for the relay CPU ...");
     let (mut st, ports) = stack::start(&services, &[(ztm_tls::Records::VAR, "rustls")]).await?;
-    match relay_cpu(&plan, &mut st, &targets, &ports).await {
+    let scraper = start_scraper(&mut st, args.scrape)?;
+    let result = relay_cpu(&plan, &mut st, &targets, &ports).await;
+    if let Some(all) = scrapes.as_mut() {
+        all.add(scraped.unwrap_or_default());
+        all.add(scraper.map(scrape::Scraper::finish).unwrap_or_default());
+    }
+    match result {
         Ok((secs, bytes)) => (report.rustls_cpu_secs, report.rustls_bytes) = (secs, bytes),
         Err(e) => return Err(st.explain(e)),
     }
     st.check_alive()?;
     drop(st);
+    report.scrapes = scrapes;
     print!("{}", report.table(&plan));
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&report.json(&plan))?;
@@ -163,6 +178,24 @@ async fn bench(args: &BenchArgs) -> Result<()> {
         eprintln!("bench: wrote {}", path.display());
     }
     Ok(())
+}
+
+/// With `--scrape`: a scraper of the stack's metrics, running until it is finished.
+fn start_scraper(st: &mut stack::Stack, on: bool) -> Result<Option<scrape::Scraper>> {
+    if !on {
+        return Ok(None);
+    }
+    let targets = match st.scrape_targets() {
+        Ok(t) => t,
+        Err(e) => return Err(st.explain(e)),
+    };
+    eprintln!(
+        "bench: scraping the metrics of the hub and both agents every {} s",
+        scrape::EVERY.as_secs()
+    );
+    Ok(Some(
+        scrape::Scraper::start(targets).context("starting the scraper")?,
+    ))
 }
 
 /// Per-relay memory, bytes.
@@ -242,6 +275,8 @@ struct Report {
     rustls_cpu_secs: Vec<f64>,
     rustls_bytes: u64,
     mem: Vec<Mem>,
+    /// With `--scrape`: the scrapes of the metrics while the benchmark ran.
+    scrapes: Option<scrape::Scrapes>,
 }
 
 /// VmRSS of each of `pids`, bytes.
@@ -393,6 +428,7 @@ async fn measure(
         rustls_cpu_secs: Vec::new(),
         rustls_bytes: 0,
         mem,
+        scrapes: None,
     })
 }
 
@@ -677,6 +713,9 @@ impl Report {
             self.rustls_bytes as f64 / 1e9,
             (ratio(self.cpu_per_gb(), self.rustls_cpu_per_gb()) - 1.0) * 100.0,
         );
+        if let Some(scrapes) = &self.scrapes {
+            let _ = writeln!(s, "{}", scrapes.line());
+        }
         let _ = writeln!(
             s,
             "\n{:<10} {:>12} {:>18} {:>14} {:>16}",
@@ -830,6 +869,7 @@ impl Report {
             },
             "rss": rss,
             "targets": targets,
+            "scrape": self.scrapes.as_ref().map(scrape::Scrapes::json),
         })
     }
 }

@@ -442,6 +442,7 @@ fn a_compromised_hub_cannot_manage_for_users_who_may_not() {
     let attempts = [
         (Method::GET, "/api/services".to_string(), String::new()),
         (Method::GET, "/api/ports".to_string(), String::new()),
+        (Method::GET, "/api/hubs".to_string(), String::new()),
         (Method::POST, port_path.clone(), port_body.clone()),
         (
             Method::POST,
@@ -491,11 +492,11 @@ fn a_compromised_hub_cannot_manage_for_users_who_may_not() {
 
     // The endpoint's user and root may.
     for user in ["bob", "root"] {
-        let answer = c.rt.block_on(
-            c.reverse
-                .request(Method::GET, "/api/services", Some(user), ""),
-        );
-        assert_eq!(answer.status, 200, "{user}: {answer:?}");
+        for path in ["/api/services", "/api/hubs"] {
+            let answer =
+                c.rt.block_on(c.reverse.request(Method::GET, path, Some(user), ""));
+            assert_eq!(answer.status, 200, "{user} {path}: {answer:?}");
+        }
     }
     let answer =
         c.rt.block_on(

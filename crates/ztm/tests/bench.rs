@@ -165,6 +165,9 @@ fn quick_bench_reports_every_scenario() {
         report["targets"].as_array().is_some_and(|t| !t.is_empty()),
         "no targets judged: {text}"
     );
+    // Nobody scrapes the metrics unless asked.
+    assert!(report["scrape"].is_null(), "{}", report["scrape"]);
+    assert!(!stdout.contains("metrics scrapes"), "{stdout}");
     // The temporary directory of the bench (databases, logs) is gone.
     let leftovers: Vec<_> = std::fs::read_dir(std::env::temp_dir())
         .unwrap()
@@ -176,6 +179,52 @@ fn quick_bench_reports_every_scenario() {
         })
         .collect();
     assert!(leftovers.is_empty(), "bench left {leftovers:?} behind");
+}
+
+/// `ztm bench --quick --scrape`: the hub's metrics listener and both agents' /metrics are
+/// scraped every second while the benchmark runs, every scrape answered, and the count is in
+/// the table and the JSON.
+#[test]
+fn quick_bench_scrapes_the_metrics() {
+    let dir = std::env::temp_dir().join(format!("ztm-test-bench-scrape-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json_path = dir.join("bench.json");
+    let args = [
+        "bench",
+        "--quick",
+        "--scrape",
+        "--json",
+        json_path.to_str().unwrap(),
+    ];
+    let out = run_bounded(&args, &dir, Duration::from_secs(600)).output;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "ztm bench --quick --scrape failed ({:?}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    let text = std::fs::read_to_string(&json_path).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let report: Value = serde_json::from_str(&text).unwrap();
+    let scrape = &report["scrape"];
+    assert_eq!(scrape["interval_s"], 1.0, "{scrape}");
+    // The quick run lasts well over ten seconds: so many scrapes of each, at least.
+    for target in ["hub", "agent-a", "agent-b"] {
+        let t = &scrape["targets"][target];
+        let n = t["scrapes"].as_u64().unwrap_or(0);
+        assert!(n >= 10, "{target}: {n} scrapes: {scrape}");
+        assert_eq!(t["failed"], 0, "{target}: {scrape}");
+        positive(t, "mean_bytes", target);
+        positive(t, "mean_ms", target);
+    }
+    let total = scrape["scrapes"].as_u64().unwrap_or(0);
+    assert!(
+        stdout.contains(&format!(
+            "metrics scrapes every 1 s during the run: {total} in all"
+        )),
+        "no scrape line for {total} scrapes:\n{stdout}"
+    );
 }
 
 /// Child processes of `pid`, from /proc.

@@ -47,6 +47,17 @@ impl Run {
     }
 }
 
+/// The round-trip time `describe ep` shows for hub `hub`, connected, in its "Hubs:" table
+/// (`HUB  CONNECTED  RTT` rows: `ADDRESS  yes  0.213 ms`).
+fn hub_rtt_shown(out: &str, hub: &str) -> Option<f64> {
+    let table = out.split("Hubs:\n").nth(1)?;
+    let row = table.lines().find(|l| l.trim_start().starts_with(hub))?;
+    match row.split_whitespace().collect::<Vec<_>>()[..] {
+        [_, "yes", ms, "ms"] => ms.parse().ok(),
+        _ => None,
+    }
+}
+
 fn cell<'a>(row: &'a [(String, String)], col: &str) -> Option<&'a str> {
     row.iter().find(|(c, _)| c == col).map(|(_, v)| v.as_str())
 }
@@ -293,6 +304,13 @@ fn cli_drives_a_mesh() {
     let r = ztm_ok(home, &a.addr, &["describe", "ep", "b"]);
     assert!(r.out.contains(&b_id) && r.out.contains("bob"), "{r:?}");
     assert!(r.out.contains("tcp/greet"), "B's services not shown: {r:?}");
+    // Its hubs, as B sees them (asked through the hub), and this endpoint's own.
+    for ep in ["b", "a"] {
+        let r = ztm_ok(home, &a.addr, &["describe", "ep", ep]);
+        let ms = hub_rtt_shown(&r.out, &hub.addr)
+            .unwrap_or_else(|| panic!("no RTT to the hub for {ep}: {r:?}"));
+        assert!(plausible_rtt_ms(ms), "{ms} ms: {r:?}");
+    }
     let r = ztm_ok(home, &a.addr, &["describe", "svc", "tcp/greet"]);
     assert!(r.out.contains(&b_id), "{r:?}");
 

@@ -230,6 +230,13 @@ fn non_root_user_cannot_manage_another_users_endpoint() {
     assert!(!has_service(&after, "evil"));
     assert_eq!(get(a, &svc_path(&net.a_id, "evil")).status, 404);
 
+    // Reading A's hubs is managing A too: refused.
+    let r = get(
+        b,
+        &format!("/api/meshes/{MESH}/endpoints/{}/hubs", net.a_id),
+    );
+    assert_eq!(r.status, 403, "A's hubs read by bob: {}", r.text());
+
     // bob may still manage his own endpoint, and root may manage bob's.
     let r = create_service(b, &net.b_id, "bob-svc", 9002);
     assert!(is_2xx(&r), "bob on B: {} {}", r.status, r.text());
@@ -240,6 +247,15 @@ fn non_root_user_cannot_manage_another_users_endpoint() {
         has_service(&on_b, "bob-svc") && has_service(&on_b, "root-svc"),
         "{on_b:?}"
     );
+    // Root reads B's hubs: B answers with its own link, connected, and its round-trip time.
+    let r = get(
+        a,
+        &format!("/api/meshes/{MESH}/endpoints/{}/hubs", net.b_id),
+    );
+    assert_eq!(r.status, 200, "B's hubs read by root: {}", r.text());
+    let hubs = r.json();
+    let rtt = hub_rtt_ms(&hubs, &net.hubs[0].addr).unwrap_or_else(|| panic!("{hubs}"));
+    assert!(plausible_rtt_ms(rtt), "{hubs}");
 }
 
 /// 4. The hub is killed and restarted: agents reconnect by themselves.

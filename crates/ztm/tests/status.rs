@@ -1,6 +1,6 @@
-//! `ztm status`: healthy when all is well (exit 0), and what is wrong otherwise (exit 1): a
-//! port that cannot listen, a port whose service has no provider online, a hub that is down,
-//! an agent that does not answer.
+//! `ztm status`: healthy when all is well (exit 0), with each hub and the round-trip time to
+//! it, and what is wrong otherwise (exit 1): a port that cannot listen, a port whose service
+//! has no provider online, a hub that is down, an agent that does not answer.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
@@ -40,6 +40,20 @@ fn status_is_healthy_or_says_what_is_wrong() {
         "{out}"
     );
     assert!(out.contains("1/1"), "{out}");
+    // B's hub, connected, with the round-trip time to it: in the API and on screen.
+    let hub = honest.hub.addr.clone();
+    let mesh = mesh_info(&b);
+    let rtt = hub_rtt_ms(&mesh["hubs"], &hub).unwrap_or_else(|| panic!("no RTT: {mesh}"));
+    assert!(plausible_rtt_ms(rtt), "{rtt} ms: {mesh}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with(&hub))
+        .unwrap_or_else(|| panic!("no row for hub {hub}: {out}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells.get(2), Some(&"yes"), "{row}");
+    assert_eq!(cells.get(4), Some(&"ms"), "{row}");
+    let shown: f64 = cells[3].parse().unwrap_or_else(|_| panic!("RTT: {row}"));
+    assert!(plausible_rtt_ms(shown), "{row}");
 
     // A port whose service nobody provides, and a port that cannot listen (taken).
     let ep = local_id(&b);
@@ -82,9 +96,9 @@ fn status_is_healthy_or_says_what_is_wrong() {
     );
     drop(taken);
 
-    // The hub goes down: B's mesh is no longer connected.
-    let mut hub = honest.hub;
-    hub.proc.kill9();
+    // The hub goes down: B's mesh is no longer connected, and has no RTT to show.
+    let mut hub_proc = honest.hub;
+    hub_proc.proc.kill9();
     wait_until(
         Duration::from_secs(30),
         "status says the hub is gone",
@@ -94,6 +108,16 @@ fn status_is_healthy_or_says_what_is_wrong() {
                 .contains("not connected to any of its hubs")
         },
     );
+    let out = status(&ztm, &cli, &b, &[]).1;
+    let row = out.lines().find(|l| l.starts_with(&hub)).unwrap_or("");
+    assert_eq!(
+        row.split_whitespace().skip(2).collect::<Vec<_>>(),
+        ["no", "-"],
+        "{out}"
+    );
+    let mesh = mesh_info(&b);
+    assert_eq!(mesh["hubs"][0]["connected"], false, "{mesh}");
+    assert!(mesh["hubs"][0].get("rttMs").is_none(), "{mesh}");
 
     // No agent at all.
     let (code, out, err) = status(&ztm, &cli, &format!("127.0.0.1:{}", free_port()), &[]);

@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing;
 use axum::{Extension, Json, Router};
 use ztm_proto::listing::{self, ListQuery};
+use ztm_proto::model::HubLink;
 use ztm_proto::names::decode_segment;
 use ztm_proto::wire::TOTAL_HEADER;
 
@@ -59,6 +60,7 @@ pub(super) fn scoped(agent: Arc<Agent>) -> Router<Arc<Agent>> {
                 .post(services::create)
                 .delete(services::delete),
         )
+        .route("/hubs", routing::get(hubs_local))
         .route(
             "/exit",
             routing::get(exits::get_local)
@@ -85,6 +87,15 @@ pub(super) fn scoped(agent: Arc<Agent>) -> Router<Arc<Agent>> {
             agent,
             here_or_through_a_hub,
         ))
+}
+
+/// `GET .../endpoints/{ep}/hubs` for this endpoint: each of its hubs, whether it is registered
+/// with it, and the round-trip time to it. Another endpoint answers for itself, through a hub.
+async fn hubs_local(
+    State(agent): State<Arc<Agent>>,
+    Path((mesh, _ep)): Path<(String, String)>,
+) -> ApiResult<Json<Vec<HubLink>>> {
+    Ok(Json(runtime(&agent, &mesh)?.hub_links()))
 }
 
 /// A path under one endpoint that is not in its API.

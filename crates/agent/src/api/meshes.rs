@@ -39,6 +39,7 @@ fn mesh_json(rt: &MeshRuntime) -> Mesh {
         errors: rt.errors(),
         ca_expires: rt.ca_expires(),
         warnings: rt.warnings(),
+        hubs: rt.hub_links(),
     }
 }
 

@@ -108,6 +108,17 @@ impl Stack {
         }
     }
 
+    /// What a Prometheus watching the mesh would scrape: the hub's metrics listener and each
+    /// agent's API (`GET /metrics`), by process name.
+    pub fn scrape_targets(&mut self) -> Result<Vec<(&'static str, String)>> {
+        let hub = self.mesh.hub.proc.wait_address(HUB_METRICS, START_WITHIN)?;
+        let mut targets = vec![("hub", hub)];
+        for (i, name) in ["agent-a", "agent-b"].into_iter().enumerate() {
+            targets.push((name, self.mesh.api(i).to_string()));
+        }
+        Ok(targets)
+    }
+
     /// Starts three chained plain relays (see `plain.rs`) in front of each of `targets`;
     /// returns the first hop's address for each target. The processes are the stack's: checked
     /// and stopped with it.
@@ -128,6 +139,9 @@ impl Stack {
         Ok(next)
     }
 }
+
+/// What the hub logs with the address of its metrics listener.
+const HUB_METRICS: &str = "hub metrics on ";
 
 /// How long a process may take to come up.
 const START_WITHIN: Duration = Duration::from_secs(30);
@@ -162,7 +176,13 @@ pub async fn start(
             ztm = ztm.with_env(k, v);
         }
         let dir = TempDir::try_with_prefix("ztm-bench")?;
-        let mesh = ztm_testkit::stack::Stack::try_start_in(&ztm, dir, &["root", "root"])?;
+        // The hub serves its metrics, as a watched hub would (`--scrape` reads them).
+        let mesh = ztm_testkit::stack::Stack::try_start_with(
+            &ztm,
+            dir,
+            &["root", "root"],
+            &["--metrics", ztm_testkit::roles::ANY_PORT],
+        )?;
         let mut stack = Stack {
             plain: Vec::new(),
             mesh,

@@ -179,6 +179,18 @@ pub fn age(ms: u64) -> String {
     }
 }
 
+/// A round-trip time given in milliseconds, for people: `0.213 ms`, `4.52 ms`, `12.5 ms`,
+/// `250 ms` (three significant digits or more); `-` if unknown.
+pub fn rtt(ms: Option<f64>) -> String {
+    match ms {
+        None => "-".to_string(),
+        Some(ms) if ms < 1.0 => format!("{ms:.3} ms"),
+        Some(ms) if ms < 10.0 => format!("{ms:.2} ms"),
+        Some(ms) if ms < 100.0 => format!("{ms:.1} ms"),
+        Some(ms) => format!("{ms:.0} ms"),
+    }
+}
+
 /// A millisecond timestamp as `YYYY-MM-DD HH:MM:SS` UTC.
 pub fn time(ms: u64) -> String {
     ztm_net::utc(ms)
@@ -187,6 +199,19 @@ pub fn time(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn round_trip_times() {
+        for (ms, text) in [
+            (None, "-"),
+            (Some(0.0871), "0.087 ms"),
+            (Some(4.518), "4.52 ms"),
+            (Some(12.54), "12.5 ms"),
+            (Some(250.4), "250 ms"),
+        ] {
+            assert_eq!(rtt(ms), text, "{ms:?}");
+        }
+    }
 
     #[test]
     fn aligned() {

@@ -1,9 +1,9 @@
-//! Endpoints: `get ep` and `describe ep` (with the endpoint's services and ports).
+//! Endpoints: `get ep` and `describe ep` (with the endpoint's hubs, services and ports).
 
 use anyhow::Result;
-use ztm_proto::model::{Endpoint, Mesh, Port, Service};
+use ztm_proto::model::{Endpoint, HubLink, Mesh, Port, Service};
 
-use super::{ep_path, listen_text, mesh_path, ports, print_json, services, Ctx};
+use super::{ep_path, hubs_table, listen_text, mesh_path, ports, print_json, services, Ctx};
 use crate::client::table::{age, yes_no, Fields, Table};
 use crate::client::MeshOpt;
 
@@ -43,7 +43,8 @@ fn table(mesh: &Mesh, eps: &[Endpoint]) -> Table {
     t
 }
 
-/// `describe ep NAME`: the endpoint, its services and its ports.
+/// `describe ep NAME`: the endpoint, its hubs (with the round-trip time to each, as the
+/// endpoint measures it), its services and its ports.
 pub(super) async fn describe(ctx: &Ctx, mesh_opt: &MeshOpt, name: &str) -> Result<()> {
     let mesh = ctx.mesh(mesh_opt).await?;
     let path = ep_path(&mesh, Some(name));
@@ -73,6 +74,12 @@ pub(super) async fn describe(ctx: &Ctx, mesh_opt: &MeshOpt, name: &str) -> Resul
         .get_as::<Vec<Port>>(&format!("{by_id}/ports"))
         .await
         .map(|(p, _)| p);
+    // The endpoint's own view of its hubs: this agent's links, or the far agent's answer.
+    let hubs = ctx
+        .agent
+        .get_as::<Vec<HubLink>>(&format!("{by_id}/hubs"))
+        .await
+        .map(|(h, _)| h);
     let mut f = Fields::new();
     f.add("Name", &ep.name);
     f.add("ID", &ep.id);
@@ -88,6 +95,11 @@ pub(super) async fn describe(ctx: &Ctx, mesh_opt: &MeshOpt, name: &str) -> Resul
     );
     f.add("Local", yes_no(is_local(&mesh, &ep)));
     f.add("Mesh", &mesh.name);
+    match &hubs {
+        Ok(h) if h.is_empty() => f.add("Hubs", "(none)"),
+        Err(e) => f.add("Hubs", format!("(not available: {e:#})")),
+        Ok(_) => {}
+    }
     match &services {
         Ok(s) if s.is_empty() => f.add("Services", "(none)"),
         Err(e) => f.add("Services", format!("(not available: {e:#})")),
@@ -99,6 +111,12 @@ pub(super) async fn describe(ctx: &Ctx, mesh_opt: &MeshOpt, name: &str) -> Resul
         Ok(_) => {}
     }
     out!("{}", f.render());
+    if let Ok(h) = hubs.as_deref().map(hubs_table) {
+        if !h.is_empty() {
+            outln!("Hubs:");
+            out!("{}", h.render_indented("  "));
+        }
+    }
     if let Ok(s) = services.as_deref().map(services::table) {
         if !s.is_empty() {
             outln!("Services:");

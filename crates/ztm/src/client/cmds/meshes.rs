@@ -8,7 +8,7 @@ use serde_json::Value;
 use ztm_proto::invite::Invitation;
 use ztm_proto::model::{JoinAgent, JoinRequest, LogEntry, Mesh};
 
-use super::{mesh_path, print_json, Ctx};
+use super::{hub_text, mesh_path, print_json, Ctx};
 use crate::client::api::decode;
 use crate::client::table::{clean, time, yes_no, Fields, Table};
 use crate::client::{JoinArgs, MeshOpt, Usage};
@@ -74,7 +74,18 @@ pub(super) async fn describe(ctx: &Ctx, mesh_opt: &MeshOpt, name: Option<String>
     f.add("User", &mesh.agent.username);
     f.add("Endpoint", &mesh.agent.name);
     f.add("Endpoint ID", &mesh.agent.id);
-    f.add("Hubs", mesh.bootstraps.join(", "));
+    f.add(
+        "Hubs",
+        if mesh.hubs.is_empty() {
+            mesh.bootstraps.join(", ")
+        } else {
+            mesh.hubs
+                .iter()
+                .map(hub_text)
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+    );
     f.add("Connected", yes_no(mesh.connected));
     f.add(
         "Certificate expires",

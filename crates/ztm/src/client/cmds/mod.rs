@@ -12,10 +12,10 @@ mod status;
 use anyhow::{anyhow, Result};
 use serde_json::Value;
 use ztm_proto::addr::HostPort;
-use ztm_proto::model::Mesh;
+use ztm_proto::model::{HubLink, Mesh};
 
 use super::api::{enc, normalize_addr, Agent, Config, DEFAULT_AGENT};
-use super::table::json_text;
+use super::table::{json_text, rtt, yes_no, Table};
 use super::{
     ClientCommand, Common, CreateWhat, DeleteWhat, DescribeWhat, GetWhat, MeshOpt, Output, Usage,
 };
@@ -161,6 +161,25 @@ fn ep_label(mesh: &Mesh, ep: Option<&str>) -> String {
             format!("{} (this endpoint)", mesh.agent.name)
         }
         Some(e) => e.to_string(),
+    }
+}
+
+/// One row per hub of an endpoint: its address, whether the endpoint is registered with it,
+/// and the round-trip time to it.
+fn hubs_table(hubs: &[HubLink]) -> Table {
+    let mut t = Table::new(&["HUB", "CONNECTED", "RTT"]);
+    for h in hubs {
+        t.row(vec![h.address.clone(), yes_no(h.connected), rtt(h.rtt_ms)]);
+    }
+    t
+}
+
+/// One hub in a line of text: `ADDRESS (RTT)`, or `ADDRESS (not connected)`.
+fn hub_text(h: &HubLink) -> String {
+    if h.connected {
+        format!("{} ({})", h.address, rtt(h.rtt_ms))
+    } else {
+        format!("{} (not connected)", h.address)
     }
 }
 

@@ -1,7 +1,8 @@
 //! `ztm status`: whether this computer is fine, on one screen — the agent, each mesh's
-//! connection to its hubs, certificate expiry, and each port with whether its service has a
-//! provider online. The exit status says whether anything needs attention (0: all is well;
-//! 1: something does, or the agent does not answer), for scripts and monitors.
+//! connection to its hubs (with the round-trip time to each), certificate expiry, and each
+//! port with whether its service has a provider online. The exit status says whether anything
+//! needs attention (0: all is well; 1: something does, or the agent does not answer), for
+//! scripts and monitors.
 
 use anyhow::{anyhow, Result};
 use serde_json::json;
@@ -9,7 +10,7 @@ use ztm_proto::model::{Mesh, Port, Service};
 
 use super::{ep_path, listen_text, mesh_path, print_json, Ctx};
 use crate::client::api::enc;
-use crate::client::table::{clean, now_ms, yes_no, Table};
+use crate::client::table::{clean, now_ms, rtt, yes_no, Table};
 
 /// What one mesh looks like from here: the mesh, its ports, and for each port the service it
 /// maps to as the agent finds it now (`None`: no provider online).
@@ -187,17 +188,27 @@ fn render(ctx: &Ctx, states: &[MeshState], found: &[Problem]) {
         outln!("No mesh joined (see `ztm join --help`).");
         return;
     }
-    let mut t = Table::new(&["MESH", "CONNECTED", "HUBS", "CERT EXPIRES", "PORTS OK"]);
+    let mut t = Table::new(&["MESH", "CONNECTED", "HUBS UP", "CERT EXPIRES", "PORTS OK"]);
     for s in states {
         let ok = s
             .ports
             .iter()
             .filter(|(p, svc)| p.open && served(p, svc.as_ref()))
             .count();
+        let hubs = &s.mesh.hubs;
         t.row(vec![
             s.mesh.name.clone(),
             yes_no(s.mesh.connected),
-            s.mesh.bootstraps.join(","),
+            if hubs.is_empty() {
+                // An agent that does not say how each hub is: its list.
+                s.mesh.bootstraps.join(",")
+            } else {
+                format!(
+                    "{}/{}",
+                    hubs.iter().filter(|h| h.connected).count(),
+                    hubs.len()
+                )
+            },
             match s.mesh.agent.expires {
                 0 => "-".to_string(),
                 ms => ztm_net::date(ms),
@@ -206,6 +217,20 @@ fn render(ctx: &Ctx, states: &[MeshState], found: &[Problem]) {
         ]);
     }
     out!("{}", t.render());
+    let mut hubs = Table::new(&["HUB", "MESH", "CONNECTED", "RTT"]);
+    for s in states {
+        for h in &s.mesh.hubs {
+            hubs.row(vec![
+                h.address.clone(),
+                s.mesh.name.clone(),
+                yes_no(h.connected),
+                rtt(h.rtt_ms),
+            ]);
+        }
+    }
+    if !hubs.is_empty() {
+        out!("{}", hubs.render());
+    }
     for s in states {
         for w in &s.mesh.warnings {
             outln!("Warning: mesh {}: {}", s.mesh.name, clean(&w.message));
@@ -243,6 +268,7 @@ mod tests {
             errors: vec![],
             ca_expires: 0,
             warnings: vec![],
+            hubs: vec![],
         }
     }
 
