@@ -139,7 +139,7 @@ async fn exit_tunnel(
 fn the_hub_keeps_users_out_of_exits_that_do_not_admit_them() {
     let honest = Honest::start(&ztm!(), "attack-exit-hub", &[]);
     let mallory = honest.user("mallory");
-    let alice = honest.user("alice");
+    let alice = honest.alice.clone();
     let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let target = l.local_addr().unwrap().port();
