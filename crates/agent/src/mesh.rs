@@ -17,10 +17,10 @@ use ztm_net::h2io::{self, Answer};
 use ztm_net::now_ms;
 use ztm_pki::rustls::ClientConfig;
 use ztm_pki::CrlSlot;
-use ztm_proto::model::{ApiError, Endpoint, Service, TimedMessage};
+use ztm_proto::model::{ApiError, Endpoint, EndpointRef, Exit, Service, TimedMessage};
 use ztm_proto::wire::{
-    EndpointInfo, Proto, ServiceDecl, ServiceInfo, ENDPOINT_USER_HEADER, MAX_MANAGE_BODY, NOT_HERE,
-    REQUEST_TIMEOUT, TUNNEL_STREAMS,
+    EndpointInfo, Proto, ServiceDecl, ServiceInfo, ENDPOINT_USER_HEADER, EXIT_SERVICE,
+    MAX_MANAGE_BODY, NOT_HERE, REQUEST_TIMEOUT, TUNNEL_STREAMS,
 };
 
 use crate::discovery;
@@ -93,6 +93,24 @@ pub struct LocalService {
     pub users: Option<Vec<String>>,
 }
 
+/// This endpoint's exit, as an incoming exit tunnel needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalExit {
+    pub rules: ztm_proto::exit::Rules,
+    /// The users it admits besides root and this endpoint's user (`None`: every user).
+    pub users: Option<Vec<String>>,
+}
+
+impl LocalExit {
+    /// The exit as stored (rules that no longer parse make no exit, and say why).
+    pub fn of(exit: &Exit) -> Result<LocalExit, String> {
+        Ok(LocalExit {
+            rules: ztm_proto::exit::Rules::parse(&exit.allow)?,
+            users: exit.users.clone(),
+        })
+    }
+}
+
 /// How long a hub's answer about a service is trusted for choosing tunnel providers.
 const PROVIDERS_TTL: Duration = Duration::from_secs(2);
 /// Most services whose providers are kept (the cache is emptied when it would hold more).
@@ -114,7 +132,8 @@ const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
     .remove(b'-')
     .remove(b'.')
     .remove(b'_')
-    .remove(b'@');
+    .remove(b'@')
+    .remove(b'~');
 
 /// Each connected hub's service list, by link index.
 type HubServices = Arc<Vec<(usize, Vec<ServiceInfo>)>>;
@@ -136,6 +155,8 @@ pub struct Mesh {
     router: axum::Router,
     /// Local services by protocol and name, for incoming tunnels.
     local: RwLock<HashMap<(Proto, String), LocalService>>,
+    /// This endpoint's exit, if it is one.
+    exit: RwLock<Option<Arc<LocalExit>>>,
     /// Requests from hubs refused by [`crate::admission`], for the warnings about them.
     refusals: Mutex<RefusalLog>,
     /// Recent answers of the hubs about one service each, for choosing tunnel providers
@@ -166,8 +187,8 @@ fn local_map(services: &[ServiceRecord]) -> HashMap<(Proto, String), LocalServic
         .collect()
 }
 
-/// What the agent publishes of its services to hubs (no host or port).
-pub fn decls(services: &[ServiceRecord]) -> Vec<ServiceDecl> {
+/// What the agent publishes of its services and its exit to hubs (no host, port or rules).
+pub fn decls(services: &[ServiceRecord], exit: Option<&LocalExit>) -> Vec<ServiceDecl> {
     services
         .iter()
         .map(|s| ServiceDecl {
@@ -175,7 +196,24 @@ pub fn decls(services: &[ServiceRecord]) -> Vec<ServiceDecl> {
             name: s.name.clone(),
             users: s.users.clone(),
         })
+        .chain(exit.map(|e| ServiceDecl {
+            protocol: Proto::Tcp,
+            name: EXIT_SERVICE.to_string(),
+            users: e.users.clone(),
+        }))
         .collect()
+}
+
+/// The stored exit of `mesh`, parsed; a problem with it is logged and makes no exit.
+fn load_exit(store: &Store, mesh: &str) -> Option<Arc<LocalExit>> {
+    let stored = store
+        .exit(mesh)
+        .map_err(|e| tracing::error!("reading the exit of mesh {mesh}: {e}"))
+        .ok()??;
+    LocalExit::of(&stored)
+        .map_err(|e| tracing::error!("the exit of mesh {mesh} is not used: {e}"))
+        .ok()
+        .map(Arc::new)
 }
 
 /// When a PEM certificate expires, in ms since the epoch (0 if it cannot be read).
@@ -218,7 +256,8 @@ impl Mesh {
             }
         };
         let services = store.services(&record.name).unwrap_or_default();
-        let (services_tx, _) = watch::channel(decls(&services));
+        let exit = load_exit(&store, &record.name);
+        let (services_tx, _) = watch::channel(decls(&services, exit.as_deref()));
         let links = record
             .bootstraps
             .iter()
@@ -243,6 +282,7 @@ impl Mesh {
             crl,
             router,
             local: RwLock::new(local_map(&services)),
+            exit: RwLock::new(exit),
             refusals: Mutex::new(RefusalLog::default()),
             providers_cache: Mutex::new(HashMap::new()),
             stalls: Default::default(),
@@ -340,6 +380,11 @@ impl Mesh {
 
     pub fn local_service(&self, proto: Proto, name: &str) -> Option<LocalService> {
         self.local.read().get(&(proto, name.to_string())).cloned()
+    }
+
+    /// This endpoint's exit, if it is one.
+    pub fn local_exit(&self) -> Option<Arc<LocalExit>> {
+        self.exit.read().clone()
     }
 
     pub fn forget_providers(&self) {
@@ -468,11 +513,14 @@ impl Mesh {
             .collect()
     }
 
-    /// Tells every hub link to publish the current service list.
+    /// Tells every hub link to publish the current service list and exit.
     pub fn publish(&self) {
         let services = self.store.services(&self.record.name).unwrap_or_default();
+        let exit = load_exit(&self.store, &self.record.name);
         *self.local.write() = local_map(&services);
-        self.services_tx.send_replace(decls(&services));
+        self.services_tx
+            .send_replace(decls(&services, exit.as_deref()));
+        *self.exit.write() = exit;
     }
 
     /// GETs `path` from every connected hub at once; answers that fail are skipped.
@@ -582,7 +630,7 @@ impl Mesh {
             .query_hubs::<Vec<ServiceInfo>>(&with_search("/api/services", q))
             .await;
         let local = self.store.services(&self.record.name).unwrap_or_default();
-        discovery::services(
+        let mut services = discovery::services(
             answers,
             &local,
             (
@@ -590,7 +638,30 @@ impl Mesh {
                 &self.record.agent_name,
                 self.username(),
             ),
+        );
+        // Exits are listed as exits (`Mesh::exits`), not as a service.
+        services.retain(|s| s.name != EXIT_SERVICE);
+        services
+    }
+
+    /// The online exits this agent's user may use, as the hubs list them (their own user and
+    /// root may use any; others those that admit them).
+    pub async fn exits(&self) -> Vec<EndpointRef> {
+        let path = format!("/api/services/tcp/{EXIT_SERVICE}");
+        let answers = self.query_hubs::<ServiceInfo>(&path).await;
+        discovery::services(
+            answers.into_iter().map(|s| vec![s]).collect(),
+            &[],
+            (
+                &self.record.endpoint_id,
+                &self.record.agent_name,
+                self.username(),
+            ),
         )
+        .into_iter()
+        .find(|s| s.protocol == Proto::Tcp && s.name == EXIT_SERVICE)
+        .map(|s| s.endpoints)
+        .unwrap_or_default()
     }
 
     /// Sends a management request to endpoint `ep` of `user` through the first hub that has

@@ -16,12 +16,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use ztm_net::now_ms;
 use ztm_proto::model::{PortStats, PortTarget};
-use ztm_proto::wire::Proto;
+use ztm_proto::wire::{Proto, EXIT_SERVICE};
 use ztm_relay as relay;
 
 use crate::balance::Balancer;
 use crate::figures::PortFigures;
 use crate::mesh::Mesh;
+use crate::proxy;
 use crate::store::PortRecord;
 use crate::tunnel;
 
@@ -260,56 +261,26 @@ async fn tcp_accept_loop(
             client = %client
         );
         let task = async move {
+            if target.service == EXIT_SERVICE {
+                return proxy::serve(&rt, socket, client, &target, &balancer, &figures, &stop)
+                    .await;
+            }
             let opening = Instant::now();
             let opened = tokio::select! {
-                o = tunnel::open(&rt, Proto::Tcp, &target, &balancer, Some(tunnel::FirstBytes::new(&socket))) => o,
+                o = tunnel::open(&rt, Proto::Tcp, &target, &balancer, Some(tunnel::FirstBytes::new(&socket)), None) => o,
                 _ = stop.cancelled() => return,
             };
             let opened = match opened {
                 Ok(o) => o,
                 Err(e) => {
-                    figures.failed(&e, now_ms());
+                    figures.failed(&e.to_string(), now_ms());
                     rt.event("error", &format!("connection from {client}: {e}"));
                     return;
                 }
             };
             let _open = figures.opened(opening.elapsed());
-            let started = Instant::now();
-            let ep = opened.endpoint.clone();
-            let tunnel::Opened {
-                send,
-                recv,
-                active: _active,
-                slot: _slot,
-                first_sent,
-                ..
-            } = opened;
-            let (to_service, from_service) = figures.meters();
-            relay::count(&to_service, first_sent);
-            let meters = relay::Meters {
-                sent: &to_service,
-                received: &from_service,
-            };
-            let result = tokio::select! {
-                r = relay::pump(socket, send, recv, rt.stalls(), meters) => r,
-                _ = stop.cancelled() => return,
-            };
-            match result {
-                Ok(m) => tracing::debug!(
-                    "tunnel {client} -> tcp/{}@{ep} closed: {} bytes up, {} down, {:?}",
-                    target.service,
-                    m.sent,
-                    m.received,
-                    started.elapsed()
-                ),
-                Err(e) => {
-                    tracing::debug!("tunnel {client} -> tcp/{}@{ep} failed: {e}", target.service);
-                    figures.error(
-                        &format!("tunnel to tcp/{} on {ep} broke: {e}", target.service),
-                        now_ms(),
-                    );
-                }
-            }
+            let what = format!("tcp/{}", target.service);
+            tunnel::carry(&rt, socket, opened, &figures, &stop, &what).await;
         };
         tokio::spawn(task.instrument(span));
     }
@@ -354,7 +325,7 @@ async fn udp_loop(
                     tokio::select! {
                         _ = async {
                             let opening = Instant::now();
-                            match tunnel::open(&rt, Proto::Udp, &target, &balancer, None).await {
+                            match tunnel::open(&rt, Proto::Udp, &target, &balancer, None, None).await {
                                 Ok(opened) => {
                                     let _open = figures.opened(opening.elapsed());
                                     let (to_service, from_service) = figures.meters();
@@ -365,7 +336,7 @@ async fn udp_loop(
                                     tunnel::udp_client_flow(opened, socket, client, rx, meters).await
                                 }
                                 Err(e) => {
-                                    figures.failed(&e, now_ms());
+                                    figures.failed(&e.to_string(), now_ms());
                                     rt.event("error", &format!("udp flow from {client}: {e}"));
                                 }
                             }

@@ -1,12 +1,12 @@
 //! The agent's SQLite database: meshes it joined (with its key), the services it publishes,
-//! its port mappings, each mesh's event log and the newest CRL of each mesh's CA. Every change is one transaction, so a crash at
+//! its exit, its port mappings and proxies, each mesh's event log and the newest CRL of each mesh's CA. Every change is one transaction, so a crash at
 //! any moment loses nothing that was acknowledged.
 
 use parking_lot::{Mutex, MutexGuard};
 use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension};
-use ztm_proto::model::{LogEntry, PortTarget};
+use ztm_proto::model::{Exit, LogEntry, PortTarget};
 use ztm_proto::wire::Proto;
 
 /// Log entries kept per mesh (older ones are dropped).
@@ -109,6 +109,12 @@ CREATE TABLE IF NOT EXISTS crls (
 const MIGRATIONS: &[&str] = &[
     // Endpoint ids derived from the user's name and a nonce.
     "ALTER TABLE meshes ADD COLUMN id_nonce TEXT NOT NULL DEFAULT ''",
+    // Exits: the destinations an endpoint lets connections out to, and who may use it.
+    "CREATE TABLE exits (
+        mesh TEXT PRIMARY KEY,
+        allow TEXT NOT NULL,
+        users TEXT
+    )",
 ];
 
 /// Brings the database's schema up to date, each step in its own transaction.
@@ -241,6 +247,7 @@ impl Store {
         tx.execute("DELETE FROM ports WHERE mesh = ?1", [name])?;
         tx.execute("DELETE FROM log WHERE mesh = ?1", [name])?;
         tx.execute("DELETE FROM crls WHERE mesh = ?1", [name])?;
+        tx.execute("DELETE FROM exits WHERE mesh = ?1", [name])?;
         tx.commit()?;
         Ok(n > 0)
     }
@@ -315,6 +322,42 @@ impl Store {
             "DELETE FROM services WHERE mesh = ?1 AND protocol = ?2 AND name = ?3",
             params![mesh, protocol.as_str(), name],
         )?;
+        Ok(n > 0)
+    }
+
+    /// This endpoint's exit in `mesh`, if it is one.
+    pub fn exit(&self, mesh: &str) -> Result<Option<Exit>, StoreError> {
+        let row = self
+            .conn()
+            .query_row(
+                "SELECT allow, users FROM exits WHERE mesh = ?1",
+                [mesh],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)),
+            )
+            .optional()?;
+        let Some((allow, users)) = row else {
+            return Ok(None);
+        };
+        Ok(Some(Exit {
+            allow: json_col(allow)?,
+            users: users.map(json_col).transpose()?,
+        }))
+    }
+
+    pub fn put_exit(&self, mesh: &str, exit: &Exit) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO exits (mesh, allow, users) VALUES (?1, ?2, ?3)
+             ON CONFLICT (mesh) DO UPDATE SET allow = ?2, users = ?3",
+            params![mesh, to_json(&exit.allow), exit.users.as_ref().map(to_json)],
+        )?;
+        Ok(())
+    }
+
+    /// False if there was none.
+    pub fn delete_exit(&self, mesh: &str) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .execute("DELETE FROM exits WHERE mesh = ?1", [mesh])?;
         Ok(n > 0)
     }
 
@@ -457,6 +500,19 @@ mod tests {
         drop(s);
         let s = Store::open(&path, false).unwrap();
         assert_eq!(s.services("m").unwrap().len(), 1);
+        assert_eq!(s.exit("m").unwrap(), None);
+        let exit = Exit {
+            allow: vec!["10.0.0.0/8".into(), "*.corp.example:443".into()],
+            users: Some(vec!["alice".into()]),
+        };
+        s.put_exit("m", &exit).unwrap();
+        s.put_exit("m", &exit).unwrap();
+        drop(s);
+        let s = Store::open(&path, false).unwrap();
+        assert_eq!(s.exit("m").unwrap(), Some(exit.clone()));
+        assert!(s.delete_exit("m").unwrap());
+        assert!(!s.delete_exit("m").unwrap());
+        s.put_exit("m", &exit).unwrap();
         s.put_crl("m", 3, "three").unwrap();
         s.put_crl("m", 2, "two").unwrap();
         assert_eq!(s.crl("m").unwrap().as_deref(), Some("three"));
@@ -466,6 +522,7 @@ mod tests {
         assert!(s.crl("m").unwrap().is_none());
         assert!(s.services("m").unwrap().is_empty());
         assert!(s.ports("m").unwrap().is_empty());
+        assert_eq!(s.exit("m").unwrap(), None);
         drop(s);
         // The database and its WAL files.
         for suffix in ["", "-wal", "-shm"] {

@@ -12,19 +12,23 @@ use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, StatusCode};
 use tokio::net::{TcpStream, UdpSocket};
-use ztm_net::h2io::{self, respond_error};
+use ztm_net::h2io::{self, respond_error, respond_json};
 use ztm_proto::capsule;
+use ztm_proto::model::ApiError;
 use ztm_proto::model::PortTarget;
 use ztm_proto::wire::{
-    Proto, ENDPOINT_USER_HEADER, REQUEST_TIMEOUT, SERVICE_CONNECT_TIMEOUT, TUNNEL_PROTOCOL,
-    TUNNEL_STREAMS, USER_HEADER,
+    Proto, DESTINATION_HEADER, ENDPOINT_USER_HEADER, EXIT_SERVICE, REQUEST_TIMEOUT,
+    SERVICE_CONNECT_TIMEOUT, TUNNEL_PROTOCOL, TUNNEL_STREAMS, USER_HEADER,
 };
 use ztm_relay as relay;
 
 use crate::admission;
 use crate::balance::{Active, Balancer};
+use crate::figures::PortFigures;
 use crate::mesh::{LocalService, Mesh, Provider};
 use crate::metrics::{OpenTunnel, Tunnels};
+use tokio_util::sync::CancellationToken;
+use ztm_net::now_ms;
 
 /// A UDP flow with no datagram either way for this long is closed.
 pub const UDP_IDLE: Duration = Duration::from_secs(60);
@@ -84,6 +88,32 @@ pub async fn accept(
         Ok(u) => u.to_string(),
         Err(refusal) => return respond_error(send, refusal.status(), refusal.to_string()),
     };
+    if proto == Proto::Tcp && *name == EXIT_SERVICE {
+        let (tcp, dest) = match crate::exit::connect_for(&rt, hub, &user, req.headers()).await {
+            Ok(v) => v,
+            Err(e) => {
+                let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_GATEWAY);
+                return respond_json(send, status, &e);
+            }
+        };
+        let started = Instant::now();
+        match serve_tcp(&rt, tcp, send, req.into_body(), opening).await {
+            Ok(m) => tracing::debug!(
+                user,
+                destination = %dest,
+                bytes_in = m.received,
+                bytes_out = m.sent,
+                "exit tunnel from {user} to {dest} closed after {:?}",
+                started.elapsed()
+            ),
+            Err(e) => tracing::debug!(
+                user,
+                destination = %dest,
+                "exit tunnel from {user} to {dest} failed: {e}"
+            ),
+        }
+        return;
+    }
     let Some(service) = rt.local_service(proto, name) else {
         return respond_error(
             send,
@@ -139,12 +169,7 @@ pub async fn accept(
                     )
                 }
             };
-            let _ = tcp.set_nodelay(true);
-            let _open = opening.opened();
-            let Ok(stream) = send.send_response(http::Response::new(()), false) else {
-                return;
-            };
-            relay::pump(tcp, stream, recv, rt.stalls(), meters).await
+            serve_tcp(&rt, tcp, send, recv, opening).await
         }
         Proto::Udp => {
             let socket = match udp_connected(&host, port).await {
@@ -173,6 +198,29 @@ pub async fn accept(
         ),
         Err(e) => tracing::debug!("tunnel from {user} to {proto}/{name} failed: {e}"),
     }
+}
+
+/// Service end of a TCP tunnel whose connection `tcp` is open: answers yes and relays until
+/// either side is done. Bytes count in the agent's figures as they move.
+async fn serve_tcp(
+    rt: &Mesh,
+    tcp: TcpStream,
+    mut send: SendResponse<Bytes>,
+    recv: RecvStream,
+    opening: Opening<'_>,
+) -> std::io::Result<relay::Moved> {
+    let figures = &rt.metrics().service;
+    let (to_service, from_service) = ([&figures.to_service], [&figures.from_service]);
+    let meters = relay::Meters {
+        sent: &from_service,
+        received: &to_service,
+    };
+    let _ = tcp.set_nodelay(true);
+    let _open = opening.opened();
+    let stream = send
+        .send_response(http::Response::new(()), false)
+        .map_err(std::io::Error::other)?;
+    relay::pump(tcp, stream, recv, rt.stalls(), meters).await
 }
 
 async fn udp_connected(host: &str, port: u16) -> std::io::Result<UdpSocket> {
@@ -274,6 +322,15 @@ impl<'a> FirstBytes<'a> {
         }
     }
 
+    /// First bytes read already (a proxied request's head): they go out with the CONNECT.
+    pub fn given(socket: &'a TcpStream, data: Bytes) -> FirstBytes<'a> {
+        FirstBytes {
+            socket,
+            data: (!data.is_empty()).then_some(data),
+            done: true,
+        }
+    }
+
     fn waiting(&self) -> bool {
         self.data.is_none() && !self.done
     }
@@ -283,15 +340,44 @@ impl<'a> FirstBytes<'a> {
 /// bound the hub applies when it passes first bytes on (`relay::EAGER_BYTES`).
 const FIRST_BYTES: usize = relay::EAGER_BYTES;
 
+/// Why a tunnel could not be opened: the words for the log, and the last refusal a hub or
+/// provider answered with, if one did (a proxy tells its client by it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenError {
+    pub message: String,
+    /// `None`: no provider at all, or none answered.
+    pub refusal: Option<ApiError>,
+    /// No provider that this user may reach is online.
+    pub no_provider: bool,
+}
+
+impl OpenError {
+    fn words(message: String) -> OpenError {
+        OpenError {
+            message,
+            refusal: None,
+            no_provider: false,
+        }
+    }
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// Client end: opens a tunnel to `target`, trying providers in balancing order. With `first`,
-/// the client's first bytes ride along (see [`FirstBytes`]).
+/// the client's first bytes ride along (see [`FirstBytes`]); with `destination`, the target
+/// is an exit and this is where it should connect (PROTOCOL.md, "Exit tunnels").
 pub async fn open(
     rt: &Arc<Mesh>,
     proto: Proto,
     target: &PortTarget,
     balancer: &Arc<Balancer>,
     mut first: Option<FirstBytes<'_>>,
-) -> Result<Opened, String> {
+    destination: Option<&str>,
+) -> Result<Opened, OpenError> {
     let providers = rt
         .providers(
             proto,
@@ -302,32 +388,40 @@ pub async fn open(
         )
         .await;
     if providers.is_empty() {
-        return Err(match &target.endpoint {
+        let what = if target.service == EXIT_SERVICE {
+            "an exit".to_string()
+        } else {
+            format!("{proto}/{}", target.service)
+        };
+        let message = match &target.endpoint {
             Some(ep) => format!(
-                "endpoint {ep}{} does not provide {proto}/{} (or is offline)",
+                "endpoint {ep}{} does not provide {what} to user {} (or is offline)",
                 target
                     .user
                     .as_ref()
                     .map(|u| format!(" of user {u}"))
                     .unwrap_or_default(),
-                target.service
+                rt.username()
             ),
             None => format!(
-                "no online endpoint of a trusted user ({}) provides {proto}/{} to user {}",
+                "no online endpoint of a trusted user ({}) provides {what} to user {}",
                 match &target.trust {
                     Some(list) => list.join(", "),
                     None if rt.username() == ztm_proto::acl::ROOT => rt.username().to_string(),
                     None => format!("{}, {}", rt.username(), ztm_proto::acl::ROOT),
                 },
-                target.service,
                 rt.username()
             ),
+        };
+        return Err(OpenError {
+            no_provider: true,
+            ..OpenError::words(message)
         });
     }
     let mut ids: Vec<String> = providers.iter().map(|p| p.endpoint.clone()).collect();
     ids.sort();
     ids.dedup();
-    let mut last_error = String::new();
+    let mut last_error = OpenError::words(String::new());
     for ep in balancer.order(&ids) {
         // Usually one provider; two if two users claim this id on different hubs.
         for provider in providers.iter().filter(|p| p.endpoint == ep) {
@@ -335,11 +429,11 @@ pub async fn open(
                 // A stream of its own on this connection, never one of those kept for
                 // heartbeats and requests; a full connection sends us to the next hub.
                 let Ok(slot) = control.tunnels.clone().try_acquire_owned() else {
-                    last_error = format!(
+                    last_error = OpenError::words(format!(
                         "hub {} carries {TUNNEL_STREAMS} tunnels of this agent already, as many as \
                          one connection may",
                         control.hub
-                    );
+                    ));
                     continue;
                 };
                 match connect(
@@ -348,6 +442,7 @@ pub async fn open(
                     proto,
                     &target.service,
                     first.as_mut(),
+                    destination,
                 )
                 .await
                 {
@@ -381,8 +476,14 @@ async fn connect(
     proto: Proto,
     service: &str,
     mut first: Option<&mut FirstBytes<'_>>,
-) -> Result<(SendStream<Bytes>, RecvStream), String> {
+    destination: Option<&str>,
+) -> Result<(SendStream<Bytes>, RecvStream), OpenError> {
+    let what = match destination {
+        Some(d) => format!("{d} through the exit"),
+        None => format!("{proto}/{service}"),
+    };
     let work = async {
+        let words = |e: &dyn std::fmt::Display| OpenError::words(e.to_string());
         let mut req = h2io::build(
             Method::CONNECT,
             &format!(
@@ -390,14 +491,16 @@ async fn connect(
                 provider.endpoint
             ),
         )
-        .map_err(|e| e.to_string())?
-        .header(ENDPOINT_USER_HEADER, provider.user.as_str())
-        .body(())
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| words(&e))?
+        .header(ENDPOINT_USER_HEADER, provider.user.as_str());
+        if let Some(d) = destination {
+            req = req.header(DESTINATION_HEADER, d);
+        }
+        let mut req = req.body(()).map_err(|e| words(&e))?;
         req.extensions_mut()
             .insert(h2::ext::Protocol::from_static(TUNNEL_PROTOCOL));
-        let mut sender = sender.clone().ready().await.map_err(|e| e.to_string())?;
-        let (resp, mut send) = sender.send_request(req, false).map_err(|e| e.to_string())?;
+        let mut sender = sender.clone().ready().await.map_err(|e| words(&e))?;
+        let (resp, mut send) = sender.send_request(req, false).map_err(|e| words(&e))?;
         tokio::pin!(resp);
         let resp = loop {
             let Some(first) = first.as_deref_mut() else {
@@ -409,7 +512,7 @@ async fn connect(
                 // capacity only once its HEADERS are written, so waiting for it would send
                 // the HEADERS alone): CONNECT and first bytes leave in one write. At most
                 // FIRST_BYTES, well within the initial window.
-                relay::send_eager(&mut send, data.clone()).map_err(|e| e.to_string())?;
+                relay::send_eager(&mut send, data.clone()).map_err(|e| words(&e))?;
             }
             if !first.waiting() {
                 break resp.await;
@@ -426,23 +529,72 @@ async fn connect(
             }
         };
         let ep = &provider.endpoint;
-        let resp = resp.map_err(|e| e.to_string())?;
+        let resp = resp.map_err(|e| words(&e))?;
         if resp.status() != StatusCode::OK {
-            let msg = h2io::error_message_of(resp).await;
-            return Err(format!(
-                "tunnel to {proto}/{service} on {ep} refused: {msg}"
-            ));
+            let error = h2io::error_of(resp).await;
+            return Err(OpenError {
+                message: format!("tunnel to {what} on {ep} refused: {}", error.message),
+                refusal: Some(error),
+                no_provider: false,
+            });
         }
         Ok((send, resp.into_body()))
     };
     tokio::time::timeout(REQUEST_TIMEOUT, work)
         .await
         .map_err(|_| {
-            format!(
-                "tunnel to {proto}/{service} on {}: no answer",
+            OpenError::words(format!(
+                "tunnel to {what} on {}: no answer",
                 provider.endpoint
-            )
+            ))
         })?
+}
+
+/// Client end of an opened TCP tunnel: relays between the client's `socket` and the tunnel
+/// until either side is done or `stop`, counting bytes in `figures`. `what` names the far
+/// end in the log.
+pub async fn carry(
+    rt: &Mesh,
+    socket: TcpStream,
+    opened: Opened,
+    figures: &PortFigures,
+    stop: &CancellationToken,
+    what: &str,
+) {
+    let started = Instant::now();
+    let Opened {
+        send,
+        recv,
+        endpoint: ep,
+        active: _active,
+        slot: _slot,
+        first_sent,
+    } = opened;
+    let (to_service, from_service) = figures.meters();
+    relay::count(&to_service, first_sent);
+    let meters = relay::Meters {
+        sent: &to_service,
+        received: &from_service,
+    };
+    let result = tokio::select! {
+        r = relay::pump(socket, send, recv, rt.stalls(), meters) => r,
+        _ = stop.cancelled() => return,
+    };
+    match result {
+        Ok(m) => tracing::debug!(
+            bytes_up = m.sent,
+            bytes_down = m.received,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "tunnel to {what}@{ep} closed: {} bytes up, {} down, {:?}",
+            m.sent,
+            m.received,
+            started.elapsed()
+        ),
+        Err(e) => {
+            tracing::debug!("tunnel to {what}@{ep} failed: {e}");
+            figures.error(&format!("tunnel to {what} on {ep} broke: {e}"), now_ms());
+        }
+    }
 }
 
 /// Client end of a UDP flow: datagrams from `rx` into the tunnel, capsules back to `client`.

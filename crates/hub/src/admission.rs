@@ -5,10 +5,11 @@ use std::collections::HashSet;
 
 use http::StatusCode;
 use ztm_proto::acl;
+use ztm_proto::exit::Destination;
 use ztm_proto::names::check_name;
 use ztm_proto::wire::{
-    id_belongs_to, is_endpoint_id, is_id_nonce, EndpointInfo, ServiceDecl, ServiceInfo,
-    ID_NONCE_LEN, NOT_HERE,
+    id_belongs_to, is_endpoint_id, is_id_nonce, EndpointInfo, Proto, ServiceDecl, ServiceInfo,
+    DESTINATION_HEADER, EXIT_SERVICE, ID_NONCE_LEN, NOT_HERE,
 };
 
 use crate::limits::{MAX_SERVICES, MAX_SERVICE_USERS, MAX_USER_ENTRIES};
@@ -113,6 +114,22 @@ pub fn tunnel(
     Ok(())
 }
 
+/// Is the `ztm-destination` of a tunnel request to service `svc` as it must be? Required
+/// (and a valid `HOST:PORT`) for an exit, refused for any other service.
+pub fn destination(svc: &str, destination: Option<&str>) -> Decision {
+    let bad = |m: String| Err(Refusal::new(StatusCode::BAD_REQUEST, m));
+    match (svc == EXIT_SERVICE, destination) {
+        (true, None) => bad(format!(
+            "a tunnel to an exit needs a {DESTINATION_HEADER} header"
+        )),
+        (true, Some(d)) => Destination::parse(d).map(|_| ()).or_else(bad),
+        (false, Some(_)) => bad(format!(
+            "{DESTINATION_HEADER} is only for a tunnel to an exit"
+        )),
+        (false, None) => Ok(()),
+    }
+}
+
 /// May `user` register endpoint `id`, derived with `nonce`? An id is derived from its user
 /// (`ztm_proto::wire::endpoint_id`), so no other user can ever hold it.
 pub fn endpoint_id(id: &str, user: &str, nonce: Option<&str>) -> Decision {
@@ -158,7 +175,10 @@ pub fn services(list: &[ServiceDecl]) -> Decision {
     let mut seen = HashSet::new();
     let mut entries = 0usize;
     for s in list {
-        if let Err(e) = check_name(&s.name) {
+        // An exit is published as the one TCP service no user can name (PROTOCOL.md, "Exit
+        // tunnels").
+        let is_exit = s.protocol == Proto::Tcp && s.name == EXIT_SERVICE;
+        if let (false, Err(e)) = (is_exit, check_name(&s.name)) {
             return bad(format!("service {:?}: {e}", s.name));
         }
         if !seen.insert((s.protocol, s.name.as_str())) {
@@ -244,6 +264,36 @@ mod tests {
             name: "db".into(),
             users: users.map(|l| l.iter().map(|u| u.to_string()).collect()),
         }
+    }
+
+    #[test]
+    fn exits_and_only_exits_take_a_destination() {
+        for (svc, dest, ok) in [
+            (EXIT_SERVICE, Some("10.0.0.1:22"), true),
+            (EXIT_SERVICE, Some("web.corp.example:443"), true),
+            (EXIT_SERVICE, Some("[fd00::1]:443"), true),
+            (EXIT_SERVICE, None, false),
+            (EXIT_SERVICE, Some("web"), false),
+            (EXIT_SERVICE, Some("a b:80"), false),
+            (EXIT_SERVICE, Some("web:0"), false),
+            ("ssh", Some("10.0.0.1:22"), false),
+            ("ssh", None, true),
+        ] {
+            let got = destination(svc, dest);
+            assert_eq!(got.is_ok(), ok, "{svc} {dest:?}: {got:?}");
+            if let Err(r) = got {
+                assert_eq!(r.status, StatusCode::BAD_REQUEST);
+            }
+        }
+        // An exit is published under its reserved name, which no service can be given.
+        let exit = |proto| ServiceDecl {
+            protocol: proto,
+            name: EXIT_SERVICE.to_string(),
+            users: None,
+        };
+        assert!(services(&[exit(Proto::Tcp)]).is_ok());
+        assert!(services(&[exit(Proto::Udp)]).is_err());
+        assert!(services(&[exit(Proto::Tcp), exit(Proto::Tcp)]).is_err());
     }
 
     #[test]

@@ -21,9 +21,9 @@ use ztm_net::now_ms;
 use ztm_proto::model::ApiError;
 use ztm_proto::names::check_name;
 use ztm_proto::wire::{
-    choose_version, is_endpoint_id, Proto, Register, Registered, ServiceDecl, ENDPOINT_USER_HEADER,
-    HOP_TIMEOUT, MAX_MANAGE_BODY, PROTOCOL_HEADER, PROTOCOL_VERSION, REGISTER_TIMEOUT,
-    TOTAL_HEADER, TUNNEL_PROTOCOL, TUNNEL_STREAMS, USER_HEADER,
+    choose_version, is_endpoint_id, Proto, Register, Registered, ServiceDecl, DESTINATION_HEADER,
+    ENDPOINT_USER_HEADER, HOP_TIMEOUT, MAX_MANAGE_BODY, PROTOCOL_HEADER, PROTOCOL_VERSION,
+    REGISTER_TIMEOUT, TOTAL_HEADER, TUNNEL_PROTOCOL, TUNNEL_STREAMS, USER_HEADER,
 };
 use ztm_tls::TlsStream;
 
@@ -742,6 +742,11 @@ async fn tunnel(
         target.as_ref().and_then(|(_, _, s)| s.as_ref()),
         &format!("{proto}/{svc}"),
     );
+    let destination = req
+        .headers()
+        .get(DESTINATION_HEADER)
+        .map(|v| v.to_str().unwrap_or("\u{fffd}").to_string());
+    let decision = decision.and_then(|()| admission::destination(svc, destination.as_deref()));
     if let Err(r) = decision {
         if r.status == StatusCode::FORBIDDEN {
             tracing::warn!(
@@ -807,8 +812,11 @@ async fn tunnel(
     let active = &active;
     let requested = async {
         let mut b_req = h2io::build(Method::CONNECT, &format!("/api/services/{proto}/{svc}"))?
-            .header(USER_HEADER, conn.peer.user.as_str())
-            .body(())?;
+            .header(USER_HEADER, conn.peer.user.as_str());
+        if let Some(d) = &destination {
+            b_req = b_req.header(DESTINATION_HEADER, d.as_str());
+        }
+        let mut b_req = b_req.body(())?;
         b_req
             .extensions_mut()
             .insert(h2::ext::Protocol::from_static(TUNNEL_PROTOCOL));
@@ -841,8 +849,12 @@ async fn tunnel(
         };
         if resp.status() != StatusCode::OK {
             let status = resp.status();
-            let message = h2io::error_message_of(resp).await;
-            tunnel_error(conn, send, status, message);
+            // The far agent's words, and its reason (why an exit could not connect).
+            let error = h2io::error_of(resp).await;
+            conn.hub
+                .metrics
+                .tunnel_failed(metrics::tunnel_failure(status.as_u16()));
+            respond_json(send, status, &error);
             return Err(());
         }
         let mut send = send;

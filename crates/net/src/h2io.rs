@@ -45,14 +45,29 @@ pub fn client_builder() -> h2::client::Builder {
 /// The `message` of an error answer's body (or its status), for a response whose body has not
 /// been read yet.
 pub async fn error_message_of(resp: http::Response<RecvStream>) -> String {
+    error_of(resp).await.message
+}
+
+/// The error body of a response (its status and words, and a `reason` if it has a valid
+/// one), or one made of its status.
+pub async fn error_of(resp: http::Response<RecvStream>) -> ApiError {
     let status = resp.status();
     let mut body = resp.into_body();
-    read_body(&mut body, 64 * 1024)
+    let error = read_body(&mut body, 64 * 1024)
         .await
         .ok()
-        .and_then(|b| serde_json::from_slice::<ApiError>(&b).ok())
-        .map(|e| e.message)
-        .unwrap_or_else(|| status.to_string())
+        .and_then(|b| serde_json::from_slice::<ApiError>(&b).ok());
+    match error {
+        Some(e) => ApiError {
+            status: status.as_u16(),
+            message: e.message,
+            // A reason is a short token; anything else is not passed on.
+            reason: e.reason.filter(|r| {
+                r.len() <= 64 && r.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+            }),
+        },
+        None => ApiError::new(status.as_u16(), status.to_string()),
+    }
 }
 
 /// Why a body could not be read.

@@ -7,6 +7,7 @@
 pub mod acl;
 pub mod addr;
 pub mod capsule;
+pub mod exit;
 pub mod invite;
 pub mod listing;
 pub mod local;

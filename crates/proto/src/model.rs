@@ -263,3 +263,72 @@ pub struct PortStats {
 pub struct PortBody {
     pub target: PortTarget,
 }
+
+/// An endpoint's exit (`.../endpoints/{ep}/exit`): the destinations it lets connections out
+/// to (`crate::exit` rules) and the users who may use it. Also the body of its `POST`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Exit {
+    pub allow: Vec<String>,
+    /// Unset: every user of the mesh; the exit's own user and root always may.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users: Option<Vec<String>>,
+}
+
+/// The exits a proxy sends its connections through: one endpoint, or (without `endpoint`)
+/// any exit of a user the proxy trusts, balanced and failed over as a port's providers are.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ExitTarget {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// The user of the exit endpoint, pinned with it when the proxy is created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Without an endpoint: the users whose exits may carry the connections (`*`: any
+    /// user). Unset: the proxy's own user and root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<Vec<String>>,
+}
+
+impl ExitTarget {
+    /// The port target a proxy's tunnels are opened to (the exit's reserved service).
+    pub fn as_port_target(&self) -> PortTarget {
+        PortTarget {
+            service: crate::wire::EXIT_SERVICE.to_string(),
+            endpoint: self.endpoint.clone(),
+            user: self.user.clone(),
+            trust: self.trust.clone(),
+        }
+    }
+
+    /// The exit target of a proxy's port target.
+    pub fn of(target: &PortTarget) -> ExitTarget {
+        ExitTarget {
+            endpoint: target.endpoint.clone(),
+            user: target.user.clone(),
+            trust: target.trust.clone(),
+        }
+    }
+}
+
+/// A local SOCKS5 and HTTP proxy (`.../endpoints/{ep}/proxies/{ip}/{port}`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Proxy {
+    pub listen: Listen,
+    pub exit: ExitTarget,
+    pub open: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// What its connections did (a tunnel is one proxied connection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<PortStats>,
+}
+
+/// Body of `POST .../proxies/{ip}/{port}`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyBody {
+    #[serde(default)]
+    pub exit: ExitTarget,
+}

@@ -62,6 +62,16 @@ pub const ENDPOINT_USER_HEADER: &str = "ztm-endpoint-user";
 pub const NOT_HERE: &str = "endpoint-not-here";
 /// Header of a list answered in part (`?q=…&offset=…&limit=…`): how many items match in all.
 pub const TOTAL_HEADER: &str = "ztm-total";
+/// The name an exit is published under, as a TCP service (PROTOCOL.md, "Exit tunnels"). No
+/// service can be given it: service names start with a letter or a digit.
+pub const EXIT_SERVICE: &str = "~exit";
+/// Header of a tunnel request to an exit: where the exit should connect (`HOST:PORT`, an IPv6
+/// address in brackets, a name resolved at the exit).
+pub const DESTINATION_HEADER: &str = "ztm-destination";
+/// `reason`s of an exit's 502: the destination refused the connection, or could not be
+/// reached (no such name, no route).
+pub const CONNECTION_REFUSED: &str = "connection-refused";
+pub const HOST_UNREACHABLE: &str = "host-unreachable";
 /// `:protocol` of tunnel CONNECT requests.
 pub const TUNNEL_PROTOCOL: &str = "ztm-tunnel";
 /// Header of a registration naming the versions of the wire protocol the agent speaks

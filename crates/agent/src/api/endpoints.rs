@@ -18,7 +18,7 @@ use ztm_proto::wire::TOTAL_HEADER;
 
 use super::common::{self, resolve, runtime, BODY_LIMIT};
 use super::error::{ApiError, ApiResult};
-use super::{ports, services};
+use super::{exits, ports, services};
 use crate::agent::Agent;
 use crate::mesh::Mesh;
 use crate::session::Forwarded;
@@ -58,6 +58,19 @@ pub(super) fn scoped(agent: Arc<Agent>) -> Router<Arc<Agent>> {
             routing::get(services::get_local)
                 .post(services::create)
                 .delete(services::delete),
+        )
+        .route(
+            "/exit",
+            routing::get(exits::get_local)
+                .post(exits::set)
+                .delete(exits::delete),
+        )
+        .route("/proxies", routing::get(exits::list_proxies))
+        .route(
+            "/proxies/{ip}/{port}",
+            routing::get(exits::get_proxy)
+                .post(exits::create_proxy)
+                .delete(exits::delete_proxy),
         )
         .route("/ports", routing::get(ports::list_local))
         .route(

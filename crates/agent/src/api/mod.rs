@@ -1,12 +1,13 @@
 //! The agent's REST API (docs/requirements.md §5), by entity: [`meshes`], [`endpoints`]
 //! (including everything under one endpoint, here or carried through a hub to it),
-//! [`services`] and [`ports`]; and the figures for Prometheus ([`metrics`]), behind the same
+//! [`services`], [`ports`], and [`exits`] with proxies; and the figures for Prometheus ([`metrics`]), behind the same
 //! guard. Errors become HTTP in [`error`]. Requests a hub forwards to us arrive here too,
 //! marked `Forwarded` (`crate::session`).
 
 mod common;
 mod endpoints;
 mod error;
+mod exits;
 mod guard;
 mod meshes;
 mod metrics;
@@ -52,6 +53,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
             "/api/meshes/{mesh}/endpoints/{ep}",
             endpoints::scoped(agent.clone()),
         )
+        .route("/api/meshes/{mesh}/exits", get(exits::list))
         .route("/api/meshes/{mesh}/services", get(services::list))
         .route(
             "/api/meshes/{mesh}/services/{proto}/{svc}",

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use ztm_proto::model::{PortBody, PortTarget};
 use ztm_proto::names::check_name;
-use ztm_proto::wire::{is_endpoint_id, Proto};
+use ztm_proto::wire::{is_endpoint_id, Proto, EXIT_SERVICE};
 
 use super::common::{by_whom, parse_json, parse_proto, resolve, runtime};
 use super::error::{ApiError, ApiResult};
@@ -21,7 +21,13 @@ use crate::supervisor::MeshRuntime;
 
 type PortPath = (String, String, String, String, String);
 
-fn port_key(ip: &str, proto: &str, port: &str) -> ApiResult<(String, Proto, u16)> {
+/// A proxy is kept as a TCP port whose target is the exit service; it is listed and changed
+/// as a proxy (`super::exits`), not as a port.
+pub(super) fn is_proxy(p: &PortRecord) -> bool {
+    p.protocol == Proto::Tcp && p.target.service == EXIT_SERVICE
+}
+
+pub(super) fn port_key(ip: &str, proto: &str, port: &str) -> ApiResult<(String, Proto, u16)> {
     let ip: std::net::IpAddr = ip
         .parse()
         .map_err(|_| ApiError::bad(format!("listen ip: {ip:?} is not an IP address")))?;
@@ -39,6 +45,7 @@ fn local_ports(rt: &MeshRuntime) -> ApiResult<Vec<ztm_proto::model::Port>> {
         .store()
         .ports(rt.name())?
         .into_iter()
+        .filter(|p| !is_proxy(p))
         .map(|p| {
             let key = (p.ip.clone(), p.protocol, p.port);
             let state = rt.port_state(&key);
@@ -119,27 +126,18 @@ pub async fn create(
     let by = forwarded.map(|Extension(f)| f.user);
     let mut body: PortBody = parse_json(&body)?;
     check_name(&body.target.service).map_err(|e| ApiError::bad(format!("target.service: {e}")))?;
-    if let Some(name) = body.target.endpoint.as_deref() {
-        // Endpoint names are not unique (any user may call an endpoint anything): a target is
-        // pinned to the id and the user of the one endpoint it names now, so that no other
-        // endpoint can receive this port's connections.
-        let pinned = resolve(&rt, name, body.target.user.as_deref()).await;
-        match pinned {
-            Ok(e) => {
-                body.target.endpoint = Some(e.id);
-                body.target.user = Some(e.username);
-            }
-            // An endpoint no hub has seen lately can be named by its id; its user is pinned
-            // only if given.
-            Err(e) if e.status == StatusCode::NOT_FOUND && is_endpoint_id(name) => {
-                body.target.endpoint = Some(name.to_ascii_lowercase());
-            }
-            Err(e) => return Err(ApiError::bad(format!("target.endpoint: {}", e.message))),
-        }
-    } else if body.target.user.is_some() {
-        return Err(ApiError::bad("target.user is the user of target.endpoint"));
+    let proxy_there = agent
+        .store
+        .ports(rt.name())?
+        .into_iter()
+        .any(|p| p.ip == ip && p.port == port && p.protocol == proto && is_proxy(&p));
+    if proxy_there {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("{ip}/{proto}/{port} is a proxy; delete it first"),
+        ));
     }
-    check_trust(&body.target)?;
+    pin_target(&rt, &mut body.target).await?;
     let record = PortRecord {
         ip: ip.clone(),
         protocol: proto,
@@ -160,6 +158,31 @@ pub async fn create(
         .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "port vanished"))
 }
 
+/// Checks a port's or proxy's target and pins the endpoint it names, if it names one.
+pub(super) async fn pin_target(rt: &MeshRuntime, target: &mut PortTarget) -> ApiResult<()> {
+    if let Some(name) = target.endpoint.as_deref() {
+        // Endpoint names are not unique (any user may call an endpoint anything): a target is
+        // pinned to the id and the user of the one endpoint it names now, so that no other
+        // endpoint can receive this port's connections.
+        let pinned = resolve(rt, name, target.user.as_deref()).await;
+        match pinned {
+            Ok(e) => {
+                target.endpoint = Some(e.id);
+                target.user = Some(e.username);
+            }
+            // An endpoint no hub has seen lately can be named by its id; its user is pinned
+            // only if given.
+            Err(e) if e.status == StatusCode::NOT_FOUND && is_endpoint_id(name) => {
+                target.endpoint = Some(name.to_ascii_lowercase());
+            }
+            Err(e) => return Err(ApiError::bad(format!("target.endpoint: {}", e.message))),
+        }
+    } else if target.user.is_some() {
+        return Err(ApiError::bad("target.user is the user of target.endpoint"));
+    }
+    check_trust(target)
+}
+
 /// `DELETE .../endpoints/{ep}/ports/{ip}/{proto}/{port}` for this endpoint.
 pub async fn delete(
     State(agent): State<Arc<Agent>>,
@@ -169,7 +192,9 @@ pub async fn delete(
     let rt = runtime(&agent, &mesh)?;
     let (ip, proto, port) = port_key(&ip, &proto, &port)?;
     let by = forwarded.map(|Extension(f)| f.user);
-    if !agent.store.delete_port(rt.name(), &ip, proto, port)? {
+    if local_port(&rt, &ip, proto, port)?.is_none()
+        || !agent.store.delete_port(rt.name(), &ip, proto, port)?
+    {
         return Err(ApiError::not_found(format!(
             "no port {ip}/{proto}/{port} on this endpoint"
         )));
