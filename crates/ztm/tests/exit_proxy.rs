@@ -391,7 +391,7 @@ fn ssh_echo(ns: &str, key: &str, proxy_command: Option<&str>) -> Out {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The agents' REST API and CLI.
+// The agents' REST API.
 
 fn exit_path(ep: &str) -> String {
     format!("/api/meshes/{MESH}/endpoints/{ep}/exit")
@@ -399,26 +399,6 @@ fn exit_path(ep: &str) -> String {
 
 fn proxy_path(ep: &str, port: u16) -> String {
     format!("/api/meshes/{MESH}/endpoints/{ep}/proxies/127.0.0.1/{port}")
-}
-
-/// `ztm ARGS --agent API` in namespace `ns`; asserts exit 0 and returns stdout.
-fn cli_ok(ns: &str, home: &Path, api: &str, args: &[&str]) -> String {
-    let out = ztm!()
-        .in_netns(ns)
-        .command(home)
-        .args(args)
-        .args(["--agent", api])
-        .env_remove("ZTM_LOG")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "ztm {args:?} --agent {api}: {}\n{text}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -576,27 +556,22 @@ fn exit_lets_proxies_out_to_what_its_rules_allow() {
         })
     });
 
-    // The exit, with the CLI on its own agent; the REST API shows it.
-    let mut create = vec!["create", "exit"];
-    for rule in RULES {
-        create.extend(["--allow", rule]);
-    }
-    create.extend(["--users", "alice"]);
-    cli_ok(&ns_exit, dir.path(), &exit.addr, &create);
-    let shown = cli_ok(&ns_exit, dir.path(), &exit.addr, &["get", "exit"]);
-    for rule in RULES {
-        assert!(
-            shown.contains(rule),
-            "`ztm get exit` without {rule}: {shown}"
-        );
-    }
+    // The exit, on its own agent.
+    let r = in_ns(&ns_exit, || {
+        post_json(
+            &exit.addr,
+            &exit_path(&exit_id),
+            &json!({"allow": RULES, "users": ["alice"]}),
+        )
+    });
+    assert_eq!(r.status, 200, "POST exit: {}", r.text());
     let got = in_ns(&ns_exit, || get(&exit.addr, &exit_path(&exit_id)));
     assert_eq!(got.status, 200, "GET exit: {}", got.text());
     let ex = got.json();
     assert_eq!(ex["allow"], json!(RULES), "{ex}");
     assert_eq!(ex["users"], json!(["alice"]), "{ex}");
 
-    // alice's proxy with the REST API, bob's with the CLI; both name the exit.
+    // A proxy on alice's agent and one on bob's, both naming the exit.
     let (p_alice, p_bob) = in_ns(&ns_hub, || (free_port(), free_port()));
     let r = in_ns(&ns_hub, || {
         post_json(
@@ -621,23 +596,23 @@ fn exit_lets_proxies_out_to_what_its_rules_allow() {
         "{}",
         listed.text()
     );
-    cli_ok(
-        &ns_hub,
-        dir.path(),
-        &bob.addr,
-        &[
-            "create",
-            "proxy",
-            &format!("127.0.0.1:{p_bob}"),
-            "--exit-ep",
-            "exit",
-        ],
+    let r = in_ns(&ns_hub, || {
+        post_json(
+            &bob.addr,
+            &proxy_path(&bob_id, p_bob),
+            &json!({"exit": {"endpoint": "exit"}}),
+        )
+    });
+    assert_eq!(r.status, 200, "POST bob's proxy: {}", r.text());
+    assert_eq!(
+        r.json()["open"],
+        true,
+        "bob's proxy did not open: {}",
+        r.text()
     );
-    let shown = cli_ok(&ns_hub, dir.path(), &bob.addr, &["get", "proxy"]);
-    assert!(
-        shown.contains(&p_bob.to_string()),
-        "`ztm get proxy`: {shown}"
-    );
+    let r = in_ns(&ns_hub, || get(&bob.addr, &proxy_path(&bob_id, p_bob)));
+    assert_eq!(r.status, 200, "GET bob's proxy: {}", r.text());
+    assert_eq!(r.json()["listen"]["port"], p_bob, "{}", r.text());
 
     let socks_name = format!("127.0.0.1:{p_alice}");
     let http_proxy = format!("http://127.0.0.1:{p_alice}");
@@ -717,6 +692,7 @@ fn exit_lets_proxies_out_to_what_its_rules_allow() {
         assert!(got.ends_with("web GET /raw host=raw\n"), "{got}");
     }
     // IPv6: our client with the address, curl with the address, HTTP forwarding.
+    let before6 = web6.accepted.load(Ordering::SeqCst);
     let (code, mut s) = in_ns(&ns_hub, || socks(p_alice, 0x01, ip(WEB6), 80)).unwrap();
     assert_eq!(code, SUCCEEDED, "SOCKS5 CONNECT [{WEB6}]:80");
     s.write_all(b"GET /raw6 HTTP/1.1\r\nHost: raw\r\n\r\n")
@@ -729,6 +705,7 @@ fn exit_lets_proxies_out_to_what_its_rules_allow() {
     assert_eq!(r.out, format!("web6 GET /v6 host=[{WEB6}]\n"), "{r:?}");
     let r = curl(&ns_hub, &["-x", &http_proxy, &url6]);
     assert_eq!(r.out, format!("web6 GET /v6 host=[{WEB6}]\n"), "{r:?}");
+    assert_eq!(web6.accepted.load(Ordering::SeqCst), before6 + 3);
     let code = in_ns(&ns_hub, || socks_code(p_alice, ip(WEB6), 8080));
     assert_eq!(code, NOT_ALLOWED, "SOCKS5 CONNECT [{WEB6}]:8080");
     // ssh, through OpenBSD netcat's SOCKS5 client.
@@ -949,12 +926,8 @@ fn exit_lets_proxies_out_to_what_its_rules_allow() {
         delete(&alice.addr, &proxy_path(&alice_id, p_alice))
     });
     assert!(is_2xx(&r), "DELETE proxy: {} {}", r.status, r.text());
-    cli_ok(
-        &ns_hub,
-        dir.path(),
-        &bob.addr,
-        &["delete", "proxy", &format!("127.0.0.1:{p_bob}")],
-    );
+    let r = in_ns(&ns_hub, || delete(&bob.addr, &proxy_path(&bob_id, p_bob)));
+    assert!(is_2xx(&r), "DELETE bob's proxy: {} {}", r.status, r.text());
     let gone = in_ns(&ns_hub, || {
         TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], p_alice)), S(2))
     });
