@@ -913,6 +913,43 @@ fn exit_lets_proxies_out_to_what_its_rules_allow() {
     let r = curl(&ns_hub, &["--socks5-hostname", &socks_name, hello]);
     assert_eq!(r.out, "web GET /hello host=web.corp.example\n", "{r:?}");
 
+    // Proxies that choose the exit themselves: one trusting every user's exits finds ops's;
+    // one trusting only alice's own user and root finds none, and nothing goes out.
+    let (p_any, p_own) = in_ns(&ns_hub, || (free_port(), free_port()));
+    for (port, exit) in [(p_any, json!({"trust": ["*"]})), (p_own, json!({}))] {
+        let r = in_ns(&ns_hub, || {
+            post_json(
+                &alice.addr,
+                &proxy_path(&alice_id, port),
+                &json!({ "exit": exit }),
+            )
+        });
+        assert_eq!(r.status, 200, "POST proxy with exit {exit}: {}", r.text());
+    }
+    let any = format!("127.0.0.1:{p_any}");
+    let mut last = String::new();
+    let found = time_until(S(20), || {
+        let r = curl(&ns_hub, &["--socks5-hostname", &any, hello]);
+        last = format!("{r:?}");
+        r.out == "web GET /hello host=web.corp.example\n"
+    });
+    assert!(
+        found.is_some(),
+        "no answer through a proxy trusting every user's exits: {last}"
+    );
+    untouched("a proxy trusting no exit there is", &web, || {
+        let code = in_ns(&ns_hub, || socks_code(p_own, ip(WEB), 80));
+        assert_ne!(
+            code, SUCCEEDED,
+            "SOCKS5 CONNECT {WEB}:80 with no trusted exit"
+        );
+        let r = curl(
+            &ns_hub,
+            &["--socks5-hostname", &format!("127.0.0.1:{p_own}"), hello],
+        );
+        assert_ne!(r.code, 0, "curl with no trusted exit: {r:?}");
+    });
+
     // Without the exit, nothing goes out.
     let r = in_ns(&ns_exit, || delete(&exit.addr, &exit_path(&exit_id)));
     assert_eq!(r.status, 204, "DELETE exit: {}", r.text());
