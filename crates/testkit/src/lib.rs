@@ -21,6 +21,7 @@
 //! - [`hostile`]: a hand-made hostile agent and a flood of strangers; [`hostile::Honest`], honest
 //!   users beside an attack.
 //! - [`fake_hub`]: a compromised hub a real agent joins through.
+//! - [`netns`]: network namespaces for the root-only tests, and code run inside one.
 //!
 //! `use ztm_testkit::prelude::*` brings what most tests use.
 // Test code: a step that cannot be taken fails the test (or benchmark) at once, with the reason.
@@ -31,6 +32,7 @@ pub mod fake_hub;
 pub mod hostile;
 pub mod http;
 pub mod mesh;
+pub mod netns;
 pub mod poll;
 pub mod proc;
 pub mod procfs;
@@ -63,6 +65,8 @@ pub struct Ztm {
     env: Vec<(String, String)>,
     /// The open-file limit (soft and hard) processes start with, if not the test's own.
     files: Option<u64>,
+    /// The network namespace processes start in (under `ip netns exec`), if not the test's.
+    netns: Option<String>,
 }
 
 impl Ztm {
@@ -72,6 +76,7 @@ impl Ztm {
             bin: Arc::new(bin.into()),
             env: vec![("ZTM_LOG".into(), "debug".into())],
             files: None,
+            netns: None,
         }
     }
 
@@ -86,6 +91,13 @@ impl Ztm {
     /// start under util-linux's `prlimit`).
     pub fn with_files(mut self, n: u64) -> Ztm {
         self.files = Some(n);
+        self
+    }
+
+    /// The same, with processes that start in network namespace `ns` under `ip netns exec`
+    /// (which also mounts `/etc/netns/{ns}/*` over `/etc` for them; see [`netns`]).
+    pub fn in_netns(mut self, ns: &str) -> Ztm {
+        self.netns = Some(ns.to_string());
         self
     }
 
@@ -104,9 +116,17 @@ impl Ztm {
     }
 
     /// `ztm` as a one-shot command in `home` (its working directory and `HOME`, so no user
-    /// configuration leaks in), without the client's environment variables, stdin closed.
+    /// configuration leaks in), without the client's environment variables, stdin closed; in
+    /// the namespace of [`Ztm::in_netns`] if one was given.
     pub fn command(&self, home: &Path) -> Command {
-        let mut cmd = Command::new(self.bin());
+        let mut cmd = match &self.netns {
+            None => Command::new(self.bin()),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(self.bin());
+                c
+            }
+        };
         cmd.current_dir(home)
             .env("HOME", home)
             .env_remove("ZTM_AGENT")
@@ -147,15 +167,18 @@ impl Ztm {
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         all.extend_from_slice(env);
-        match self.files {
-            None => proc::Proc::spawn(self.bin(), name, dir, args, &all),
-            Some(n) => {
-                let limit = format!("--nofile={n}:{n}");
-                let mut wrapped = vec![limit.as_str(), "--", self.bin_str()];
-                wrapped.extend_from_slice(args);
-                proc::Proc::spawn(Path::new("prlimit"), name, dir, &wrapped, &all)
-            }
+        // The command line: the binary, under prlimit, under `ip netns exec`.
+        let limit = self.files.map(|n| format!("--nofile={n}:{n}"));
+        let mut line: Vec<&str> = Vec::new();
+        if let Some(ns) = &self.netns {
+            line.extend(["ip", "netns", "exec", ns]);
         }
+        if let Some(limit) = &limit {
+            line.extend(["prlimit", limit, "--"]);
+        }
+        line.push(self.bin_str());
+        line.extend_from_slice(args);
+        proc::Proc::spawn(Path::new(line[0]), name, dir, &line[1..], &all)
     }
 }
 

@@ -4,83 +4,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use nix::sched::{setns, CloneFlags};
+use ztm_testkit::netns::{in_ns, run, unavailable, veth, End, Namespaces};
 use ztm_testkit::prelude::*;
-use ztm_testkit::procfs::status_field;
 use ztm_testkit::traffic::*;
-
-/// Runs `f` on a thread that has entered network namespace `ns`: sockets it creates, and
-/// processes it spawns, live in that namespace.
-fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    let path = ["/run/netns", "/var/run/netns"]
-        .iter()
-        .map(|d| Path::new(d).join(ns))
-        .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("network namespace {ns} not found"));
-    std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            let file = std::fs::File::open(&path).unwrap();
-            // Only this thread moves; the namespace file stays open for the call.
-            if let Err(e) = setns(&file, CloneFlags::CLONE_NEWNET) {
-                panic!("setns {ns}: {e}");
-            }
-            f()
-        });
-        h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
-    })
-}
-
-/// Removes the namespaces it names when dropped (also on panic).
-struct Namespaces(Vec<String>);
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for ns in &self.0 {
-            let _ = std::process::Command::new("ip")
-                .args(["netns", "del", ns])
-                .status();
-        }
-    }
-}
-
-fn run(dir: &Path, line: &str) {
-    let (code, out, err) = sh(dir, line);
-    assert_eq!(code, 0, "{line}: {out} {err}");
-}
-
-/// Why the namespace test cannot run here, if it cannot (it then fails, saying why).
-fn netns_unavailable(dir: &Path) -> Option<String> {
-    if status_field(std::process::id(), "Uid") != Some(0) {
-        return Some("not root".into());
-    }
-    for tool in ["ip", "nft"] {
-        if sh(dir, &format!("command -v {tool}")).0 != 0 {
-            return Some(format!("`{tool}` is not installed"));
-        }
-    }
-    let probe = format!("ztm-probe-{}-{:x}", std::process::id(), rand_u64() & 0xffff);
-    let (code, _, err) = sh(dir, &format!("ip netns add {probe}"));
-    if code != 0 {
-        return Some(format!("`ip netns add` failed: {err}"));
-    }
-    let (code, _, err) = sh(
-        dir,
-        &format!(
-            "ip netns exec {probe} nft add table inet probe && \
-             ip netns exec {probe} nft add chain inet probe p \
-             '{{ type nat hook postrouting priority 100; }}'"
-        ),
-    );
-    let _ = sh(dir, &format!("ip netns del {probe}"));
-    if code != 0 {
-        return Some(format!("nftables does not work in a namespace: {err}"));
-    }
-    None
-}
 
 /// B's service is reachable through A's port although A and B are each behind NAT with all
 /// inbound traffic dropped, while a direct connection from A to B's service fails.
@@ -88,7 +17,7 @@ fn netns_unavailable(dir: &Path) -> Option<String> {
 #[ignore = "needs root, iproute2 and nftables (network namespaces); scripts/test runs it"]
 fn tunnel_crosses_nat_and_firewalls_in_namespaces() {
     let dir = TempDir::new("tun-netns");
-    if let Some(why) = netns_unavailable(dir.path()) {
+    if let Some(why) = unavailable(&["nft"]) {
         panic!("network namespaces with nftables are needed here: {why}");
     }
     let z = ztm!();
@@ -99,44 +28,31 @@ fn tunnel_crosses_nat_and_firewalls_in_namespaces() {
     let ns_a = format!("ztm-t-{tag}-a");
     let ns_b = format!("ztm-t-{tag}-b");
     // Dropped last: after every process below is gone.
-    let _guard = Namespaces(vec![
-        ns_hub.clone(),
-        ns_rt.clone(),
-        ns_a.clone(),
-        ns_b.clone(),
-    ]);
-    for ns in [&ns_hub, &ns_rt, &ns_a, &ns_b] {
-        run(dir.path(), &format!("ip netns add {ns}"));
-        run(dir.path(), &format!("ip -n {ns} link set lo up"));
-    }
+    let _guard = Namespaces::create(&[&ns_hub, &ns_rt, &ns_a, &ns_b]);
     // Addresses that exist only inside these namespaces.
     let net = 10 + (pid % 200);
     let hub_ip = format!("10.{net}.1.2");
     let b_ip = format!("10.{net}.3.2");
     for (dev, ns, sub) in [("eh", &ns_hub, 1), ("ea", &ns_a, 2), ("eb", &ns_b, 3)] {
-        run(
-            dir.path(),
-            &format!("ip -n {ns_rt} link add {dev} type veth peer name e0 netns {ns}"),
+        veth(
+            End {
+                ns: &ns_rt,
+                dev,
+                addr: &format!("10.{net}.{sub}.1/24"),
+            },
+            End {
+                ns,
+                dev: "e0",
+                addr: &format!("10.{net}.{sub}.2/24"),
+            },
         );
-        run(
-            dir.path(),
-            &format!("ip -n {ns_rt} addr add 10.{net}.{sub}.1/24 dev {dev}"),
-        );
-        run(dir.path(), &format!("ip -n {ns_rt} link set {dev} up"));
-        run(
-            dir.path(),
-            &format!("ip -n {ns} addr add 10.{net}.{sub}.2/24 dev e0"),
-        );
-        run(dir.path(), &format!("ip -n {ns} link set e0 up"));
-        run(
-            dir.path(),
-            &format!("ip -n {ns} route add default via 10.{net}.{sub}.1"),
-        );
+        run(&format!(
+            "ip -n {ns} route add default via 10.{net}.{sub}.1"
+        ));
     }
-    run(
-        dir.path(),
-        &format!("ip netns exec {ns_rt} sh -c 'echo 1 > /proc/sys/net/ipv4/ip_forward'"),
-    );
+    run(&format!(
+        "ip netns exec {ns_rt} sh -c 'echo 1 > /proc/sys/net/ipv4/ip_forward'"
+    ));
     // The router masquerades A and B towards the hub and forwards nothing inbound; A and B
     // drop every inbound connection.
     let router_rules = "table ip ztmnat {\n\
@@ -167,9 +83,9 @@ fn tunnel_crosses_nat_and_firewalls_in_namespaces() {
          }\n";
     let rr = write_file(dir.path(), "router.nft", router_rules);
     let hr = write_file(dir.path(), "host.nft", host_rules);
-    run(dir.path(), &format!("ip netns exec {ns_rt} nft -f {rr}"));
-    run(dir.path(), &format!("ip netns exec {ns_a} nft -f {hr}"));
-    run(dir.path(), &format!("ip netns exec {ns_b} nft -f {hr}"));
+    run(&format!("ip netns exec {ns_rt} nft -f {rr}"));
+    run(&format!("ip netns exec {ns_a} nft -f {hr}"));
+    run(&format!("ip netns exec {ns_b} nft -f {hr}"));
 
     // CA and hub in the hub's namespace.
     let hub_addr = format!("{hub_ip}:7443");
