@@ -436,3 +436,108 @@ fn proxies_reach_what_exits_allow_and_nothing_else() {
     );
     assert_eq!(delete(st.api(0), &proxy_path(&st, 0, proxy)).status, 404);
 }
+
+/// `ztm` at `agent`: exit code and stdout + stderr.
+fn cli(home: &std::path::Path, agent: &str, args: &[&str]) -> (i32, String) {
+    let out = ztm!()
+        .command(home)
+        .args(args)
+        .args(["--agent", agent])
+        .env_remove("ZTM_LOG")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn the_cli_makes_exits_and_proxies() {
+    let st = Stack::start(&ztm!(), "proxy-cli", &["alice", "bob"]);
+    let home = st.dir.path();
+    let echo = echo_server();
+    let rule = format!("127.0.0.1:{}", echo.port);
+    let (code, out) = cli(
+        home,
+        st.api(1),
+        &[
+            "create", "exit", "--allow", &rule, "--allow", "*.lan", "--users", "alice",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("is an exit to {rule}, *.lan for users alice")),
+        "{out}"
+    );
+    let (code, out) = cli(home, st.api(1), &["create", "exit", "--allow", "a b"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("allow") && out.contains("\"a b\""), "{out}");
+    let (code, out) = cli(home, st.api(1), &["get", "exit"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("ALLOW") && out.contains(&rule) && out.contains("alice"),
+        "{out}"
+    );
+    let (code, out) = cli(home, st.api(1), &["describe", "exit"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("Allow") && out.contains("*.lan"), "{out}");
+    // Alice's agent lists the exit, and its own exit through bob's agent is none.
+    wait_until(Duration::from_secs(20), "alice to list bob's exit", || {
+        let (code, out) = cli(home, st.api(0), &["get", "exit", "--all"]);
+        code == 0 && out.contains(&st.ids[1]) && out.contains("bob")
+    });
+    let (code, out) = cli(home, st.api(0), &["get", "exit", "--ep", "b"]);
+    assert_eq!(code, 1, "alice may not manage bob's endpoint: {out}");
+
+    let proxy = free_port();
+    let listen = proxy.to_string();
+    let (code, out) = cli(
+        home,
+        st.api(0),
+        &["create", "proxy", &listen, "--exit-ep", "b"],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("proxy 127.0.0.1:{proxy}")) && out.contains(&st.ids[1]),
+        "{out}"
+    );
+    let (code, mut s) = socks(proxy, 1, To::V4(LOCAL), echo.port);
+    assert_eq!(code, 0);
+    assert_eq!(
+        line_on(&mut s, "via the cli's proxy").unwrap(),
+        "via the cli's proxy"
+    );
+    let (code, out) = cli(home, st.api(0), &["get", "proxy"]);
+    assert_eq!(code, 0, "{out}");
+    let row = out
+        .lines()
+        .find(|l| l.contains(&format!("127.0.0.1:{proxy}")))
+        .unwrap_or("");
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    // LISTEN EXIT (user U) OPEN ACTIVE TOTAL FAILED ...
+    assert_eq!(cells.get(4..7), Some(&["yes", "1", "1"][..]), "{out}");
+    let (code, out) = cli(home, st.api(0), &["describe", "proxy", &listen]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("SOCKS5") && out.contains("Connections open"),
+        "{out}"
+    );
+    // Proxies are not ports.
+    let (_, out) = cli(home, st.api(0), &["get", "port"]);
+    assert!(!out.contains(&format!(":{proxy}")), "{out}");
+    drop(s);
+
+    let (code, out) = cli(home, st.api(0), &["delete", "proxy", &listen]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = cli(home, st.api(0), &["delete", "proxy", &listen]);
+    assert_eq!(code, 1, "{out}");
+    let (code, out) = cli(home, st.api(1), &["delete", "exit"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("no longer an exit"), "{out}");
+    let (code, out) = cli(home, st.api(1), &["get", "exit"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("not an exit"), "{out}");
+}

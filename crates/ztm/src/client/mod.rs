@@ -98,6 +98,8 @@ Examples:
   ztm get svc                  # services in the mesh
   ztm get svc --ep office-pc   # services published by one endpoint
   ztm get port --ep office-pc  # ports mapped on an endpoint (default: this one)
+  ztm get exit --all           # the exits this user may use
+  ztm get proxy                # this endpoint's proxies
   ztm get ep -o json           # the agent's JSON, for scripts";
 
 const DESCRIBE_EXAMPLES: &str = "\
@@ -105,7 +107,9 @@ Examples:
   ztm describe mesh
   ztm describe ep office-pc
   ztm describe svc tcp/ssh
-  ztm describe port 2222 --proto tcp";
+  ztm describe port 2222 --proto tcp
+  ztm describe exit --ep home-server
+  ztm describe proxy 1080";
 
 const CREATE_EXAMPLES: &str = "\
 Examples:
@@ -113,14 +117,18 @@ Examples:
   ztm create svc tcp/web --host 10.0.0.5 --port 80 --users alice,bob --ep office-pc
   ztm create port 2222 --service ssh --target-ep home-pc  # 127.0.0.1:2222 -> home-pc's ssh
   ztm create port 0.0.0.0:5353 --proto udp --service dns
-  ztm create port 8080 --service web --trust alice,bob    # any provider of alice or bob";
+  ztm create port 8080 --service web --trust alice,bob    # any provider of alice or bob
+  ztm create exit --allow 192.168.1.0/24 --allow '*.lan' --users alice   # on the home server
+  ztm create proxy 1080 --exit-ep home-server   # then: curl --socks5-hostname 127.0.0.1:1080 http://nas.lan/";
 
 const DELETE_EXAMPLES: &str = "\
 Examples:
   ztm delete svc tcp/ssh
   ztm delete svc tcp/web --ep office-pc
   ztm delete port 2222
-  ztm delete port 0.0.0.0:5353 --proto udp";
+  ztm delete port 0.0.0.0:5353 --proto udp
+  ztm delete exit
+  ztm delete proxy 1080";
 
 const JOIN_EXAMPLES: &str = "\
 Examples:
@@ -130,10 +138,10 @@ Examples:
 /// The client subcommands, flattened into `ztm`'s command list.
 #[derive(Subcommand, Debug)]
 pub enum ClientCommand {
-    /// List meshes, endpoints, services or ports (of a running agent)
+    /// List meshes, endpoints, services, ports, exits or proxies (of a running agent)
     #[command(after_help = GET_EXAMPLES)]
     Get(GetArgs),
-    /// Show one mesh, endpoint, service or port in detail
+    /// Show one mesh, endpoint, service, port, exit or proxy in detail
     #[command(after_help = DESCRIBE_EXAMPLES)]
     Describe(DescribeArgs),
     /// Join the agent to a mesh (or update its hubs and certificates)
@@ -141,10 +149,10 @@ pub enum ClientCommand {
     Join(JoinArgs),
     /// Leave a mesh: close its ports, withdraw its services, forget it
     Leave(LeaveArgs),
-    /// Publish a service or map a local port to a service
+    /// Publish a service, map a local port to a service, make an exit or open a proxy
     #[command(after_help = CREATE_EXAMPLES)]
     Create(CreateArgs),
-    /// Withdraw a service or unmap a port
+    /// Withdraw a service, unmap a port, stop an exit or close a proxy
     #[command(after_help = DELETE_EXAMPLES)]
     Delete(DeleteArgs),
     /// Show the mesh's event log
@@ -184,6 +192,23 @@ pub enum GetWhat {
     /// The ports mapped on an endpoint
     #[command(visible_alias = "port")]
     Ports {
+        /// The endpoint (name or id) [default: this agent's]
+        #[arg(long, value_name = "ENDPOINT")]
+        ep: Option<String>,
+    },
+    /// An endpoint's exit, or with --all the online exits this user may use
+    #[command(visible_alias = "exits")]
+    Exit {
+        /// The endpoint (name or id) [default: this agent's]
+        #[arg(long, value_name = "ENDPOINT", conflicts_with = "all")]
+        ep: Option<String>,
+        /// The mesh's exits this user may use
+        #[arg(long)]
+        all: bool,
+    },
+    /// The proxies on an endpoint
+    #[command(visible_alias = "proxy")]
+    Proxies {
         /// The endpoint (name or id) [default: this agent's]
         #[arg(long, value_name = "ENDPOINT")]
         ep: Option<String>,
@@ -236,6 +261,26 @@ pub enum DescribeWhat {
     /// A port mapping
     #[command(visible_aliases = ["ports"])]
     Port(PortRef),
+    /// An endpoint's exit: who may use it and where it lets connections out
+    #[command(visible_aliases = ["exits"])]
+    Exit {
+        /// The endpoint (name or id) [default: this agent's]
+        #[arg(long, value_name = "ENDPOINT")]
+        ep: Option<String>,
+    },
+    /// A proxy
+    #[command(visible_aliases = ["proxies"])]
+    Proxy(ProxyRef),
+}
+
+/// Names one proxy (`describe proxy`, `delete proxy`).
+#[derive(Args, Debug)]
+pub struct ProxyRef {
+    /// [IP:]PORT it listens on (IP defaults to 127.0.0.1)
+    pub listen: String,
+    /// The endpoint (name or id) [default: this agent's]
+    #[arg(long, value_name = "ENDPOINT")]
+    pub ep: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -303,6 +348,51 @@ pub enum CreateWhat {
     /// Map a port: connections to [IP:]PORT on the endpoint go to a service of the mesh
     #[command(visible_aliases = ["ports"])]
     Port(NewPort),
+    /// Make the endpoint an exit: it lets other endpoints' proxied connections out to the
+    /// destinations allowed (docs/exits.md)
+    #[command(visible_aliases = ["exits"])]
+    Exit(NewExit),
+    /// Open a local SOCKS5 and HTTP proxy on [IP:]PORT whose connections leave through an exit
+    #[command(visible_aliases = ["proxies"])]
+    Proxy(NewProxy),
+}
+
+/// `create exit`.
+#[derive(Args, Debug)]
+pub struct NewExit {
+    /// A destination it lets out (repeatable): CIDR or address, host name, *.DOMAIN or *
+    /// (any name), each optionally :PORT or :PORT-PORT; an IPv6 one with a port in brackets.
+    /// A name goes out only to an address that is allowed too
+    #[arg(long, value_name = "RULE", required = true)]
+    pub allow: Vec<String>,
+    /// Only these users may use it (comma-separated) [default: every user of the mesh]
+    #[arg(long, value_delimiter = ',', value_name = "USER,...")]
+    pub users: Option<Vec<String>>,
+    /// The endpoint that is the exit (name or id) [default: this agent's]
+    #[arg(long, value_name = "ENDPOINT")]
+    pub ep: Option<String>,
+}
+
+/// `create proxy`.
+#[derive(Args, Debug)]
+pub struct NewProxy {
+    /// [IP:]PORT to listen on (IP defaults to 127.0.0.1)
+    pub listen: String,
+    /// Always use this exit (name or id) [default: any exit of a trusted user]
+    #[arg(long, value_name = "ENDPOINT")]
+    pub exit_ep: Option<String>,
+    /// Without --exit-ep: users whose exits may carry the connections, comma-separated or
+    /// repeated; `*` for any user [default: the proxy's own user and root]
+    #[arg(
+        long,
+        value_name = "USERS",
+        value_delimiter = ',',
+        conflicts_with = "exit_ep"
+    )]
+    pub trust: Vec<String>,
+    /// The endpoint that listens (name or id) [default: this agent's]
+    #[arg(long, value_name = "ENDPOINT")]
+    pub ep: Option<String>,
 }
 
 /// `create service`.
@@ -371,6 +461,16 @@ pub enum DeleteWhat {
     /// Unmap a port
     #[command(visible_aliases = ["ports"])]
     Port(PortRef),
+    /// Stop being an exit
+    #[command(visible_aliases = ["exits"])]
+    Exit {
+        /// The endpoint (name or id) [default: this agent's]
+        #[arg(long, value_name = "ENDPOINT")]
+        ep: Option<String>,
+    },
+    /// Close a proxy
+    #[command(visible_aliases = ["proxies"])]
+    Proxy(ProxyRef),
 }
 
 /// Names one service an endpoint provides (`delete service`).

@@ -1,9 +1,10 @@
 //! What each client command does, in terms of the agent's REST API: one module per noun
-//! (meshes, endpoints, services, ports), each with its requests, tables and messages. Here is
+//! (meshes, endpoints, services, ports, exits and proxies), each with its requests, tables and messages. Here is
 //! what they share: a command's context (the agent, the output format, the mesh to work in),
 //! the dispatch from the command line to the nouns, the API's paths and JSON printing.
 
 mod endpoints;
+mod exits;
 mod meshes;
 mod ports;
 mod services;
@@ -30,6 +31,8 @@ pub async fn run(cmd: ClientCommand) -> Result<()> {
                 GetWhat::Endpoints => endpoints::get(&ctx, &a.mesh).await,
                 GetWhat::Services { ep } => services::get(&ctx, &a.mesh, ep.as_deref()).await,
                 GetWhat::Ports { ep } => ports::get(&ctx, &a.mesh, ep.as_deref()).await,
+                GetWhat::Exit { ep, all } => exits::get(&ctx, &a.mesh, ep.as_deref(), all).await,
+                GetWhat::Proxies { ep } => exits::get_proxies(&ctx, &a.mesh, ep.as_deref()).await,
             }
         }
         ClientCommand::Describe(a) => {
@@ -39,6 +42,8 @@ pub async fn run(cmd: ClientCommand) -> Result<()> {
                 DescribeWhat::Endpoint { name } => endpoints::describe(&ctx, &a.mesh, &name).await,
                 DescribeWhat::Service { name } => services::describe(&ctx, &a.mesh, &name).await,
                 DescribeWhat::Port(port) => ports::describe(&ctx, &a.mesh, &port).await,
+                DescribeWhat::Exit { ep } => exits::describe(&ctx, &a.mesh, ep.as_deref()).await,
+                DescribeWhat::Proxy(p) => exits::describe_proxy(&ctx, &a.mesh, &p).await,
             }
         }
         ClientCommand::Create(a) => {
@@ -46,6 +51,8 @@ pub async fn run(cmd: ClientCommand) -> Result<()> {
             match a.what {
                 CreateWhat::Service(new) => services::create(&ctx, &a.mesh, new).await,
                 CreateWhat::Port(new) => ports::create(&ctx, &a.mesh, new).await,
+                CreateWhat::Exit(new) => exits::create(&ctx, &a.mesh, new).await,
+                CreateWhat::Proxy(new) => exits::create_proxy(&ctx, &a.mesh, new).await,
             }
         }
         ClientCommand::Delete(a) => {
@@ -53,6 +60,8 @@ pub async fn run(cmd: ClientCommand) -> Result<()> {
             match a.what {
                 DeleteWhat::Service(service) => services::delete(&ctx, &a.mesh, &service).await,
                 DeleteWhat::Port(port) => ports::delete(&ctx, &a.mesh, &port).await,
+                DeleteWhat::Exit { ep } => exits::delete(&ctx, &a.mesh, ep.as_deref()).await,
+                DeleteWhat::Proxy(p) => exits::delete_proxy(&ctx, &a.mesh, &p).await,
             }
         }
         ClientCommand::Join(a) => meshes::join(&Ctx::new(&a.common)?, &a).await,

@@ -74,7 +74,7 @@ pub(super) fn table(ports: &[Port]) -> Table {
 }
 
 /// The figures' cells of a ports table row: ACTIVE, TOTAL, FAILED, TO-SVC, FROM-SVC.
-fn stats_cells(stats: Option<&PortStats>) -> Vec<String> {
+pub(super) fn stats_cells(stats: Option<&PortStats>) -> Vec<String> {
     match stats {
         Some(s) => vec![
             s.active.to_string(),
@@ -89,7 +89,7 @@ fn stats_cells(stats: Option<&PortStats>) -> Vec<String> {
 
 /// A byte count for a table, in one word: `512B`, `1.5KiB`, `12.3MiB`, `800GiB` (units of
 /// 1024; one decimal below 100).
-fn bytes(n: u64) -> String {
+pub(super) fn bytes(n: u64) -> String {
     const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
     if n < 1024 {
         return format!("{n}B");
@@ -258,7 +258,7 @@ fn port_path(mesh: &Mesh, ep: Option<&str>, ip: IpAddr, proto: ProtoArg, port: u
 }
 
 /// `[IP:]PORT` → (ip, port); IP defaults to 127.0.0.1.
-fn parse_listen(s: &str) -> Result<(IpAddr, u16)> {
+pub(super) fn parse_listen(s: &str) -> Result<(IpAddr, u16)> {
     let bad = || {
         Usage(format!(
             "bad port {s:?}: expected [IP:]PORT, e.g. 2222 or 0.0.0.0:2222"
