@@ -447,8 +447,14 @@ pub async fn run_agent(args: AgentArgs) -> Result<()> {
     };
     let router = ztm_agent::api::router(agent.clone());
     agent.start(router.clone())?;
+    // Each tunnel holds a file at each end of the agent (a client's or a service's
+    // connection): thousands of them need more than the common default of 1,024.
+    let files = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => format!("; open-file limit {n}"),
+        Err(e) => format!("; cannot raise the open-file limit: {e}"),
+    };
     tracing::info!(
-        "agent listening on http://{} (database {}{})",
+        "agent listening on http://{} (database {}{}{files})",
         listener.local_addr()?,
         path.display(),
         if agent.token.is_some() {

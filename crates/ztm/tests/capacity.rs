@@ -145,3 +145,181 @@ async fn a_full_hub_refuses_at_once_and_serves_those_inside() {
         );
     });
 }
+
+/// tests/tools/echo.py in a process of its own (TCP and UDP echo on 127.0.0.1), so that this
+/// process keeps its open files for its clients. Stopped when dropped.
+struct Echo {
+    child: std::process::Child,
+    tcp: u16,
+    udp: u16,
+}
+
+impl Echo {
+    fn start() -> Echo {
+        use std::process::{Command, Stdio};
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/tools/echo.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 tests/tools/echo.py");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let (tcp, udp) = match words.as_slice() {
+            ["tcp", t, "udp", u] => (t.parse().unwrap(), u.parse().unwrap()),
+            _ => panic!("echo.py said {line:?}"),
+        };
+        Echo { child, tcp, udp }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The figures of port `ip/proto/port` on agent `api`'s own endpoint.
+fn port_stats(api: &str, id: &str, proto: &str, port: u16) -> serde_json::Value {
+    get(
+        api,
+        &format!("/api/meshes/{MESH}/endpoints/{id}/ports/127.0.0.1/{proto}/{port}"),
+    )
+    .json()["stats"]
+        .clone()
+}
+
+/// A connection's round trip of one 8-byte message.
+fn echo8(s: &mut TcpStream, i: usize) -> bool {
+    use std::io::Read;
+    let msg = format!("{:07}\n", i % 10_000_000);
+    let mut got = [0u8; 8];
+    s.write_all(msg.as_bytes()).is_ok() && s.read_exact(&mut got).is_ok() && got == msg.as_bytes()
+}
+
+/// Sends `u{i}` on every flow that has not had its answer yet and collects answers, up to
+/// `tries` rounds (UDP may drop a datagram under a burst; a flow is one client socket).
+fn udp_round(socks: &[std::net::UdpSocket], tag: &str, tries: usize) -> usize {
+    let mut answered = vec![false; socks.len()];
+    for _ in 0..tries {
+        for chunk in (0..socks.len())
+            .filter(|i| !answered[*i])
+            .collect::<Vec<_>>()
+            .chunks(500)
+        {
+            for &i in chunk {
+                let _ = socks[i].send(format!("{tag}{i}").as_bytes());
+            }
+            for &i in chunk {
+                let mut buf = [0u8; 64];
+                if let Ok(n) = socks[i].recv(&mut buf) {
+                    answered[i] = buf[..n] == *format!("{tag}{i}").as_bytes();
+                }
+            }
+        }
+        if answered.iter().all(|a| *a) {
+            break;
+        }
+    }
+    answered.iter().filter(|a| !**a).count()
+}
+
+/// One agent carries 10,000 concurrent TCP tunnels, then 10,000 concurrent UDP flows, through
+/// one hub: every one opens, none is closed while open (each answers again after the agent's
+/// heartbeats went on for longer than their timeout), and the agent keeps its session
+/// throughout. Heavy: ignored by default; scripts/test runs it.
+#[test]
+#[ignore = "10,000 tunnels at once: scripts/test runs it"]
+fn ten_thousand_tunnels_and_flows_through_one_agent() {
+    const N: usize = 10_000;
+    let files = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
+    assert!(
+        files >= N as u64 + 1_000,
+        "this process may open {files} files; the test needs {} (raise the hard limit)",
+        N + 1_000
+    );
+    let echo = Echo::start();
+    let st = ztm_testkit::stack::Stack::start(&ztm!(), "capacity-10k", &["alice", "alice"]);
+    st.add_service(1, "tcp", "echo", echo.tcp, None);
+    st.add_service(1, "udp", "echo", echo.udp, None);
+    st.wait_service(0, "tcp", "echo", &[1]);
+    st.wait_service(0, "udp", "echo", &[1]);
+    let (tport, uport) = (free_port(), free_port());
+    st.map_port(0, "tcp", tport, "echo", None);
+    st.map_port(0, "udp", uport, "echo", None);
+    let a = st.api(0).to_string();
+    let a_id = st.ids[0].clone();
+    let sessions = || st.agents[0].proc.log().matches("connected to hub").count();
+    assert_eq!(sessions(), 1);
+
+    // TCP: N connections at once, each through its own tunnel.
+    let started = Instant::now();
+    let mut conns = Vec::with_capacity(N);
+    for i in 0..N {
+        let mut s = TcpStream::connect(("127.0.0.1", tport)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        assert!(echo8(&mut s, i), "tunnel {i} did not open");
+        conns.push(s);
+    }
+    let opened = started.elapsed();
+    let stats = port_stats(&a, &a_id, "tcp", tport);
+    assert_eq!(stats["active"], N as u64, "{stats}");
+    assert_eq!(stats["failed"], 0, "{stats}");
+    // Past the heartbeats' timeout (30 s): the session stays, fresh tunnels still open.
+    let hold_until = started + Duration::from_secs(35);
+    while Instant::now() < hold_until {
+        let mut s = TcpStream::connect(("127.0.0.1", tport)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        assert!(echo8(&mut s, 0), "a fresh tunnel failed with {N} open");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    for (i, s) in conns.iter_mut().enumerate() {
+        assert!(echo8(s, i + 1), "tunnel {i} died");
+    }
+    eprintln!(
+        "{N} TCP tunnels opened in {opened:?}, all alive after {:?}",
+        started.elapsed()
+    );
+    drop(conns);
+    wait_until(Duration::from_secs(30), "the TCP tunnels to close", || {
+        port_stats(&a, &a_id, "tcp", tport)["active"] == 0
+    });
+
+    // UDP: N flows at once (a client socket each).
+    let started = Instant::now();
+    let socks: Vec<std::net::UdpSocket> = (0..N)
+        .map(|_| {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.connect(("127.0.0.1", uport)).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            s
+        })
+        .collect();
+    assert_eq!(udp_round(&socks, "u", 5), 0, "flows without an answer");
+    let opened = started.elapsed();
+    let stats = port_stats(&a, &a_id, "udp", uport);
+    assert_eq!(stats["active"], N as u64, "{stats}");
+    let hold_until = started + Duration::from_secs(35);
+    while Instant::now() < hold_until {
+        // Each flow sends now and then (a flow idle for 60 s is closed, as UDP flows are).
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert_eq!(udp_round(&socks, "v", 5), 0, "flows that stopped answering");
+    let stats = port_stats(&a, &a_id, "udp", uport);
+    assert_eq!(stats["active"], N as u64, "flows were closed: {stats}");
+    assert_eq!(stats["failed"], 0, "{stats}");
+    eprintln!(
+        "{N} UDP flows opened in {opened:?}, all alive after {:?}",
+        started.elapsed()
+    );
+
+    let log = st.agents[0].proc.log();
+    assert_eq!(sessions(), 1, "the agent lost its session:\n{log}");
+    assert!(!log.contains("heartbeat failed"), "{log}");
+}
