@@ -436,6 +436,99 @@ export function scenarios(label, launch) {
     assert.ok(!(await call(a, "GET", "/api/meshes/demo")).includes(rootKey.trim().split("\n")[1]), "the API never returns the key");
   });
 
+  test(`${label}: an endpoint becomes an exit, another's proxy connects out through it, and the figures show`, opts, async (t) => {
+    const [echoPort, proxyPort] = await Promise.all([freePort(), freePort()]);
+    const [x, y] = (await Promise.all([agent("x"), agent("y")])).map((p) => p.addr);
+    await until("agents X and Y", async () => Boolean(await call(x, "GET", "/api/meshes")) && Boolean(await call(y, "GET", "/api/meshes")));
+    for (const [addr, user, name] of [[x, "xena", "x"], [y, "yves", "y"]]) {
+      await call(addr, "POST", "/api/meshes/out", { invitation: await invite(user, { mesh: "out", print: true }), agent: { name } });
+    }
+    // What the exit lets out to: an echo server next to Y.
+    const echo = net.createServer((c) => c.pipe(c));
+    await new Promise((r) => echo.listen(echoPort, "127.0.0.1", r));
+    t.after(() => echo.close());
+
+    // Y's own page makes Y an exit; a bad rule first, refused in the agent's words.
+    const uiY = await open(y);
+    t.after(() => uiY.page.close());
+    await uiY.click({ button: "Ports" });
+    await uiY.waitFor({ css: '#exit-state [data-exit="none"]', text: "y is not an exit." });
+    const ef = "#exit-form";
+    await uiY.waitFor({ scope: ef, button: "Stop being an exit" }, { state: "hidden" });
+    await uiY.fill({ scope: ef, label: "Allowed destinations" }, "10.0.0.0/33");
+    await uiY.click({ scope: ef, button: "Save exit" });
+    await uiY.waitFor({ scope: ef, css: "[data-error]", text: /^allow: .*10\.0\.0\.0\/33/ });
+    assert.equal(await uiY.isVisible({ css: '#exit-state [data-exit="yes"]' }), false, "a refused rule changes nothing");
+    await uiY.fill({ scope: ef, label: "Allowed destinations" }, `127.0.0.1:${echoPort}\n*.corp.example:443`);
+    await uiY.fill({ scope: ef, label: "Allowed users" }, "xena, yves");
+    await uiY.click({ scope: ef, button: "Save exit" });
+    await uiY.waitFor({ css: '#exit-state [data-exit="yes"]', text: "y is an exit to:" });
+    await uiY.waitFor({ scope: ef, css: "[data-error]" }, { state: "hidden" });
+    const exit = JSON.parse(await call(y, "GET", "/api/meshes/out/endpoints/y/exit"));
+    assert.deepEqual(exit.users, ["xena", "yves"]);
+    assert.equal(exit.allow.length, 2);
+    assert.deepEqual(await uiY.texts({ css: "#exit-state .rules li" }), exit.allow);
+    await uiY.waitFor({ css: "#exit-state [data-exit-users]", text: "Users: xena, yves" });
+    await uiY.waitFor({ scope: ef, button: "Stop being an exit" });
+    await uiY.shot("exit", true);
+
+    // X's page: a proxy to Y's exit, picked from the exits X's user may use.
+    const uiX = await open(x);
+    t.after(() => uiX.page.close());
+    await uiX.click({ button: "Ports" });
+    await uiX.waitFor({ css: '#exit-state [data-exit="none"]', text: "x is not an exit." });
+    const pf = "#proxy-form";
+    await uiX.waitFor({ css: "#proxy-rows td", text: "No proxies on this endpoint." });
+    await uiX.select({ scope: pf, label: "Exit" }, "y (yves)");
+    await uiX.fill({ scope: pf, label: "Listen port" }, String(proxyPort));
+    await uiX.click({ scope: pf, button: "Create proxy" });
+    const row = `[data-proxy="127.0.0.1:${proxyPort}"]`;
+    await uiX.waitFor({ css: `${row} td[data-label="State"]`, text: "open" });
+    await uiX.waitFor({ css: `${row} td[data-label="Exit"]`, text: "y (yves)" });
+    const proxyPath = `/api/meshes/out/endpoints/x/proxies/127.0.0.1/${proxyPort}`;
+    assert.equal(JSON.parse(await call(x, "GET", proxyPath)).exit.user, "yves");
+
+    // From here: HTTP CONNECT through the proxy to the echo server, held open, bytes each way.
+    const active = { css: `${row} [data-stat="active"]` };
+    await uiX.waitFor({ ...active, text: "0" });
+    const held = await hold(proxyPort);
+    const connected = await held.exchange(`CONNECT 127.0.0.1:${echoPort} HTTP/1.1\r\nHost: 127.0.0.1:${echoPort}\r\n\r\n`, "\r\n\r\n");
+    assert.match(connected.toString(), /^HTTP\/1\.[01] 200/);
+    const payload = Buffer.from(`${"echo ".repeat(600)}end\n`);
+    const echoed = await held.exchange(payload, "end\n");
+    assert.equal(echoed.toString(), payload.toString(), "the bytes came back through the exit");
+    await uiX.waitFor({ ...active, text: "1" });
+    let stats;
+    await until("the proxy's figures", async () => {
+      stats = JSON.parse(await call(x, "GET", proxyPath)).stats;
+      return stats.bytesToService >= payload.length && stats.bytesFromService >= payload.length;
+    });
+    await uiX.waitFor({ css: `${row} [data-stat="to-service"]`, text: formatBytes(stats.bytesToService) });
+    await uiX.waitFor({ css: `${row} [data-stat="from-service"]`, text: formatBytes(stats.bytesFromService) });
+    assert.deepEqual(await uiX.texts(active), ["1"], "still open while its bytes show");
+    await uiX.shot("proxies", true);
+    held.destroy();
+    await uiX.waitFor({ ...active, text: "0" });
+
+    // A destination the exit does not allow: refused, and counted as failed.
+    const denied = await hold(proxyPort);
+    const refusal = await denied.exchange(`CONNECT 127.0.0.1:${proxyPort} HTTP/1.1\r\nHost: x\r\n\r\n`, "\r\n\r\n");
+    assert.doesNotMatch(refusal.toString(), /^HTTP\/1\.[01] 200/);
+    denied.destroy();
+    await uiX.waitFor({ css: `${row} [data-stat="failed"]`, text: /failed/ });
+
+    // Y stops being an exit (its page asks first); X deletes its proxy.
+    await uiY.page.evaluate(() => { window.confirm = () => true; });
+    await uiY.click({ scope: ef, button: "Stop being an exit" });
+    await uiY.waitFor({ css: '#exit-state [data-exit="none"]', text: "y is not an exit." });
+    await assert.rejects(call(y, "GET", "/api/meshes/out/endpoints/y/exit"), /404/);
+    await uiX.click({ scope: row, button: `Delete proxy 127.0.0.1:${proxyPort}` });
+    await uiX.waitFor({ css: row }, { state: "detached" });
+    await assert.rejects(hold(proxyPort), "the proxy is closed");
+    uiX.assertNoProblems();
+    uiY.assertNoProblems();
+  });
+
   test(`${label}: an agent started with a token asks for it once and keeps it for the tab`, opts, async (t) => {
     const { addr } = await agent("t", ["--token", "s3cret token"]);
     await until("agent T", async () => (await get(Number(addr.split(":")[1]), "/")).status === 200);

@@ -548,7 +548,7 @@ const PORT_COLUMNS = 9;
 
 // A port's live figures as table cells: connections open now (with those opened and failed
 // so far), bytes each way, the last error and when. An agent that gives none shows dashes.
-function portFigures(stats) {
+function portFigures(stats, [to, from] = ["To service", "From service"]) {
   const s = stats || {};
   const count = (n) => (typeof n === "number" ? String(n) : "–");
   const lastError = s.lastError
@@ -560,8 +560,8 @@ function portFigures(stats) {
       el("span", { class: "muted small", "data-stat": "opened" }, ` of ${count(s.total)}`),
       s.failed ? el("span", { class: "error-count small", "data-stat": "failed" }, ` · ${s.failed} failed`) : null,
     ]),
-    el("td", { "data-label": "To service", "data-stat": "to-service", class: "num", title: `${count(s.bytesToService)} bytes` }, formatBytes(s.bytesToService)),
-    el("td", { "data-label": "From service", "data-stat": "from-service", class: "num", title: `${count(s.bytesFromService)} bytes` }, formatBytes(s.bytesFromService)),
+    el("td", { "data-label": to, "data-stat": "to-service", class: "num", title: `${count(s.bytesToService)} bytes` }, formatBytes(s.bytesToService)),
+    el("td", { "data-label": from, "data-stat": "from-service", class: "num", title: `${count(s.bytesFromService)} bytes` }, formatBytes(s.bytesFromService)),
     el("td", { "data-label": "Last error", "data-stat": "last-error", class: "last-error" }, lastError),
   ];
 }
@@ -581,6 +581,165 @@ async function createPort(ev) {
   try {
     const port = await api("POST", `${meshPath()}/endpoints/${enc(ep)}/ports/${enc(String(f.get("ip")).trim())}/${f.get("proto")}/${Number(f.get("port"))}`, { target });
     if (!port.open && port.error) formError(form, port.error);
+    await refresh();
+  } catch (e) {
+    formError(form, e.message);
+  }
+}
+
+// ---- proxies and exits -------------------------------------------------------------
+
+// The endpoint the ports view shows (its ports, proxies and exit).
+function portsEndpoint() {
+  return $("#ports-ep").value || (localEndpoint() || {}).id;
+}
+
+// The exits of the mesh this user may use, as last listed (the exit picker's options).
+let exitsKnown = [];
+
+// A picker of the online exits this user may use (one list from the agent, at most PAGE
+// options of it offered).
+function exitPicker(select) {
+  const option = (e) => ({ value: e.id, text: `${e.name} (${e.username})` });
+  return new Picker(select, {
+    find: async (q) => {
+      exitsKnown = await api("GET", `${meshPath()}/exits`);
+      learnNames(exitsKnown);
+      const t = q.toLowerCase();
+      const items = exitsKnown.filter((e) => !t || e.name.toLowerCase().includes(t) || e.username.toLowerCase().includes(t) || e.id.includes(t));
+      return { items: items.slice(0, PAGE), total: items.length };
+    },
+    one: async (id) => exitsKnown.find((e) => e.id === id) || null,
+    option,
+    fixed: [{ value: "", text: "any trusted exit" }],
+  });
+}
+
+async function loadProxies(ep) {
+  const proxies = await api("GET", `${meshPath()}/endpoints/${enc(ep)}/proxies`);
+  await lookUpNames(proxies.filter((p) => p.exit.endpoint).map((p) => ({ id: p.exit.endpoint, user: p.exit.user })));
+  return proxies;
+}
+
+// Columns of the proxies table.
+const PROXY_COLUMNS = 8;
+
+function exitText(x) {
+  if (x.endpoint) return endpointName(x.endpoint, x.user) + (x.user ? ` (${x.user})` : "");
+  return x.trust ? `any exit of ${x.trust.join(", ")}` : "any trusted exit";
+}
+
+function renderProxies(ep, proxies, error) {
+  const rows = proxies.map((p) => {
+    const where = `${p.listen.ip}:${p.listen.port}`;
+    const del = el("button", { class: "danger", type: "button", "aria-label": `Delete proxy ${where}` }, "Delete");
+    const err = el("span", { class: "error", role: "alert" });
+    del.addEventListener("click", async () => {
+      try {
+        await api("DELETE", `${meshPath()}/endpoints/${enc(ep)}/proxies/${enc(p.listen.ip)}/${p.listen.port}`);
+        await refresh();
+      } catch (e) { err.textContent = e.message; }
+    });
+    return el("tr", { "data-proxy": where }, [
+      el("td", { "data-label": "Listen" }, where),
+      el("td", { "data-label": "Exit" }, exitText(p.exit)),
+      el("td", { "data-label": "State", class: p.open ? "online" : "offline" }, p.open ? "open" : (p.error || "closed")),
+      ...portFigures(p.stats, ["To destination", "From destination"]),
+      el("td", {}, [del, err]),
+    ]);
+  });
+  if (error) rows.push(el("tr", {}, el("td", { colspan: String(PROXY_COLUMNS), class: "error" }, error)));
+  fill($("#proxy-rows"), rows.length ? rows : [el("tr", {}, el("td", { colspan: String(PROXY_COLUMNS), class: "muted" }, "No proxies on this endpoint."))]);
+}
+
+async function createProxy(ev) {
+  ev.preventDefault();
+  const form = ev.target;
+  formError(form, "");
+  const f = new FormData(form);
+  const ep = portsEndpoint();
+  const exit = {};
+  if (f.get("exit")) exit.endpoint = String(f.get("exit"));
+  const trust = String(f.get("trust") || "").split(",").map((u) => u.trim()).filter(Boolean);
+  if (!exit.endpoint && trust.length) exit.trust = trust;
+  try {
+    const proxy = await api("POST", `${meshPath()}/endpoints/${enc(ep)}/proxies/${enc(String(f.get("ip")).trim())}/${Number(f.get("port"))}`, { exit });
+    if (!proxy.open && proxy.error) formError(form, proxy.error);
+    await refresh();
+  } catch (e) {
+    formError(form, e.message);
+  }
+}
+
+// The exit of the shown endpoint: null when it is not one. `exitShown` is what the form was
+// last filled with, so that a refresh does not undo what is being typed.
+let exitShown = { ep: null, text: null };
+
+async function loadExit(ep) {
+  try {
+    return await api("GET", `${meshPath()}/endpoints/${enc(ep)}/exit`);
+  } catch (e) {
+    if (e.status === 404) return null;
+    throw e;
+  }
+}
+
+function renderExit(ep, exit, error) {
+  const box = $("#exit-state");
+  const form = $("#exit-form");
+  const name = endpointName(ep);
+  if (error) {
+    fill(box, [el("p", { class: "error" }, error)]);
+    return;
+  }
+  if (!exit) {
+    fill(box, [el("p", { "data-exit": "none" }, `${name} is not an exit.`)]);
+  } else {
+    fill(box, [
+      el("p", { "data-exit": "yes" }, [el("span", { class: "online" }, `${name} is an exit`), " to:"]),
+      el("ul", { class: "rules", "aria-label": "Allowed destinations" }, exit.allow.map((r) => el("li", {}, el("code", {}, r)))),
+      el("p", { "data-exit-users": "" }, `Users: ${exit.users ? exit.users.join(", ") : "everyone"}`),
+    ]);
+  }
+  form.querySelector("h3").textContent = exit ? `Change ${name}'s exit` : `Make ${name} an exit`;
+  form.querySelector("[data-stop-exit]").hidden = !exit;
+  // The form takes what the agent has when another endpoint is shown or the exit changed,
+  // unless it is being edited.
+  const text = JSON.stringify(exit);
+  const editing = form.contains(document.activeElement) && exitShown.ep === ep;
+  if (!editing && (exitShown.ep !== ep || exitShown.text !== text)) {
+    form.elements.allow.value = exit ? exit.allow.join("\n") : "";
+    form.elements.users.value = exit && exit.users ? exit.users.join(", ") : "";
+    exitShown = { ep, text };
+  }
+}
+
+async function saveExit(ev) {
+  ev.preventDefault();
+  const form = ev.target;
+  formError(form, "");
+  const f = new FormData(form);
+  const allow = String(f.get("allow") || "").split("\n").map((r) => r.trim()).filter(Boolean);
+  const users = String(f.get("users") || "").split(/[\s,]+/).filter(Boolean);
+  const body = { allow };
+  if (users.length) body.users = users;
+  try {
+    await api("POST", `${meshPath()}/endpoints/${enc(portsEndpoint())}/exit`, body);
+    exitShown = { ep: null, text: null };
+    await refresh();
+  } catch (e) {
+    formError(form, e.message);
+  }
+}
+
+async function stopExit() {
+  const form = $("#exit-form");
+  formError(form, "");
+  const ep = portsEndpoint();
+  if (!confirm(`Stop ${endpointName(ep)} being an exit? Proxies using it lose it.`)) return;
+  try {
+    await api("DELETE", `${meshPath()}/endpoints/${enc(ep)}/exit`);
+    exitShown = { ep: null, text: null };
     await refresh();
   } catch (e) {
     formError(form, e.message);
@@ -620,15 +779,23 @@ function forgetMesh() {
     $(`#view-${name} [data-search]`).value = "";
   }
   for (const p of Object.values(pickers)) p.reset();
+  exitShown = { ep: null, text: null };
 }
 
-// The visible view's data: a page of its list, its pickers' options, its ports or log.
+// The visible view's data: a page of its list, its pickers' options, its ports (with the
+// endpoint's proxies and exit) or log.
 async function loadView() {
   if (state.view === "endpoints") await loadList("endpoints");
   if (state.view === "services") await Promise.all([loadList("services"), pickers.serviceEp.load()]);
   if (state.view === "ports") {
     await Promise.all([pickers.portsEp.load(), pickers.service.load().then(updateTargetChoices)]);
-    try { renderPorts(await loadPorts(), null); } catch (e) { renderPorts([], e.message); }
+    const ep = portsEndpoint();
+    await Promise.all([
+      (async () => { try { renderPorts(await loadPorts(), null); } catch (e) { renderPorts([], e.message); } })(),
+      ep ? pickers.exit.load() : null,
+      ep ? (async () => { try { renderProxies(ep, await loadProxies(ep), null); } catch (e) { renderProxies(ep, [], e.message); } })() : null,
+      ep ? (async () => { try { renderExit(ep, await loadExit(ep), null); } catch (e) { renderExit(ep, null, e.message); } })() : null,
+    ]);
   }
   if (state.view === "log") renderLog(await api("GET", `${meshPath()}/log`));
 }
@@ -753,6 +920,10 @@ document.addEventListener("DOMContentLoaded", () => {
   pickers.target = providerPicker(portForm.elements.target, portForm.elements.service);
   $("#service-form").addEventListener("submit", createService);
   portForm.addEventListener("submit", createPort);
+  pickers.exit = exitPicker($("#proxy-form").elements.exit);
+  $("#proxy-form").addEventListener("submit", createProxy);
+  $("#exit-form").addEventListener("submit", saveExit);
+  $("#exit-form [data-stop-exit]").addEventListener("click", stopExit);
   portForm.elements.service.addEventListener("change", () => updateTargetChoices().catch(failed));
   $("#ports-ep").addEventListener("change", () => refresh());
   const hash = location.hash.slice(1);
