@@ -3,7 +3,10 @@
 //! to them on A, and measures each scenario directly (client → target) and through the tunnel
 //! (client → A → hub → B → target), interleaved (the latency scenarios slice by slice). A
 //! third reference runs each scenario through three plain TCP relays (no TLS, no HTTP/2; see
-//! `plain.rs`): what three relay hops cost on this machine whatever the protocol. Prints a
+//! `plain.rs`): what three relay hops cost on this machine whatever the protocol. A fourth
+//! path goes through a proxy on A to B as an exit (client → SOCKS5 proxy on A → hub → B's
+//! exit → target); its client does the SOCKS5 handshake on every connection, so a fresh
+//! connection's time includes it. Prints a
 //! table with the ratios and the targets (docs/requirements.md §10's quality bars in figures,
 //! `Report::targets`) and can write every figure as JSON.
 
@@ -22,7 +25,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
-use load::{Concurrent, Direction, Latency, Throughput};
+use load::{Concurrent, Dest, Direction, Latency, Throughput};
 use ztm_testkit::procfs;
 
 #[derive(Args)]
@@ -135,7 +138,11 @@ async fn bench(args: &BenchArgs) -> Result<()> {
             target: targets.echo.clone(),
         },
     ];
-    let (mut st, ports) = stack::start(&services, &[]).await?;
+    let allows = [&targets.sink, &targets.source, &targets.echo].map(|t| t.to_string());
+    let (mut st, ports, proxy) = stack::start_with_proxy(&services, &[], &allows).await?;
+    let Some(proxy) = proxy else {
+        anyhow::bail!("no proxy on agent A");
+    };
     let plain = match st.start_plain(&[
         targets.sink.clone(),
         targets.source.clone(),
@@ -146,7 +153,7 @@ async fn bench(args: &BenchArgs) -> Result<()> {
     };
     let mut scrapes = args.scrape.then(scrape::Scrapes::default);
     let scraper = start_scraper(&mut st, args.scrape)?;
-    let result = measure(&plan, &mut st, &targets, &ports, &plain).await;
+    let result = measure(&plan, &mut st, &targets, &ports, &plain, &proxy).await;
     let scraped = scraper.map(scrape::Scraper::finish);
     let mut report = match result {
         Ok(r) => r,
@@ -207,16 +214,24 @@ struct Mem {
     after: u64,
 }
 
+/// One scenario's figure on each path.
 struct Pair<T> {
     direct: T,
     tunnel: T,
     /// Through three plain relays.
     plain: T,
+    /// Through the SOCKS5 proxy on A to B's exit.
+    proxy: T,
 }
 
 impl<T> Pair<T> {
-    fn each_mut(&mut self) -> [&mut T; 3] {
-        [&mut self.direct, &mut self.tunnel, &mut self.plain]
+    fn each_mut(&mut self) -> [&mut T; 4] {
+        [
+            &mut self.direct,
+            &mut self.tunnel,
+            &mut self.plain,
+            &mut self.proxy,
+        ]
     }
 
     fn map<U>(self, f: impl Fn(T) -> U) -> Pair<U> {
@@ -224,24 +239,31 @@ impl<T> Pair<T> {
             direct: f(self.direct),
             tunnel: f(self.tunnel),
             plain: f(self.plain),
+            proxy: f(self.proxy),
         }
+    }
+
+    /// Direct, plain, tunnel and proxy: the table's order.
+    fn columns(&self) -> [&T; 4] {
+        [&self.direct, &self.plain, &self.tunnel, &self.proxy]
     }
 }
 
-/// The fresh-connection and ping-pong scenarios on the echo `targets` (direct, tunnel,
-/// plain), the three paths taking turns slice by slice (see [`load::Series`]), with the CPU
-/// time of the tunnel's relays `pids` and of the plain ones `plain_pids`.
+/// The fresh-connection and ping-pong scenarios on the echo `to` (direct, tunnel, plain,
+/// proxy), the paths taking turns slice by slice (see [`load::Series`]), with the CPU time of
+/// the tunnel's (and the proxy's) relays `pids` and of the plain ones `plain_pids`.
 async fn latencies(
     plan: &Plan,
-    targets: [&str; 3],
+    to: &Pair<Dest>,
     pids: &[u32],
     plain_pids: &[u32],
     hz: f64,
 ) -> (Pair<Latency>, Pair<Latency>) {
     let series = || Pair {
-        direct: load::Series::new(targets[0], Vec::new()),
-        tunnel: load::Series::new(targets[1], pids.to_vec()),
-        plain: load::Series::new(targets[2], plain_pids.to_vec()),
+        direct: load::Series::new(&to.direct, Vec::new()),
+        tunnel: load::Series::new(&to.tunnel, pids.to_vec()),
+        plain: load::Series::new(&to.plain, plain_pids.to_vec()),
+        proxy: load::Series::new(&to.proxy, pids.to_vec()),
     };
     let (mut fresh, mut pings) = (series(), series());
     for turn in 0..load::TURNS {
@@ -271,6 +293,9 @@ struct Report {
     /// The same for the plain relays during theirs.
     plain_cpu_secs: Vec<f64>,
     plain_bytes: u64,
+    /// The same for the tunnel's relays during the proxy's.
+    proxy_cpu_secs: Vec<f64>,
+    proxy_bytes: u64,
     /// The same for the tunnel's relays with tokio-rustls moving the TLS records.
     rustls_cpu_secs: Vec<f64>,
     rustls_bytes: u64,
@@ -302,9 +327,20 @@ async fn measure(
     targets: &load::Targets,
     ports: &[String],
     plain: &[String],
+    proxy: &str,
 ) -> Result<Report> {
-    let (t_sink, t_source, t_echo) = (&ports[0], &ports[1], &ports[2]);
-    let (p_sink, p_source, p_echo) = (&plain[0], &plain[1], &plain[2]);
+    // The sink, the source and the echo on each path.
+    let path = |i: usize, target: &String| -> Result<Pair<Dest>> {
+        Ok(Pair {
+            direct: Dest::from(target),
+            tunnel: Dest::from(&ports[i]),
+            plain: Dest::from(&plain[i]),
+            proxy: Dest::socks5(proxy, target)?,
+        })
+    };
+    let sink = path(0, &targets.sink)?;
+    let source = path(1, &targets.source)?;
+    let echo = path(2, &targets.echo)?;
     let pids_of = |names: &[&str]| -> Vec<u32> {
         names
             .iter()
@@ -315,10 +351,11 @@ async fn measure(
     let plain_pids = pids_of(&stack::PLAIN);
     let hz = procfs::clock_ticks();
 
-    load::echo_works(&targets.echo, Duration::from_secs(5)).await?;
-    load::echo_works(t_echo, Duration::from_secs(30)).await?;
-    load::echo_works(p_echo, Duration::from_secs(10)).await?;
-    eprintln!("bench: tunnel up; letting the stack idle");
+    load::echo_works(&echo.direct, Duration::from_secs(5)).await?;
+    load::echo_works(&echo.tunnel, Duration::from_secs(30)).await?;
+    load::echo_works(&echo.plain, Duration::from_secs(10)).await?;
+    load::echo_works(&echo.proxy, Duration::from_secs(30)).await?;
+    eprintln!("bench: tunnel and proxy up; letting the stack idle");
     tokio::time::sleep(plan.settle).await;
     let idle = rss_all(&pids);
     let load_peak = peak_sampler(&pids);
@@ -332,11 +369,12 @@ async fn measure(
     ];
     let mut cpu_ticks = vec![0u64; pids.len()];
     let mut plain_ticks = vec![0u64; plain_pids.len()];
-    let (mut tunnel_bytes, mut plain_bytes) = (0, 0);
+    let mut proxy_ticks = vec![0u64; pids.len()];
+    let (mut tunnel_bytes, mut plain_bytes, mut proxy_bytes) = (0, 0, 0);
     for (name, dir, streams) in phases {
-        let (direct_addr, tunnel_addr, plain_addr) = match dir {
-            Direction::Upload => (&targets.sink, t_sink, p_sink),
-            Direction::Download => (&targets.source, t_source, p_source),
+        let to = match dir {
+            Direction::Upload => &sink,
+            Direction::Download => &source,
         };
         let label = format!(
             "{}, {streams} stream{} (MB/s)",
@@ -348,26 +386,31 @@ async fn measure(
             if streams == 1 { "" } else { "s" }
         );
         eprintln!("bench: {label} ...");
-        let run = |addr: &str, way: &'static str, pids: Vec<u32>| {
-            let (sunk, addr) = (&targets.sunk, addr.to_string());
+        let run = |to: &Dest, way: &'static str, pids: Vec<u32>| {
+            let (sunk, to) = (&targets.sunk, to.clone());
             async move {
-                load::throughput(&addr, dir, streams, plan.warmup, plan.duration, sunk, &pids)
+                load::throughput(&to, dir, streams, plan.warmup, plan.duration, sunk, &pids)
                     .await
                     .with_context(|| format!("{name} {way}"))
             }
         };
-        let direct = run(direct_addr, "direct", Vec::new()).await?;
-        let tunnel = run(tunnel_addr, "through the tunnel", pids.clone()).await?;
-        let plain = run(plain_addr, "through the plain relays", plain_pids.clone()).await?;
+        let direct = run(&to.direct, "direct", Vec::new()).await?;
+        let tunnel = run(&to.tunnel, "through the tunnel", pids.clone()).await?;
+        let plain = run(&to.plain, "through the plain relays", plain_pids.clone()).await?;
+        let proxy = run(&to.proxy, "through the proxy", pids.clone()).await?;
         st.check_alive()?;
-        for (acc, t) in cpu_ticks.iter_mut().zip(&tunnel.cpu_ticks) {
-            *acc += t;
-        }
-        for (acc, t) in plain_ticks.iter_mut().zip(&plain.cpu_ticks) {
-            *acc += t;
+        for (ticks, t) in [
+            (&mut cpu_ticks, &tunnel),
+            (&mut plain_ticks, &plain),
+            (&mut proxy_ticks, &proxy),
+        ] {
+            for (acc, t) in ticks.iter_mut().zip(&t.cpu_ticks) {
+                *acc += t;
+            }
         }
         tunnel_bytes += tunnel.bytes;
         plain_bytes += plain.bytes;
+        proxy_bytes += proxy.bytes;
         throughput.push((
             name,
             label,
@@ -375,6 +418,7 @@ async fn measure(
                 direct,
                 tunnel,
                 plain,
+                proxy,
             },
         ));
     }
@@ -384,23 +428,17 @@ async fn measure(
         "bench: {} fresh connections + 64 B echo, {} ping-pongs on one connection ...",
         plan.fresh, plan.pings
     );
-    let (fresh, pings) = latencies(
-        plan,
-        [&targets.echo, t_echo, p_echo],
-        &pids,
-        &plain_pids,
-        hz,
-    )
-    .await;
+    let (fresh, pings) = latencies(plan, &echo, &pids, &plain_pids, hz).await;
     st.check_alive()?;
     eprintln!(
         "bench: {} concurrent connections × {} round trips ...",
         plan.concurrent, plan.rounds
     );
     let concurrent = Pair {
-        direct: load::concurrent(&targets.echo, plan.concurrent, plan.rounds).await,
-        tunnel: load::concurrent(t_echo, plan.concurrent, plan.rounds).await,
-        plain: load::concurrent(p_echo, plan.concurrent, plan.rounds).await,
+        direct: load::concurrent(&echo.direct, plan.concurrent, plan.rounds).await,
+        tunnel: load::concurrent(&echo.tunnel, plan.concurrent, plan.rounds).await,
+        plain: load::concurrent(&echo.plain, plan.concurrent, plan.rounds).await,
+        proxy: load::concurrent(&echo.proxy, plan.concurrent, plan.rounds).await,
     };
     st.check_alive()?;
     let load_peak = peak_bytes(load_peak);
@@ -425,6 +463,8 @@ async fn measure(
         tunnel_bytes,
         plain_cpu_secs: plain_ticks.iter().map(|t| *t as f64 / hz).collect(),
         plain_bytes,
+        proxy_cpu_secs: proxy_ticks.iter().map(|t| *t as f64 / hz).collect(),
+        proxy_bytes,
         rustls_cpu_secs: Vec::new(),
         rustls_bytes: 0,
         mem,
@@ -457,7 +497,7 @@ async fn relay_cpu(
             Direction::Download => &ports[1],
         };
         let t = load::throughput(
-            addr,
+            &Dest::from(addr),
             dir,
             streams,
             plan.warmup,
@@ -515,6 +555,10 @@ impl Report {
 
     fn plain_cpu_per_gb(&self) -> f64 {
         per_gb(&self.plain_cpu_secs, self.plain_bytes)
+    }
+
+    fn proxy_cpu_per_gb(&self) -> f64 {
+        per_gb(&self.proxy_cpu_secs, self.proxy_bytes)
     }
 
     fn rustls_cpu_per_gb(&self) -> f64 {
@@ -599,64 +643,87 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "plain: three plain TCP relays chained like the tunnel's hops (no TLS, no HTTP/2)\n"
+            "plain: three plain TCP relays chained like the tunnel's hops (no TLS, no HTTP/2)"
         );
         let _ = writeln!(
             s,
-            "{:<36} {:>10} {:>10} {:>10} {:>9} {:>10} {:>9} {:>10}",
-            "scenario", "direct", "plain", "tunnel", "tunnel ×", "tunnel +", "plain ×", "plain +"
+            "proxy: SOCKS5 proxy on agent A to agent B as an exit, the handshake on every connection\n"
         );
-        let _ = writeln!(s, "{}", "-".repeat(121));
-        // Figures direct, through the plain relays and through the tunnel; ratios and
-        // differences to direct (differences only for latencies).
-        let row = |s: &mut String, name: &str, [d, p, t]: [f64; 3], prec: usize, diff: bool| {
-            let plus = |x: f64| {
+        let _ = writeln!(
+            s,
+            "{:<36} {:>10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>9} {:>10} {:>9} {:>10}",
+            "scenario",
+            "direct",
+            "plain",
+            "tunnel",
+            "proxy",
+            "tunnel ×",
+            "tunnel +",
+            "plain ×",
+            "plain +",
+            "proxy ×",
+            "proxy +"
+        );
+        let _ = writeln!(s, "{}", "-".repeat(152));
+        // Figures direct, through the plain relays, through the tunnel and through the proxy;
+        // ratios and differences to direct (differences only for latencies).
+        let row = |s: &mut String, name: &str, [d, p, t, x]: [f64; 4], prec: usize, diff: bool| {
+            let plus = |v: f64| {
                 if diff {
-                    format!("{:+.prec$}", x - d)
+                    format!("{:+.prec$}", v - d)
                 } else {
                     String::new()
                 }
             };
             let _ = writeln!(
                 s,
-                "{name:<36} {d:>10.prec$} {p:>10.prec$} {t:>10.prec$} {:>8.3}× {:>10} {:>8.3}× {:>10}",
+                "{name:<36} {d:>10.prec$} {p:>10.prec$} {t:>10.prec$} {x:>10.prec$} {:>8.3}× {:>10} {:>8.3}× {:>10} {:>8.3}× {:>10}",
                 ratio(t, d),
                 plus(t),
                 ratio(p, d),
-                plus(p)
+                plus(p),
+                ratio(x, d),
+                plus(x)
             );
         };
         for (_, label, p) in &self.throughput {
-            let f = [&p.direct, &p.plain, &p.tunnel].map(Throughput::mb_per_s);
-            row(&mut s, label, f, 1, false);
+            row(
+                &mut s,
+                label,
+                p.columns().map(Throughput::mb_per_s),
+                1,
+                false,
+            );
         }
         for (name, pair, scale, unit, prec) in [
             ("fresh conn + 64 B echo", &self.fresh, 1e3, "ms", 3),
             ("64 B ping-pong", &self.pings, 1.0, "µs", 1),
         ] {
             for p in [50.0, 99.0] {
-                let f = [&pair.direct, &pair.plain, &pair.tunnel].map(|l| l.percentile(p) / scale);
+                let f = pair.columns().map(|l| l.percentile(p) / scale);
                 row(&mut s, &format!("{name} p{p:.0} ({unit})"), f, prec, true);
             }
             let _ = writeln!(
                 s,
-                "{:<36} {:>10} {:>10.1} {:>10.1}",
+                "{:<36} {:>10} {:>10.1} {:>10.1} {:>10.1}",
                 "  relay CPU per operation (µs)",
                 "-",
                 pair.plain.relay_cpu_us_per_op(),
-                pair.tunnel.relay_cpu_us_per_op()
+                pair.tunnel.relay_cpu_us_per_op(),
+                pair.proxy.relay_cpu_us_per_op()
             );
             let _ = writeln!(
                 s,
-                "{:<36} {:>10} {:>10} {:>10}",
+                "{:<36} {:>10} {:>10} {:>10} {:>10}",
                 format!("{name} errors"),
                 pair.direct.errors,
                 pair.plain.errors,
-                pair.tunnel.errors
+                pair.tunnel.errors,
+                pair.proxy.errors
             );
         }
         let c = &self.concurrent;
-        let all = [&c.direct, &c.plain, &c.tunnel];
+        let all = c.columns();
         row(
             &mut s,
             &format!(
@@ -678,13 +745,14 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "{:<36} {:>10} {:>10} {:>10}",
-            "  errors", c.direct.errors, c.plain.errors, c.tunnel.errors
+            "{:<36} {:>10} {:>10} {:>10} {:>10}",
+            "  errors", c.direct.errors, c.plain.errors, c.tunnel.errors, c.proxy.errors
         );
         for (what, e) in [
             ("direct", &c.direct),
             ("plain", &c.plain),
             ("tunnel", &c.tunnel),
+            ("proxy", &c.proxy),
         ] {
             if let Some(err) = &e.first_error {
                 let _ = writeln!(s, "  first {what} error: {err}");
@@ -705,6 +773,12 @@ impl Report {
             "three plain relays during theirs: {:.2} s/GB over {:.2} GB",
             self.plain_cpu_per_gb(),
             self.plain_bytes as f64 / 1e9,
+        );
+        let _ = writeln!(
+            s,
+            "hub and agents during the proxy throughput phases: {:.2} s/GB over {:.2} GB",
+            self.proxy_cpu_per_gb(),
+            self.proxy_bytes as f64 / 1e9,
         );
         let _ = writeln!(
             s,
@@ -794,21 +868,28 @@ impl Report {
                 "direct": tp(&p.direct),
                 "tunnel": tp(&p.tunnel),
                 "plain": tp(&p.plain),
+                "proxy": tp(&p.proxy),
                 "ratio": ratio(p.tunnel.mb_per_s(), p.direct.mb_per_s()),
                 "plain_ratio": ratio(p.plain.mb_per_s(), p.direct.mb_per_s()),
+                "proxy_ratio": ratio(p.proxy.mb_per_s(), p.direct.mb_per_s()),
+                "proxy_tunnel_ratio": ratio(p.proxy.mb_per_s(), p.tunnel.mb_per_s()),
             }));
         }
         for (name, pair) in [("fresh_conn_echo", &self.fresh), ("ping_pong", &self.pings)] {
-            let (d, t, p) = (&pair.direct, &pair.tunnel, &pair.plain);
+            let (d, t, p, x) = (&pair.direct, &pair.tunnel, &pair.plain, &pair.proxy);
             scenarios.push(json!({
                 "name": name,
                 "unit": "us",
                 "direct": lat(d),
                 "tunnel": lat(t),
                 "plain": lat(p),
+                "proxy": lat(x),
                 "plain_p50_diff_us": p.percentile(50.0) - d.percentile(50.0),
+                "proxy_p50_diff_us": x.percentile(50.0) - d.percentile(50.0),
+                "proxy_p99_diff_us": x.percentile(99.0) - d.percentile(99.0),
                 "relay_cpu_us_per_op": t.relay_cpu_us_per_op(),
                 "plain_relay_cpu_us_per_op": p.relay_cpu_us_per_op(),
+                "proxy_relay_cpu_us_per_op": x.relay_cpu_us_per_op(),
                 "p50_diff_us": t.percentile(50.0) - d.percentile(50.0),
                 "p99_diff_us": t.percentile(99.0) - d.percentile(99.0),
                 "p50_ratio": ratio(t.percentile(50.0), d.percentile(50.0)),
@@ -821,6 +902,7 @@ impl Report {
             "direct": conc(&c.direct),
             "tunnel": conc(&c.tunnel),
             "plain": conc(&c.plain),
+            "proxy": conc(&c.proxy),
             "wall_diff_ms": (c.tunnel.wall.as_secs_f64() - c.direct.wall.as_secs_f64()) * 1e3,
         }));
         let mut rss = serde_json::Map::new();
@@ -864,6 +946,8 @@ impl Report {
                 "cpu_s": cpu,
                 "plain_cpu_s_per_gb": self.plain_cpu_per_gb(),
                 "plain_bytes": self.plain_bytes,
+                "proxy_cpu_s_per_gb": self.proxy_cpu_per_gb(),
+                "proxy_bytes": self.proxy_bytes,
                 "rustls_cpu_s_per_gb": self.rustls_cpu_per_gb(),
                 "rustls_bytes": self.rustls_bytes,
             },

@@ -1,6 +1,7 @@
 //! `ztm bench --quick --json FILE` runs end to end (real processes, real tunnels) and reports
-//! every scenario with positive figures direct, through the tunnel and through the plain
-//! reference relays. No performance thresholds here: the figures are the benchmark's
+//! every scenario with positive figures direct, through the tunnel, through the plain
+//! reference relays and through a SOCKS5 proxy to an exit, the proxy without errors. No
+//! performance thresholds here: the figures are the benchmark's
 //! business, not the test's.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -99,6 +100,7 @@ fn quick_bench_reports_every_scenario() {
         stdout.contains("direct")
             && stdout.contains("tunnel")
             && stdout.contains("plain")
+            && stdout.contains("proxy ×")
             && (stdout.contains("PASS") || stdout.contains("MISS")),
         "no table printed:\n{stdout}"
     );
@@ -116,11 +118,15 @@ fn quick_bench_reports_every_scenario() {
             // What each operation cost the relays on the path, in CPU time.
             positive(s, "relay_cpu_us_per_op", name);
             positive(s, "plain_relay_cpu_us_per_op", name);
+            positive(s, "proxy_relay_cpu_us_per_op", name);
         }
-        for side in ["direct", "tunnel", "plain"] {
+        for side in ["direct", "tunnel", "plain", "proxy"] {
             let v = &s[side];
             let what = format!("{name} {side}");
             positive(v, "value", &what);
+            if side == "proxy" {
+                assert_eq!(v["errors"], 0, "{what}: errors through the proxy: {v}");
+            }
             match name {
                 "upload_1" | "upload_n" | "download_1" => {
                     positive(v, "mb_per_s", &what);
@@ -144,6 +150,8 @@ fn quick_bench_reports_every_scenario() {
     }
     positive(&report["relay"], "cpu_s_per_gb", "relay CPU");
     positive(&report["relay"], "plain_cpu_s_per_gb", "plain relay CPU");
+    positive(&report["relay"], "proxy_cpu_s_per_gb", "relay CPU, proxy");
+    positive(&report["relay"], "proxy_bytes", "bytes through the proxy");
     // The same tunnel phases again with ZTM_TLS=rustls: both record layers stay measured.
     positive(
         &report["relay"],

@@ -1,6 +1,9 @@
 //! Target servers (sink, source, echo) and the load generator. Every loop is bounded in count
-//! and in time.
+//! and in time. The client connects to a [`Dest`]: straight to an address, or through a SOCKS5
+//! proxy.
 
+use std::fmt;
+use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -108,13 +111,113 @@ impl Targets {
     }
 }
 
-async fn connect(addr: &str) -> Result<TcpStream> {
-    let s = tokio::time::timeout(OP_TIMEOUT, TcpStream::connect(addr))
-        .await
-        .map_err(|_| anyhow!("connecting to {addr} timed out"))?
-        .with_context(|| format!("connecting to {addr}"))?;
-    s.set_nodelay(true)?;
-    Ok(s)
+/// Where the client connects.
+#[derive(Clone)]
+pub enum Dest {
+    /// Straight to this address (a target, a tunnel's port, a plain relay).
+    Tcp(String),
+    /// To `proxy`, which is asked (SOCKS5, no authentication, CONNECT) for `target`. The
+    /// handshake is part of connecting, so a fresh connection's time includes it.
+    Socks5 { proxy: String, target: SocketAddrV4 },
+}
+
+impl Dest {
+    /// `target` (an IPv4 address and port) through the SOCKS5 proxy at `proxy`.
+    pub fn socks5(proxy: &str, target: &str) -> Result<Dest> {
+        Ok(Dest::Socks5 {
+            proxy: proxy.to_string(),
+            target: target
+                .parse()
+                .with_context(|| format!("{target} is not an IPv4 address and port"))?,
+        })
+    }
+
+    /// The address the client's TCP connection goes to.
+    fn addr(&self) -> &str {
+        match self {
+            Dest::Tcp(a) => a,
+            Dest::Socks5 { proxy, .. } => proxy,
+        }
+    }
+}
+
+impl fmt::Display for Dest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dest::Tcp(a) => f.write_str(a),
+            Dest::Socks5 { proxy, target } => write!(f, "{target} through SOCKS5 proxy {proxy}"),
+        }
+    }
+}
+
+impl From<&str> for Dest {
+    fn from(addr: &str) -> Dest {
+        Dest::Tcp(addr.to_string())
+    }
+}
+
+impl From<&String> for Dest {
+    fn from(addr: &String) -> Dest {
+        Dest::Tcp(addr.clone())
+    }
+}
+
+impl From<&Dest> for Dest {
+    fn from(to: &Dest) -> Dest {
+        to.clone()
+    }
+}
+
+async fn connect(to: &Dest) -> Result<TcpStream> {
+    tokio::time::timeout(OP_TIMEOUT, async {
+        let addr = to.addr();
+        let mut s = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        s.set_nodelay(true)?;
+        if let Dest::Socks5 { target, .. } = to {
+            socks5_connect(&mut s, *target)
+                .await
+                .with_context(|| format!("SOCKS5 CONNECT to {target}"))?;
+        }
+        Ok(s)
+    })
+    .await
+    .map_err(|_| anyhow!("connecting to {to} timed out"))?
+}
+
+/// The client's side of a SOCKS5 handshake, as an ordinary client does it: the greeting
+/// (no authentication), its answer, then CONNECT to `target` and the reply.
+async fn socks5_connect(s: &mut TcpStream, target: SocketAddrV4) -> Result<()> {
+    s.write_all(&[5, 1, 0]).await?;
+    let mut chosen = [0u8; 2];
+    s.read_exact(&mut chosen).await?;
+    if chosen != [5, 0] {
+        bail!("the proxy answered the greeting with {chosen:?}");
+    }
+    let mut req = vec![5, 1, 0, 1];
+    req.extend_from_slice(&target.ip().octets());
+    req.extend_from_slice(&target.port().to_be_bytes());
+    s.write_all(&req).await?;
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head).await?;
+    if head[0] != 5 || head[1] != 0 {
+        bail!("the proxy refused with reply {head:?}");
+    }
+    // The bound address and port, unused.
+    let rest = match head[3] {
+        1 => 4 + 2,
+        4 => 16 + 2,
+        3 => {
+            let mut len = [0u8; 1];
+            s.read_exact(&mut len).await?;
+            usize::from(len[0]) + 2
+        }
+        t => bail!("the proxy replied with address type {t}"),
+    };
+    let mut bound = vec![0u8; rest];
+    s.read_exact(&mut bound).await?;
+    Ok(())
 }
 
 fn message(seed: usize) -> [u8; MSG] {
@@ -142,19 +245,20 @@ async fn round_trip(s: &mut TcpStream, seed: usize) -> Result<()> {
     Ok(())
 }
 
-/// A 64 B echo through `addr` works; retried for up to `within` (the tunnel may need a moment).
-pub async fn echo_works(addr: &str, within: Duration) -> Result<()> {
+/// A 64 B echo through `to` works; retried for up to `within` (the tunnel may need a moment).
+pub async fn echo_works(to: impl Into<Dest>, within: Duration) -> Result<()> {
+    let to = to.into();
     let deadline = Instant::now() + within;
     loop {
         let r = async {
-            let mut s = connect(addr).await?;
+            let mut s = connect(&to).await?;
             round_trip(&mut s, 1).await
         }
         .await;
         match r {
             Ok(()) => return Ok(()),
             Err(e) if Instant::now() > deadline => {
-                return Err(e.context(format!("no echo through {addr} within {within:?}")))
+                return Err(e.context(format!("no echo through {to} within {within:?}")))
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
@@ -194,11 +298,11 @@ fn ticks(pids: &[u32]) -> Vec<u64> {
         .collect()
 }
 
-/// `streams` connections to `addr` move bulk data for `warmup` + `duration`; bytes are counted
+/// `streams` connections to `to` move bulk data for `warmup` + `duration`; bytes are counted
 /// over `duration` only (by the sink for uploads, by the client for downloads), along with the
 /// CPU time of `pids` over the same window.
 pub async fn throughput(
-    addr: &str,
+    to: &Dest,
     dir: Direction,
     streams: usize,
     warmup: Duration,
@@ -208,7 +312,7 @@ pub async fn throughput(
 ) -> Result<Throughput> {
     let mut conns = Vec::with_capacity(streams);
     for _ in 0..streams {
-        conns.push(connect(addr).await?);
+        conns.push(connect(to).await?);
     }
     let counter = match dir {
         Direction::Upload => sunk.clone(),
@@ -337,7 +441,7 @@ fn us(d: Duration) -> f64 {
 /// [`TURNS`]), so that this machine's slow drifts in wake-up latency fall on all of them alike
 /// and the differences between paths stay meaningful.
 pub struct Series {
-    addr: String,
+    to: Dest,
     lat: Latency,
     /// The ping-pong connection, kept from one slice to the next.
     conn: Option<TcpStream>,
@@ -357,10 +461,10 @@ pub fn slice_of(total: usize, turn: usize) -> usize {
 }
 
 impl Series {
-    /// A series on `addr`, watching the CPU time of the relays `pids` on its path.
-    pub fn new(addr: &str, pids: Vec<u32>) -> Series {
+    /// A series on `to`, watching the CPU time of the relays `pids` on its path.
+    pub fn new(to: impl Into<Dest>, pids: Vec<u32>) -> Series {
         Series {
-            addr: addr.to_string(),
+            to: to.into(),
             lat: Latency {
                 samples: Vec::new(),
                 errors: 0,
@@ -423,7 +527,7 @@ pub async fn fresh_connections(series: &mut Series, count: usize, max_time: Dura
         let seed = series.seed();
         let t = Instant::now();
         let r = async {
-            let mut s = connect(&series.addr).await?;
+            let mut s = connect(&series.to).await?;
             round_trip(&mut s, seed).await
         }
         .await;
@@ -444,7 +548,7 @@ pub async fn ping_pong(series: &mut Series, count: usize, max_time: Duration) {
             Some(s) => s,
             None => {
                 let t = Instant::now();
-                let c = connect(&series.addr).await;
+                let c = connect(&series.to).await;
                 series.spent += t.elapsed();
                 match c {
                     Ok(s) => s,
@@ -479,14 +583,14 @@ pub struct Concurrent {
 
 /// `connections` connections at once, each doing `rounds` 64 B round trips; each connection
 /// must finish within 30 s.
-pub async fn concurrent(addr: &str, connections: usize, rounds: usize) -> Concurrent {
+pub async fn concurrent(to: &Dest, connections: usize, rounds: usize) -> Concurrent {
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(connections);
     for c in 0..connections {
-        let addr = addr.to_string();
+        let to = to.clone();
         tasks.push(tokio::spawn(async move {
             tokio::time::timeout(Duration::from_secs(30), async {
-                let mut s = connect(&addr).await?;
+                let mut s = connect(&to).await?;
                 for r in 0..rounds {
                     round_trip(&mut s, c * rounds + r).await?;
                 }

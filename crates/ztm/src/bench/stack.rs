@@ -1,7 +1,7 @@
 //! The mesh under test, started by the test kit (`ztm_testkit`) from this executable: a CA, a
 //! hub and two agents A and B (both root) as child processes on ports of 127.0.0.1 the kernel
 //! chose, their databases and logs in a temporary directory; B's services, A's ports to them,
-//! and the plain relays. Dropping the stack kills the children and removes the directory
+//! B's exit and A's proxy to it, and the plain relays. Dropping the stack kills the children and removes the directory
 //! (`ZTM_BENCH_KEEP` keeps it).
 
 use std::time::Duration;
@@ -160,6 +160,18 @@ pub async fn start(
     services: &[Mapping],
     env: &[(&'static str, &'static str)],
 ) -> Result<(Stack, Vec<String>)> {
+    let (st, ports, _) = start_with_proxy(services, env, &[]).await?;
+    Ok((st, ports))
+}
+
+/// [`start`], and unless `exit_allows` is empty: B becomes an exit allowing those addresses
+/// and A opens a proxy (SOCKS5 and HTTP CONNECT) to it; its address comes third.
+pub async fn start_with_proxy(
+    services: &[Mapping],
+    env: &[(&'static str, &'static str)],
+    exit_allows: &[String],
+) -> Result<(Stack, Vec<String>, Option<String>)> {
+    let exit_allows = exit_allows.to_vec();
     let services: Vec<(&'static str, String)> = services
         .iter()
         .map(|m| (m.service, m.target.clone()))
@@ -188,8 +200,16 @@ pub async fn start(
             mesh,
             ztm,
         };
-        match bring_up(&stack, &services) {
-            Ok(ports) => Ok((stack, ports)),
+        let up = bring_up(&stack, &services).and_then(|ports| {
+            let proxy = if exit_allows.is_empty() {
+                None
+            } else {
+                Some(open_proxy(&stack, &exit_allows)?)
+            };
+            Ok((ports, proxy))
+        });
+        match up {
+            Ok((ports, proxy)) => Ok((stack, ports, proxy)),
             Err(e) => Err(stack.explain(e)),
         }
     })
@@ -260,4 +280,38 @@ fn bring_up(st: &Stack, services: &[(&'static str, String)]) -> Result<Vec<Strin
         ports.push(format!("127.0.0.1:{port}"));
     }
     Ok(ports)
+}
+
+/// B becomes an exit allowing `allows`; once A sees it, A opens a proxy to it on a port of
+/// 127.0.0.1. The proxy's address.
+fn open_proxy(st: &Stack, allows: &[String]) -> Result<String> {
+    let mesh = &st.mesh;
+    let (a, b) = (mesh.api(0), mesh.api(1));
+    let (a_id, b_id) = (&mesh.ids[0], &mesh.ids[1]);
+    call(
+        b,
+        "POST",
+        &format!("/api/meshes/{MESH}/endpoints/{b_id}/exit"),
+        Some(&json!({ "allow": allows })),
+    )
+    .context("making B an exit")?;
+    poll(Duration::from_secs(30), || {
+        let exits = call(a, "GET", &format!("/api/meshes/{MESH}/exits"), None).ok()?;
+        exits
+            .as_array()?
+            .iter()
+            .any(|e| e["id"] == b_id.as_str())
+            .then_some(())
+    })
+    .ok_or_else(|| anyhow!("A did not see B's exit within 30 s"))?;
+    let port = ztm_testkit::http::free_port();
+    let path = format!("/api/meshes/{MESH}/endpoints/{a_id}/proxies/127.0.0.1/{port}");
+    call(a, "POST", &path, Some(&json!({"exit": {"endpoint": b_id}})))
+        .with_context(|| format!("opening a proxy on A's port {port} to B's exit"))?;
+    poll(Duration::from_secs(20), || {
+        let r = call(a, "GET", &path, None).ok()?;
+        (r["open"] == true).then_some(())
+    })
+    .ok_or_else(|| anyhow!("the proxy on A's port {port} did not open within 20 s"))?;
+    Ok(format!("127.0.0.1:{port}"))
 }
