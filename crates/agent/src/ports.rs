@@ -294,26 +294,37 @@ async fn udp_loop(
     figures: &Arc<PortFigures>,
     stop: &CancellationToken,
 ) {
-    let mut flows: HashMap<SocketAddr, mpsc::Sender<Bytes>> = HashMap::new();
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<SocketAddr>();
+    // Each flow by its client, with a number, so that a flow that ended removes itself only
+    // and not a newer flow of the same client.
+    let mut flows: HashMap<SocketAddr, (u64, mpsc::Sender<Bytes>)> = HashMap::new();
+    let mut next_flow = 0u64;
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(SocketAddr, u64)>();
     let mut buf = vec![0u8; 65_536];
     loop {
         tokio::select! {
             r = socket.recv_from(&mut buf) => {
                 let Ok((n, client)) = r else { continue };
                 let datagram = Bytes::copy_from_slice(&buf[..n]);
-                if let Some(tx) = flows.get(&client) {
-                    if tx.try_send(datagram).is_err() && tx.is_closed() {
-                        flows.remove(&client);
-                    }
-                    continue;
-                }
+                let datagram = match flows.get(&client) {
+                    Some((_, tx)) => match tx.try_send(datagram) {
+                        // Queued, or dropped because the flow's queue is full (as UDP may).
+                        Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => continue,
+                        // The flow just ended: this datagram starts a new one.
+                        Err(mpsc::error::TrySendError::Closed(d)) => {
+                            flows.remove(&client);
+                            d
+                        }
+                    },
+                    None => datagram,
+                };
                 if flows.len() >= MAX_UDP_FLOWS {
                     continue;
                 }
                 let (tx, rx) = mpsc::channel(UDP_QUEUE);
                 let _ = tx.try_send(datagram);
-                flows.insert(client, tx);
+                next_flow += 1;
+                let flow = next_flow;
+                flows.insert(client, (flow, tx));
                 let rt = rt.clone();
                 let target = target.clone();
                 let balancer = balancer.clone();
@@ -343,11 +354,13 @@ async fn udp_loop(
                         } => {}
                         _ = stop.cancelled() => {}
                     }
-                    let _ = done.send(client);
+                    let _ = done.send((client, flow));
                 });
             }
-            Some(client) = done_rx.recv() => {
-                flows.remove(&client);
+            Some((client, flow)) = done_rx.recv() => {
+                if flows.get(&client).is_some_and(|(f, _)| *f == flow) {
+                    flows.remove(&client);
+                }
             }
             _ = stop.cancelled() => return,
         }

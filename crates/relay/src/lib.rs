@@ -66,15 +66,19 @@ pub fn send_eager(send: &mut SendStream<Bytes>, data: Bytes) -> io::Result<()> {
     send.send_data(data, false).map_err(h2_io)
 }
 
-/// Most bytes of datagrams a UDP flow has queued on its stream before it drops more.
-pub const DATAGRAM_QUEUE: usize = 256 * 1024;
-
 /// Sends one datagram (capsule) if the stream has room for it now; otherwise drops it and
 /// returns `false`, as a congested UDP path would. A flow never waits here, so it keeps taking
 /// DATA off its own stream: two flow ends that each waited for the other to read would stall,
 /// and unread small frames would end the connection (see [`Backlog`]).
+///
+/// Room is asked for this datagram only (beyond what the stream has queued), so an idle flow
+/// holds none of the connection's window: flows that each kept a reserve would take it all
+/// between them, and the flows beyond could send nothing. What a flow may queue is bounded by
+/// its stream's window.
 pub fn send_datagram(send: &mut SendStream<Bytes>, capsule: Bytes) -> io::Result<bool> {
-    send.reserve_capacity(DATAGRAM_QUEUE);
+    if send.capacity() < capsule.len() {
+        send.reserve_capacity(capsule.len());
+    }
     if send.capacity() < capsule.len() {
         return Ok(false);
     }
