@@ -269,7 +269,7 @@ fn terminated_bench_stops_its_processes() {
     let up = lines.by_ref().map_while(Result::ok).any(|l| {
         seen.push_str(&l);
         seen.push('\n');
-        l.contains("tunnel up")
+        l.contains("up; letting the stack idle")
     });
     assert!(up, "the bench never came up:\n{seen}");
     let stack = children(pid);
