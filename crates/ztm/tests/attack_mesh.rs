@@ -169,6 +169,12 @@ fn the_hub_keeps_users_out_of_exits_that_do_not_admit_them() {
     wait_until(Duration::from_secs(20), "alice to be let through", || {
         rt.block_on(exit_tunnel(&a.sender, &honest.a_id, &owner, "~exit", &dest)) == 200
     });
+    // Alice's one tunnel that opened made one connection (counted by the listener's thread).
+    wait_until(
+        Duration::from_secs(5),
+        "alice's connection at the target",
+        || hits.load(std::sync::atomic::Ordering::SeqCst) == 1,
+    );
     let alice_hits = hits.load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(
         rt.block_on(exit_tunnel(&m.sender, &honest.a_id, &owner, "~exit", &dest)),
