@@ -672,10 +672,16 @@ fn tunnel_error(
     status: StatusCode,
     message: impl Into<String>,
 ) {
+    tunnel_answer(conn, send, status, &ApiError::new(status.as_u16(), message))
+}
+
+/// Answers a tunnel request with `error` (the far agent's, passed on), counting the failure
+/// by its reason.
+fn tunnel_answer(conn: &Conn, send: SendResponse<Bytes>, status: StatusCode, error: &ApiError) {
     conn.hub
         .metrics
         .tunnel_failed(metrics::tunnel_failure(status.as_u16()));
-    respond_error(send, status, message)
+    respond_json(send, status, error)
 }
 
 fn tunnel_refuse(conn: &Conn, send: SendResponse<Bytes>, refusal: Refusal) {
@@ -851,10 +857,7 @@ async fn tunnel(
             let status = resp.status();
             // The far agent's words, and its reason (why an exit could not connect).
             let error = h2io::error_of(resp).await;
-            conn.hub
-                .metrics
-                .tunnel_failed(metrics::tunnel_failure(status.as_u16()));
-            respond_json(send, status, &error);
+            tunnel_answer(conn, send, status, &error);
             return Err(());
         }
         let mut send = send;

@@ -140,15 +140,10 @@ fn the_hub_keeps_users_out_of_exits_that_do_not_admit_them() {
     let honest = Honest::start(&ztm!(), "attack-exit-hub", &[]);
     let mallory = honest.user("mallory");
     let alice = honest.alice.clone();
-    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let target = l.local_addr().unwrap().port();
-    let seen = hits.clone();
-    std::thread::spawn(move || {
-        for _s in l.incoming().flatten() {
-            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }
-    });
+    let ztm_testkit::traffic::Backend {
+        port: target,
+        accepted: hits,
+    } = ztm_testkit::traffic::serve(ztm_testkit::traffic::bind_local(), drop);
     let r = post_json(
         &honest.a.addr,
         &format!("/api/meshes/{MESH}/endpoints/{}/exit", honest.a_id),

@@ -7,8 +7,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -16,22 +15,8 @@ use ztm_testkit::prelude::*;
 use ztm_testkit::stack::Stack;
 use ztm_testkit::traffic::*;
 
-/// A listener on 127.0.0.1 that counts connections and answers each with an HTTP response
-/// naming the request line it got (and echoing a body it was sent).
-fn counting_http() -> (u16, Arc<AtomicUsize>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let count = Arc::new(AtomicUsize::new(0));
-    let seen = count.clone();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            seen.fetch_add(1, Ordering::SeqCst);
-            std::thread::spawn(move || answer_http(s));
-        }
-    });
-    (port, count)
-}
-
+/// Answers an HTTP request with a response naming the request line it got (and echoing a
+/// body it was sent).
 fn answer_http(mut s: TcpStream) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -72,20 +57,6 @@ fn answer_http(mut s: TcpStream) {
         "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-}
-
-/// A listener that counts connections and closes them.
-fn counting_closer() -> (u16, Arc<AtomicUsize>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let count = Arc::new(AtomicUsize::new(0));
-    let seen = count.clone();
-    std::thread::spawn(move || {
-        for _s in l.incoming().flatten() {
-            seen.fetch_add(1, Ordering::SeqCst);
-        }
-    });
-    (port, count)
 }
 
 /// A port nothing listens on.
@@ -167,8 +138,15 @@ fn log_of(api: &str) -> String {
 fn proxies_reach_what_exits_allow_and_nothing_else() {
     let st = Stack::start(&ztm!(), "proxy", &["alice", "bob", "carol"]);
     let echo = echo_server();
-    let (web, web_hits) = counting_http();
-    let (forbidden, forbidden_hits) = counting_closer();
+    // Servers that count their connections: a web server, and one that closes at once.
+    let Backend {
+        port: web,
+        accepted: web_hits,
+    } = serve(bind_local(), answer_http);
+    let Backend {
+        port: forbidden,
+        accepted: forbidden_hits,
+    } = serve(bind_local(), drop);
     let refused = closed_port();
     // Bob's endpoint is an exit for alice: the echo and web servers by address, "localhost"
     // by name (it resolves to 127.0.0.1, allowed, and ::1, not allowed), and a closed port.
