@@ -25,14 +25,13 @@ use ztm_proto::wire::{
     ENDPOINT_USER_HEADER, HOP_TIMEOUT, MAX_MANAGE_BODY, PROTOCOL_HEADER, PROTOCOL_VERSION,
     REGISTER_TIMEOUT, TOTAL_HEADER, TUNNEL_PROTOCOL, TUNNEL_STREAMS, USER_HEADER,
 };
-use ztm_tls::TlsStream;
 
 use crate::admission::{self, Refusal, Target};
 use crate::closer::{self, Closer, Goodbye, FAREWELL_TIMEOUT};
 use crate::limits::{Refused, Slot, BODY_TIMEOUT, MAX_CONTROL_BODY};
 use crate::metrics;
 use crate::registry::{self, RegisterError, SessionId};
-use crate::state::{Hub, NoReverse, Peer, RegisterRefusal};
+use crate::state::{Hub, NoReverse, Peer, RegisterRefusal, Tls};
 use ztm_proto::listing::ListQuery;
 
 struct Conn {
@@ -54,18 +53,12 @@ impl Conn {
     }
 }
 
-pub async fn serve(
-    hub: Arc<Hub>,
-    tls: TlsStream,
-    peer: Peer,
-    conn_id: u64,
-    kill: Closer,
-) -> Result<()> {
+pub async fn serve(hub: Arc<Hub>, tls: Tls, peer: Peer, conn_id: u64, kill: Closer) -> Result<()> {
     let _open = hub.metrics.connection(metrics::Kind::Control);
     let (io, farewell) = goaway::wrap(tls, Role::Server);
-    let mut h2 = ztm_net::h2io::server_builder()
-        .handshake::<_, Bytes>(io)
-        .await?;
+    // Boxed, as every phase that ends (server.rs, `serve_connection`): the connection's future
+    // keeps no room for the HTTP/2 handshake once it is done.
+    let mut h2 = Box::pin(ztm_net::h2io::server_builder().handshake::<_, Bytes>(io)).await?;
     let bodies = Arc::new(Semaphore::new(hub.limits.bodies_per_connection));
     let conn = Arc::new(Conn {
         hub,
@@ -133,7 +126,7 @@ pub async fn serve(
 /// Answers the first request on a control connection the hub does not admit with `refusal`,
 /// then closes it with a GOAWAY that says why (see [`closer::refused`]): the agent learns why
 /// instead of seeing a connection drop.
-pub async fn refuse(tls: TlsStream, refusal: Refusal) {
+pub async fn refuse(tls: Tls, refusal: Refusal) {
     let (io, farewell) = goaway::wrap(tls, Role::Server);
     let work = async {
         let Ok(mut h2) = ztm_net::h2io::server_builder()

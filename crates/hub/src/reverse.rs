@@ -10,12 +10,11 @@ use http::{Method, StatusCode};
 use ztm_net::goaway::{self, Farewell, Role};
 use ztm_net::h2io;
 use ztm_proto::wire::{Hello, PING_INTERVAL, PING_TIMEOUT, REQUEST_TIMEOUT};
-use ztm_tls::TlsStream;
 
 use crate::admission::Refusal;
 use crate::closer::{self, Closer, Goodbye, FAREWELL_TIMEOUT};
 use crate::registry::SessionId;
-use crate::state::{Hub, Peer};
+use crate::state::{Hub, Peer, Tls};
 
 /// The hub's HTTP/2 client on a reverse connection, driven by its own task.
 struct Client {
@@ -26,7 +25,7 @@ struct Client {
 }
 
 impl Client {
-    async fn start(tls: TlsStream) -> anyhow::Result<Client> {
+    async fn start(tls: Tls) -> anyhow::Result<Client> {
         let (io, farewell) = goaway::wrap(tls, Role::Client);
         let (sender, mut conn) = h2io::client_builder().handshake::<_, Bytes>(io).await?;
         let ping = conn
@@ -58,9 +57,11 @@ impl Client {
     }
 }
 
-pub async fn serve(hub: Arc<Hub>, tls: TlsStream, peer: Peer, kill: Closer) -> anyhow::Result<()> {
+pub async fn serve(hub: Arc<Hub>, tls: Tls, peer: Peer, kill: Closer) -> anyhow::Result<()> {
     let _open = hub.metrics.connection(crate::metrics::Kind::Reverse);
-    let mut client = Client::start(tls).await?;
+    // The phases that end are boxed (server.rs, `serve_connection`): the connection's future
+    // keeps room only for what watching it needs.
+    let mut client = Box::pin(Client::start(tls)).await?;
     let goodbye = bind_and_watch(&hub, &mut client, &peer, &kill).await;
     if let Some(goodbye) = goodbye {
         tracing::debug!(
@@ -68,7 +69,7 @@ pub async fn serve(hub: Arc<Hub>, tls: TlsStream, peer: Peer, kill: Closer) -> a
             peer.user,
             peer.addr
         );
-        client.close(goodbye).await;
+        Box::pin(client.close(goodbye)).await;
     } else {
         client.driver.abort();
     }
@@ -76,7 +77,7 @@ pub async fn serve(hub: Arc<Hub>, tls: TlsStream, peer: Peer, kill: Closer) -> a
 }
 
 /// Closes a reverse connection the hub does not admit, saying why.
-pub async fn refuse(tls: TlsStream, refusal: Refusal) {
+pub async fn refuse(tls: Tls, refusal: Refusal) {
     if let Ok(Ok(client)) = tokio::time::timeout(FAREWELL_TIMEOUT, Client::start(tls)).await {
         client.close(closer::refused(&refusal)).await;
     }
@@ -91,7 +92,7 @@ async fn bind_and_watch(
     kill: &Closer,
 ) -> Option<Goodbye> {
     let (endpoint, session) = tokio::select! {
-        hello = hello(hub, client, peer) => match hello {
+        hello = Box::pin(hello(hub, client, peer)) => match hello {
             Ok(bound) => bound,
             Err(goodbye) => {
                 tracing::info!(

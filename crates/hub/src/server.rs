@@ -28,6 +28,7 @@ use crate::limits::{
 };
 use crate::metrics::Handshake;
 pub use crate::metrics_api::MetricsListen;
+use crate::state::Tls;
 pub use crate::state::{Hub, Peer};
 
 const SWEEP_INTERVAL: Duration = Duration::from_secs(2);
@@ -503,6 +504,10 @@ async fn client_hello_arrives(stream: &TcpStream) -> Result<bool> {
     }
 }
 
+/// One connection, from its first byte to its end. Each phase is a future of its own on the
+/// heap, sized for that phase alone: the task that holds an idle endpoint's connection for
+/// hours keeps only what serving needs, not the handshake's state beside it (a future holds
+/// room for every variable it has across an await; one per connection, two per endpoint).
 #[allow(clippy::too_many_arguments)]
 async fn serve_connection(
     hub: Arc<Hub>,
@@ -514,10 +519,26 @@ async fn serve_connection(
     conn_id: u64,
     kill: Closer,
 ) -> Result<()> {
+    let handshake = Box::pin(handshake(&hub, acceptor, handshakes, stranger, stream));
+    let Some(tls) = handshake.await? else {
+        return Ok(());
+    };
+    Box::pin(serve_tls(hub, tls, addr, conn_id, kill)).await
+}
+
+/// The TLS handshake of a new connection (`None`: it closed before saying anything). The
+/// stranger's slot is held until it is done.
+async fn handshake(
+    hub: &Hub,
+    acceptor: Arc<ServerConfig>,
+    handshakes: Arc<Semaphore>,
+    stranger: crate::limits::Slot<IpAddr>,
+    stream: TcpStream,
+) -> Result<Option<Tls>> {
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let _ = stream.set_nodelay(true);
     if !client_hello_arrives(&stream).await? {
-        return Ok(());
+        return Ok(None);
     }
     // Waiting for a handshake slot counts against the same deadline as the handshake itself:
     // a stranger holds a connection for at most that long.
@@ -528,23 +549,34 @@ async fn serve_connection(
     })
     .await;
     drop(handshaking);
-    let tls = match tls {
+    drop(stranger);
+    match tls {
         Ok(Ok(tls)) => {
             hub.metrics.handshake(Handshake::Ok);
-            tls
+            Ok(Some(Box::new(tls)))
         }
         Ok(Err(e)) => {
             hub.metrics.handshake(Handshake::of_error(&e));
-            return Err(e);
+            Err(e)
         }
         Err(_) => {
             hub.metrics.handshake(Handshake::Timeout);
-            return Err(anyhow!(
+            Err(anyhow!(
                 "TLS handshake not done within {HANDSHAKE_TIMEOUT:?}"
-            ));
+            ))
         }
-    };
-    drop(stranger);
+    }
+}
+
+/// A connection whose handshake is done: admitted, then served as its ALPN protocol says, or
+/// refused.
+async fn serve_tls(
+    hub: Arc<Hub>,
+    tls: Tls,
+    addr: SocketAddr,
+    conn_id: u64,
+    kill: Closer,
+) -> Result<()> {
     let cert = tls
         .peer_certificates()
         .first()
@@ -566,16 +598,18 @@ async fn serve_connection(
                 refusal.message
             );
             if alpn.as_deref() == Some(ALPN_CONTROL) {
-                crate::control::refuse(tls, refusal).await;
+                Box::pin(crate::control::refuse(tls, refusal)).await;
             } else {
-                crate::reverse::refuse(tls, refusal).await;
+                Box::pin(crate::reverse::refuse(tls, refusal)).await;
             }
             return Ok(());
         }
     };
     let result = match alpn.as_deref() {
-        Some(a) if a == ALPN_CONTROL => crate::control::serve(hub, tls, peer, conn_id, kill).await,
-        Some(a) if a == ALPN_REVERSE => crate::reverse::serve(hub, tls, peer, kill).await,
+        Some(a) if a == ALPN_CONTROL => {
+            Box::pin(crate::control::serve(hub, tls, peer, conn_id, kill)).await
+        }
+        Some(a) if a == ALPN_REVERSE => Box::pin(crate::reverse::serve(hub, tls, peer, kill)).await,
         _ => Err(anyhow!("no known ALPN protocol")),
     };
     drop(handle);
@@ -585,6 +619,44 @@ async fn serve_connection(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The size of the future an async fn of 8, 5 or 4 arguments returns.
+    fn future_size8<A, B, C, D, E, F, G, H, Fut>(_: fn(A, B, C, D, E, F, G, H) -> Fut) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+    fn future_size5<A, B, C, D, E, Fut>(_: fn(A, B, C, D, E) -> Fut) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+    fn future_size4<A, B, C, D, Fut>(_: fn(A, B, C, D) -> Fut) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// Every endpoint holds two connections for as long as it is online, each a task whose
+    /// future has room for every variable it keeps across an await. The phases of a connection
+    /// are futures of their own, boxed one inside the other, so that an idle connection keeps
+    /// what serving it needs and not, beside it, the handshake's state, the refusal's, or the
+    /// other kind of connection's (all inline, that was over 16 KiB per connection).
+    #[test]
+    fn an_open_connection_holds_small_futures() {
+        let sizes = [
+            ("serve_connection", future_size8(serve_connection), 1024),
+            ("serve_tls", future_size5(serve_tls), 1024),
+            (
+                "control::serve",
+                future_size5(crate::control::serve),
+                3 * 1024,
+            ),
+            (
+                "reverse::serve",
+                future_size4(crate::reverse::serve),
+                2 * 1024,
+            ),
+        ];
+        for (name, size, most) in sizes {
+            eprintln!("{name}: {size} bytes");
+            assert!(size <= most, "{name}: {size} bytes, more than {most}");
+        }
+    }
 
     #[test]
     fn names_and_hosts() {

@@ -24,6 +24,11 @@ use crate::limits::{Counter, Limits, Refused, Slot};
 use crate::registry::{self, RegisterError, Registration, Registry, SessionId, Snapshot};
 use ztm_proto::listing::{self, ListQuery};
 
+/// A connection whose TLS handshake is done, as the hub holds it: on the heap, so that the
+/// futures it passes through on its way to HTTP/2 (each keeps room for its arguments) hold a
+/// pointer to it rather than copies of it.
+pub type Tls = Box<ztm_tls::TlsStream>;
+
 /// Who is on the other end of a TLS connection.
 #[derive(Clone, Debug)]
 pub struct Peer {
