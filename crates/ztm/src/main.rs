@@ -7,6 +7,8 @@ mod roles;
 mod serve;
 mod up;
 
+use std::io::Write;
+
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Parser, Subcommand};
 
@@ -318,7 +320,9 @@ fn main() {
         Command::Client(cmd) => client::main(cmd, <Cli as clap::CommandFactory>::command),
     };
     if let Err(e) = result {
-        eprintln!("ztm {role}: error: {e:#}");
+        // Written without `eprintln!`, which panics (exit code 101, no message anywhere) when
+        // stderr cannot be written, as when its file's disk is full: still exit code 1.
+        let _ = writeln!(std::io::stderr(), "ztm {role}: error: {e:#}");
         std::process::exit(1);
     }
 }

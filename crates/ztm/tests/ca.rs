@@ -396,6 +396,28 @@ fn startup_errors_are_one_line_and_non_zero() {
             && lines[0].contains("ztm ca --help"),
         "{log}"
     );
+
+    // With stderr on a full disk (/dev/full: every write fails with ENOSPC) the error cannot
+    // be said, and the exit code still says it failed as any error does: 1, not a panic's 101.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let missing = missing.to_str().unwrap();
+    for role in ["ca", "agent"] {
+        let status = ztm!()
+            .command(dir.path())
+            .args([role, "--listen", "127.0.0.1:0", "--database", missing])
+            .stdout(full.try_clone().unwrap())
+            .stderr(full.try_clone().unwrap())
+            .status()
+            .unwrap();
+        assert_eq!(
+            status.code(),
+            Some(1),
+            "ztm {role} with stderr on a full disk"
+        );
+    }
 }
 
 /// With --tls the CA serves HTTPS with a certificate it signs itself: CN ca/server (no user's
