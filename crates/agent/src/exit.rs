@@ -6,7 +6,8 @@
 //! allow what is decided in `ztm_proto::exit` and [`crate::admission`]; this module resolves,
 //! connects and relays.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 
 use http::StatusCode;
 use tokio::net::TcpStream;
@@ -17,6 +18,7 @@ use ztm_proto::wire::{
 };
 
 use crate::admission;
+use crate::lookups::Lookups;
 use crate::mesh::Mesh;
 
 /// Why the exit could not connect, as the tunnel's opener is told.
@@ -43,10 +45,12 @@ fn connect_failure(dest: &Destination, e: &std::io::Error) -> ApiError {
 }
 
 /// Where to connect for `dest`: the address itself, or what the name resolves to that the
-/// rules allow.
+/// rules allow. A name is resolved for `user` within the bounds of [`crate::lookups`].
 async fn addresses(
     rules: &ztm_proto::exit::Rules,
     dest: &Destination,
+    user: &str,
+    lookups: &Arc<Lookups>,
 ) -> Result<Vec<SocketAddr>, ApiError> {
     let forbidden =
         |d: ztm_proto::exit::Denied| failure(StatusCode::FORBIDDEN, None, d.to_string());
@@ -60,25 +64,46 @@ async fn addresses(
             format!("{dest}: an address the rules did not judge"),
         ));
     };
-    let lookup = tokio::net::lookup_host((name.as_str(), dest.port));
-    let resolved: Vec<SocketAddr> =
-        match tokio::time::timeout(SERVICE_CONNECT_TIMEOUT, lookup).await {
-            Ok(Ok(addrs)) => addrs.collect(),
-            Ok(Err(e)) => {
-                return Err(failure(
-                    StatusCode::BAD_GATEWAY,
-                    Some(HOST_UNREACHABLE),
-                    format!("the exit cannot resolve {name}: {e}"),
-                ))
-            }
-            Err(_) => {
-                return Err(failure(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    Some(HOST_UNREACHABLE),
-                    format!("the exit got no answer resolving {name}"),
-                ))
-            }
-        };
+    let slot = lookups.try_take(user).map_err(|busy| {
+        failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+            format!("the exit cannot resolve {name} now: {busy}"),
+        )
+    })?;
+    // The slot goes with the lookup to its thread and is given back when the resolver is done
+    // with it, not when the tunnel stops waiting: it counts the threads held.
+    let (host, port) = (name.clone(), dest.port);
+    let lookup = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        (host.as_str(), port)
+            .to_socket_addrs()
+            .map(|addrs| addrs.collect::<Vec<SocketAddr>>())
+    });
+    let resolved = match tokio::time::timeout(SERVICE_CONNECT_TIMEOUT, lookup).await {
+        Ok(Ok(Ok(addrs))) => addrs,
+        Ok(Ok(Err(e))) => {
+            return Err(failure(
+                StatusCode::BAD_GATEWAY,
+                Some(HOST_UNREACHABLE),
+                format!("the exit cannot resolve {name}: {e}"),
+            ))
+        }
+        Ok(Err(e)) => {
+            return Err(failure(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                None,
+                format!("resolving {name}: {e}"),
+            ))
+        }
+        Err(_) => {
+            return Err(failure(
+                StatusCode::GATEWAY_TIMEOUT,
+                Some(HOST_UNREACHABLE),
+                format!("the exit got no answer resolving {name}"),
+            ))
+        }
+    };
     rules.pick(name, &resolved).map_err(forbidden)
 }
 
@@ -137,7 +162,7 @@ pub async fn connect_for(
         })
         .and_then(Destination::parse)
         .map_err(|e| failure(StatusCode::BAD_REQUEST, None, e))?;
-    let connected = match addresses(&exit.rules, &dest).await {
+    let connected = match addresses(&exit.rules, &dest, user, rt.lookups()).await {
         Ok(addrs) => connect(&dest, &addrs).await,
         Err(e) => Err(e),
     };

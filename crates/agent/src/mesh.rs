@@ -25,6 +25,7 @@ use ztm_proto::wire::{
 
 use crate::discovery;
 use crate::error::MeshError;
+use crate::lookups::Lookups;
 use crate::metrics::Metrics;
 use crate::store::{MeshRecord, ServiceRecord, Store};
 
@@ -173,6 +174,8 @@ pub struct Mesh {
     local: RwLock<HashMap<(Proto, String), LocalService>>,
     /// This endpoint's exit, if it is one.
     exit: RwLock<Option<Arc<LocalExit>>>,
+    /// The names the exit is resolving, by user (bounded there).
+    lookups: Arc<Lookups>,
     /// Requests from hubs refused by [`crate::admission`], for the warnings about them.
     refusals: Mutex<RefusalLog>,
     /// Recent answers of the hubs about one service each, for choosing tunnel providers
@@ -299,6 +302,7 @@ impl Mesh {
             router,
             local: RwLock::new(local_map(&services)),
             exit: RwLock::new(exit),
+            lookups: Default::default(),
             refusals: Mutex::new(RefusalLog::default()),
             providers_cache: Mutex::new(HashMap::new()),
             stalls: Default::default(),
@@ -406,6 +410,11 @@ impl Mesh {
     /// This endpoint's exit, if it is one.
     pub fn local_exit(&self) -> Option<Arc<LocalExit>> {
         self.exit.read().clone()
+    }
+
+    /// The names the exit is resolving.
+    pub fn lookups(&self) -> &Arc<Lookups> {
+        &self.lookups
     }
 
     pub fn forget_providers(&self) {

@@ -57,6 +57,7 @@ const SEED: u64 = 0x5eed_e417;
 
 // SOCKS5 reply codes (RFC 1928).
 const SUCCEEDED: u8 = 0x00;
+const GENERAL_FAILURE: u8 = 0x01;
 const NOT_ALLOWED: u8 = 0x02;
 const HOST_UNREACHABLE: u8 = 0x04;
 const REFUSED: u8 = 0x05;
@@ -279,6 +280,16 @@ fn socks(proxy: u16, command: u8, dest: Dest, port: u16) -> std::io::Result<(u8,
     let mut bound = vec![0u8; rest];
     s.read_exact(&mut bound)?;
     Ok((head[1], s))
+}
+
+/// The number of threads of process `pid`.
+fn threads_of(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// The reply code of a SOCKS5 CONNECT to `dest`:`port` through 127.0.0.1:`proxy`.
@@ -907,6 +918,82 @@ fn exit_lets_proxies_out_to_what_its_rules_allow() {
     assert_eq!(
         code, HOST_UNREACHABLE,
         "SOCKS5 CONNECT nothere.corp.example:80"
+    );
+
+    // A flood of names that no server answers, from a user the exit admits: the exit resolves
+    // a few at a time for her (each lookup holds one of its threads until the resolver gives
+    // up, 1 s here) and refuses the rest at once, instead of a thread for each.
+    let blackhole = in_ns(&ns_exit, || {
+        std::net::UdpSocket::bind("127.0.0.1:53").unwrap()
+    });
+    let exit_pid = exit.proc.pid();
+    let threads_before = threads_of(exit_pid);
+    const FLOOD: usize = 200;
+    let mut flood: Vec<TcpStream> = in_ns(&ns_hub, || {
+        (0..FLOOD)
+            .map(|_| TcpStream::connect(("127.0.0.1", p_alice)).unwrap())
+            .collect()
+    });
+    let most_threads = std::sync::atomic::AtomicUsize::new(threads_before);
+    let flooding = std::sync::atomic::AtomicBool::new(true);
+    let codes: Vec<u8> = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while flooding.load(Ordering::SeqCst) {
+                most_threads.fetch_max(threads_of(exit_pid), Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        for (i, s) in flood.iter_mut().enumerate() {
+            let name = format!("n{i}.corp.example");
+            let mut asked = vec![0x05, 0x01, 0x00];
+            asked.extend(socks_request(0x01, Dest::Name(&name), 80));
+            s.write_all(&asked).unwrap();
+        }
+        let codes = flood
+            .iter_mut()
+            .map(|s| {
+                s.set_read_timeout(Some(S(30))).unwrap();
+                let mut reply = [0u8; 6];
+                s.read_exact(&mut reply).unwrap();
+                reply[3]
+            })
+            .collect();
+        flooding.store(false, Ordering::SeqCst);
+        codes
+    });
+    drop(flood);
+    drop(blackhole);
+    let most_threads = most_threads.into_inner();
+    let refused = codes.iter().filter(|&&c| c == GENERAL_FAILURE).count();
+    eprintln!(
+        "{FLOOD} names nobody answers: {refused} refused at once; the exit's threads went from \
+         {threads_before} to at most {most_threads}"
+    );
+    assert!(
+        codes
+            .iter()
+            .all(|&c| c == GENERAL_FAILURE || c == HOST_UNREACHABLE),
+        "replies to names nobody answers: {codes:?}"
+    );
+    assert!(
+        refused >= FLOOD / 2,
+        "{refused} of {FLOOD} lookups refused at once: {codes:?}"
+    );
+    assert!(
+        most_threads <= threads_before + 16,
+        "the exit's threads went from {threads_before} to {most_threads} for {FLOOD} lookups"
+    );
+    // Once the resolver has given up on hers, alice's names resolve again.
+    let mut last = 0xff;
+    let resolves = time_until(S(15), || {
+        last = in_ns(&ns_hub, || {
+            socks_code(p_alice, Dest::Name("web.corp.example"), 80)
+        });
+        last == SUCCEEDED
+    });
+    assert!(
+        resolves.is_some(),
+        "web.corp.example after the flood: code {last:#04x}"
     );
 
     // The proxy still works after all that.
