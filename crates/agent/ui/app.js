@@ -597,19 +597,20 @@ function portsEndpoint() {
 // The exits of the mesh this user may use, as last listed (the exit picker's options).
 let exitsKnown = [];
 
-// A picker of the online exits this user may use (one list from the agent, at most PAGE
-// options of it offered).
+// A picker of the online exits this user may use: a searched page of PAGE from the agent.
 function exitPicker(select) {
   const option = (e) => ({ value: e.id, text: `${e.name} (${e.username})` });
   return new Picker(select, {
     find: async (q) => {
-      exitsKnown = await api("GET", `${meshPath()}/exits`);
+      const page = await apiPage(`${meshPath()}/exits`, { q, limit: PAGE });
+      exitsKnown = page.items;
       learnNames(exitsKnown);
-      const t = q.toLowerCase();
-      const items = exitsKnown.filter((e) => !t || e.name.toLowerCase().includes(t) || e.username.toLowerCase().includes(t) || e.id.includes(t));
-      return { items: items.slice(0, PAGE), total: items.length };
+      return page;
     },
-    one: async (id) => exitsKnown.find((e) => e.id === id) || null,
+    // An exit chosen earlier may be beyond the page shown: a search for its id finds it.
+    one: async (id) => exitsKnown.find((e) => e.id === id)
+      || (await apiPage(`${meshPath()}/exits`, { q: id, limit: PAGE })).items.find((e) => e.id === id)
+      || null,
     option,
     fixed: [{ value: "", text: "any trusted exit" }],
   });

@@ -2,7 +2,7 @@
 //! service lists of hubs and agents, so that callers ask for what they show. Pure: parsing and
 //! matching, with table tests.
 
-use crate::model::{Endpoint, Service};
+use crate::model::{Endpoint, EndpointRef, Service};
 use crate::wire::{EndpointInfo, ServiceInfo};
 
 /// Most items one page may hold.
@@ -96,6 +96,11 @@ pub fn service_fields(s: &ServiceInfo) -> Vec<&str> {
         f.push(&e.username);
     }
     f
+}
+
+/// What a search looks at in a provider (an exit, say): its name, user and id.
+pub fn provider_fields(e: &EndpointRef) -> Vec<&str> {
+    vec![&e.name, &e.username, &e.id]
 }
 
 /// What a search looks at in an endpoint as an agent lists it.

@@ -196,6 +196,19 @@ fn proxies_reach_what_exits_allow_and_nothing_else() {
     });
     let carol_sees = get(st.api(2), &format!("/api/meshes/{MESH}/exits")).json();
     assert_eq!(carol_sees, json!([]), "{carol_sees}");
+    // The list is searched and paged as the others are, with the number of matches.
+    let exits = |query: &str| get(st.api(0), &format!("/api/meshes/{MESH}/exits?{query}"));
+    let r = exits("q=BOB&limit=1");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("ztm-total"), Some("1"), "{:?}", r.headers);
+    assert_eq!(r.json()[0]["id"], st.ids[1].as_str(), "{}", r.text());
+    let r = exits("q=nobody&limit=10");
+    assert_eq!((r.header("ztm-total"), r.json()), (Some("0"), json!([])));
+    let r = exits("offset=1&limit=10");
+    assert_eq!((r.header("ztm-total"), r.json()), (Some("1"), json!([])));
+    for bad in ["limit=0", "offset=x"] {
+        assert_eq!(exits(bad).status, 400, "GET exits?{bad}");
+    }
     // The exit is not listed as a service.
     let services = get(st.api(0), &format!("/api/meshes/{MESH}/services")).text();
     assert!(!services.contains("exit"), "{services}");

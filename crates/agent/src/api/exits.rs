@@ -12,9 +12,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use ztm_proto::exit::Rules;
-use ztm_proto::model::{EndpointRef, Exit, ExitTarget, Listen, Proxy, ProxyBody};
+use ztm_proto::listing::{self, ListQuery};
+use ztm_proto::model::{Exit, ExitTarget, Listen, Proxy, ProxyBody};
 use ztm_proto::names::check_name;
-use ztm_proto::wire::Proto;
+use ztm_proto::wire::{Proto, TOTAL_HEADER};
 
 use super::common::{by_whom, parse_json, runtime};
 use super::error::{ApiError, ApiResult};
@@ -24,13 +25,21 @@ use crate::session::Forwarded;
 use crate::store::PortRecord;
 use crate::supervisor::MeshRuntime;
 
-/// `GET /api/meshes/{mesh}/exits`: the online exits this agent's user may use.
+/// `GET /api/meshes/{mesh}/exits`: the online exits this agent's user may use, all of them or
+/// the part `?q=…&offset=…&limit=…` asks for (with the number of matches in `ztm-total`).
 pub async fn list(
     State(agent): State<Arc<Agent>>,
     Path(mesh): Path<String>,
-) -> ApiResult<Json<Vec<EndpointRef>>> {
+    uri: axum::http::Uri,
+) -> ApiResult<Response> {
     let rt = runtime(&agent, &mesh)?;
-    Ok(Json(rt.exits().await))
+    let query = ListQuery::parse(uri.query()).map_err(ApiError::bad)?;
+    let all = rt.exits().await;
+    if query.is_all() {
+        return Ok(Json(all).into_response());
+    }
+    let (page, total) = query.page(all.into_iter(), listing::provider_fields);
+    Ok(([(TOTAL_HEADER, total.to_string())], Json(page)).into_response())
 }
 
 /// `GET .../endpoints/{ep}/exit` for this endpoint.
