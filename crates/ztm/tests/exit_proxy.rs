@@ -214,6 +214,15 @@ fn curl(ns: &str, args: &[&str]) -> Out {
     run_in(ns, "curl", &all)
 }
 
+/// curl in `ns` sends a GET for `url` through the HTTP proxy `proxy` (forwarded, not CONNECT):
+/// what it did, with the status the proxy answered in `out`.
+fn forwarded_get(ns: &str, proxy: &str, url: &str) -> Out {
+    curl(
+        ns,
+        &["-x", proxy, "-o", "/dev/null", "-w", "%{http_code}", url],
+    )
+}
+
 /// A destination as a SOCKS5 client names it.
 #[derive(Debug, Clone, Copy)]
 enum Dest<'a> {
@@ -761,18 +770,7 @@ fn exit_lets_proxies_out_to_what_its_rules_allow() {
             &["--socks5", &socks_name, &format!("http://{WEB}:8080/")],
         );
         assert_eq!(r.code, CURL_PROXY_REFUSED, "{r:?}");
-        let r = curl(
-            &ns_hub,
-            &[
-                "-x",
-                &http_proxy,
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                &format!("http://{WEB}:8080/"),
-            ],
-        );
+        let r = forwarded_get(&ns_hub, &http_proxy, &format!("http://{WEB}:8080/"));
         assert_eq!(r.out, "403", "forwarded GET to {WEB}:8080: {r:?}");
         let r = curl(
             &ns_hub,
@@ -806,18 +804,7 @@ fn exit_lets_proxies_out_to_what_its_rules_allow() {
             ],
         );
         assert_eq!(r.code, CURL_PROXY_REFUSED, "{r:?}");
-        let r = curl(
-            &ns_hub,
-            &[
-                "-x",
-                &http_proxy,
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "http://evil.corp.example/",
-            ],
-        );
+        let r = forwarded_get(&ns_hub, &http_proxy, "http://evil.corp.example/");
         assert_eq!(r.out, "403", "forwarded GET to evil.corp.example: {r:?}");
         // Its address, given as one, is outside the rules too.
         let code = in_ns(&ns_hub, || socks_code(p_alice, ip(EVIL), 80));
@@ -834,18 +821,7 @@ fn exit_lets_proxies_out_to_what_its_rules_allow() {
             code, NOT_ALLOWED,
             "bob's SOCKS5 CONNECT web.corp.example:80"
         );
-        let r = curl(
-            &ns_hub,
-            &[
-                "-x",
-                &format!("http://127.0.0.1:{p_bob}"),
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                hello,
-            ],
-        );
+        let r = forwarded_get(&ns_hub, &format!("http://127.0.0.1:{p_bob}"), hello);
         assert_eq!(r.out, "403", "bob's forwarded GET: {r:?}");
         let r = curl(
             &ns_hub,
@@ -899,18 +875,7 @@ fn exit_lets_proxies_out_to_what_its_rules_allow() {
     // Allowed, but nothing listens there, or the name does not resolve.
     let code = in_ns(&ns_hub, || socks_code(p_alice, ip(WEB), 81));
     assert_eq!(code, REFUSED, "SOCKS5 CONNECT {WEB}:81 (nothing listens)");
-    let r = curl(
-        &ns_hub,
-        &[
-            "-x",
-            &http_proxy,
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &format!("http://{WEB}:81/"),
-        ],
-    );
+    let r = forwarded_get(&ns_hub, &http_proxy, &format!("http://{WEB}:81/"));
     assert_eq!(r.out, "502", "forwarded GET to {WEB}:81: {r:?}");
     let code = in_ns(&ns_hub, || {
         socks_code(p_alice, Dest::Name("nothere.corp.example"), 80)

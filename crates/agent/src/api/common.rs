@@ -2,9 +2,12 @@
 //! changed something, resolving an endpoint.
 
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
 use serde::de::DeserializeOwned;
+use ztm_proto::listing::ListQuery;
 use ztm_proto::model::Endpoint;
-use ztm_proto::wire::Proto;
+use ztm_proto::wire::{Proto, TOTAL_HEADER};
 
 use super::error::{ApiError, ApiResult};
 use crate::agent::Agent;
@@ -15,6 +18,20 @@ use std::sync::Arc;
 
 /// Largest request body the API reads.
 pub const BODY_LIMIT: usize = 1 << 20;
+
+/// The answer to a list request: all of `all` as JSON when `query` asks for everything, else
+/// the page it asks for, with the number of matches in `ztm-total`.
+pub fn list_answer<T: serde::Serialize>(
+    query: &ListQuery,
+    all: Vec<T>,
+    fields: impl Fn(&T) -> Vec<&str>,
+) -> Response {
+    if query.is_all() {
+        return Json(all).into_response();
+    }
+    let (page, total) = query.page(all.into_iter(), fields);
+    ([(TOTAL_HEADER, total.to_string())], Json(page)).into_response()
+}
 
 pub async fn method_not_allowed() -> ApiError {
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")

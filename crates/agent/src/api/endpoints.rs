@@ -15,9 +15,8 @@ use axum::{Extension, Json, Router};
 use ztm_proto::listing::{self, ListQuery};
 use ztm_proto::model::HubLink;
 use ztm_proto::names::decode_segment;
-use ztm_proto::wire::TOTAL_HEADER;
 
-use super::common::{self, resolve, runtime, BODY_LIMIT};
+use super::common::{self, list_answer, resolve, runtime, BODY_LIMIT};
 use super::error::{ApiError, ApiResult};
 use super::{exits, ports, services};
 use crate::agent::Agent;
@@ -34,11 +33,7 @@ pub async fn list(
     let rt = runtime(&agent, &mesh)?;
     let query = ListQuery::parse(uri.query()).map_err(ApiError::bad)?;
     let all = rt.endpoints_matching(query.q.as_deref()).await;
-    if query.is_all() {
-        return Ok(Json(all).into_response());
-    }
-    let (page, total) = query.page(all.into_iter(), listing::agent_endpoint_fields);
-    Ok(([(TOTAL_HEADER, total.to_string())], Json(page)).into_response())
+    Ok(list_answer(&query, all, listing::agent_endpoint_fields))
 }
 
 pub async fn get(

@@ -15,9 +15,9 @@ use ztm_proto::exit::Rules;
 use ztm_proto::listing::{self, ListQuery};
 use ztm_proto::model::{Exit, ExitTarget, Listen, Proxy, ProxyBody};
 use ztm_proto::names::check_name;
-use ztm_proto::wire::{Proto, TOTAL_HEADER};
+use ztm_proto::wire::Proto;
 
-use super::common::{by_whom, parse_json, runtime};
+use super::common::{by_whom, list_answer, parse_json, runtime};
 use super::error::{ApiError, ApiResult};
 use super::ports::{is_proxy, pin_target, port_key};
 use crate::agent::Agent;
@@ -35,11 +35,7 @@ pub async fn list(
     let rt = runtime(&agent, &mesh)?;
     let query = ListQuery::parse(uri.query()).map_err(ApiError::bad)?;
     let all = rt.exits().await;
-    if query.is_all() {
-        return Ok(Json(all).into_response());
-    }
-    let (page, total) = query.page(all.into_iter(), listing::provider_fields);
-    Ok(([(TOTAL_HEADER, total.to_string())], Json(page)).into_response())
+    Ok(list_answer(&query, all, listing::provider_fields))
 }
 
 /// `GET .../endpoints/{ep}/exit` for this endpoint.

@@ -11,9 +11,8 @@ use axum::{Extension, Json};
 use ztm_proto::listing::{self, ListQuery};
 use ztm_proto::model::{Service, ServiceBody};
 use ztm_proto::names::check_name;
-use ztm_proto::wire::TOTAL_HEADER;
 
-use super::common::{by_whom, parse_json, parse_proto, runtime};
+use super::common::{by_whom, list_answer, parse_json, parse_proto, runtime};
 use super::error::{ApiError, ApiResult};
 use crate::agent::Agent;
 use crate::mesh::Mesh;
@@ -30,11 +29,7 @@ pub async fn list(
     let rt = runtime(&agent, &mesh)?;
     let query = ListQuery::parse(uri.query()).map_err(ApiError::bad)?;
     let all = rt.services_matching(query.q.as_deref()).await;
-    if query.is_all() {
-        return Ok(Json(all).into_response());
-    }
-    let (page, total) = query.page(all.into_iter(), listing::agent_service_fields);
-    Ok(([(TOTAL_HEADER, total.to_string())], Json(page)).into_response())
+    Ok(list_answer(&query, all, listing::agent_service_fields))
 }
 
 pub async fn get(
