@@ -189,7 +189,7 @@ class UI {
       try {
         return await action(el);
       } catch (e) {
-        if (!/detached|not attached|not connected|stale|no such (node|element)|not found in the document/i.test(e.message) || Date.now() > deadline) throw e;
+        if (!/detached|not attached|not connected|not clickable|stale|no such (node|element)|not found in the document/i.test(e.message) || Date.now() > deadline) throw e;
       }
     }
   }
@@ -387,6 +387,10 @@ export function scenarios(label, launch) {
     await ui.waitFor({ ...active, text: "0" });
     const portPath = `/api/meshes/demo/endpoints/a/ports/127.0.0.1/tcp/${mapPort}`;
     const before = JSON.parse(await call(a, "GET", portPath)).stats;
+    // A refresh changes only what changed: the row's Delete button, focused as a keyboard
+    // user would, is the same element and keeps the focus while the figures beside it move.
+    const deleteButton = await ui.element({ scope: row, button: /^Delete port/ });
+    await deleteButton.evaluate((b) => b.focus());
     const held = await hold(mapPort);
     await ui.waitFor({ ...active, text: "1" });
     await ui.waitFor({ css: `${row} [data-stat="opened"]`, text: `of ${before.total + 1}` });
@@ -396,6 +400,8 @@ export function scenarios(label, launch) {
     await ui.waitFor({ css: `${row} [data-stat="from-service"]`, text: formatBytes(before.bytesFromService + response.length) });
     assert.equal(await ui.isVisible(active), true);
     assert.deepEqual(await ui.texts(active), ["1"], "still open while its bytes show");
+    assert.deepEqual(await deleteButton.evaluate((b) => [b.isConnected, document.activeElement === b]), [true, true],
+      "the Delete button was kept, with the focus, through the refreshes that changed its row");
     held.destroy();
     await ui.waitFor({ ...active, text: "0" });
     const after = JSON.parse(await call(a, "GET", portPath)).stats;

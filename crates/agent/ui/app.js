@@ -73,13 +73,13 @@ function renderMeshes() {
   fill(list, state.meshes.map((m) => {
     const leave = el("button", { class: "danger", type: "button" }, "Leave");
     const err = el("p", { class: "error", role: "alert" });
-    leave.addEventListener("click", async () => {
+    leave.onclick = async () => {
       if (!confirm(`Leave mesh ${m.name}? Its services and ports on this computer are removed.`)) return;
       try {
         await api("DELETE", `/api/meshes/${enc(m.name)}`);
         await refresh();
       } catch (e) { err.textContent = e.message; }
-    });
+    };
     return el("div", { class: "card mesh", "data-mesh": m.name }, [
       el("h3", {}, [m.name, el("span", { class: m.connected ? "badge online" : "badge offline" }, m.connected ? "connected" : "not connected")]),
       el("div", {}, `This computer: ${m.agent.name} (user ${m.agent.username || "?"}, id ${m.agent.id})`),
@@ -464,12 +464,12 @@ function renderServices(services) {
     for (const p of s.endpoints) {
       const del = el("button", { class: "danger", type: "button", "aria-label": `Delete ${s.protocol}/${s.name} on ${p.name}` }, "Delete");
       const err = el("span", { class: "error", role: "alert" });
-      del.addEventListener("click", async () => {
+      del.onclick = async () => {
         try {
           await api("DELETE", `${meshPath()}/endpoints/${enc(p.id)}/services/${s.protocol}/${enc(s.name)}`);
           await refresh();
         } catch (e) { err.textContent = e.message; }
-      });
+      };
       const here = s.isLocal && p.id === local.id;
       rows.push(el("tr", { "data-service": `${s.protocol}/${s.name}`, "data-provider": p.name }, [
         el("td", { "data-label": "Service" }, `${s.protocol}/${s.name}`),
@@ -524,12 +524,12 @@ function renderPorts(ports, error) {
   const rows = ports.map((p) => {
     const del = el("button", { class: "danger", type: "button", "aria-label": `Delete port ${p.listen.ip}:${p.listen.port}/${p.protocol}` }, "Delete");
     const err = el("span", { class: "error", role: "alert" });
-    del.addEventListener("click", async () => {
+    del.onclick = async () => {
       try {
         await api("DELETE", `${meshPath()}/endpoints/${enc(ep)}/ports/${enc(p.listen.ip)}/${p.protocol}/${p.listen.port}`);
         await refresh();
       } catch (e) { err.textContent = e.message; }
-    });
+    };
     return el("tr", { "data-port": `${p.listen.ip}:${p.listen.port}/${p.protocol}` }, [
       el("td", { "data-label": "Listen" }, `${p.listen.ip}:${p.listen.port}`),
       el("td", { "data-label": "Protocol" }, p.protocol),
@@ -635,12 +635,12 @@ function renderProxies(ep, proxies, error) {
     const where = `${p.listen.ip}:${p.listen.port}`;
     const del = el("button", { class: "danger", type: "button", "aria-label": `Delete proxy ${where}` }, "Delete");
     const err = el("span", { class: "error", role: "alert" });
-    del.addEventListener("click", async () => {
+    del.onclick = async () => {
       try {
         await api("DELETE", `${meshPath()}/endpoints/${enc(ep)}/proxies/${enc(p.listen.ip)}/${p.listen.port}`);
         await refresh();
       } catch (e) { err.textContent = e.message; }
-    });
+    };
     return el("tr", { "data-proxy": where }, [
       el("td", { "data-label": "Listen" }, where),
       el("td", { "data-label": "Exit" }, exitText(p.exit)),

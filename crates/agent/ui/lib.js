@@ -108,8 +108,36 @@ export function el(tag, attrs = {}, children = []) {
   return node;
 }
 
+// Makes `parent`'s children look like `children`, changing only what differs: a node already
+// drawn that is of the same kind as its new one is kept and brought up to date. So a refresh
+// leaves keyboard focus, an open drop-down and a click between mouse down and up where they
+// were. Click handlers are set as `onclick`, which a kept node takes from its new one.
 export function fill(parent, children) {
-  parent.replaceChildren(...children.filter(Boolean));
+  patchChildren(parent, children.filter(Boolean).map((c) => (c instanceof Node ? c : document.createTextNode(String(c)))));
+}
+
+function patchChildren(parent, next) {
+  const old = [...parent.childNodes];
+  next.forEach((n, i) => {
+    const o = old[i];
+    if (!o) parent.append(n);
+    else if (!patch(o, n)) parent.replaceChild(n, o);
+  });
+  for (const o of old.slice(next.length)) o.remove();
+}
+
+// Turns the drawn node `o` into `n` in place; false when it is another kind of node.
+function patch(o, n) {
+  if (o.nodeType !== n.nodeType || o.nodeName !== n.nodeName) return false;
+  if (o.nodeType !== Node.ELEMENT_NODE) {
+    if (o.nodeValue !== n.nodeValue) o.nodeValue = n.nodeValue;
+    return true;
+  }
+  for (const a of [...o.attributes]) if (!n.hasAttribute(a.name)) o.removeAttribute(a.name);
+  for (const a of n.attributes) if (o.getAttribute(a.name) !== a.value) o.setAttribute(a.name, a.value);
+  if (o.onclick !== n.onclick) o.onclick = n.onclick;
+  patchChildren(o, [...n.childNodes]);
+  return true;
 }
 
 export function formError(form, message) {
