@@ -21,9 +21,9 @@ use ztm_pki::rustls::pki_types::ServerName;
 use ztm_pki::rustls::ClientConfig;
 use ztm_proto::model::{TimedMessage, CERTIFICATE_REVOKED};
 use ztm_proto::wire::{
-    Hello, Register, Registered, BACKOFF_MAX, BACKOFF_MIN, HANDSHAKE_TIMEOUT, HEARTBEAT_INTERVAL,
-    MAX_MANAGE_BODY, PROTOCOL_HEADER, PROTOCOL_VERSION, REQUEST_TIMEOUT, TUNNEL_PROTOCOL,
-    USER_HEADER,
+    rtt_due, Hello, Register, Registered, BACKOFF_MAX, BACKOFF_MIN, HANDSHAKE_TIMEOUT,
+    HEARTBEAT_INTERVAL, MAX_MANAGE_BODY, PROTOCOL_HEADER, PROTOCOL_VERSION, REQUEST_TIMEOUT,
+    TUNNEL_PROTOCOL, USER_HEADER,
 };
 use ztm_tls::TlsStream;
 
@@ -281,6 +281,7 @@ async fn connect_once(
     let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
+    let mut beats: u32 = 0;
     let outcome = loop {
         tokio::select! {
             _ = rt.stopping().cancelled() => break Ok(()),
@@ -307,9 +308,12 @@ async fn connect_once(
                     Ok(a) => break Err(anyhow!("the hub dropped our session ({})", a.error_message())),
                     Err(e) => break Err(anyhow!("heartbeat failed: {e:#}")),
                 }
-                match round_trip(&mut pings).await {
-                    Ok(rtt) => link.state().rtt = Some(rtt),
-                    Err(e) => break Err(e),
+                beats += 1;
+                if rtt_due(beats) {
+                    match round_trip(&mut pings).await {
+                        Ok(rtt) => link.state().rtt = Some(rtt),
+                        Err(e) => break Err(e),
+                    }
                 }
             }
             changed = services_rx.changed() => {

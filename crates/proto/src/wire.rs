@@ -4,10 +4,23 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+/// An agent heartbeats this often: the longest SPEC.md allows, half the hub's timeout. The
+/// heartbeats of 10,000 endpoints are most of an idle hub's work (README, "Scale").
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
+/// ...and times an HTTP/2 PING after every this many heartbeats (once a minute), the link's
+/// round-trip time.
+pub const RTT_EVERY_HEARTBEATS: u32 = 4;
+
+/// Whether an agent times a PING after its `beats`-th heartbeat on a link (counted from 1).
+pub fn rtt_due(beats: u32) -> bool {
+    beats > 0 && beats.is_multiple_of(RTT_EVERY_HEARTBEATS)
+}
 /// An endpoint whose last heartbeat is older than this is offline.
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30);
-pub const PING_INTERVAL: Duration = Duration::from_secs(15);
+/// The hub pings each reverse connection this often (PROTOCOL.md, "Reverse connection"): an
+/// agent that stops is offline by its heartbeats sooner; the ping finds a reverse connection
+/// that died alone.
+pub const PING_INTERVAL: Duration = Duration::from_secs(30);
 pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
 pub const REVOCATION_POLL: Duration = Duration::from_secs(5);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -260,6 +273,26 @@ pub const SEND_BUFFER: usize = 256 * 1024;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_agent_times_a_ping_once_a_minute() {
+        for (beats, due) in [
+            (0, false),
+            (1, false),
+            (3, false),
+            (4, true),
+            (5, false),
+            (8, true),
+        ] {
+            assert_eq!(rtt_due(beats), due, "after heartbeat {beats}");
+        }
+        assert_eq!(
+            HEARTBEAT_INTERVAL * RTT_EVERY_HEARTBEATS,
+            Duration::from_secs(60)
+        );
+        // Two heartbeats fit in the hub's timeout: one late or lost does not make it offline.
+        assert!(HEARTBEAT_INTERVAL * 2 <= HEARTBEAT_TIMEOUT);
+    }
 
     #[test]
     fn endpoint_ids_are_bound_to_their_user() {

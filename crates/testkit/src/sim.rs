@@ -1,7 +1,7 @@
 //! Simulated endpoints for `ztm bench scale`: each does what an honest agent does at a hub
 //! (PROTOCOL.md) and nothing more — a control connection that registers the endpoint with one
-//! service and sends a heartbeat every 10 s, and a reverse connection that answers the hub's
-//! hello — with real TLS and HTTP/2 on loopback, many of them in one process. Each dials from
+//! service, sends a heartbeat every 15 s and a PING once a minute, and a reverse connection
+//! that answers the hub's hello — with real TLS and HTTP/2 on loopback, many of them in one process. Each dials from
 //! its own address of 127.0.0.0/8, as computers of a real mesh come from their own addresses.
 //! A session that fails is started again after a pause, as an agent does.
 
@@ -17,7 +17,7 @@ use tokio_rustls::TlsConnector;
 use tokio_util::task::AbortOnDropHandle;
 use ztm_net::h2io;
 use ztm_proto::wire::{
-    self, Hello, Proto, Register, Registered, ServiceDecl, BACKOFF_MAX, BACKOFF_MIN,
+    self, rtt_due, Hello, Proto, Register, Registered, ServiceDecl, BACKOFF_MAX, BACKOFF_MIN,
     HEARTBEAT_INTERVAL, PROTOCOL_HEADER, PROTOCOL_VERSION, REQUEST_TIMEOUT,
 };
 
@@ -174,7 +174,10 @@ async fn session(
     let tls = tokio::time::timeout(REQUEST_TIMEOUT, dial(from, hub, &user.control))
         .await
         .map_err(|_| anyhow!("control connection: no TLS within {REQUEST_TIMEOUT:?}"))??;
-    let (sender, conn) = h2io::client_builder().handshake(tls).await?;
+    let (sender, mut conn) = h2io::client_builder().handshake(tls).await?;
+    let mut pings = conn
+        .ping_pong()
+        .ok_or_else(|| anyhow!("control connection: no PING handle"))?;
     let control = tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -238,6 +241,7 @@ async fn session(
     let mut tick =
         tokio::time::interval_at(tokio::time::Instant::now() + first, HEARTBEAT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut beats: u32 = 0;
     loop {
         tick.tick().await;
         let req = h2io::build(
@@ -267,6 +271,14 @@ async fn session(
                 fleet.missed.fetch_add(1, Ordering::Relaxed);
                 return Err(e.context("heartbeat"));
             }
+        }
+        // The round-trip PING an agent sends after some heartbeats (PROTOCOL.md).
+        beats += 1;
+        if rtt_due(beats) {
+            tokio::time::timeout(REQUEST_TIMEOUT, pings.ping(h2::Ping::opaque()))
+                .await
+                .map_err(|_| anyhow!("no PING ACK within {REQUEST_TIMEOUT:?}"))?
+                .context("PING")?;
         }
     }
 }

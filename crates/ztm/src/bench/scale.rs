@@ -2,7 +2,7 @@
 //! fresh mesh (a CA, a hub and two real agents A and B with a tunnel from A to B's echo
 //! service, as `ztm bench` does), then N simulated endpoints in this process
 //! (`ztm_testkit::sim`: real TLS and HTTP/2 on loopback, two connections each, one service,
-//! heartbeats every 10 s), all at once, and measures the hub's memory, how long the storm of
+//! heartbeats every 15 s), all at once, and measures the hub's memory, how long the storm of
 //! registrations took, the hub's CPU under steady heartbeats, the lists at the hub and at an
 //! agent, and a fresh tunnel through A. The figures for N = 0 are the reference for the others
 //! (docs/requirements.md §10 gives the targets).
