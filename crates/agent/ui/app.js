@@ -359,7 +359,7 @@ class Picker {
       } else if (!fallback || !isChosen(fallback)) {
         let item = chosen;
         try { item = await this.one(chosen.value); } catch { /* kept as it is */ }
-        if (sel.value !== current.value) return; // chosen anew meanwhile
+        if (sel.value !== chosen.value) return; // chosen anew meanwhile
         if (item !== chosen) chosen = item ? this.option(item) : null;
       }
     }

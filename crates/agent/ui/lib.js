@@ -129,6 +129,8 @@ function patchChildren(parent, next) {
 // Turns the drawn node `o` into `n` in place; false when it is another kind of node.
 function patch(o, n) {
   if (o.nodeType !== n.nodeType || o.nodeName !== n.nodeName) return false;
+  // An option is the choice it stands for, selected or not: another choice is another option.
+  if (o.nodeName === "OPTION" && !o.isEqualNode(n)) return false;
   if (o.nodeType !== Node.ELEMENT_NODE) {
     if (o.nodeValue !== n.nodeValue) o.nodeValue = n.nodeValue;
     return true;
