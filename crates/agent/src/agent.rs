@@ -10,6 +10,7 @@ use parking_lot::RwLock;
 
 use anyhow::Context;
 
+use crate::files::Files;
 use crate::identity;
 use crate::metrics::{self, Metrics};
 use crate::store::{self, MeshRecord, Store};
@@ -23,12 +24,15 @@ pub struct Agent {
     pub token: Option<String>,
     /// What Prometheus is shown (`GET /metrics`); counted whether or not anyone looks.
     pub metrics: Arc<Metrics>,
+    /// Open files for connections, shared by every mesh (`crate::files`).
+    pub files: Arc<Files>,
     meshes: RwLock<HashMap<String, Arc<MeshRuntime>>>,
     router: OnceLock<axum::Router>,
 }
 
 impl Agent {
     /// Opens the database; the API will listen on `listen` and, with a `token`, require it.
+    /// Connections hold files from a budget set by the open-file limit now: raise it first.
     pub fn open(
         database: &Path,
         reset: bool,
@@ -42,6 +46,7 @@ impl Agent {
             listen,
             token: token.filter(|t| !t.is_empty()),
             metrics: Arc::new(metrics),
+            files: Arc::new(Files::for_this_process()),
             meshes: RwLock::new(HashMap::new()),
             router: OnceLock::new(),
         }))
@@ -82,7 +87,13 @@ impl Agent {
             }
             Some((old, user.to_string()))
         });
-        let rt = MeshRuntime::start(record, self.store.clone(), router, self.metrics.clone());
+        let rt = MeshRuntime::start(
+            record,
+            self.store.clone(),
+            router,
+            self.metrics.clone(),
+            self.files.clone(),
+        );
         if let Some((old, user)) = rebound.filter(|(old, _)| !old.is_empty()) {
             rt.event(
                 "info",

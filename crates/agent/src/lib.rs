@@ -23,6 +23,7 @@ pub mod error;
 pub mod exit;
 pub mod expiry;
 pub mod figures;
+pub mod files;
 pub mod identity;
 pub mod lookups;
 pub mod mesh;

@@ -25,6 +25,7 @@ use ztm_proto::wire::{
 
 use crate::discovery;
 use crate::error::MeshError;
+use crate::files::Files;
 use crate::lookups::Lookups;
 use crate::metrics::Metrics;
 use crate::store::{MeshRecord, ServiceRecord, Store};
@@ -185,6 +186,8 @@ pub struct Mesh {
     stalls: ztm_relay::StallGuard,
     /// The agent's figures for Prometheus, which this mesh's tunnels count in.
     metrics: Arc<Metrics>,
+    /// The agent's budget of open files for connections (shared by its meshes).
+    files: Arc<Files>,
     /// When the agent's and the CA's certificates expire (ms since the epoch; 0: unknown).
     cert_expires: u64,
     ca_expires: u64,
@@ -250,6 +253,7 @@ impl Mesh {
         store: Arc<Store>,
         router: axum::Router,
         metrics: Arc<Metrics>,
+        files: Arc<Files>,
     ) -> Arc<Mesh> {
         let mut config_errors = Vec::new();
         let username = ztm_pki::cert_info_pem(&record.cert, "certificate")
@@ -307,6 +311,7 @@ impl Mesh {
             providers_cache: Mutex::new(HashMap::new()),
             stalls: Default::default(),
             metrics,
+            files,
         })
     }
 
@@ -362,6 +367,11 @@ impl Mesh {
     /// The agent's figures, which this mesh's tunnels count in.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The agent's budget of open files, which this mesh's connections hold theirs from.
+    pub fn files(&self) -> &Files {
+        &self.files
     }
 
     /// Each hub link as the REST API shows it, in the order of the configuration.

@@ -248,6 +248,23 @@ async fn tcp_accept_loop(
                 continue;
             }
         };
+        // A client past the agent's budget of files is closed at once (`crate::files`).
+        let file = match rt.files().take() {
+            Ok(f) => f,
+            Err(spent) => {
+                figures.failed(&spent.to_string(), now_ms());
+                if spent.warn {
+                    rt.event(
+                        "error",
+                        &format!(
+                            "connection from {client} to port {}: {spent}",
+                            target.service
+                        ),
+                    );
+                }
+                continue;
+            }
+        };
         let _ = socket.set_nodelay(true);
         let rt = rt.clone();
         let target = target.clone();
@@ -261,6 +278,7 @@ async fn tcp_accept_loop(
             client = %client
         );
         let task = async move {
+            let _file = file;
             if target.service == EXIT_SERVICE {
                 return proxy::serve(&rt, socket, client, &target, &balancer, &figures, &stop)
                     .await;

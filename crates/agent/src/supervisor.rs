@@ -9,6 +9,7 @@ use tracing::Instrument;
 
 use ztm_proto::model::PortStats;
 
+use crate::files::Files;
 use crate::mesh::Mesh;
 use crate::metrics::Metrics;
 use crate::ports::{PortKey, PortState, Ports};
@@ -32,14 +33,15 @@ impl std::ops::Deref for MeshRuntime {
 
 impl MeshRuntime {
     /// Builds the mesh of `record` and starts it: a link task per hub, its port listeners,
-    /// its warnings. Its tunnels count in `metrics`.
+    /// its warnings. Its tunnels count in `metrics` and hold their files from `files`.
     pub fn start(
         record: MeshRecord,
         store: Arc<Store>,
         router: axum::Router,
         metrics: Arc<Metrics>,
+        files: Arc<Files>,
     ) -> Arc<MeshRuntime> {
-        let mesh = Mesh::new(record, store, router, metrics);
+        let mesh = Mesh::new(record, store, router, metrics, files);
         for e in mesh.config_errors() {
             mesh.event("error", &e.message);
         }

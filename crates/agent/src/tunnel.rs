@@ -25,6 +25,7 @@ use ztm_relay as relay;
 use crate::admission;
 use crate::balance::{Active, Balancer};
 use crate::figures::PortFigures;
+use crate::files::FileSlot;
 use crate::mesh::{LocalService, Mesh, Provider};
 use crate::metrics::{OpenTunnel, Tunnels};
 use tokio_util::sync::CancellationToken;
@@ -89,6 +90,10 @@ pub async fn accept(
         Err(refusal) => return respond_error(send, refusal.status(), refusal.to_string()),
     };
     if proto == Proto::Tcp && *name == EXIT_SERVICE {
+        let _file = match take_file(&rt, &format!("{proto}/{name}"), &user) {
+            Ok(f) => f,
+            Err(spent) => return respond_error(send, StatusCode::SERVICE_UNAVAILABLE, spent),
+        };
         let (tcp, dest) = match crate::exit::connect_for(&rt, hub, &user, req.headers()).await {
             Ok(v) => v,
             Err(e) => {
@@ -134,6 +139,10 @@ pub async fn accept(
         );
         return respond_error(send, refusal.status(), refusal.to_string());
     }
+    let _file = match take_file(&rt, &service_name, &user) {
+        Ok(f) => f,
+        Err(spent) => return respond_error(send, StatusCode::SERVICE_UNAVAILABLE, spent),
+    };
     let LocalService { host, port, .. } = service;
     let recv = req.into_body();
     let started = Instant::now();
@@ -198,6 +207,20 @@ pub async fn accept(
         ),
         Err(e) => tracing::debug!("tunnel from {user} to {proto}/{name} failed: {e}"),
     }
+}
+
+/// A file for the connection a tunnel opens to `what` for `user`, or why the agent has none
+/// to spare (`crate::files`), told in the event log at most every few seconds.
+fn take_file(rt: &Mesh, what: &str, user: &str) -> Result<FileSlot, String> {
+    rt.files().take().map_err(|spent| {
+        if spent.warn {
+            rt.event(
+                "error",
+                &format!("refused a tunnel to {what} for user {user}: {spent}"),
+            );
+        }
+        spent.to_string()
+    })
 }
 
 /// Service end of a TCP tunnel whose connection `tcp` is open: answers yes and relays until

@@ -325,13 +325,18 @@ pub struct Honest {
 impl Honest {
     /// Starts them in a new directory; the hub gets `hub_flags`.
     pub fn start(ztm: &Ztm, tag: &str, hub_flags: &[&str]) -> Honest {
+        Honest::start_with_a(ztm, ztm, tag, hub_flags)
+    }
+
+    /// The same, with agent A started from `a_ztm` (under its own open-file limit, say).
+    pub fn start_with_a(ztm: &Ztm, a_ztm: &Ztm, tag: &str, hub_flags: &[&str]) -> Honest {
         let dir = TempDir::new(tag);
         let ca = ztm.start_ca(dir.path());
         let pem = ca_pem(&ca.addr);
         let root = create_user(&ca.addr, "root");
         let alice = create_user(&ca.addr, "alice");
         let hub = ztm.start_hub_with(dir.path(), "hub", &ca.addr, hub_flags);
-        let a = ztm.start_agent(dir.path(), "a");
+        let a = a_ztm.start_agent(dir.path(), "a");
         let b = ztm.start_agent(dir.path(), "b");
         join_ok(&a.addr, &pem, "a", &root, &[&hub.addr]);
         join_ok(&b.addr, &pem, "b", &alice, &[&hub.addr]);

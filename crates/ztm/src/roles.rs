@@ -439,6 +439,10 @@ pub async fn run_agent(args: AgentArgs) -> Result<()> {
     // one the kernel chose for port 0), which is also the one the UI's pages come from.
     let listener = bind(addr).await?;
     let local = listener.local_addr()?;
+    // Each tunnel holds a file at each end of the agent (a client's or a service's
+    // connection): thousands of them need more than the common default of 1,024. Raised
+    // before the agent opens: its connections' budget of files comes from the limit.
+    let raised = rlimit::increase_nofile_limit(u64::MAX);
     let agent = {
         let path = path.clone();
         let reset = args.reset;
@@ -447,11 +451,12 @@ pub async fn run_agent(args: AgentArgs) -> Result<()> {
     };
     let router = ztm_agent::api::router(agent.clone());
     agent.start(router.clone())?;
-    // Each tunnel holds a file at each end of the agent (a client's or a service's
-    // connection): thousands of them need more than the common default of 1,024.
-    let files = match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(n) => format!("; open-file limit {n}"),
-        Err(e) => format!("; cannot raise the open-file limit: {e}"),
+    let budget = agent.files.budget();
+    let files = match raised {
+        Ok(n) => format!("; open-file limit {n}, {budget} of them for connections"),
+        Err(e) => {
+            format!("; cannot raise the open-file limit ({e}): {budget} files for connections")
+        }
     };
     tracing::info!(
         "agent listening on http://{} (database {}{}{files})",

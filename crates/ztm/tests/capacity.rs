@@ -185,6 +185,110 @@ impl Drop for Echo {
     }
 }
 
+/// What became of one connection of a crowd.
+enum Outcome {
+    /// Its line came back: a tunnel holds it.
+    Echoed(tokio::net::TcpStream),
+    /// Closed (or failed) without an echo: refused.
+    Closed,
+    /// Neither within 20 s.
+    Hung,
+}
+
+/// A mesh user cannot take the files an agent needs for itself. Alice opens 400 tunnels at
+/// once through her port into A's echo service, and A may open 256 files: A connects as many
+/// as its budget for connections allows (192: all but a reserve of 64) and answers the others
+/// 503 at once, so each of alice's connections is echoed or closed, none left hanging.
+/// Meanwhile A's REST API answers and its hub link stays up; alice's port says why her
+/// connections failed; when she lets go, the tunnel works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_of_tunnels_leaves_an_agent_the_files_it_needs() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    const N: usize = 400;
+    const BUDGET: usize = 192;
+    let honest = tokio::task::block_in_place(|| {
+        Honest::start_with_a(
+            &ztm!(),
+            &ztm!().with_files(256),
+            "capacity-agent-files",
+            &[],
+        )
+    });
+    let port = honest.port;
+    let crowd: Vec<_> = (0..N)
+        .map(|i| {
+            tokio::spawn(async move {
+                let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                    return Outcome::Closed;
+                };
+                let line = format!("crowd {i}\n");
+                let mut got = String::new();
+                let tried = async {
+                    s.write_all(line.as_bytes()).await?;
+                    BufReader::new(&mut s).read_line(&mut got).await
+                };
+                let answer = tokio::time::timeout(Duration::from_secs(20), tried).await;
+                match answer {
+                    Ok(Ok(_)) if got == line => Outcome::Echoed(s),
+                    Ok(_) => Outcome::Closed,
+                    Err(_) => Outcome::Hung,
+                }
+            })
+        })
+        .collect();
+    let (mut held, mut closed, mut hung) = (Vec::new(), 0, 0);
+    for c in crowd {
+        match c.await.unwrap() {
+            Outcome::Echoed(s) => held.push(s),
+            Outcome::Closed => closed += 1,
+            Outcome::Hung => hung += 1,
+        }
+    }
+    eprintln!("{} echoed, {closed} refused, {hung} neither", held.len());
+    assert_eq!(
+        hung, 0,
+        "connections neither echoed nor refused within 20 s"
+    );
+    assert!(
+        held.len() <= BUDGET && held.len() >= BUDGET / 2,
+        "A holds {} tunnels with a budget of {BUDGET}",
+        held.len()
+    );
+
+    // While the crowd holds its tunnels, A answers its owner and keeps its hub link.
+    let a = honest.a.addr.clone();
+    let (took, connected) = tokio::task::block_in_place(|| {
+        let started = Instant::now();
+        let connected = is_connected(&a);
+        (started.elapsed(), connected)
+    });
+    assert!(
+        connected && took < Duration::from_secs(5),
+        "A's API did not say it is connected ({:?}) while the crowd held its tunnels:\n{}",
+        took,
+        honest.a.proc.log()
+    );
+    let log = honest.a.proc.log();
+    assert!(log.contains("open-file limit allows"), "{log}");
+    let b = honest.b.addr.clone();
+    let b_id = tokio::task::block_in_place(|| local_id(&b));
+    let stats = tokio::task::block_in_place(|| port_stats(&b, &b_id, "tcp", port));
+    assert!(stats["failed"].as_u64() >= Some(closed as u64), "{stats}");
+    assert!(
+        stats["lastError"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("open-file limit allows")),
+        "{stats}"
+    );
+
+    drop(held);
+    tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(20), "the tunnel works again", || {
+            honest.tunnel_works()
+        })
+    });
+}
+
 /// The figures of port `ip/proto/port` on agent `api`'s own endpoint.
 fn port_stats(api: &str, id: &str, proto: &str, port: u16) -> serde_json::Value {
     get(
