@@ -21,6 +21,7 @@ use ztm_relay as relay;
 
 use crate::balance::Balancer;
 use crate::figures::PortFigures;
+use crate::files::Party;
 use crate::mesh::Mesh;
 use crate::proxy;
 use crate::store::PortRecord;
@@ -249,7 +250,7 @@ async fn tcp_accept_loop(
             }
         };
         // A client past the agent's budget of files is closed at once (`crate::files`).
-        let file = match rt.files().take() {
+        let file = match rt.files().take(Party::Local) {
             Ok(f) => f,
             Err(spent) => {
                 figures.failed(&spent.to_string(), now_ms());

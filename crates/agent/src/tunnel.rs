@@ -25,7 +25,7 @@ use ztm_relay as relay;
 use crate::admission;
 use crate::balance::{Active, Balancer};
 use crate::figures::PortFigures;
-use crate::files::FileSlot;
+use crate::files::{FileSlot, Party};
 use crate::mesh::{LocalService, Mesh, Provider};
 use crate::metrics::{OpenTunnel, Tunnels};
 use tokio_util::sync::CancellationToken;
@@ -212,7 +212,7 @@ pub async fn accept(
 /// A file for the connection a tunnel opens to `what` for `user`, or why the agent has none
 /// to spare (`crate::files`), told in the event log at most every few seconds.
 fn take_file(rt: &Mesh, what: &str, user: &str) -> Result<FileSlot, String> {
-    rt.files().take().map_err(|spent| {
+    rt.files().take(Party::User(user)).map_err(|spent| {
         if spent.warn {
             rt.event(
                 "error",
