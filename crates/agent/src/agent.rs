@@ -129,6 +129,9 @@ impl Agent {
             });
             held.ports_open += rt.ports_open();
         }
+        held.connection_files = self.files.in_use();
+        held.connection_files_budget = self.files.budget();
+        held.connections_refused = self.files.refused();
         self.metrics.render(&held)
     }
 

@@ -91,6 +91,11 @@ pub struct Held {
     pub meshes: Vec<MeshHubs>,
     /// Port listeners open, over every mesh.
     pub ports_open: usize,
+    /// Open files connections hold now, and how many they may (`crate::files`).
+    pub connection_files: usize,
+    pub connection_files_budget: usize,
+    /// Connections refused so far for want of a file.
+    pub connections_refused: u64,
 }
 
 /// Which way tunnel bytes went, as a label.
@@ -108,6 +113,9 @@ pub struct Metrics {
     hubs: IntGaugeVec,
     hubs_connected: IntGaugeVec,
     ports_open: IntGauge,
+    connection_files: IntGauge,
+    connection_files_budget: IntGauge,
+    connections_refused: IntCounter,
     /// One rendering at a time: byte counters are brought up to the relays' totals by adding
     /// the difference, which two renderings at once would add twice.
     rendering: Mutex<()>,
@@ -129,6 +137,19 @@ impl Metrics {
             &["mesh"],
         )?;
         let ports_open = IntGauge::new("ports_open", "Mapped ports listening")?;
+        let connection_files = IntGauge::new(
+            "connection_files",
+            "Open files held by connections: port and proxy clients, and what tunnels connect to",
+        )?;
+        let connection_files_budget = IntGauge::new(
+            "connection_files_limit",
+            "Open files connections may hold: the open-file limit less the agent's own reserve",
+        )?;
+        let connections_refused = IntCounter::new(
+            "connections_refused_total",
+            "Connections refused at once because connections held all the files they may, or \
+             one user's tunnels its share of them",
+        )?;
         let active = IntGaugeVec::new(
             Opts::new("tunnels_active", "Tunnels open now, by side"),
             &["side"],
@@ -163,6 +184,9 @@ impl Metrics {
         registry.register(Box::new(hubs.clone()))?;
         registry.register(Box::new(hubs_connected.clone()))?;
         registry.register(Box::new(ports_open.clone()))?;
+        registry.register(Box::new(connection_files.clone()))?;
+        registry.register(Box::new(connection_files_budget.clone()))?;
+        registry.register(Box::new(connections_refused.clone()))?;
         registry.register(Box::new(active.clone()))?;
         registry.register(Box::new(opened.clone()))?;
         registry.register(Box::new(failed.clone()))?;
@@ -191,6 +215,9 @@ impl Metrics {
             hubs,
             hubs_connected,
             ports_open,
+            connection_files,
+            connection_files_budget,
+            connections_refused,
             rendering: Mutex::new(()),
         })
     }
@@ -215,6 +242,11 @@ impl Metrics {
                 .set(to_i64(m.connected));
         }
         self.ports_open.set(to_i64(held.ports_open));
+        self.connection_files.set(to_i64(held.connection_files));
+        self.connection_files_budget
+            .set(to_i64(held.connection_files_budget));
+        let refused = &self.connections_refused;
+        refused.inc_by(held.connections_refused.saturating_sub(refused.get()));
         for side in Side::ALL {
             let t = self.side(side);
             for (direction, total) in [(TO_SERVICE, &t.to_service), (FROM_SERVICE, &t.from_service)]
@@ -267,6 +299,9 @@ mod tests {
                 },
             ],
             ports_open: 3,
+            connection_files: 5,
+            connection_files_budget: 896,
+            connections_refused: 2,
         };
         let text = m.render(&held);
         for line in [
@@ -274,6 +309,9 @@ mod tests {
             "ztm_agent_hubs_connected{mesh=\"home\"} 1",
             "ztm_agent_hubs_connected{mesh=\"work\"} 0",
             "ztm_agent_ports_open 3",
+            "ztm_agent_connection_files 5",
+            "ztm_agent_connection_files_limit 896",
+            "ztm_agent_connections_refused_total 2",
             "ztm_agent_tunnels_active{side=\"port\"} 1",
             "ztm_agent_tunnels_active{side=\"service\"} 0",
             "ztm_agent_tunnels_opened_total{side=\"port\"} 1",
@@ -297,6 +335,8 @@ mod tests {
         let again = m.render(&Held {
             meshes: held.meshes[..1].to_vec(),
             ports_open: 2,
+            connections_refused: 7,
+            ..held.clone()
         });
         has(
             &again,
@@ -304,6 +344,7 @@ mod tests {
         );
         has(&again, "ztm_agent_tunnels_active{side=\"port\"} 0");
         has(&again, "ztm_agent_ports_open 2");
+        has(&again, "ztm_agent_connections_refused_total 7");
         assert!(!again.contains("work"), "{again}");
     }
 
@@ -317,6 +358,7 @@ mod tests {
                 connected: 1,
             }],
             ports_open: 1,
+            ..Held::default()
         };
         let text = m.render(&held);
         for line in lines(&text) {

@@ -316,6 +316,23 @@ async fn a_crowd_of_tunnels_leaves_an_agent_and_other_users_their_files() {
     );
     let log = honest.a.proc.log();
     assert!(log.contains("as many connections for one user"), "{log}");
+    // A's metrics say what it holds and what it refused.
+    let metrics = tokio::task::block_in_place(|| get(&a, "/metrics").text());
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{metrics}")) as usize
+    };
+    assert_eq!(value("ztm_agent_connection_files_limit"), 192);
+    assert!(
+        (SHARE..=192).contains(&value("ztm_agent_connection_files")),
+        "{metrics}"
+    );
+    assert!(
+        value("ztm_agent_connections_refused_total") >= closed,
+        "{metrics}"
+    );
     let b = honest.b.addr.clone();
     let b_id = tokio::task::block_in_place(|| local_id(&b));
     let stats = tokio::task::block_in_place(|| port_stats(&b, &b_id, "tcp", port));
