@@ -238,15 +238,14 @@ async fn a_crowd_of_tunnels_leaves_an_agent_and_other_users_their_files() {
             discovers(&c.addr, "echo", &honest.a_id)
         });
         let port = free_port();
-        let r = post_json(
+        map_port_at(
             &c.addr,
-            &format!(
-                "/api/meshes/{MESH}/endpoints/{}/ports/127.0.0.1/tcp/{port}",
-                local_id(&c.addr)
-            ),
-            &serde_json::json!({"target": {"service": "echo", "endpoint": honest.a_id}}),
+            &local_id(&c.addr),
+            "tcp",
+            port,
+            "echo",
+            Some(&honest.a_id),
         );
-        assert_eq!(r.status, 200, "{}", r.text());
         wait_until(Duration::from_secs(20), "bob's tunnel works", || {
             line_echoed(port)
         });
