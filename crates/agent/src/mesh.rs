@@ -267,11 +267,22 @@ impl Mesh {
         }
         let crl = CrlSlot::default();
         crate::crl::load(&store, &record, &crl);
-        let config = |alpn: &[u8]| {
-            ztm_pki::agent_client_config_with_crl(&record.ca, &record.cert, &record.key, alpn, &crl)
-                .map(Arc::new)
+        let config = |alpn: &[&[u8]]| {
+            ztm_pki::agent_client_config_with_crl(
+                &record.ca,
+                &record.cert,
+                &record.key,
+                alpn[0],
+                &crl,
+            )
+            .map(|mut c| {
+                c.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+                Arc::new(c)
+            })
         };
-        let tls = match (config(ztm_pki::ALPN_CONTROL), config(ztm_pki::ALPN_REVERSE)) {
+        // The reverse connection: started on demand where the hub knows how (PROTOCOL.md).
+        let reverse = [ztm_pki::ALPN_REVERSE_ON_DEMAND, ztm_pki::ALPN_REVERSE];
+        let tls = match (config(&[ztm_pki::ALPN_CONTROL]), config(&reverse)) {
             (Ok(control), Ok(reverse)) => Some(TlsConfigs { control, reverse }),
             (Err(e), _) | (_, Err(e)) => {
                 config_errors.push(TimedMessage::new(now_ms(), e.to_string()));

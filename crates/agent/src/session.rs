@@ -17,8 +17,10 @@ use ztm_net::backoff::Backoff;
 use ztm_net::goaway::{self, Farewell, Goaway, Goodbye, Role};
 use ztm_net::h2io::{self, read_body, respond, respond_error, respond_json};
 use ztm_net::now_ms;
+use ztm_net::on_demand;
 use ztm_pki::rustls::pki_types::ServerName;
 use ztm_pki::rustls::ClientConfig;
+use ztm_pki::ALPN_REVERSE_ON_DEMAND;
 use ztm_proto::model::{TimedMessage, CERTIFICATE_REVOKED};
 use ztm_proto::wire::{
     rtt_due, Hello, Register, Registered, BACKOFF_MAX, BACKOFF_MIN, HANDSHAKE_TIMEOUT,
@@ -178,6 +180,7 @@ async fn dial(addr: &str, config: Arc<ClientConfig>) -> Result<TlsStream> {
         .map_err(|_| anyhow!("connecting timed out"))?
         .map_err(|e| anyhow!("cannot connect: {e}"))?;
     let _ = tcp.set_nodelay(true);
+    let _ = on_demand::keepalive(&tcp);
     let name = ServerName::try_from(host_of(addr).to_string())
         .or_else(|_| ServerName::try_from("ztm-hub".to_string()))
         .map_err(|e| anyhow!("bad hub address: {e}"))?;
@@ -244,19 +247,43 @@ async fn connect_once(
     check_version(&answer.headers)?;
     let registered: Registered = answer.json()?;
 
-    let reverse_stream = dial(&link.addr, tls.reverse.clone()).await?;
-    let (reverse_stream, reverse_bye) = goaway::wrap(reverse_stream, Role::Server);
-    let reverse = ztm_net::h2io::server_builder()
-        .handshake::<_, Bytes>(reverse_stream)
-        .await;
-    let reverse =
-        reverse.map_err(|e| anyhow::Error::from(describe_h2(&e)).context("reverse connection"))?;
-    let mut reverse_task = spawn_owned(serve_reverse(
-        rt.clone(),
-        link.addr.clone(),
-        reverse,
-        registered.session,
-    ));
+    let mut reverse_stream = dial(&link.addr, tls.reverse.clone()).await?;
+    let reverse_bye = Farewell::default();
+    let mut reverse_task = if reverse_stream.alpn_protocol() == Some(ALPN_REVERSE_ON_DEMAND) {
+        // Bound by a hello line, then silent until the hub first needs it (PROTOCOL.md).
+        let hello = Hello {
+            endpoint: rt.id().to_string(),
+            session: registered.session.clone(),
+        };
+        on_demand::say_hello(&mut reverse_stream, &hello).await?;
+        let (rt, hub, bye) = (rt.clone(), link.addr.clone(), reverse_bye.clone());
+        spawn_owned(async move {
+            let Some(stream) = on_demand::await_first_bytes(reverse_stream).await else {
+                return;
+            };
+            let stream = goaway::wrap_with(stream, Role::Server, bye);
+            let reverse = ztm_net::h2io::server_builder()
+                .handshake::<_, Bytes>(stream)
+                .await;
+            match reverse {
+                Ok(reverse) => serve_reverse(rt, hub, reverse, registered.session).await,
+                Err(e) => tracing::debug!("reverse connection to {hub}: {}", describe_h2(&e)),
+            }
+        })
+    } else {
+        let reverse_stream = goaway::wrap_with(reverse_stream, Role::Server, reverse_bye.clone());
+        let reverse = ztm_net::h2io::server_builder()
+            .handshake::<_, Bytes>(reverse_stream)
+            .await;
+        let reverse = reverse
+            .map_err(|e| anyhow::Error::from(describe_h2(&e)).context("reverse connection"))?;
+        spawn_owned(serve_reverse(
+            rt.clone(),
+            link.addr.clone(),
+            reverse,
+            registered.session,
+        ))
+    };
     let _crl_task = spawn_owned(follow_crl(rt.clone(), link.addr.clone(), sender.clone()));
     let mut crl_rx = rt.crl().subscribe();
     // Checked at once too: a CRL may have come (through another hub) since the handshake.
@@ -389,12 +416,14 @@ fn goodbye_words(bye: &Goodbye) -> String {
 }
 
 /// Serves what hub `hub` sends over the reverse connection.
-async fn serve_reverse(
+async fn serve_reverse<S>(
     rt: Arc<Mesh>,
     hub: String,
-    mut conn: h2::server::Connection<Goaway<TlsStream>, Bytes>,
+    mut conn: h2::server::Connection<Goaway<S>, Bytes>,
     token: String,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let token = Arc::new(token);
     let hub: Arc<str> = hub.into();
     while let Some(next) = conn.accept().await {

@@ -30,6 +30,8 @@ pub mod text {
     pub const NO_EXTENDED_CONNECT: &str = "extended CONNECT not enabled";
     pub const TOO_MANY_CONNECTIONS: &str = "too many connections";
     pub const SHUTTING_DOWN: &str = "hub shutting down";
+    /// An agent sent bytes on a dormant reverse connection, which only the hub may start.
+    pub const SPOKE_WHILE_DORMANT: &str = "the agent spoke before the hub started HTTP/2";
 }
 
 pub fn session_replaced() -> Goodbye {
@@ -49,6 +51,22 @@ pub fn bad_hello(what: impl std::fmt::Display) -> Goodbye {
         Reason::PROTOCOL_ERROR,
         format!("{}: {what}", text::BAD_HELLO),
     )
+}
+
+/// What a reverse connection started on demand is answered, instead of a GOAWAY, when the hub
+/// does not bind it: the status says what kind of refusal it is, the message is the GOAWAY's
+/// text (PROTOCOL.md, "Reverse connection").
+pub fn answer(goodbye: &Goodbye) -> ztm_proto::wire::ReverseAnswer {
+    let status = if goodbye.code == Reason::PROTOCOL_ERROR {
+        400
+    } else if goodbye.code == Reason::INADEQUATE_SECURITY {
+        403
+    } else if goodbye.code == Reason::ENHANCE_YOUR_CALM {
+        429
+    } else {
+        503
+    };
+    ztm_proto::wire::ReverseAnswer::refused(status, goodbye.text.clone())
 }
 
 /// What a connection the hub does not admit is told: its certificate was revoked, or its user
@@ -116,6 +134,39 @@ impl Closer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_of_a_dormant_connection_are_answered_by_kind() {
+        let admission = |status| crate::admission::Refusal {
+            status,
+            message: String::new(),
+            reason: None,
+        };
+        let cases = [
+            (
+                bad_hello("no such session"),
+                400,
+                "bad hello: no such session",
+            ),
+            (revoked(), 403, "certificate revoked"),
+            (
+                refused(&admission(http::StatusCode::FORBIDDEN)),
+                403,
+                "certificate revoked",
+            ),
+            (
+                refused(&admission(http::StatusCode::TOO_MANY_REQUESTS)),
+                429,
+                "too many connections",
+            ),
+            (session_ended(), 503, "session ended"),
+            (session_replaced(), 503, "session replaced"),
+        ];
+        for (goodbye, status, message) in cases {
+            let a = answer(&goodbye);
+            assert_eq!((a.status, a.message.as_deref()), (status, Some(message)));
+        }
+    }
 
     #[test]
     fn the_first_reason_stays_and_a_stopping_hub_says_so() {

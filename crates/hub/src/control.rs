@@ -156,6 +156,10 @@ fn refuse_with(send: SendResponse<Bytes>, refusal: Refusal) {
     respond_json(send, refusal.status, &body)
 }
 
+/// Answers one request, in a task of its own for as long as it lasts. The requests that need
+/// large futures (tunnels, registrations, publishing, management) box them, and the one that
+/// waits longest — an endpoint's request for the next CRL (PROTOCOL.md: up to 50 s, again and
+/// again) — gets a small task of its own.
 async fn handle(conn: Arc<Conn>, req: Request<RecvStream>, send: SendResponse<Bytes>) {
     // A certificate revoked since the handshake gets nothing more, whatever it asks; the
     // answer goes out before the connection's GOAWAY.
@@ -181,17 +185,23 @@ async fn handle(conn: Arc<Conn>, req: Request<RecvStream>, send: SendResponse<By
         ),
         (&Method::CONNECT, ["api", "endpoints", ep, "services", proto, svc]) => {
             let (ep, proto, svc) = (ep.to_string(), proto.to_string(), svc.to_string());
-            tunnel(&conn, &ep, &proto, &svc, req, send).await
+            Box::pin(tunnel(&conn, &ep, &proto, &svc, req, send)).await
         }
         (&Method::CONNECT, _) => respond_error(send, StatusCode::NOT_FOUND, "no such tunnel path"),
-        (&Method::POST, ["api", "endpoints", id]) => register(&conn, id, req, send).await,
+        (&Method::POST, ["api", "endpoints", id]) => Box::pin(register(&conn, id, req, send)).await,
         (&Method::POST, ["api", "endpoints", id, "heartbeat"]) => heartbeat(&conn, id, send),
         (&Method::POST, ["api", "endpoints", id, "services"]) => {
-            publish(&conn, id, req, send).await
+            Box::pin(publish(&conn, id, req, send)).await
         }
         (&Method::GET, ["api", "endpoints"]) => list(&conn, &req, send, Listed::Endpoints),
         (&Method::GET, ["api", "crl"]) => {
-            crate::ca_client::serve_crl(&conn.hub.revoked, req.uri().query(), send).await
+            // It may wait for 50 s, and every endpoint has one waiting: a task of its own that
+            // holds only what the wait needs, while this one ends.
+            let query = req.uri().query().map(str::to_string);
+            let revoked = conn.hub.revoked.clone();
+            tokio::spawn(async move {
+                crate::ca_client::serve_crl(&revoked, query.as_deref(), send).await
+            });
         }
         (&Method::GET, ["api", "services"]) => list(&conn, &req, send, Listed::Services),
         (&Method::GET, ["api", "services", proto, name]) => {
@@ -212,7 +222,7 @@ async fn handle(conn: Arc<Conn>, req: Request<RecvStream>, send: SendResponse<By
         }
         (_, ["api", "endpoints", ep, "manage", ..]) => {
             let ep = ep.to_string();
-            manage(&conn, &ep, req, send).await
+            Box::pin(manage(&conn, &ep, req, send)).await
         }
         _ => respond_error(
             send,
@@ -956,5 +966,24 @@ mod tests {
         ] {
             assert_eq!(relayable(&answer(ct, body)), ok, "{ct:?} {body:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod future_sizes {
+    fn size3<A, B, C, Fut>(_: fn(A, B, C) -> Fut) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// Every request is a task holding `handle`'s future (it was 3.6 KiB, all of it room for
+    /// a tunnel's), and every endpoint keeps a request for the next CRL waiting at the hub (it
+    /// held all of that while it waited; now a task of the CRL's own future).
+    #[test]
+    fn requests_hold_small_futures() {
+        let handle = size3(super::handle);
+        let crl = size3(crate::ca_client::serve_crl);
+        eprintln!("handle: {handle} bytes, serve_crl: {crl} bytes");
+        assert!(handle <= 1024, "handle: {handle} bytes");
+        assert!(crl <= 512, "serve_crl: {crl} bytes");
     }
 }

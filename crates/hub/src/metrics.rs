@@ -141,6 +141,7 @@ pub struct Metrics {
     revocations: IntCounter,
     ca_poll_age: Gauge,
     management: IntCounterVec,
+    dormant: IntGauge,
 }
 
 impl Metrics {
@@ -208,7 +209,12 @@ impl Metrics {
             ),
             &["status"],
         )?;
+        let dormant = IntGauge::new(
+            "reverse_connections_dormant",
+            "Reverse connections bound whose HTTP/2 the hub has not started: no request needed them yet",
+        )?;
         registry.register(Box::new(connections.clone()))?;
+        registry.register(Box::new(dormant.clone()))?;
         registry.register(Box::new(handshaking.clone()))?;
         registry.register(Box::new(handshakes.clone()))?;
         registry.register(Box::new(refused_full.clone()))?;
@@ -248,6 +254,7 @@ impl Metrics {
             revocations,
             ca_poll_age,
             management,
+            dormant,
         })
     }
 
@@ -280,6 +287,11 @@ impl Metrics {
     /// An authenticated connection of `kind` is open until the guard is dropped.
     pub fn connection(&self, kind: Kind) -> GaugeGuard {
         GaugeGuard::new(self.connections.with_label_values(&[kind.label()]))
+    }
+
+    /// A reverse connection is dormant until the guard is dropped.
+    pub fn dormant(&self) -> GaugeGuard {
+        GaugeGuard::new(self.dormant.clone())
     }
 
     /// A tunnel was not opened, or broke: the status its client got, or [`BROKEN`].

@@ -1,15 +1,24 @@
 //! The reverse connection (hub = HTTP/2 client, agent = server): bound to a registered
-//! session by `GET /api/hello`, then used to open streams to the agent and pinged for liveness.
-//! Every way it ends is said to the agent in a GOAWAY (PROTOCOL.md, "Closing connections").
+//! session, then used to open streams to the agent and pinged for liveness. Every way it ends
+//! is said to the agent in a GOAWAY (PROTOCOL.md, "Closing connections").
+//!
+//! Two kinds (PROTOCOL.md, "Reverse connection"): one bound by `GET /api/hello` over HTTP/2
+//! started at once (ALPN `ztm-reverse`), and one bound by the agent's hello line and then
+//! dormant — no HTTP/2 state, buffers or pings, only TCP keepalive — until a request for the
+//! endpoint first needs it (ALPN `ztm-reverse-on-demand`). Most endpoints of a large mesh are
+//! never asked for anything, and their reverse connections cost the hub little.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use h2::Reason;
 use http::{Method, StatusCode};
+use tokio::io::AsyncReadExt;
+use tokio::sync::Notify;
 use ztm_net::goaway::{self, Farewell, Role};
 use ztm_net::h2io;
-use ztm_proto::wire::{Hello, PING_INTERVAL, PING_TIMEOUT, REQUEST_TIMEOUT};
+use ztm_net::on_demand;
+use ztm_proto::wire::{Hello, ReverseAnswer, PING_INTERVAL, PING_TIMEOUT, REQUEST_TIMEOUT};
 
 use crate::admission::Refusal;
 use crate::closer::{self, Closer, Goodbye, FAREWELL_TIMEOUT};
@@ -63,6 +72,13 @@ pub async fn serve(hub: Arc<Hub>, tls: Tls, peer: Peer, kill: Closer) -> anyhow:
     // keeps room only for what watching it needs.
     let mut client = Box::pin(Client::start(tls)).await?;
     let goodbye = bind_and_watch(&hub, &mut client, &peer, &kill).await;
+    finish(client, goodbye, &peer).await;
+    Ok(())
+}
+
+/// Ends a started reverse connection: with a GOAWAY saying `goodbye`, or at once when the
+/// agent closed it.
+async fn finish(client: Client, goodbye: Option<Goodbye>, peer: &Peer) {
     if let Some(goodbye) = goodbye {
         tracing::debug!(
             "closing a reverse connection of user {} from {}: {goodbye}",
@@ -73,13 +89,189 @@ pub async fn serve(hub: Arc<Hub>, tls: Tls, peer: Peer, kill: Closer) -> anyhow:
     } else {
         client.driver.abort();
     }
-    Ok(())
 }
 
 /// Closes a reverse connection the hub does not admit, saying why.
 pub async fn refuse(tls: Tls, refusal: Refusal) {
     if let Ok(Ok(client)) = tokio::time::timeout(FAREWELL_TIMEOUT, Client::start(tls)).await {
         client.close(closer::refused(&refusal)).await;
+    }
+}
+
+/// Closes a reverse connection started on demand that the hub does not admit: its hello line
+/// is read (closing with it unread could reset the connection before the agent reads the
+/// answer), then answered with why.
+pub async fn refuse_on_demand(mut tls: Tls, refusal: Refusal) {
+    let _ = tokio::time::timeout(
+        FAREWELL_TIMEOUT,
+        on_demand::read_line::<_, serde_json::Value>(&mut tls),
+    )
+    .await;
+    say_refused(&mut tls, &closer::refused(&refusal)).await;
+}
+
+/// Answers a hello line with a refusal and closes the connection.
+async fn say_refused(tls: &mut Tls, goodbye: &Goodbye) {
+    let answer = closer::answer(goodbye);
+    let _ = tokio::time::timeout(FAREWELL_TIMEOUT, async {
+        on_demand::write_line(tls, &answer).await?;
+        tokio::io::AsyncWriteExt::shutdown(tls).await
+    })
+    .await;
+}
+
+/// Serves a reverse connection started on demand: checks the agent's hello line, binds the
+/// connection dormant, and starts HTTP/2 on it when a request first needs it; from then on it
+/// is watched as any reverse connection is.
+pub async fn serve_on_demand(
+    hub: Arc<Hub>,
+    mut tls: Tls,
+    peer: Peer,
+    kill: Closer,
+) -> anyhow::Result<()> {
+    let _open = hub.metrics.connection(crate::metrics::Kind::Reverse);
+    let hello = tokio::select! {
+        hello = Box::pin(hello_line(&hub, &mut tls, &peer)) => hello,
+        _ = kill.closed() => Err(kill.why()),
+    };
+    let (endpoint, session) = match hello {
+        Ok(bound) => bound,
+        Err(goodbye) => {
+            tracing::info!(
+                "refused a reverse connection of user {} from {}: {goodbye}",
+                peer.user,
+                peer.addr
+            );
+            say_refused(&mut tls, &goodbye).await;
+            return Ok(());
+        }
+    };
+    let wake = Arc::new(Notify::new());
+    let Some(session_kill) = hub.bind_dormant(session, wake.clone()) else {
+        say_refused(&mut tls, &closer::session_ended()).await;
+        return Ok(());
+    };
+    tracing::debug!("reverse connection of endpoint {endpoint} bound, dormant");
+    let woken = Box::pin(dormant(
+        &hub,
+        &mut tls,
+        session,
+        &wake,
+        &session_kill,
+        &kill,
+    ))
+    .await;
+    let reverse_closed = || Goodbye::new(Reason::NO_ERROR, closer::text::REVERSE_CLOSED);
+    let goodbye = match woken {
+        Woken::Gone => {
+            hub.unbind_reverse(session);
+            hub.kill_session(session, reverse_closed());
+            return Ok(());
+        }
+        Woken::Close(goodbye) => Some(goodbye),
+        Woken::Needed => None,
+    };
+    // HTTP/2 starts now: to serve the request that woke it, or to say the GOAWAY.
+    let mut client = match Box::pin(Client::start(tls)).await {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::debug!("starting the reverse connection of endpoint {endpoint}: {e:#}");
+            hub.unbind_reverse(session);
+            hub.kill_session(session, reverse_closed());
+            return Ok(());
+        }
+    };
+    if let Some(goodbye) = goodbye {
+        hub.unbind_reverse(session);
+        finish(client, Some(goodbye), &peer).await;
+        return Ok(());
+    }
+    // The agent's SETTINGS come before its answer to a PING: once the PING is answered, the hub
+    // knows whether the agent enabled extended CONNECT.
+    let answered = tokio::time::timeout(PING_TIMEOUT, client.ping.ping(h2::Ping::opaque())).await;
+    if !matches!(answered, Ok(Ok(_))) {
+        tracing::info!("endpoint {endpoint} did not answer when its reverse connection started");
+        hub.unbind_reverse(session);
+        let why = Goodbye::new(Reason::NO_ERROR, closer::text::PINGS_UNANSWERED);
+        hub.kill_session(session, why.clone());
+        finish(client, Some(why), &peer).await;
+        return Ok(());
+    }
+    tracing::debug!("reverse connection of endpoint {endpoint} started");
+    let goodbye = settle(&hub, &mut client, &peer, &kill, &endpoint, session).await;
+    finish(client, goodbye, &peer).await;
+    Ok(())
+}
+
+/// Reads and checks the hello line of a reverse connection started on demand: the endpoint
+/// and session it binds to, or what to refuse it with.
+async fn hello_line(hub: &Hub, tls: &mut Tls, peer: &Peer) -> Result<(String, SessionId), Goodbye> {
+    let hello: Hello = match tokio::time::timeout(REQUEST_TIMEOUT, on_demand::read_line(tls)).await
+    {
+        Ok(Ok(hello)) => hello,
+        Ok(Err(e)) => return Err(closer::bad_hello(e)),
+        Err(_) => {
+            return Err(closer::bad_hello(format!(
+                "no hello within {}s",
+                REQUEST_TIMEOUT.as_secs()
+            )))
+        }
+    };
+    if hub.revoked.contains(&peer.serial) {
+        return Err(closer::revoked());
+    }
+    let session = hub
+        .session_of_hello(&hello.endpoint, &hello.session, &peer.user)
+        .ok_or_else(|| closer::bad_hello("no such session"))?;
+    Ok((hello.endpoint, session))
+}
+
+/// What ended a reverse connection's dormancy.
+enum Woken {
+    /// A request needs it.
+    Needed,
+    /// The agent closed it, or it broke.
+    Gone,
+    /// The hub closes it, saying this.
+    Close(Goodbye),
+}
+
+/// Says the connection is bound, then waits — holding nothing but the TLS stream — for a
+/// request that needs it, for its session or the hub to close it, or for the agent to go.
+async fn dormant(
+    hub: &Hub,
+    tls: &mut Tls,
+    session: SessionId,
+    wake: &Notify,
+    session_kill: &Closer,
+    kill: &Closer,
+) -> Woken {
+    let _dormant = hub.metrics.dormant();
+    let said = tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        on_demand::write_line(tls, &ReverseAnswer::bound()),
+    )
+    .await;
+    if !matches!(said, Ok(Ok(()))) {
+        return Woken::Gone;
+    }
+    let mut byte = [0u8; 1];
+    tokio::select! {
+        _ = wake.notified() => Woken::Needed,
+        _ = kill.closed() => {
+            let why = kill.why();
+            hub.kill_session(session, why.clone());
+            Woken::Close(why)
+        }
+        _ = session_kill.closed() => Woken::Close(session_kill.why()),
+        read = tls.read(&mut byte) => match read {
+            Ok(0) | Err(_) => Woken::Gone,
+            Ok(_) => {
+                let why = Goodbye::new(Reason::PROTOCOL_ERROR, closer::text::SPOKE_WHILE_DORMANT);
+                hub.kill_session(session, why.clone());
+                Woken::Close(why)
+            }
+        },
     }
 }
 
@@ -105,8 +297,21 @@ async fn bind_and_watch(
         },
         _ = kill.closed() => return Some(kill.why()),
     };
+    settle(hub, client, peer, kill, &endpoint, session).await
+}
+
+/// Checks the settings of a started reverse connection, binds it to `session` and watches it:
+/// what to tell the agent when it ends (`None` when the agent closed it).
+async fn settle(
+    hub: &Hub,
+    client: &mut Client,
+    peer: &Peer,
+    kill: &Closer,
+    endpoint: &str,
+    session: SessionId,
+) -> Option<Goodbye> {
     // The agent must have enabled extended CONNECT before the hub may send one (RFC 8441 §3);
-    // its SETTINGS came before its answer to the hello.
+    // its SETTINGS came before its answer to the hello, or to the first PING.
     if !client.sender.is_extended_connect_protocol_enabled() {
         tracing::warn!(
             "endpoint {endpoint} of user {} did not enable extended CONNECT \
@@ -129,7 +334,7 @@ async fn bind_and_watch(
         return Some(closer::session_ended());
     };
     tracing::debug!("reverse connection of endpoint {endpoint} bound");
-    let goodbye = watch(hub, client, session, &session_kill, kill, &endpoint).await;
+    let goodbye = watch(hub, client, session, &session_kill, kill, endpoint).await;
     hub.unbind_reverse(session);
     goodbye
 }

@@ -17,7 +17,7 @@ use tracing::Instrument;
 use ztm_net::backoff::Backoff;
 use ztm_net::now_ms;
 use ztm_pki::rustls::ServerConfig;
-use ztm_pki::{Revoked, ALPN_CONTROL, ALPN_REVERSE};
+use ztm_pki::{Revoked, ALPN_CONTROL, ALPN_REVERSE, ALPN_REVERSE_ON_DEMAND};
 use ztm_proto::addr::HostPort;
 use ztm_proto::wire::{HANDSHAKE_TIMEOUT, REVOCATION_POLL};
 
@@ -537,6 +537,9 @@ async fn handshake(
 ) -> Result<Option<Tls>> {
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let _ = stream.set_nodelay(true);
+    // Dormant reverse connections carry no bytes: TCP keepalive keeps them known to middleboxes
+    // and finds agents that vanished (PROTOCOL.md, "Reverse connection").
+    let _ = ztm_net::on_demand::keepalive(&stream);
     if !client_hello_arrives(&stream).await? {
         return Ok(None);
     }
@@ -572,16 +575,18 @@ async fn handshake(
 /// refused.
 async fn serve_tls(
     hub: Arc<Hub>,
-    tls: Tls,
+    mut tls: Tls,
     addr: SocketAddr,
     conn_id: u64,
     kill: Closer,
 ) -> Result<()> {
-    let cert = tls
-        .peer_certificates()
+    // What the hub needs of the certificate is read here; the connection keeps no copy.
+    let chain = tls.take_peer_certificates();
+    let cert = chain
         .first()
         .ok_or_else(|| anyhow!("no client certificate"))?;
     let info = ztm_pki::cert_info(cert.as_ref())?;
+    drop(chain);
     let alpn = tls.alpn_protocol().map(|a| a.to_vec());
     tracing::Span::current().record("user", info.common_name.as_str());
     let peer = Peer {
@@ -599,6 +604,8 @@ async fn serve_tls(
             );
             if alpn.as_deref() == Some(ALPN_CONTROL) {
                 Box::pin(crate::control::refuse(tls, refusal)).await;
+            } else if alpn.as_deref() == Some(ALPN_REVERSE_ON_DEMAND) {
+                Box::pin(crate::reverse::refuse_on_demand(tls, refusal)).await;
             } else {
                 Box::pin(crate::reverse::refuse(tls, refusal)).await;
             }
@@ -610,6 +617,9 @@ async fn serve_tls(
             Box::pin(crate::control::serve(hub, tls, peer, conn_id, kill)).await
         }
         Some(a) if a == ALPN_REVERSE => Box::pin(crate::reverse::serve(hub, tls, peer, kill)).await,
+        Some(a) if a == ALPN_REVERSE_ON_DEMAND => {
+            Box::pin(crate::reverse::serve_on_demand(hub, tls, peer, kill)).await
+        }
         _ => Err(anyhow!("no known ALPN protocol")),
     };
     drop(handle);
@@ -649,6 +659,11 @@ mod tests {
             (
                 "reverse::serve",
                 future_size4(crate::reverse::serve),
+                2 * 1024,
+            ),
+            (
+                "reverse::serve_on_demand",
+                future_size4(crate::reverse::serve_on_demand),
                 2 * 1024,
             ),
         ];

@@ -43,6 +43,9 @@ pub enum Reverse {
     /// Not bound yet: the agent dials it right after registering.
     Pending,
     Bound(h2::client::SendRequest<Bytes>),
+    /// Bound, with its HTTP/2 not started yet: notifying it starts it (PROTOCOL.md, "Reverse
+    /// connection"), after which it is `Bound`.
+    Dormant(Arc<tokio::sync::Notify>),
     /// The agent's reverse connection was refused, for this reason (it may dial again).
     Refused(String),
 }
@@ -331,6 +334,20 @@ impl Hub {
         Some(io.reverse_closer.clone())
     }
 
+    /// Binds a reverse connection whose HTTP/2 starts on demand to `session`: requests for the
+    /// endpoint notify `wake`. The closer of that reverse connection, if the session still
+    /// exists.
+    pub fn bind_dormant(
+        &self,
+        session: SessionId,
+        wake: Arc<tokio::sync::Notify>,
+    ) -> Option<Closer> {
+        let mut sessions = self.sessions();
+        let io = sessions.get_mut(&session)?;
+        io.reverse.send_replace(Reverse::Dormant(wake));
+        Some(io.reverse_closer.clone())
+    }
+
     /// Records that `session`'s reverse connection was refused: requests for the endpoint
     /// fail at once with `why` instead of waiting for it.
     pub fn refuse_reverse(&self, session: SessionId, why: String) {
@@ -342,7 +359,7 @@ impl Hub {
     pub fn unbind_reverse(&self, session: SessionId) {
         if let Some(io) = self.sessions().get(&session) {
             io.reverse.send_if_modified(|r| {
-                let bound = matches!(r, Reverse::Bound(_));
+                let bound = matches!(r, Reverse::Bound(_) | Reverse::Dormant(_));
                 if bound {
                     *r = Reverse::Pending;
                 }
@@ -370,12 +387,20 @@ impl Hub {
             .ok_or(NoReverse::NotConnected)?
             .reverse
             .subscribe();
-        let settled = bound.wait_for(|r| !matches!(r, Reverse::Pending));
+        // A dormant connection is woken, and then waited for as one being bound.
+        let settled = bound.wait_for(|r| match r {
+            Reverse::Pending => false,
+            Reverse::Dormant(wake) => {
+                wake.notify_one();
+                false
+            }
+            Reverse::Bound(_) | Reverse::Refused(_) => true,
+        });
         let result = match tokio::time::timeout(HANDSHAKE_TIMEOUT, settled).await {
             Ok(Ok(r)) => match &*r {
                 Reverse::Bound(sender) => Ok(sender.clone()),
                 Reverse::Refused(why) => Err(NoReverse::Refused(why.clone())),
-                Reverse::Pending => Err(NoReverse::NotConnected),
+                Reverse::Pending | Reverse::Dormant(_) => Err(NoReverse::NotConnected),
             },
             // Timed out, or the session ended (its sender was dropped).
             _ => Err(NoReverse::NotConnected),

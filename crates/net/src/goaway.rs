@@ -272,7 +272,13 @@ pub struct Goaway<T> {
 /// Wraps `io`, to be driven by h2 in `role`; the handle closes it.
 pub fn wrap<T>(io: T, role: Role) -> (Goaway<T>, Farewell) {
     let shared = Farewell::default();
-    let stream = Goaway {
+    (wrap_with(io, role, shared.clone()), shared)
+}
+
+/// Like [`wrap`], with a handle made before the stream was (for a connection whose HTTP/2
+/// starts later than the handle is needed).
+pub fn wrap_with<T>(io: T, role: Role, shared: Farewell) -> Goaway<T> {
+    Goaway {
         io,
         shared: shared.clone(),
         role,
@@ -282,8 +288,7 @@ pub fn wrap<T>(io: T, role: Role) -> (Goaway<T>, Farewell) {
         h2_last: None,
         out: Out::Open,
         kicked: false,
-    };
-    (stream, shared)
+    }
 }
 
 impl<T> Goaway<T> {

@@ -15,6 +15,10 @@ use crate::PkiError;
 pub const ALPN_CONTROL: &[u8] = b"h2";
 /// ALPN of the agent's reverse connection (agent is the HTTP/2 server).
 pub const ALPN_REVERSE: &[u8] = b"ztm-reverse";
+/// ALPN of a reverse connection whose HTTP/2 the hub starts when it first needs it; until then
+/// it carries nothing (PROTOCOL.md, "Reverse connection"). Agents offer it before
+/// [`ALPN_REVERSE`], which hubs that do not know it choose.
+pub const ALPN_REVERSE_ON_DEMAND: &[u8] = b"ztm-reverse-on-demand";
 
 /// aws-lc-rs for everything but the record cipher. Records are AES-128-GCM from ring first: on
 /// CPUs with VAES and AVX2, ring seals 16 KiB records in about half the time aws-lc takes
@@ -68,7 +72,11 @@ pub fn hub_server_config(
             parse_chain(chain_pem, "hub certificate")?,
             parse_key(key_pem, "hub key")?,
         )?;
-    config.alpn_protocols = vec![ALPN_CONTROL.to_vec(), ALPN_REVERSE.to_vec()];
+    config.alpn_protocols = vec![
+        ALPN_CONTROL.to_vec(),
+        ALPN_REVERSE_ON_DEMAND.to_vec(),
+        ALPN_REVERSE.to_vec(),
+    ];
     config.cert_resolver = Arc::new(AlpnRequired(config.cert_resolver.clone()));
     config.send_tls13_tickets = 0;
     // Our cipher order, not the client's: agents built with other providers still get the
@@ -298,10 +306,13 @@ pub(crate) mod tests {
             c.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
             c
         };
-        for ok in [ALPN_CONTROL, ALPN_REVERSE] {
+        for ok in [ALPN_CONTROL, ALPN_REVERSE, ALPN_REVERSE_ON_DEMAND] {
             let (_, s) = handshake(client(&[ok]), server()).unwrap();
             assert_eq!(s.alpn_protocol(), Some(ok));
         }
+        // An agent that offers both reverse protocols gets the one started on demand.
+        let (_, s) = handshake(client(&[ALPN_REVERSE_ON_DEMAND, ALPN_REVERSE]), server()).unwrap();
+        assert_eq!(s.alpn_protocol(), Some(ALPN_REVERSE_ON_DEMAND));
         // No ALPN: the server refuses the ClientHello, and the client hears access_denied.
         let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
         let mut c = rustls::ClientConnection::new(Arc::new(client(&[])), name).unwrap();

@@ -167,6 +167,31 @@ pub struct Hello {
     pub session: String,
 }
 
+/// The hub's answer to the hello line of a reverse connection started on demand
+/// (PROTOCOL.md, "Reverse connection"): 200, or a refusal with its reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReverseAnswer {
+    pub status: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl ReverseAnswer {
+    pub fn bound() -> Self {
+        ReverseAnswer {
+            status: 200,
+            message: None,
+        }
+    }
+
+    pub fn refused(status: u16, message: impl Into<String>) -> Self {
+        ReverseAnswer {
+            status,
+            message: Some(message.into()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointInfo {
     pub id: String,

@@ -1,7 +1,9 @@
 //! Simulated endpoints for `ztm bench scale`: each does what an honest agent does at a hub
 //! (PROTOCOL.md) and nothing more — a control connection that registers the endpoint with one
-//! service, sends a heartbeat every 15 s and a PING once a minute, and a reverse connection
-//! that answers the hub's hello — with real TLS and HTTP/2 on loopback, many of them in one process. Each dials from
+//! service, sends a heartbeat every 15 s and a PING once a minute, keeps a request for the
+//! next CRL waiting at the hub (as agents follow revocations), and a reverse connection
+//! started on demand, bound by its hello line and then dormant until the hub starts HTTP/2 on
+//! it — with real TLS and HTTP/2 on loopback, many of them in one process. Each dials from
 //! its own address of 127.0.0.0/8, as computers of a real mesh come from their own addresses.
 //! A session that fails is started again after a pause, as an agent does.
 
@@ -15,7 +17,7 @@ use bytes::Bytes;
 use tokio_rustls::rustls::ClientConfig;
 use tokio_rustls::TlsConnector;
 use tokio_util::task::AbortOnDropHandle;
-use ztm_net::h2io;
+use ztm_net::{h2io, on_demand};
 use ztm_proto::wire::{
     self, rtt_due, Hello, Proto, Register, Registered, ServiceDecl, BACKOFF_MAX, BACKOFF_MIN,
     HEARTBEAT_INTERVAL, PROTOCOL_HEADER, PROTOCOL_VERSION, REQUEST_TIMEOUT,
@@ -27,6 +29,8 @@ use crate::mesh::User;
 /// One user's TLS configurations: control and reverse connections.
 pub struct SimUser {
     pub name: String,
+    /// The mesh CA, to read the CRLs the hub hands out.
+    ca_pem: String,
     control: Arc<ClientConfig>,
     reverse: Arc<ClientConfig>,
 }
@@ -41,8 +45,23 @@ impl SimUser {
         };
         Ok(SimUser {
             name: user.name.clone(),
+            ca_pem: ca_pem.to_string(),
             control: config(ztm_pki::ALPN_CONTROL)?,
-            reverse: config(ztm_pki::ALPN_REVERSE)?,
+            reverse: {
+                let mut c = ztm_pki::agent_client_config(
+                    ca_pem,
+                    &user.cert,
+                    &user.key,
+                    ztm_pki::ALPN_REVERSE_ON_DEMAND,
+                )
+                .map_err(|e| anyhow!("TLS configuration of {}: {e}", user.name))?;
+                // What an agent offers; a hub that does not know the first is refused below.
+                c.alpn_protocols = vec![
+                    ztm_pki::ALPN_REVERSE_ON_DEMAND.to_vec(),
+                    ztm_pki::ALPN_REVERSE.to_vec(),
+                ];
+                Arc::new(c)
+            },
         })
     }
 }
@@ -205,32 +224,31 @@ async fn session(
     let tls = tokio::time::timeout(REQUEST_TIMEOUT, dial(from, hub, &user.reverse))
         .await
         .map_err(|_| anyhow!("reverse connection: no TLS within {REQUEST_TIMEOUT:?}"))??;
-    let mut server = h2io::server_builder().handshake(tls).await?;
-    let hello = Bytes::from(serde_json::to_vec(&Hello {
+    let crl = tokio::spawn(follow_crl(sender.clone(), user.ca_pem.clone()));
+    let _crl = AbortOnDropHandle::new(crl);
+
+    let mut tls = tls;
+    if tls.get_ref().1.alpn_protocol() != Some(ztm_pki::ALPN_REVERSE_ON_DEMAND) {
+        bail!("the hub does not start reverse connections on demand");
+    }
+    let hello = Hello {
         endpoint: id.to_string(),
         session: registered.session,
-    })?);
-    let (said_hello, mut hello_heard) = tokio::sync::mpsc::channel::<()>(1);
+    };
+    on_demand::say_hello(&mut tls, &hello).await?;
+    // Dormant until the hub needs it; then an HTTP/2 server that has nothing to offer.
     let reverse = tokio::spawn(async move {
-        while let Some(Ok((req, respond))) = server.accept().await {
-            if req.uri().path() == "/api/hello" {
-                h2io::respond(
-                    respond,
-                    http::StatusCode::OK,
-                    Some("application/json"),
-                    hello.clone(),
-                );
-                let _ = said_hello.try_send(());
-            } else {
-                h2io::respond_error(respond, http::StatusCode::NOT_FOUND, "a simulated endpoint");
-            }
+        let Some(io) = on_demand::await_first_bytes(tls).await else {
+            return;
+        };
+        let Ok(mut server) = h2io::server_builder().handshake::<_, Bytes>(io).await else {
+            return;
+        };
+        while let Some(Ok((_, respond))) = server.accept().await {
+            h2io::respond_error(respond, http::StatusCode::NOT_FOUND, "a simulated endpoint");
         }
     });
     let _reverse = AbortOnDropHandle::new(reverse);
-    tokio::time::timeout(REQUEST_TIMEOUT, hello_heard.recv())
-        .await
-        .map_err(|_| anyhow!("the hub did not say hello within {REQUEST_TIMEOUT:?}"))?
-        .ok_or_else(|| anyhow!("the reverse connection closed before the hello"))?;
     if !*counted {
         *counted = true;
         fleet.ready.fetch_add(1, Ordering::SeqCst);
@@ -279,6 +297,47 @@ async fn session(
                 .await
                 .map_err(|_| anyhow!("no PING ACK within {REQUEST_TIMEOUT:?}"))?
                 .context("PING")?;
+        }
+    }
+}
+
+/// Follows the hub's CRL as an agent does (PROTOCOL.md, "Control connection"): asks for a newer
+/// one than it holds, which the hub answers when one comes or after 50 s; asks again at once
+/// after a long wait, and after a minute when the answer came quickly.
+async fn follow_crl(sender: h2::client::SendRequest<Bytes>, ca_pem: String) {
+    const INTERVAL: Duration = Duration::from_secs(60);
+    let mut number: Option<u64> = None;
+    loop {
+        let started = Instant::now();
+        let path = match number {
+            Some(n) => format!("/api/crl?after={n}"),
+            None => "/api/crl".to_string(),
+        };
+        let Ok(req) = h2io::build(http::Method::GET, &path).and_then(|b| Ok(b.body(())?)) else {
+            return;
+        };
+        let mut newer = false;
+        match h2io::request(
+            &sender,
+            req,
+            Bytes::new(),
+            16 << 20,
+            INTERVAL + REQUEST_TIMEOUT,
+        )
+        .await
+        {
+            Ok(a) if a.status == http::StatusCode::OK => {
+                if let Ok(crl) = ztm_pki::parse_crl(&ca_pem, &String::from_utf8_lossy(&a.body)) {
+                    newer = number.is_none_or(|n| crl.number > n);
+                    number = Some(crl.number);
+                }
+            }
+            Ok(_) => {}
+            Err(_) => return,
+        }
+        let waited = started.elapsed();
+        if !newer && waited < INTERVAL / 2 {
+            tokio::time::sleep(INTERVAL - waited).await;
         }
     }
 }

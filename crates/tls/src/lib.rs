@@ -187,6 +187,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
         }
     }
 
+    /// The peer's certificate chain, taken out of the stream (a copy, if rustls moves the
+    /// records): a server that has read what it needs from it does not keep it for as long as
+    /// the connection lasts. [`TlsStream::peer_certificates`] is empty afterwards.
+    pub fn take_peer_certificates(&mut self) -> Vec<CertificateDer<'static>> {
+        match &mut self.inner {
+            Inner::Own(s) => s.take_peer_certificates(),
+            Inner::Rustls(s) => s
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(<[_]>::to_vec)
+                .unwrap_or_default(),
+        }
+    }
+
     /// The application protocol agreed by ALPN.
     pub fn alpn_protocol(&self) -> Option<&[u8]> {
         match &self.inner {

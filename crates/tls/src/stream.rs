@@ -85,6 +85,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> OwnStream<S> {
         &self.peer.certificates
     }
 
+    pub(crate) fn take_peer_certificates(&mut self) -> Vec<CertificateDer<'static>> {
+        std::mem::take(&mut self.peer.certificates)
+    }
+
     pub(crate) fn alpn_protocol(&self) -> Option<&[u8]> {
         self.peer.alpn.as_deref()
     }
