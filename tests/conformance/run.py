@@ -284,8 +284,10 @@ class Stream:
 
 
 class Conn:
-    def __init__(self, w, user, alpn="h2", server=False, settings=None, on_request=None, port=None):
-        self.sock = w.dial(user, [alpn], port)
+    def __init__(self, w, user, alpn="h2", server=False, settings=None, on_request=None, port=None,
+                 sock=None):
+        # `sock`: a connection already dialled (a reverse connection started on demand).
+        self.sock = sock or w.dial(user, [alpn], port)
         self.sock.setblocking(False)
         config = h2.config.H2Configuration(client_side=not server, header_encoding="utf-8")
         self.h2 = h2.connection.H2Connection(config=config)
@@ -1175,6 +1177,62 @@ def bad_hellos(w):
         code, _, text = ep.dial_reverse().wait_goaway(5)
         equal(code_name(code), "PROTOCOL_ERROR", "code")
         expect(text.startswith(words), f"text: {text!r}")
+
+
+def read_line(sock, limit=4096):
+    """One line from a TLS socket, a byte at a time (nothing after it is taken)."""
+    line = b""
+    while not line.endswith(b"\n"):
+        byte = sock.recv(1)
+        if not byte:
+            raise CheckFailed(f"the connection closed after {line!r}")
+        line += byte
+        expect(len(line) <= limit, f"a line of at most {limit} bytes: {line[:80]!r}...")
+    return json.loads(line)
+
+
+def hello_on_demand(w, ep, token):
+    """Dials a reverse connection started on demand and says hello: the socket, the answer."""
+    sock = w.dial(ep.user, ["ztm-reverse-on-demand", "ztm-reverse"])
+    equal(sock.selected_alpn_protocol(), "ztm-reverse-on-demand", "the ALPN the hub chooses")
+    sock.sendall(json.dumps({"endpoint": ep.id, "session": token}).encode() + b"\n")
+    return sock, read_line(sock)
+
+
+@check
+def reverse_connection_on_demand(w):
+    """A reverse connection started on demand: bound by a hello line (refusals are answer
+    lines), silent while dormant, and HTTP/2 once a request needs it, the hub's preface first."""
+    ep = Endpoint(w, "hana", "py-hana")
+    ep.connect()
+    equal(ep.register()[0], 200, "registration")
+    sock, answer = hello_on_demand(w, ep, "not-the-token")
+    equal(answer, {"status": 400, "message": "bad hello: no such session"}, "a wrong token")
+    sock.close()
+    sock, answer = hello_on_demand(w, ep, ep.token)
+    equal(answer, {"status": 200}, "the hello's answer")
+    sock.settimeout(1)
+    try:
+        early = sock.recv(1)
+    except socket.timeout:
+        early = None
+    equal(early, None, "nothing from the hub on a dormant connection (1 s)")
+    st = ep.control.request("GET", f"/api/endpoints/{ep.id}/manage/services")
+    r, _, _ = select.select([sock], [], [], 10)
+    expect(r or sock.pending(), "the hub's first bytes once a request needs the connection")
+
+    def serve(conn, st):
+        ep.seen.append(st.headers)
+        ep.handle(conn, st)
+
+    rev = Conn(w, ep.user, server=True, settings={S_ENABLE_CONNECT_PROTOCOL: 1}, on_request=serve,
+               sock=sock)
+    ep.reverses.append(rev)
+    h = st.response()
+    equal(h[":status"], 200, "the management answer through the started connection")
+    equal(json_of(st.body())["path"], "/api/services", "the request the hub forwarded")
+    expect(rev.remote_seen.wait(5), "SETTINGS from the hub")
+    equal(rev.remote.get(S_ENABLE_PUSH), 0, "the hub sends SETTINGS_ENABLE_PUSH = 0")
 
 
 @check
