@@ -217,6 +217,12 @@ async fn hello_line(hub: &Hub, tls: &mut Tls, peer: &Peer) -> Result<(String, Se
             )))
         }
     };
+    bind_to(hub, peer, hello)
+}
+
+/// The session a hello binds its connection to: the one whose token it names, if the
+/// certificate is that session's user's and is not revoked.
+fn bind_to(hub: &Hub, peer: &Peer, hello: Hello) -> Result<(String, SessionId), Goodbye> {
     if hub.revoked.contains(&peer.serial) {
         return Err(closer::revoked());
     }
@@ -359,13 +365,7 @@ async fn hello(hub: &Hub, client: &Client, peer: &Peer) -> Result<(String, Sessi
     let hello: Hello = answer
         .json()
         .map_err(|_| closer::bad_hello("not a JSON hello"))?;
-    if hub.revoked.contains(&peer.serial) {
-        return Err(closer::revoked());
-    }
-    let session = hub
-        .session_of_hello(&hello.endpoint, &hello.session, &peer.user)
-        .ok_or_else(|| closer::bad_hello("no such session"))?;
-    Ok((hello.endpoint, session))
+    bind_to(hub, peer, hello)
 }
 
 /// Pings the agent until the connection or its session ends.

@@ -190,7 +190,7 @@ pub mod prelude {
         Resp,
     };
     pub use crate::mesh::*;
-    pub use crate::poll::{time_until, wait_until};
+    pub use crate::poll::{runtime, time_until, until, wait_until};
     pub use crate::proc::Proc;
     pub use crate::roles::{AgentProc, CaProc, HubProc};
     pub use crate::{ztm, Ztm};

@@ -33,3 +33,27 @@ pub fn time_until(within: Duration, mut f: impl FnMut() -> bool) -> Option<Durat
     let start = Instant::now();
     poll(within, || f().then(|| start.elapsed()))
 }
+
+/// [`wait_until`] for async tests: checks `f` every [`EVERY`] without blocking the runtime;
+/// panics with `what` after `within`, else returns the time it took.
+pub async fn until(within: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(EVERY).await;
+    }
+    start.elapsed()
+}
+
+/// The runtime of a test that drives hand-made clients: two worker threads, as many as the
+/// machine the tests are measured on has cores.
+pub fn runtime() -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => panic!("a tokio runtime: {e}"),
+    }
+}

@@ -17,14 +17,6 @@ use ztm_testkit::hostile::*;
 use ztm_testkit::prelude::*;
 use ztm_testkit::traffic::echo_server;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// A TCP relay on 127.0.0.1 in front of `to` that records every byte it passes (both ways),
 /// and can be cut: every connection closed, new ones refused.
 struct Relay {

@@ -12,24 +12,6 @@ use serde_json::json;
 use ztm_testkit::hostile::*;
 use ztm_testkit::prelude::*;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// Waits (async) until `f` holds, at most `within`; how long it took.
-async fn until(within: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < within, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    start.elapsed()
-}
-
 fn services(n: usize) -> serde_json::Value {
     json!((0..n)
         .map(|i| json!({"protocol": "tcp", "name": format!("s{i}")}))

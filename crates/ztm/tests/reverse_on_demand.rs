@@ -15,23 +15,6 @@ use ztm_proto::wire::Hello;
 use ztm_testkit::hostile::*;
 use ztm_testkit::prelude::*;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// Waits (async) until `f` holds, at most `within`.
-async fn until(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < within, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// The hub's count of dormant reverse connections.
 fn dormant(metrics: &str) -> f64 {
     let text = get(metrics, "/metrics").text();
@@ -54,6 +37,18 @@ async fn registered(hub: &str, pem: &str, bob: &User) -> (Control, Ident, String
     (control, ident, token)
 }
 
+/// The same, with a reverse connection started on demand, bound by its hello line.
+async fn bound(hub: &str, pem: &str, bob: &User) -> (Control, Ident, Tls) {
+    let (control, ident, token) = registered(hub, pem, bob).await;
+    let mut reverse = dial(hub, pem, bob, ztm_pki::ALPN_REVERSE_ON_DEMAND).await;
+    let hello = Hello {
+        endpoint: ident.id.clone(),
+        session: token,
+    };
+    on_demand::say_hello(&mut reverse, &hello).await.unwrap();
+    (control, ident, reverse)
+}
+
 /// The hub leaves a reverse connection silent until a request needs it, then starts HTTP/2
 /// on it and sends the request; real agents' reverse connections do the same.
 #[test]
@@ -72,13 +67,7 @@ fn reverse_connections_start_only_when_a_request_needs_them() {
         )
         .await;
 
-        let (control, ident, token) = registered(&hub, &honest.pem, &bob).await;
-        let mut reverse = dial(&hub, &honest.pem, &bob, ztm_pki::ALPN_REVERSE_ON_DEMAND).await;
-        let hello = Hello {
-            endpoint: ident.id.clone(),
-            session: token,
-        };
-        on_demand::say_hello(&mut reverse, &hello).await.unwrap();
+        let (control, ident, mut reverse) = bound(&hub, &honest.pem, &bob).await;
         until(
             Duration::from_secs(10),
             "bob's reverse connection dormant",
@@ -225,13 +214,7 @@ fn an_agent_that_speaks_on_a_dormant_connection_loses_its_session() {
     let bob = honest.user("bob");
     let hub = honest.hub.addr.clone();
     runtime().block_on(async {
-        let (control, ident, token) = registered(&hub, &honest.pem, &bob).await;
-        let mut reverse = dial(&hub, &honest.pem, &bob, ztm_pki::ALPN_REVERSE_ON_DEMAND).await;
-        let hello = Hello {
-            endpoint: ident.id.clone(),
-            session: token,
-        };
-        on_demand::say_hello(&mut reverse, &hello).await.unwrap();
+        let (control, _, mut reverse) = bound(&hub, &honest.pem, &bob).await;
         // An HTTP/2 server's SETTINGS, sent before the hub spoke.
         reverse
             .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
