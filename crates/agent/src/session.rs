@@ -25,7 +25,7 @@ use ztm_proto::model::{TimedMessage, CERTIFICATE_REVOKED};
 use ztm_proto::wire::{
     rtt_due, Hello, Register, Registered, BACKOFF_MAX, BACKOFF_MIN, HANDSHAKE_TIMEOUT,
     HEARTBEAT_INTERVAL, MAX_MANAGE_BODY, PROTOCOL_HEADER, PROTOCOL_VERSION, REQUEST_TIMEOUT,
-    TUNNEL_PROTOCOL, USER_HEADER,
+    REVERSE_IDLE_TEXT, TUNNEL_PROTOCOL, USER_HEADER,
 };
 use ztm_tls::TlsStream;
 
@@ -247,43 +247,8 @@ async fn connect_once(
     check_version(&answer.headers)?;
     let registered: Registered = answer.json()?;
 
-    let mut reverse_stream = dial(&link.addr, tls.reverse.clone()).await?;
-    let reverse_bye = Farewell::default();
-    let mut reverse_task = if reverse_stream.alpn_protocol() == Some(ALPN_REVERSE_ON_DEMAND) {
-        // Bound by a hello line, then silent until the hub first needs it (PROTOCOL.md).
-        let hello = Hello {
-            endpoint: rt.id().to_string(),
-            session: registered.session.clone(),
-        };
-        on_demand::say_hello(&mut reverse_stream, &hello).await?;
-        let (rt, hub, bye) = (rt.clone(), link.addr.clone(), reverse_bye.clone());
-        spawn_owned(async move {
-            let Some(stream) = on_demand::await_first_bytes(reverse_stream).await else {
-                return;
-            };
-            let stream = goaway::wrap_with(stream, Role::Server, bye);
-            let reverse = ztm_net::h2io::server_builder()
-                .handshake::<_, Bytes>(stream)
-                .await;
-            match reverse {
-                Ok(reverse) => serve_reverse(rt, hub, reverse, registered.session).await,
-                Err(e) => tracing::debug!("reverse connection to {hub}: {}", describe_h2(&e)),
-            }
-        })
-    } else {
-        let reverse_stream = goaway::wrap_with(reverse_stream, Role::Server, reverse_bye.clone());
-        let reverse = ztm_net::h2io::server_builder()
-            .handshake::<_, Bytes>(reverse_stream)
-            .await;
-        let reverse = reverse
-            .map_err(|e| anyhow::Error::from(describe_h2(&e)).context("reverse connection"))?;
-        spawn_owned(serve_reverse(
-            rt.clone(),
-            link.addr.clone(),
-            reverse,
-            registered.session,
-        ))
-    };
+    let (mut reverse_task, mut reverse_bye) =
+        open_reverse(rt, &link.addr, tls.reverse.clone(), &registered.session).await?;
     let _crl_task = spawn_owned(follow_crl(rt.clone(), link.addr.clone(), sender.clone()));
     let mut crl_rx = rt.crl().subscribe();
     // Checked at once too: a CRL may have come (through another hub) since the handshake.
@@ -313,7 +278,18 @@ async fn connect_once(
         tokio::select! {
             _ = rt.stopping().cancelled() => break Ok(()),
             _ = &mut driver => break Err(anyhow!("the connection to the hub closed")),
-            _ = &mut reverse_task => break Err(anyhow!("the reverse connection to the hub closed")),
+            _ = &mut reverse_task => {
+                // The hub sends an unused reverse connection back to dormant: a new one for
+                // the same session, which goes on.
+                let idle = reverse_bye.heard().is_some_and(|b| b.text == REVERSE_IDLE_TEXT);
+                if !idle {
+                    break Err(anyhow!("the reverse connection to the hub closed"));
+                }
+                match open_reverse(rt, &link.addr, tls.reverse.clone(), &registered.session).await {
+                    Ok((task, bye)) => (reverse_task, reverse_bye) = (task, bye),
+                    Err(e) => break Err(e.context("dialling the reverse connection again")),
+                }
+            }
             changed = crl_rx.changed(), if crl_open => {
                 if changed.is_err() {
                     crl_open = false;
@@ -361,6 +337,60 @@ async fn connect_once(
     };
     // What the hub said when it closed a connection explains the end best.
     outcome.map_err(|e| said_by_hub(&control_bye, &reverse_bye).unwrap_or(e))
+}
+
+/// Dials the reverse connection of session `token` to hub `hub` and serves it in a task: the
+/// task, and what the hub says when it closes the connection. Where the hub starts it on
+/// demand (PROTOCOL.md, "Reverse connection"), it is bound by a hello line and the HTTP/2
+/// server starts when the hub's first bytes come.
+async fn open_reverse(
+    rt: &Arc<Mesh>,
+    hub: &str,
+    config: Arc<ClientConfig>,
+    token: &str,
+) -> Result<(AbortOnDrop, Farewell)> {
+    let mut reverse_stream = dial(hub, config).await?;
+    let reverse_bye = Farewell::default();
+    let task = if reverse_stream.alpn_protocol() == Some(ALPN_REVERSE_ON_DEMAND) {
+        let hello = Hello {
+            endpoint: rt.id().to_string(),
+            session: token.to_string(),
+        };
+        on_demand::say_hello(&mut reverse_stream, &hello).await?;
+        let (rt, hub, bye, token) = (
+            rt.clone(),
+            hub.to_string(),
+            reverse_bye.clone(),
+            token.to_string(),
+        );
+        spawn_owned(async move {
+            let Some(stream) = on_demand::await_first_bytes(reverse_stream).await else {
+                return;
+            };
+            let stream = goaway::wrap_with(stream, Role::Server, bye);
+            let reverse = ztm_net::h2io::server_builder()
+                .handshake::<_, Bytes>(stream)
+                .await;
+            match reverse {
+                Ok(reverse) => serve_reverse(rt, hub, reverse, token).await,
+                Err(e) => tracing::debug!("reverse connection to {hub}: {}", describe_h2(&e)),
+            }
+        })
+    } else {
+        let reverse_stream = goaway::wrap_with(reverse_stream, Role::Server, reverse_bye.clone());
+        let reverse = ztm_net::h2io::server_builder()
+            .handshake::<_, Bytes>(reverse_stream)
+            .await;
+        let reverse = reverse
+            .map_err(|e| anyhow::Error::from(describe_h2(&e)).context("reverse connection"))?;
+        spawn_owned(serve_reverse(
+            rt.clone(),
+            hub.to_string(),
+            reverse,
+            token.to_string(),
+        ))
+    };
+    Ok((task, reverse_bye))
 }
 
 /// Sends an HTTP/2 PING on the control connection and times its acknowledgement: the link's

@@ -39,6 +39,9 @@ pub struct Limits {
     pub tunnels_per_user: usize,
     /// Tunnels open through the hub at once.
     pub tunnels: usize,
+    /// How long a reverse connection started on demand keeps its HTTP/2 (its buffers in the
+    /// hub) with no request asking for it and no tunnel open, before it goes back to dormant.
+    pub reverse_idle: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -56,6 +59,7 @@ impl Default for Limits {
             bodies: 256,
             tunnels_per_user: 20_000,
             tunnels: 200_000,
+            reverse_idle: ztm_proto::wire::REVERSE_IDLE,
         }
     }
 }

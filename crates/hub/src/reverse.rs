@@ -9,6 +9,7 @@
 //! never asked for anything, and their reverse connections cost the hub little.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::Reason;
@@ -17,8 +18,11 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::Notify;
 use ztm_net::goaway::{self, Farewell, Role};
 use ztm_net::h2io;
+use ztm_net::now_ms;
 use ztm_net::on_demand;
-use ztm_proto::wire::{Hello, ReverseAnswer, PING_INTERVAL, PING_TIMEOUT, REQUEST_TIMEOUT};
+use ztm_proto::wire::{
+    Hello, ReverseAnswer, PING_INTERVAL, PING_TIMEOUT, REQUEST_TIMEOUT, REVERSE_IDLE_TEXT,
+};
 
 use crate::admission::Refusal;
 use crate::closer::{self, Closer, Goodbye, FAREWELL_TIMEOUT};
@@ -198,7 +202,8 @@ pub async fn serve_on_demand(
         return Ok(());
     }
     tracing::debug!("reverse connection of endpoint {endpoint} started");
-    let goodbye = settle(&hub, &mut client, &peer, &kill, &endpoint, session).await;
+    let idle = Some(hub.limits.reverse_idle);
+    let goodbye = settle(&hub, &mut client, &peer, &kill, &endpoint, session, idle).await;
     finish(client, goodbye, &peer).await;
     Ok(())
 }
@@ -230,6 +235,13 @@ fn bind_to(hub: &Hub, peer: &Peer, hello: Hello) -> Result<(String, SessionId), 
         .session_of_hello(&hello.endpoint, &hello.session, &peer.user)
         .ok_or_else(|| closer::bad_hello("no such session"))?;
     Ok((hello.endpoint, session))
+}
+
+/// Whether a started reverse connection goes back to dormant: no tunnel is open on it and no
+/// request has asked for it for `idle` (times in ms since the epoch).
+fn idle_due(now: u64, last_used: u64, tunnels_open: usize, idle: Duration) -> bool {
+    let idle = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+    tunnels_open == 0 && now.saturating_sub(last_used) >= idle
 }
 
 /// What ended a reverse connection's dormancy.
@@ -303,7 +315,7 @@ async fn bind_and_watch(
         },
         _ = kill.closed() => return Some(kill.why()),
     };
-    settle(hub, client, peer, kill, &endpoint, session).await
+    settle(hub, client, peer, kill, &endpoint, session, None).await
 }
 
 /// Checks the settings of a started reverse connection, binds it to `session` and watches it:
@@ -315,6 +327,7 @@ async fn settle(
     kill: &Closer,
     endpoint: &str,
     session: SessionId,
+    idle: Option<Duration>,
 ) -> Option<Goodbye> {
     // The agent must have enabled extended CONNECT before the hub may send one (RFC 8441 §3);
     // its SETTINGS came before its answer to the hello, or to the first PING.
@@ -340,7 +353,7 @@ async fn settle(
         return Some(closer::session_ended());
     };
     tracing::debug!("reverse connection of endpoint {endpoint} bound");
-    let goodbye = watch(hub, client, session, &session_kill, kill, endpoint).await;
+    let goodbye = watch(hub, client, session, (&session_kill, kill), endpoint, idle).await;
     hub.unbind_reverse(session);
     goodbye
 }
@@ -368,18 +381,47 @@ async fn hello(hub: &Hub, client: &Client, peer: &Peer) -> Result<(String, Sessi
     bind_to(hub, peer, hello)
 }
 
-/// Pings the agent until the connection or its session ends.
+/// Pings the agent until the connection or its session ends; sends a connection started on
+/// demand back to dormant after `idle` without use (`None`: never).
 async fn watch(
     hub: &Hub,
     client: &mut Client,
     session: SessionId,
-    session_kill: &Closer,
-    kill: &Closer,
+    (session_kill, kill): (&Closer, &Closer),
     endpoint: &str,
+    idle: Option<Duration>,
 ) -> Option<Goodbye> {
     let reverse_closed = || Goodbye::new(Reason::NO_ERROR, closer::text::REVERSE_CLOSED);
+    let every = |period: Duration| {
+        let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        timer
+    };
+    let mut ping = every(PING_INTERVAL);
+    let mut look = every(idle.map_or(PING_INTERVAL, |i| {
+        (i / 2).clamp(Duration::from_millis(100), PING_INTERVAL)
+    }));
     loop {
         tokio::select! {
+            _ = look.tick(), if idle.is_some() => {
+                let Some(idle) = idle else { continue };
+                let Some((last, open)) = hub.reverse_use(session) else { continue };
+                if !idle_due(now_ms(), last, open, idle) {
+                    continue;
+                }
+                // Unbound first, then looked at again: a request that took the sender before
+                // it was unbound said so before it looked (`Hub::reverse_of`).
+                hub.unbind_reverse(session);
+                if hub.reverse_use(session) == Some((last, 0)) {
+                    tracing::debug!(
+                        "reverse connection of endpoint {endpoint} unused for {idle:?}: dormant again"
+                    );
+                    return Some(Goodbye::new(Reason::NO_ERROR, REVERSE_IDLE_TEXT));
+                }
+                if hub.bind_reverse(session, client.sender.clone()).is_none() {
+                    return Some(closer::session_ended());
+                }
+            }
             _ = kill.closed() => {
                 let why = kill.why();
                 hub.kill_session(session, why.clone());
@@ -391,7 +433,7 @@ async fn watch(
                 hub.kill_session(session, reverse_closed());
                 return None;
             }
-            _ = tokio::time::sleep(PING_INTERVAL) => {
+            _ = ping.tick() => {
                 match tokio::time::timeout(PING_TIMEOUT, client.ping.ping(h2::Ping::opaque())).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => {
@@ -411,5 +453,30 @@ async fn watch(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unused_started_connection_goes_back_to_dormant() {
+        let idle = Duration::from_secs(300);
+        let cases = [
+            // (now, last used, tunnels open, due)
+            (1_000_000, 1_000_000, 0, false),
+            (1_299_999, 1_000_000, 0, false),
+            (1_300_000, 1_000_000, 0, true),
+            (9_000_000, 1_000_000, 0, true),
+            // A tunnel open keeps it, however long ago it was asked for.
+            (9_000_000, 1_000_000, 1, false),
+            // A clock that went back is not idleness.
+            (999_000, 1_000_000, 0, false),
+        ];
+        for (now, last, open, due) in cases {
+            assert_eq!(idle_due(now, last, open, idle), due, "{now} {last} {open}");
+        }
+        assert!(!idle_due(u64::MAX, 0, 0, Duration::MAX));
     }
 }

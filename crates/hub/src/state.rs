@@ -64,6 +64,8 @@ pub struct SessionIo {
     /// The streams tunnels may take on the reverse connection; the others stay free for
     /// management requests.
     pub tunnels: Arc<tokio::sync::Semaphore>,
+    /// When a request last asked for the reverse connection (ms since the epoch).
+    pub last_used: AtomicU64,
 }
 
 impl SessionIo {
@@ -74,6 +76,7 @@ impl SessionIo {
             conn,
             reverse: watch::Sender::new(Reverse::Pending),
             tunnels: Arc::new(tokio::sync::Semaphore::new(TUNNEL_STREAMS as usize)),
+            last_used: AtomicU64::new(now_ms()),
         }
     }
 
@@ -330,8 +333,18 @@ impl Hub {
     ) -> Option<Closer> {
         let mut sessions = self.sessions();
         let io = sessions.get_mut(&session)?;
+        io.last_used.store(now_ms(), Ordering::SeqCst);
         io.reverse.send_replace(Reverse::Bound(sender));
         Some(io.reverse_closer.clone())
+    }
+
+    /// How `session`'s reverse connection is used: when a request last asked for it (ms since
+    /// the epoch), and how many tunnels are open on it.
+    pub fn reverse_use(&self, session: SessionId) -> Option<(u64, usize)> {
+        let sessions = self.sessions();
+        let io = sessions.get(&session)?;
+        let open = (TUNNEL_STREAMS as usize).saturating_sub(io.tunnels.available_permits());
+        Some((io.last_used.load(Ordering::SeqCst), open))
     }
 
     /// Binds a reverse connection whose HTTP/2 starts on demand to `session`: requests for the
@@ -381,12 +394,14 @@ impl Hub {
         &self,
         session: SessionId,
     ) -> Result<h2::client::SendRequest<Bytes>, NoReverse> {
-        let mut bound = self
-            .sessions()
-            .get(&session)
-            .ok_or(NoReverse::NotConnected)?
-            .reverse
-            .subscribe();
+        let mut bound = {
+            let sessions = self.sessions();
+            let io = sessions.get(&session).ok_or(NoReverse::NotConnected)?;
+            // Said before the connection is looked at: a connection sent back to dormant is
+            // looked at again after it was unbound, and sees this (`reverse::watch`).
+            io.last_used.store(now_ms(), Ordering::SeqCst);
+            io.reverse.subscribe()
+        };
         // A dormant connection is woken, and then waited for as one being bound.
         let settled = bound.wait_for(|r| match r {
             Reverse::Pending => false,

@@ -22,6 +22,12 @@ pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30);
 /// that died alone.
 pub const PING_INTERVAL: Duration = Duration::from_secs(30);
 pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// A reverse connection started on demand that no request has asked for in this long, with no
+/// tunnel open on it, goes back to dormant: the hub closes it saying [`REVERSE_IDLE_TEXT`] and
+/// the agent dials a new one for the same session (PROTOCOL.md, "Reverse connection").
+pub const REVERSE_IDLE: Duration = Duration::from_secs(300);
+/// The debug text of the GOAWAY that sends a reverse connection back to dormant.
+pub const REVERSE_IDLE_TEXT: &str = "reverse connection idle";
 pub const REVOCATION_POLL: Duration = Duration::from_secs(5);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);

@@ -265,6 +265,11 @@ pub struct HubArgs {
     #[arg(long, default_value_t = ztm_hub::server::DEFAULT_REVOCATION_MAX_AGE.as_secs(),
           value_parser = clap::value_parser!(u64).range(10..=7 * 24 * 3600))]
     revocation_max_age: u64,
+    /// Seconds a reverse connection keeps its HTTP/2 (about 30 KiB in the hub) with no
+    /// request for its endpoint and no tunnel open, before it goes back to dormant
+    #[arg(long, default_value_t = ztm_proto::wire::REVERSE_IDLE.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=7 * 24 * 3600))]
+    reverse_idle: u64,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics (off unless given); an address
     /// that is not loopback needs --metrics-token
     #[arg(long, value_name = "HOST:PORT")]
@@ -291,6 +296,7 @@ impl HubArgs {
             max_connections_per_user: limits.connections_per_user,
             max_handshakes_per_address: limits.unauthenticated_per_source,
             revocation_max_age: ztm_hub::server::DEFAULT_REVOCATION_MAX_AGE.as_secs(),
+            reverse_idle: ztm_proto::wire::REVERSE_IDLE.as_secs(),
             metrics: None,
             metrics_token: None,
         }
@@ -381,6 +387,7 @@ pub async fn run_hub(args: HubArgs) -> Result<()> {
                 endpoints: args.max_endpoints,
                 connections_per_user: args.max_connections_per_user,
                 unauthenticated_per_source: args.max_handshakes_per_address,
+                reverse_idle: Duration::from_secs(args.reverse_idle),
                 ..ztm_hub::Limits::default()
             },
             revocation_max_age: Duration::from_secs(args.revocation_max_age),

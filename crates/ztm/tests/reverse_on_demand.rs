@@ -242,3 +242,64 @@ fn an_agent_that_speaks_on_a_dormant_connection_loses_its_session() {
         assert!(honest.tunnel_works());
     });
 }
+
+/// How many times agent `api` has connected to a hub (its event log).
+fn connections_made(api: &str) -> usize {
+    get(api, &format!("/api/meshes/{MESH}/log"))
+        .text()
+        .matches("connected to hub")
+        .count()
+}
+
+/// A started reverse connection that nothing has used for `--reverse-idle` goes back to
+/// dormant: the hub closes it, the agent dials a new one for the same session (the session
+/// and its control connection go on), and the next tunnel starts it again.
+#[test]
+fn an_unused_reverse_connection_goes_back_to_dormant_and_starts_again() {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let honest = Honest::start(
+        &ztm!(),
+        "on-demand-idle",
+        &["--metrics", &metrics, "--reverse-idle", "2"],
+    );
+    let connected = connections_made(&honest.a.addr);
+    assert_eq!(connected, 1, "A connected once");
+    runtime().block_on(async {
+        for round in 0..2 {
+            // A's reverse connection carried B's tunnel (the last one, in Honest::start or
+            // below); unused for 2 s, it is dormant again, as B's has been all along.
+            until(
+                Duration::from_secs(15),
+                &format!("A's reverse connection dormant again (round {round})"),
+                || dormant(&metrics) == 2.0,
+            )
+            .await;
+            assert!(honest.tunnel_works(), "a tunnel starts it again");
+        }
+        // A tunnel held open keeps it started however long nothing else asks for it.
+        let mut held = std::net::TcpStream::connect(("127.0.0.1", honest.port)).unwrap();
+        std::io::Write::write_all(&mut held, b"held\n").unwrap();
+        let mut echoed = [0u8; 5];
+        std::io::Read::read_exact(&mut held, &mut echoed).unwrap();
+        until(Duration::from_secs(10), "A's connection started", || {
+            dormant(&metrics) == 1.0
+        })
+        .await;
+        // Nothing to wait for: the idle time passes twice over, and it must stay started.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(
+            dormant(&metrics),
+            1.0,
+            "a connection with a tunnel open stays"
+        );
+        std::io::Write::write_all(&mut held, b"again\n").unwrap();
+        let mut echoed = [0u8; 6];
+        std::io::Read::read_exact(&mut held, &mut echoed).unwrap();
+        assert_eq!(&echoed, b"again\n");
+    });
+    assert_eq!(
+        connections_made(&honest.a.addr),
+        connected,
+        "A's session went on: it never connected again"
+    );
+}
