@@ -285,9 +285,14 @@ async fn connect_once(
                 if !idle {
                     break Err(anyhow!("the reverse connection to the hub closed"));
                 }
-                match open_reverse(rt, &link.addr, tls.reverse.clone(), &registered.session).await {
-                    Ok((task, bye)) => (reverse_task, reverse_bye) = (task, bye),
-                    Err(e) => break Err(e.context("dialling the reverse connection again")),
+                // Heartbeats wait meanwhile: bounded well inside the hub's heartbeat timeout.
+                let again = open_reverse(rt, &link.addr, tls.reverse.clone(), &registered.session);
+                match tokio::time::timeout(REQUEST_TIMEOUT, again).await {
+                    Ok(Ok((task, bye))) => (reverse_task, reverse_bye) = (task, bye),
+                    Ok(Err(e)) => break Err(e.context("dialling the reverse connection again")),
+                    Err(_) => break Err(anyhow!(
+                        "dialling the reverse connection again took over {REQUEST_TIMEOUT:?}"
+                    )),
                 }
             }
             changed = crl_rx.changed(), if crl_open => {
