@@ -42,6 +42,11 @@ pub fn session_ended() -> Goodbye {
     Goodbye::new(Reason::NO_ERROR, text::SESSION_ENDED)
 }
 
+/// Said on the control connection when the session's reverse connection closed or failed.
+pub fn reverse_closed() -> Goodbye {
+    Goodbye::new(Reason::NO_ERROR, text::REVERSE_CLOSED)
+}
+
 pub fn revoked() -> Goodbye {
     Goodbye::new(Reason::INADEQUATE_SECURITY, text::REVOKED)
 }

@@ -141,11 +141,7 @@ pub async fn serve_on_demand(
     let (endpoint, session) = match hello {
         Ok(bound) => bound,
         Err(goodbye) => {
-            tracing::info!(
-                "refused a reverse connection of user {} from {}: {goodbye}",
-                peer.user,
-                peer.addr
-            );
+            log_refused(&peer, &goodbye);
             say_refused(&mut tls, &goodbye).await;
             return Ok(());
         }
@@ -165,11 +161,9 @@ pub async fn serve_on_demand(
         &kill,
     ))
     .await;
-    let reverse_closed = || Goodbye::new(Reason::NO_ERROR, closer::text::REVERSE_CLOSED);
     let goodbye = match woken {
         Woken::Gone => {
-            hub.unbind_reverse(session);
-            hub.kill_session(session, reverse_closed());
+            gone(&hub, session);
             return Ok(());
         }
         Woken::Close(goodbye) => Some(goodbye),
@@ -180,8 +174,7 @@ pub async fn serve_on_demand(
         Ok(client) => client,
         Err(e) => {
             tracing::debug!("starting the reverse connection of endpoint {endpoint}: {e:#}");
-            hub.unbind_reverse(session);
-            hub.kill_session(session, reverse_closed());
+            gone(&hub, session);
             return Ok(());
         }
     };
@@ -206,6 +199,20 @@ pub async fn serve_on_demand(
     let goodbye = settle(&hub, &mut client, &peer, &kill, &endpoint, session, idle).await;
     finish(client, goodbye, &peer).await;
     Ok(())
+}
+
+fn log_refused(peer: &Peer, goodbye: &Goodbye) {
+    tracing::info!(
+        "refused a reverse connection of user {} from {}: {goodbye}",
+        peer.user,
+        peer.addr
+    );
+}
+
+/// The agent's reverse connection closed or broke: the session ends with it.
+fn gone(hub: &Hub, session: SessionId) {
+    hub.unbind_reverse(session);
+    hub.kill_session(session, closer::reverse_closed());
 }
 
 /// Reads and checks the hello line of a reverse connection started on demand: the endpoint
@@ -305,11 +312,7 @@ async fn bind_and_watch(
         hello = Box::pin(hello(hub, client, peer)) => match hello {
             Ok(bound) => bound,
             Err(goodbye) => {
-                tracing::info!(
-                    "refused a reverse connection of user {} from {}: {goodbye}",
-                    peer.user,
-                    peer.addr
-                );
+                log_refused(peer, &goodbye);
                 return Some(goodbye);
             }
         },
@@ -391,7 +394,6 @@ async fn watch(
     endpoint: &str,
     idle: Option<Duration>,
 ) -> Option<Goodbye> {
-    let reverse_closed = || Goodbye::new(Reason::NO_ERROR, closer::text::REVERSE_CLOSED);
     let every = |period: Duration| {
         let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -430,7 +432,7 @@ async fn watch(
             _ = session_kill.closed() => return Some(session_kill.why()),
             _ = &mut client.driver => {
                 // The agent redials both connections when either breaks.
-                hub.kill_session(session, reverse_closed());
+                hub.kill_session(session, closer::reverse_closed());
                 return None;
             }
             _ = ping.tick() => {
@@ -438,7 +440,7 @@ async fn watch(
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => {
                         tracing::debug!("ping of endpoint {endpoint} failed: {e}");
-                        hub.kill_session(session, reverse_closed());
+                        hub.kill_session(session, closer::reverse_closed());
                         return None;
                     }
                     Err(_) => {
