@@ -1235,6 +1235,55 @@ def reverse_connection_on_demand(w):
     equal(rev.remote.get(S_ENABLE_PUSH), 0, "the hub sends SETTINGS_ENABLE_PUSH = 0")
 
 
+def ask_line(sock, value, limit=1 << 20):
+    """Sends one request line on a control connection that carries lines; the answer line."""
+    raw = value if isinstance(value, bytes) else json.dumps(value).encode() + b"\n"
+    sock.sendall(raw)
+    return read_line(sock, limit)
+
+
+@check
+def control_connection_on_demand(w):
+    """A control connection that carries lines: registration, heartbeats (naming the newest
+    CRL), the CRL, publishing and refusals as JSON lines; then HTTP/2 from the agent's preface
+    on, with the same session."""
+    ep = Endpoint(w, "ivo", "py-ivo")
+    sock = w.dial(ep.user, ["ztm-control-on-demand", "h2"])
+    equal(sock.selected_alpn_protocol(), "ztm-control-on-demand", "the ALPN the hub chooses")
+    answer = ask_line(sock, {"op": "register", "id": ep.id, "protocol": "1", "name": ep.name,
+                             "services": [], "nonce": ep.nonce})
+    equal(answer["status"], 200, "registration")
+    equal(answer["protocol"], "1", "the version spoken")
+    ep.token = answer["session"]
+    answer = ask_line(sock, {"op": "heartbeat", "id": ep.id})
+    equal(answer["status"], 204, "a heartbeat")
+    expect(isinstance(answer.get("crl_number"), int), f"the newest CRL's number: {answer}")
+    number = answer["crl_number"]
+    answer = ask_line(sock, {"op": "crl"})
+    equal(answer["status"], 200, "the CRL")
+    expect(answer["crl"].startswith("-----BEGIN X509 CRL-----"), "the CRL in PEM")
+    equal(ask_line(sock, {"op": "crl", "after": number}), {"status": 204}, "nothing newer")
+    answer = ask_line(sock, b"not json\n")
+    equal(answer["status"], 400, "a line that is not a request")
+    answer = ask_line(sock, {"op": "publish", "id": ep.id,
+                             "services": [{"protocol": "tcp", "name": "py-ivo-web"}]})
+    equal(answer, {"status": 204}, "publishing")
+    sock.settimeout(1)
+    try:
+        early = sock.recv(1)
+    except socket.timeout:
+        early = None
+    equal(early, None, "nothing unasked from the hub (1 s)")
+    sock.settimeout(None)
+    ep.control = Conn(w, ep.user, sock=sock)
+    status, _, _ = ep.control.call("POST", f"/api/endpoints/{ep.id}/heartbeat")
+    equal(status, 204, "a heartbeat over HTTP/2 on the same connection, same session")
+    expect(ep.control.remote_seen.wait(5), "the hub's SETTINGS")
+    equal(ep.control.remote.get(S_ENABLE_CONNECT_PROTOCOL), 1, "extended CONNECT enabled")
+    status, _, raw = ep.control.call("GET", "/api/services/tcp/py-ivo-web")
+    equal(status, 200, "the service published over a line")
+
+
 @check
 def push_promise_to_the_hub(w):
     """The hub disabled push on the reverse connection: a PUSH_PROMISE is a connection error."""

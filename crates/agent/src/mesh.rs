@@ -41,10 +41,12 @@ pub struct LinkState {
     pub rtt: Option<Duration>,
 }
 
-/// A registered control connection to a hub.
+/// A registered control connection to a hub. Its HTTP/2 may not be started yet (PROTOCOL.md,
+/// "Control connection on demand"): [`Control::sender`] has the link start it.
 #[derive(Clone)]
 pub struct Control {
-    pub sender: h2::client::SendRequest<Bytes>,
+    started: watch::Receiver<Option<h2::client::SendRequest<Bytes>>>,
+    start: Arc<tokio::sync::Notify>,
     /// The streams tunnels may take on it ([`TUNNEL_STREAMS`]); the others stay free for
     /// heartbeats and requests, however many tunnels are open.
     pub tunnels: Arc<tokio::sync::Semaphore>,
@@ -53,11 +55,38 @@ pub struct Control {
 }
 
 impl Control {
-    pub fn new(sender: h2::client::SendRequest<Bytes>, hub: &str) -> Control {
+    /// A control connection whose HTTP/2, once started, is sent on `started`; `start` asks the
+    /// link to start it.
+    pub fn new(
+        started: watch::Receiver<Option<h2::client::SendRequest<Bytes>>>,
+        start: Arc<tokio::sync::Notify>,
+        hub: &str,
+    ) -> Control {
         Control {
-            sender,
+            started,
+            start,
             tunnels: Arc::new(tokio::sync::Semaphore::new(TUNNEL_STREAMS as usize)),
             hub: hub.to_string(),
+        }
+    }
+
+    /// The connection's HTTP/2 client, started first if it is not yet.
+    pub async fn sender(&self) -> Result<h2::client::SendRequest<Bytes>, String> {
+        let mut started = self.started.clone();
+        if let Some(sender) = started.borrow_and_update().clone() {
+            return Ok(sender);
+        }
+        self.start.notify_one();
+        let waited = tokio::time::timeout(REQUEST_TIMEOUT, started.wait_for(Option::is_some))
+            .await
+            .map(|r| r.map(|s| s.clone()));
+        match waited {
+            Ok(Ok(Some(sender))) => Ok(sender),
+            Ok(Ok(None) | Err(_)) => Err(format!("the connection to hub {} closed", self.hub)),
+            Err(_) => Err(format!(
+                "hub {}: HTTP/2 did not start within {REQUEST_TIMEOUT:?}",
+                self.hub
+            )),
         }
     }
 }
@@ -282,7 +311,9 @@ impl Mesh {
         };
         // The reverse connection: started on demand where the hub knows how (PROTOCOL.md).
         let reverse = [ztm_pki::ALPN_REVERSE_ON_DEMAND, ztm_pki::ALPN_REVERSE];
-        let tls = match (config(&[ztm_pki::ALPN_CONTROL]), config(&reverse)) {
+        // So is the control connection's HTTP/2.
+        let control = [ztm_pki::ALPN_CONTROL_ON_DEMAND, ztm_pki::ALPN_CONTROL];
+        let tls = match (config(&control), config(&reverse)) {
             (Ok(control), Ok(reverse)) => Some(TlsConfigs { control, reverse }),
             (Err(e), _) | (_, Err(e)) => {
                 config_errors.push(TimedMessage::new(now_ms(), e.to_string()));
@@ -557,10 +588,10 @@ impl Mesh {
         errors
     }
 
-    fn controls(&self) -> Vec<h2::client::SendRequest<Bytes>> {
+    fn controls(&self) -> Vec<Control> {
         self.links
             .iter()
-            .filter_map(|l| l.state().control.as_ref().map(|c| c.sender.clone()))
+            .filter_map(|l| l.state().control.clone())
             .collect()
     }
 
@@ -593,11 +624,12 @@ impl Mesh {
     ) -> Vec<(usize, T)> {
         let mut set = tokio::task::JoinSet::new();
         for (i, link) in self.links.iter().enumerate() {
-            let Some(sender) = link.state().control.as_ref().map(|c| c.sender.clone()) else {
+            let Some(control) = link.state().control.clone() else {
                 continue;
             };
             let path = path.to_string();
             set.spawn(async move {
+                let sender = control.sender().await.ok()?;
                 let req = h2io::build(Method::GET, &path).ok()?.body(()).ok()?;
                 let answer = h2io::request(&sender, req, Bytes::new(), 64 << 20, REQUEST_TIMEOUT)
                     .await
@@ -732,7 +764,15 @@ impl Mesh {
         }
         let path = format!("/api/endpoints/{ep}/manage{rest}");
         let mut not_here = None;
-        for sender in controls {
+        for control in controls {
+            let sender = match control.sender().await {
+                Ok(s) => s,
+                Err(e) => {
+                    not_here = None;
+                    tracing::debug!("forwarding to {ep}: {e}");
+                    continue;
+                }
+            };
             let mut req = h2io::build(method.clone(), &path)
                 .map_err(|e| MeshError::BadRequest(e.to_string()))?;
             if let Some(ct) = content_type {

@@ -16,16 +16,18 @@ use tracing::Instrument;
 use ztm_net::backoff::Backoff;
 use ztm_net::goaway::{self, Farewell, Goaway, Goodbye, Role};
 use ztm_net::h2io::{self, read_body, respond, respond_error, respond_json};
+use ztm_net::lines::{self, LineReader};
 use ztm_net::now_ms;
 use ztm_net::on_demand;
+use ztm_net::on_demand::Prefixed;
 use ztm_pki::rustls::pki_types::ServerName;
 use ztm_pki::rustls::ClientConfig;
-use ztm_pki::ALPN_REVERSE_ON_DEMAND;
+use ztm_pki::{ALPN_CONTROL_ON_DEMAND, ALPN_REVERSE_ON_DEMAND};
 use ztm_proto::model::{TimedMessage, CERTIFICATE_REVOKED};
 use ztm_proto::wire::{
-    rtt_due, Hello, Register, Registered, BACKOFF_MAX, BACKOFF_MIN, HANDSHAKE_TIMEOUT,
-    HEARTBEAT_INTERVAL, MAX_MANAGE_BODY, PROTOCOL_HEADER, PROTOCOL_VERSION, REQUEST_TIMEOUT,
-    REVERSE_IDLE_TEXT, TUNNEL_PROTOCOL, USER_HEADER,
+    rtt_due, ControlLine, Hello, LineAnswer, Register, Registered, ServiceDecl, BACKOFF_MAX,
+    BACKOFF_MIN, HANDSHAKE_TIMEOUT, HEARTBEAT_INTERVAL, MAX_MANAGE_BODY, PROTOCOL_HEADER,
+    PROTOCOL_VERSION, REQUEST_TIMEOUT, REVERSE_IDLE_TEXT, TUNNEL_PROTOCOL, USER_HEADER,
 };
 use ztm_tls::TlsStream;
 
@@ -191,6 +193,121 @@ async fn dial(addr: &str, config: Arc<ClientConfig>) -> Result<TlsStream> {
     Ok(tls)
 }
 
+/// The control connection: lines until HTTP/2 is needed (PROTOCOL.md, "Control connection on
+/// demand"), or HTTP/2 from the start where the hub does not know lines.
+enum Io {
+    Lines {
+        stream: Box<TlsStream>,
+        reader: LineReader,
+    },
+    H2 {
+        sender: h2::client::SendRequest<Bytes>,
+        pings: h2::PingPong,
+        driver: AbortOnDrop,
+        _crl: AbortOnDrop,
+    },
+    /// Between the two, for a moment.
+    Switching,
+}
+
+/// Starts the control connection's HTTP/2 on `stream`: its client, PING handle and the task
+/// that drives it.
+async fn start_h2(
+    stream: Prefixed<TlsStream>,
+    bye: Farewell,
+) -> Result<(h2::client::SendRequest<Bytes>, h2::PingPong, AbortOnDrop)> {
+    let stream = goaway::wrap_with(stream, Role::Client, bye);
+    let (sender, mut conn) = ztm_net::h2io::client_builder()
+        .handshake::<_, Bytes>(stream)
+        .await
+        .map_err(|e| describe_h2(&e))?;
+    let pings = conn
+        .ping_pong()
+        .ok_or_else(|| anyhow!("no PING handle on the control connection"))?;
+    let driver = spawn_owned(async move {
+        let _ = conn.await;
+    });
+    Ok((sender, pings, driver))
+}
+
+/// One request line and the hub's answer, within [`REQUEST_TIMEOUT`]. An answer that closes
+/// the connection is an error with the hub's words.
+async fn ask(
+    stream: &mut TlsStream,
+    reader: &mut LineReader,
+    request: &ControlLine,
+    max: usize,
+) -> Result<LineAnswer> {
+    let answer = tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        lines::exchange(stream, reader, request, max),
+    )
+    .await
+    .map_err(|_| anyhow!("the hub did not answer within {REQUEST_TIMEOUT:?}"))??;
+    if answer.closing {
+        return Err(closed_by(&answer));
+    }
+    Ok(answer)
+}
+
+fn closed_by(answer: &LineAnswer) -> anyhow::Error {
+    anyhow!(
+        "the hub closed the connection: {}",
+        answer.message.as_deref().unwrap_or("no reason given")
+    )
+}
+
+/// Resolves when the control connection ends (or, carrying lines, the hub says it closes it):
+/// why.
+async fn ended(io: &mut Io) -> anyhow::Error {
+    match io {
+        Io::H2 { driver, .. } => {
+            let _ = (&mut *driver).await;
+            anyhow!("the connection to the hub closed")
+        }
+        Io::Lines { stream, reader } => loop {
+            match reader.next(MAX_CRL_LINE) {
+                Some(lines::Next::Line(line)) => {
+                    match serde_json::from_slice::<LineAnswer>(&line) {
+                        Ok(a) if a.closing => return closed_by(&a),
+                        // Nothing else comes unasked.
+                        _ => return anyhow!("the hub sent a line nobody asked for"),
+                    }
+                }
+                Some(_) => return anyhow!("the hub sent something that is not a line"),
+                None => {}
+            }
+            match reader.fill(stream).await {
+                Ok(0) | Err(_) => return anyhow!("the connection to the hub closed"),
+                Ok(_) => {}
+            }
+        },
+        Io::Switching => std::future::pending().await,
+    }
+}
+
+/// Asks for a CRL newer than the one held over lines, and offers what comes.
+async fn crl_by_line(
+    rt: &Mesh,
+    stream: &mut TlsStream,
+    reader: &mut LineReader,
+    from: &str,
+) -> Result<()> {
+    let request = ControlLine::Crl {
+        after: rt.crl().number(),
+    };
+    let answer = ask(stream, reader, &request, MAX_CRL_LINE).await?;
+    if let Some(pem) = answer.crl.filter(|_| answer.status == 200) {
+        if let Err(e) = offer_crl(rt, &pem, from) {
+            rt.event(
+                "error",
+                &format!("hub {from} sent a CRL that is not the mesh CA's: {e}"),
+            );
+        }
+    }
+    Ok(())
+}
+
 async fn connect_once(
     rt: &Arc<Mesh>,
     link: &Arc<HubLink>,
@@ -200,66 +317,114 @@ async fn connect_once(
     let Some(tls) = rt.tls() else {
         bail!("no usable TLS configuration");
     };
-    let stream = dial(&link.addr, tls.control.clone()).await?;
+    let mut stream = dial(&link.addr, tls.control.clone()).await?;
     let control_tls = stream.failure();
     // Which hub certificate this link uses: a CRL that lists it closes the link.
     let hub_cert = stream
         .peer_certificates()
         .first()
         .and_then(|c| ztm_pki::cert_info(c.as_ref()).ok());
-    let (stream, control_bye) = goaway::wrap(stream, Role::Client);
-    let (sender, mut conn) = ztm_net::h2io::client_builder()
-        .handshake::<_, Bytes>(stream)
-        .await
-        .map_err(|e| describe_h2(&e))?;
-    let mut pings = conn
-        .ping_pong()
-        .ok_or_else(|| anyhow!("no PING handle on the control connection"))?;
-    let mut driver = spawn_owned(async move {
-        let _ = conn.await;
-    });
-
+    let control_bye = Farewell::default();
+    let (started_tx, started_rx) = tokio::sync::watch::channel(None);
+    let start = Arc::new(tokio::sync::Notify::new());
     let mut services_rx = rt.published();
-    let register = Register {
-        name: rt.agent_name().to_string(),
-        services: services_rx.borrow_and_update().clone(),
-        nonce: Some(rt.record().id_nonce.clone()),
+    let services = services_rx.borrow_and_update().clone();
+    let (mut io, registered) = if stream.alpn_protocol() == Some(ALPN_CONTROL_ON_DEMAND) {
+        let mut reader = LineReader::new();
+        let register = ControlLine::Register {
+            id: rt.id().to_string(),
+            protocol: PROTOCOL_VERSION.to_string(),
+            name: rt.agent_name().to_string(),
+            services,
+            nonce: Some(rt.record().id_nonce.clone()),
+        };
+        let answer = ask(&mut stream, &mut reader, &register, 64 * 1024)
+            .await
+            .map_err(|e| describe_any(&e, &control_tls))?;
+        if answer.status != 200 {
+            bail!(
+                "the hub refused to register this endpoint: {}",
+                answer.message.unwrap_or_else(|| answer.status.to_string())
+            );
+        }
+        check_version(answer.protocol.as_deref())?;
+        let registered = Registered {
+            session: answer.session.unwrap_or_default(),
+            hub: answer.hub.unwrap_or_default(),
+        };
+        let stream = Box::new(stream);
+        (Io::Lines { stream, reader }, registered)
+    } else {
+        let (sender, pings, driver) =
+            start_h2(Prefixed::new(Bytes::new(), stream), control_bye.clone()).await?;
+        let register = Register {
+            name: rt.agent_name().to_string(),
+            services,
+            nonce: Some(rt.record().id_nonce.clone()),
+        };
+        let req = h2io::build(Method::POST, &format!("/api/endpoints/{}", rt.id()))?
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
+            .body(())?;
+        let answer = h2io::request(
+            &sender,
+            req,
+            serde_json::to_vec(&register)?.into(),
+            64 * 1024,
+            REQUEST_TIMEOUT,
+        )
+        .await
+        .map_err(|e| describe_any(&e, &control_tls))?;
+        if answer.status != StatusCode::OK {
+            bail!(
+                "the hub refused to register this endpoint: {}",
+                answer.error_message()
+            );
+        }
+        check_version(
+            answer
+                .headers
+                .get(PROTOCOL_HEADER)
+                .and_then(|v| v.to_str().ok()),
+        )?;
+        let registered: Registered = answer.json()?;
+        started_tx.send_replace(Some(sender.clone()));
+        let crl = spawn_owned(follow_crl(rt.clone(), link.addr.clone(), sender.clone()));
+        let io = Io::H2 {
+            sender,
+            pings,
+            driver,
+            _crl: crl,
+        };
+        (io, registered)
     };
-    let req = h2io::build(Method::POST, &format!("/api/endpoints/{}", rt.id()))?
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
-        .body(())?;
-    let answer = h2io::request(
-        &sender,
-        req,
-        serde_json::to_vec(&register)?.into(),
-        64 * 1024,
-        REQUEST_TIMEOUT,
-    )
-    .await
-    .map_err(|e| describe_any(&e, &control_tls))?;
-    if answer.status != StatusCode::OK {
-        bail!(
-            "the hub refused to register this endpoint: {}",
-            answer.error_message()
-        );
-    }
-    check_version(&answer.headers)?;
-    let registered: Registered = answer.json()?;
 
     let (mut reverse_task, mut reverse_bye) =
         open_reverse(rt, &link.addr, tls.reverse.clone(), &registered.session).await?;
-    let _crl_task = spawn_owned(follow_crl(rt.clone(), link.addr.clone(), sender.clone()));
     let mut crl_rx = rt.crl().subscribe();
     // Checked at once too: a CRL may have come (through another hub) since the handshake.
     crl_rx.mark_changed();
     let mut crl_open = true;
 
     // Connected with its round-trip time known: whoever sees the link up sees that too.
-    let rtt = round_trip(&mut pings).await?;
+    let rtt = match &mut io {
+        Io::H2 { pings, .. } => round_trip(pings).await?,
+        Io::Lines { stream, reader } => {
+            // Carrying lines, the CRL is asked for now and whenever a heartbeat's answer
+            // names a newer one; the exchange is timed.
+            let started = Instant::now();
+            crl_by_line(rt, stream, reader, &link.addr).await?;
+            started.elapsed()
+        }
+        Io::Switching => bail!("the control connection is not ready"),
+    };
     {
         let mut state = link.state();
-        state.control = Some(crate::mesh::Control::new(sender.clone(), &link.addr));
+        state.control = Some(crate::mesh::Control::new(
+            started_rx,
+            start.clone(),
+            &link.addr,
+        ));
         state.error = None;
         state.rtt = Some(rtt);
     }
@@ -274,10 +439,12 @@ async fn connect_once(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     let mut beats: u32 = 0;
+    let heartbeat_path = format!("/api/endpoints/{}/heartbeat", rt.id());
     let outcome = loop {
+        let lines = matches!(io, Io::Lines { .. });
         tokio::select! {
             _ = rt.stopping().cancelled() => break Ok(()),
-            _ = &mut driver => break Err(anyhow!("the connection to the hub closed")),
+            why = ended(&mut io) => break Err(why),
             _ = &mut reverse_task => {
                 // The hub sends an unused reverse connection back to dormant: a new one for
                 // the same session, which goes on.
@@ -295,6 +462,21 @@ async fn connect_once(
                     )),
                 }
             }
+            _ = start.notified(), if lines => {
+                // Something needs HTTP/2: the agent starts it, and the connection carries no
+                // more lines.
+                let Io::Lines { stream, reader } = std::mem::replace(&mut io, Io::Switching) else {
+                    continue;
+                };
+                let stream = Prefixed::new(reader.into_rest(), *stream);
+                let (sender, pings, driver) = match start_h2(stream, control_bye.clone()).await {
+                    Ok(h2) => h2,
+                    Err(e) => break Err(e.context("starting HTTP/2 on the control connection")),
+                };
+                started_tx.send_replace(Some(sender.clone()));
+                let crl = spawn_owned(follow_crl(rt.clone(), link.addr.clone(), sender.clone()));
+                io = Io::H2 { sender, pings, driver, _crl: crl };
+            }
             changed = crl_rx.changed(), if crl_open => {
                 if changed.is_err() {
                     crl_open = false;
@@ -310,18 +492,9 @@ async fn connect_once(
                 }
             }
             _ = tick.tick() => {
-                let req = h2io::build(Method::POST, &format!("/api/endpoints/{}/heartbeat", rt.id()))?.body(())?;
-                match h2io::request(&sender, req, Bytes::new(), 64 * 1024, REQUEST_TIMEOUT).await {
-                    Ok(a) if a.status.is_success() => {}
-                    Ok(a) => break Err(anyhow!("the hub dropped our session ({})", a.error_message())),
-                    Err(e) => break Err(anyhow!("heartbeat failed: {e:#}")),
-                }
                 beats += 1;
-                if rtt_due(beats) {
-                    match round_trip(&mut pings).await {
-                        Ok(rtt) => link.state().rtt = Some(rtt),
-                        Err(e) => break Err(e),
-                    }
+                if let Err(e) = heartbeat(rt, link, &mut io, &heartbeat_path, beats).await {
+                    break Err(e);
                 }
             }
             changed = services_rx.changed() => {
@@ -329,19 +502,81 @@ async fn connect_once(
                     break Ok(());
                 }
                 let list = services_rx.borrow_and_update().clone();
-                let req = h2io::build(Method::POST, &format!("/api/endpoints/{}/services", rt.id()))?
-                    .header(http::header::CONTENT_TYPE, "application/json")
-                    .body(())?;
-                match h2io::request(&sender, req, serde_json::to_vec(&list)?.into(), 64 * 1024, REQUEST_TIMEOUT).await {
-                    Ok(a) if a.status.is_success() => {}
-                    Ok(a) => break Err(anyhow!("publishing services failed: {}", a.error_message())),
-                    Err(e) => break Err(anyhow!("publishing services failed: {e:#}")),
+                if let Err(e) = publish(rt, &mut io, list).await {
+                    break Err(anyhow!("publishing services failed: {e:#}"));
                 }
             }
         }
     };
     // What the hub said when it closed a connection explains the end best.
     outcome.map_err(|e| said_by_hub(&control_bye, &reverse_bye).unwrap_or(e))
+}
+
+/// One heartbeat on the control connection (PROTOCOL.md, "Control connection"), and the
+/// round trip measured with it.
+async fn heartbeat(rt: &Mesh, link: &HubLink, io: &mut Io, path: &str, beats: u32) -> Result<()> {
+    match io {
+        Io::H2 { sender, pings, .. } => {
+            let req = h2io::build(Method::POST, path)?.body(())?;
+            match h2io::request(sender, req, Bytes::new(), 64 * 1024, REQUEST_TIMEOUT).await {
+                Ok(a) if a.status.is_success() => {}
+                Ok(a) => bail!("the hub dropped our session ({})", a.error_message()),
+                Err(e) => bail!("heartbeat failed: {e:#}"),
+            }
+            if rtt_due(beats) {
+                link.state().rtt = Some(round_trip(pings).await?);
+            }
+        }
+        Io::Lines { stream, reader } => {
+            let started = Instant::now();
+            let request = ControlLine::Heartbeat {
+                id: rt.id().to_string(),
+            };
+            let answer = ask(stream, reader, &request, 64 * 1024)
+                .await
+                .map_err(|e| e.context("heartbeat failed"))?;
+            if !answer.is_success() {
+                bail!("the hub dropped our session ({})", answer.words());
+            }
+            link.state().rtt = Some(started.elapsed());
+            if answer.crl_number > rt.crl().number() {
+                crl_by_line(rt, stream, reader, &link.addr).await?;
+            }
+        }
+        Io::Switching => {}
+    }
+    Ok(())
+}
+
+/// Publishes the service list on the control connection.
+async fn publish(rt: &Mesh, io: &mut Io, services: Vec<ServiceDecl>) -> Result<()> {
+    match io {
+        Io::H2 { sender, .. } => {
+            let req = h2io::build(
+                Method::POST,
+                &format!("/api/endpoints/{}/services", rt.id()),
+            )?
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(())?;
+            let body = serde_json::to_vec(&services)?.into();
+            let a = h2io::request(sender, req, body, 64 * 1024, REQUEST_TIMEOUT).await?;
+            if !a.status.is_success() {
+                bail!("{}", a.error_message());
+            }
+        }
+        Io::Lines { stream, reader } => {
+            let request = ControlLine::Publish {
+                id: rt.id().to_string(),
+                services,
+            };
+            let answer = ask(stream, reader, &request, 64 * 1024).await?;
+            if !answer.is_success() {
+                bail!("{}", answer.words());
+            }
+        }
+        Io::Switching => {}
+    }
+    Ok(())
 }
 
 /// Dials the reverse connection of session `token` to hub `hub` and serves it in a task: the
@@ -412,15 +647,14 @@ async fn round_trip(pings: &mut h2::PingPong) -> Result<Duration> {
 
 /// The version of the wire protocol a hub's registration answer names must be ours (a hub
 /// from before versions names none, and speaks version 1).
-fn check_version(headers: &http::HeaderMap) -> Result<()> {
-    let Some(v) = headers.get(PROTOCOL_HEADER) else {
+fn check_version(named: Option<&str>) -> Result<()> {
+    let Some(v) = named else {
         return Ok(());
     };
-    if v.as_bytes() != PROTOCOL_VERSION.to_string().as_bytes() {
+    if v != PROTOCOL_VERSION.to_string() {
         bail!(
-            "the hub answered in version {:?} of the ztm protocol; this agent speaks version \
-             {PROTOCOL_VERSION}",
-            String::from_utf8_lossy(v.as_bytes())
+            "the hub answered in version {v:?} of the ztm protocol; this agent speaks version \
+             {PROTOCOL_VERSION}"
         );
     }
     Ok(())
@@ -587,6 +821,8 @@ pub const CRL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60)
 const CRL_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(70);
 /// Largest CRL read (about 40 bytes per revoked certificate).
 const MAX_CRL: usize = 16 << 20;
+/// Largest line read on a control connection: a CRL, in JSON.
+const MAX_CRL_LINE: usize = 2 * MAX_CRL;
 
 /// Offers a CRL that hub `from` sent: kept, and stored, if the mesh's CA signed it and it is
 /// newer than the one held. Whether it was kept.

@@ -459,8 +459,15 @@ pub async fn open(
                     ));
                     continue;
                 };
+                let sender = match control.sender().await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        last_error = OpenError::words(e);
+                        continue;
+                    }
+                };
                 match connect(
-                    &control.sender,
+                    &sender,
                     provider,
                     proto,
                     &target.service,

@@ -17,13 +17,16 @@ use ztm_net::goaway::{self, Role};
 use ztm_net::h2io::{
     self, read_body, respond, respond_error, respond_json, respond_json_with, BodyError,
 };
+use ztm_net::lines::{LineReader, Next};
 use ztm_net::now_ms;
+use ztm_net::on_demand::{self, Prefixed};
 use ztm_proto::model::ApiError;
 use ztm_proto::names::check_name;
 use ztm_proto::wire::{
-    choose_version, is_endpoint_id, Proto, Register, Registered, ServiceDecl, DESTINATION_HEADER,
-    ENDPOINT_USER_HEADER, HOP_TIMEOUT, MAX_MANAGE_BODY, PROTOCOL_HEADER, PROTOCOL_VERSION,
-    REGISTER_TIMEOUT, TOTAL_HEADER, TUNNEL_PROTOCOL, TUNNEL_STREAMS, USER_HEADER,
+    choose_version, is_endpoint_id, ControlLine, LineAnswer, Proto, Register, Registered,
+    ServiceDecl, DESTINATION_HEADER, ENDPOINT_USER_HEADER, HOP_TIMEOUT, MAX_MANAGE_BODY,
+    PROTOCOL_HEADER, PROTOCOL_VERSION, REGISTER_TIMEOUT, REQUEST_TIMEOUT, TOTAL_HEADER,
+    TUNNEL_PROTOCOL, TUNNEL_STREAMS, USER_HEADER,
 };
 
 use crate::admission::{self, Refusal, Target};
@@ -33,6 +36,7 @@ use crate::metrics;
 use crate::registry::{self, RegisterError, SessionId};
 use crate::state::{Hub, NoReverse, Peer, RegisterRefusal, Tls};
 use ztm_proto::listing::ListQuery;
+use ztm_proto::wire::{CONTROL_LINE_MAX, CONTROL_LINE_SMALL};
 
 struct Conn {
     hub: Arc<Hub>,
@@ -53,12 +57,17 @@ impl Conn {
     }
 }
 
-pub async fn serve(hub: Arc<Hub>, tls: Tls, peer: Peer, conn_id: u64, kill: Closer) -> Result<()> {
+/// Serves a control connection. One whose ALPN is `ztm-control-on-demand` (`lines`) carries
+/// lines until the agent starts HTTP/2 on it (PROTOCOL.md, "Control connection on demand").
+pub async fn serve(
+    hub: Arc<Hub>,
+    tls: Tls,
+    peer: Peer,
+    conn_id: u64,
+    kill: Closer,
+    lines: bool,
+) -> Result<()> {
     let _open = hub.metrics.connection(metrics::Kind::Control);
-    let (io, farewell) = goaway::wrap(tls, Role::Server);
-    // Boxed, as every phase that ends (server.rs, `serve_connection`): the connection's future
-    // keeps no room for the HTTP/2 handshake once it is done.
-    let mut h2 = Box::pin(ztm_net::h2io::server_builder().handshake::<_, Bytes>(io)).await?;
     let bodies = Arc::new(Semaphore::new(hub.limits.bodies_per_connection));
     let conn = Arc::new(Conn {
         hub,
@@ -69,7 +78,43 @@ pub async fn serve(hub: Arc<Hub>, tls: Tls, peer: Peer, conn_id: u64, kill: Clos
         registering: tokio::sync::Mutex::new(()),
         bodies,
     });
-    let register_deadline = tokio::time::sleep(REGISTER_TIMEOUT);
+    let deadline = tokio::time::Instant::now() + REGISTER_TIMEOUT;
+    let io = if lines {
+        // Boxed, as every phase that ends: the connection's future keeps no room for it.
+        Box::pin(serve_lines(&conn, tls, deadline)).await
+    } else {
+        Some(Prefixed::new(Bytes::new(), tls))
+    };
+    if let Some(io) = io {
+        if let Err(e) = Box::pin(serve_h2(&conn, io, deadline)).await {
+            tracing::debug!("control connection from {}: {e}", conn.peer.addr);
+        }
+    }
+    if let Some((id, session)) = conn.registered() {
+        let name = conn
+            .hub
+            .registry()
+            .get(&id)
+            .map(|e| e.name.clone())
+            .unwrap_or_default();
+        if conn.hub.end_session(&id, session, conn.id) {
+            tracing::info!("endpoint {name} ({id}) of user {} offline", conn.peer.user);
+        }
+    }
+    Ok(())
+}
+
+/// Serves HTTP/2 on a control connection until it closes.
+async fn serve_h2(
+    conn: &Arc<Conn>,
+    io: Prefixed<Tls>,
+    deadline: tokio::time::Instant,
+) -> Result<()> {
+    let (io, farewell) = goaway::wrap(io, Role::Server);
+    // Boxed, as every phase that ends (server.rs, `serve_connection`): the connection's future
+    // keeps no room for the HTTP/2 handshake once it is done.
+    let mut h2 = Box::pin(ztm_net::h2io::server_builder().handshake::<_, Bytes>(io)).await?;
+    let register_deadline = tokio::time::sleep_until(deadline);
     tokio::pin!(register_deadline);
     let goodbye = loop {
         tokio::select! {
@@ -79,7 +124,7 @@ pub async fn serve(hub: Arc<Hub>, tls: Tls, peer: Peer, conn_id: u64, kill: Clos
                     // a task of their own (a revoked certificate's go the long way, to 403).
                     if let Some(id) = heartbeat_of(&req) {
                         if !conn.hub.revoked.contains(&conn.peer.serial) {
-                            heartbeat(&conn, id, send);
+                            heartbeat(conn, id, send);
                             continue;
                         }
                     }
@@ -109,18 +154,230 @@ pub async fn serve(hub: Arc<Hub>, tls: Tls, peer: Peer, conn_id: u64, kill: Clos
         let drained = async { while h2.accept().await.is_some() {} };
         let _ = tokio::time::timeout(FAREWELL_TIMEOUT, drained).await;
     }
-    if let Some((id, session)) = conn.registered() {
-        let name = conn
-            .hub
-            .registry()
-            .get(&id)
-            .map(|e| e.name.clone())
-            .unwrap_or_default();
-        if conn.hub.end_session(&id, session, conn.id) {
-            tracing::info!("endpoint {name} ({id}) of user {} offline", conn.peer.user);
+    Ok(())
+}
+
+/// What ended the lines of a control connection.
+enum LinesEnd {
+    /// The agent started HTTP/2: the bytes read after the last line come first.
+    Started,
+    /// The connection closed, or the hub closed it after saying why.
+    Closed,
+}
+
+/// Serves the lines of a control connection before its HTTP/2 starts (PROTOCOL.md, "Control
+/// connection on demand"): each request line is answered with one line, in order. The
+/// stream, with the bytes read past the last line in front, once the agent starts HTTP/2;
+/// `None` when the connection ended.
+async fn serve_lines(
+    conn: &Arc<Conn>,
+    mut tls: Tls,
+    deadline: tokio::time::Instant,
+) -> Option<Prefixed<Tls>> {
+    let _dormant = conn.hub.metrics.control_dormant();
+    let mut reader = LineReader::new();
+    let end = read_lines(conn, &mut tls, &mut reader, deadline).await;
+    match end {
+        LinesEnd::Started => Some(Prefixed::new(reader.into_rest(), tls)),
+        LinesEnd::Closed => {
+            let _ = tokio::time::timeout(
+                FAREWELL_TIMEOUT,
+                tokio::io::AsyncWriteExt::shutdown(&mut tls),
+            )
+            .await;
+            None
         }
     }
-    Ok(())
+}
+
+async fn read_lines(
+    conn: &Arc<Conn>,
+    tls: &mut Tls,
+    reader: &mut LineReader,
+    deadline: tokio::time::Instant,
+) -> LinesEnd {
+    // A long line (a registration or service list) holds one of the places for requests with
+    // a body, as its HTTP/2 request would, and must arrive within the same time.
+    let mut long: Option<(BodyPermit, tokio::time::Instant)> = None;
+    loop {
+        while let Some(next) = reader.next(CONTROL_LINE_MAX) {
+            let answer = match next {
+                Next::Preface => return LinesEnd::Started,
+                Next::TooLong => LineAnswer {
+                    closing: true,
+                    ..LineAnswer::error(
+                        StatusCode::PAYLOAD_TOO_LARGE.as_u16(),
+                        format!("a line longer than {CONTROL_LINE_MAX} bytes"),
+                    )
+                },
+                Next::Line(line) => {
+                    let answer = answer_line(conn, &line).await;
+                    long = None;
+                    answer
+                }
+            };
+            if !say(tls, &answer).await || answer.closing {
+                return LinesEnd::Closed;
+            }
+        }
+        if long.is_none() && reader.buffered() > CONTROL_LINE_SMALL {
+            match body_permit(conn) {
+                Ok(permit) => {
+                    long = Some((permit, tokio::time::Instant::now() + BODY_TIMEOUT));
+                }
+                Err(r) => {
+                    say(tls, &closing(refusal_line(r))).await;
+                    return LinesEnd::Closed;
+                }
+            }
+        }
+        let body_deadline = long.as_ref().map(|(_, d)| *d).unwrap_or(deadline);
+        tokio::select! {
+            read = reader.fill(tls) => match read {
+                Ok(0) | Err(_) => return LinesEnd::Closed,
+                Ok(_) => {}
+            },
+            _ = conn.kill.closed() => {
+                say(tls, &goodbye_line(&conn.kill.why())).await;
+                return LinesEnd::Closed;
+            }
+            _ = tokio::time::sleep_until(deadline), if conn.registered().is_none() => {
+                tracing::debug!("{} did not register in time", conn.peer.addr);
+                say(tls, &closing(LineAnswer::error(
+                    StatusCode::REQUEST_TIMEOUT.as_u16(),
+                    closer::text::NOT_REGISTERED,
+                ))).await;
+                return LinesEnd::Closed;
+            }
+            _ = tokio::time::sleep_until(body_deadline), if long.is_some() => {
+                say(tls, &closing(LineAnswer::error(
+                    StatusCode::REQUEST_TIMEOUT.as_u16(),
+                    format!("the line did not arrive within {BODY_TIMEOUT:?}"),
+                ))).await;
+                return LinesEnd::Closed;
+            }
+        }
+    }
+}
+
+/// The line a control connection that carries lines is closed with: what its GOAWAY would say.
+fn goodbye_line(goodbye: &Goodbye) -> LineAnswer {
+    let answer = closer::answer(goodbye);
+    closing(LineAnswer {
+        status: answer.status,
+        message: answer.message,
+        ..LineAnswer::default()
+    })
+}
+
+fn closing(answer: LineAnswer) -> LineAnswer {
+    LineAnswer {
+        closing: true,
+        ..answer
+    }
+}
+
+/// Writes one line within [`FAREWELL_TIMEOUT`] (an agent that does not read gets no more):
+/// whether it went.
+async fn say(tls: &mut Tls, answer: &LineAnswer) -> bool {
+    matches!(
+        tokio::time::timeout(REQUEST_TIMEOUT, on_demand::write_line(tls, answer)).await,
+        Ok(Ok(()))
+    )
+}
+
+fn refusal_line(refusal: Refusal) -> LineAnswer {
+    LineAnswer::error(refusal.status.as_u16(), refusal.message)
+}
+
+/// The answer to one request line.
+async fn answer_line(conn: &Arc<Conn>, line: &[u8]) -> LineAnswer {
+    if conn.hub.revoked.contains(&conn.peer.serial) {
+        conn.kill.close(closer::revoked());
+        return closing(LineAnswer::error(
+            StatusCode::FORBIDDEN.as_u16(),
+            format!(
+                "the certificate of user {} has been revoked",
+                conn.peer.user
+            ),
+        ));
+    }
+    let request: ControlLine = match serde_json::from_slice(line) {
+        Ok(r) => r,
+        Err(e) => {
+            return LineAnswer::error(
+                StatusCode::BAD_REQUEST.as_u16(),
+                format!("not a control line: {e}"),
+            )
+        }
+    };
+    let not_found = || {
+        LineAnswer::error(
+            StatusCode::NOT_FOUND.as_u16(),
+            "no such session; register again",
+        )
+    };
+    match request {
+        ControlLine::Heartbeat { id } => {
+            if !beat(conn, &id) {
+                return not_found();
+            }
+            LineAnswer {
+                crl_number: conn.hub.revoked.crl().number(),
+                ..LineAnswer::status(StatusCode::NO_CONTENT.as_u16())
+            }
+        }
+        ControlLine::Register {
+            id,
+            protocol,
+            name,
+            services,
+            nonce,
+        } => {
+            let Some(version) = choose_version(Some(&protocol)) else {
+                return LineAnswer {
+                    protocol: Some(PROTOCOL_VERSION.to_string()),
+                    ..LineAnswer::error(
+                        StatusCode::BAD_REQUEST.as_u16(),
+                        version_mismatch(Some(protocol)),
+                    )
+                };
+            };
+            let version = version.to_string();
+            let reg = Register {
+                name,
+                services,
+                nonce,
+            };
+            match Box::pin(enrol(conn, &id, reg)).await {
+                Ok(registered) => LineAnswer {
+                    session: Some(registered.session),
+                    hub: Some(registered.hub),
+                    protocol: Some(version),
+                    ..LineAnswer::status(StatusCode::OK.as_u16())
+                },
+                Err(r) => refusal_line(r),
+            }
+        }
+        ControlLine::Publish { id, services } => match publish_list(conn, &id, services) {
+            Ok(()) => LineAnswer::status(StatusCode::NO_CONTENT.as_u16()),
+            Err(r) => refusal_line(r),
+        },
+        ControlLine::Crl { after } => {
+            let crl = conn.hub.revoked.crl().current();
+            match crl {
+                Some(c) if after.is_none_or(|a| c.number > a) => LineAnswer {
+                    crl: Some(c.pem()),
+                    ..LineAnswer::status(StatusCode::OK.as_u16())
+                },
+                Some(_) => LineAnswer::status(StatusCode::NO_CONTENT.as_u16()),
+                None => LineAnswer::error(
+                    StatusCode::SERVICE_UNAVAILABLE.as_u16(),
+                    "this hub has no CRL from the CA yet",
+                ),
+            }
+        }
+    }
 }
 
 /// Answers the first request on a control connection the hub does not admit with `refusal`,
@@ -146,6 +403,20 @@ pub async fn refuse(tls: Tls, refusal: Refusal) {
         .await;
     };
     let _ = tokio::time::timeout(Duration::from_secs(2) + FAREWELL_TIMEOUT, work).await;
+}
+
+/// The same for a control connection that carries lines: its first line is answered with
+/// the refusal, and the connection closed.
+pub async fn refuse_lines(mut tls: Tls, refusal: Refusal) {
+    let mut reader = LineReader::new();
+    let first = reader.read(&mut tls, CONTROL_LINE_MAX);
+    let _ = tokio::time::timeout(Duration::from_secs(2), first).await;
+    let line = goodbye_line(&closer::refused(&refusal));
+    let _ = tokio::time::timeout(FAREWELL_TIMEOUT, async {
+        on_demand::write_line(&mut tls, &line).await?;
+        tokio::io::AsyncWriteExt::shutdown(&mut tls).await
+    })
+    .await;
 }
 
 fn refuse_with(send: SendResponse<Bytes>, refusal: Refusal) {
@@ -329,6 +600,13 @@ async fn read_json<T: serde::de::DeserializeOwned>(
         .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("bad {what}: {e}")))
 }
 
+fn version_mismatch(offered: Option<String>) -> String {
+    format!(
+        "this hub speaks version {PROTOCOL_VERSION} of the ztm protocol; the agent offered {:?}",
+        offered.unwrap_or_default()
+    )
+}
+
 async fn register(conn: &Arc<Conn>, id: &str, req: Request<RecvStream>, send: SendResponse<Bytes>) {
     let offered = req
         .headers()
@@ -337,10 +615,7 @@ async fn register(conn: &Arc<Conn>, id: &str, req: Request<RecvStream>, send: Se
     // The version spoken on this connection: the highest the agent offers that the hub
     // speaks (PROTOCOL.md, "Versions").
     let Some(version) = choose_version(offered.as_deref()) else {
-        let message = format!(
-            "this hub speaks version {PROTOCOL_VERSION} of the ztm protocol; the agent offered {:?}",
-            offered.unwrap_or_default()
-        );
+        let message = version_mismatch(offered);
         let error = ztm_proto::model::ApiError::new(StatusCode::BAD_REQUEST.as_u16(), message);
         return respond_json_with(
             send,
@@ -366,8 +641,25 @@ async fn register(conn: &Arc<Conn>, id: &str, req: Request<RecvStream>, send: Se
         Ok(r) => r,
         Err(r) => return refuse_with(send, r),
     };
+    match enrol(conn, id, reg).await {
+        Ok(registered) => respond_json_with(
+            send,
+            StatusCode::OK,
+            &[(PROTOCOL_HEADER, &version)],
+            &registered,
+        ),
+        Err(r) => refuse_with(send, r),
+    }
+}
+
+/// Registers endpoint `id` on this connection (either kind): its new session, or why not.
+async fn enrol(conn: &Arc<Conn>, id: &str, reg: Register) -> Result<Registered, Refusal> {
+    let bad = |m: String| Refusal::new(StatusCode::BAD_REQUEST, m);
+    if !is_endpoint_id(id) {
+        return Err(bad("endpoint id must be a UUID in lower case".into()));
+    }
     if let Err(e) = check_name(&reg.name) {
-        return respond_error(send, StatusCode::BAD_REQUEST, format!("name: {e}"));
+        return Err(bad(format!("name: {e}")));
     }
     if let Err(r) = admission::endpoint_id(id, &conn.peer.user, reg.nonce.as_deref()) {
         if r.status == StatusCode::FORBIDDEN {
@@ -376,21 +668,18 @@ async fn register(conn: &Arc<Conn>, id: &str, req: Request<RecvStream>, send: Se
                 conn.peer.user
             );
         }
-        return refuse_with(send, r);
+        return Err(r);
     }
-    if let Err(r) = admission::services(&reg.services) {
-        return refuse_with(send, r);
-    }
+    admission::services(&reg.services)?;
     // One registration at a time on a connection: the check below and the recording after
     // it must not interleave with another's.
     let _registering = conn.registering.lock().await;
     if let Some((existing, _)) = conn.registered() {
         if existing != id {
-            return respond_error(
-                send,
+            return Err(Refusal::new(
                 StatusCode::CONFLICT,
                 "this connection already registered another endpoint",
-            );
+            ));
         }
     }
     let token = format!("{:032x}", rand::random::<u128>());
@@ -408,10 +697,7 @@ async fn register(conn: &Arc<Conn>, id: &str, req: Request<RecvStream>, send: Se
         conn.id,
         &conn.kill,
     );
-    let registration = match outcome {
-        Ok(r) => r,
-        Err(refusal) => return refuse_with(send, register_refusal(conn, id, refusal)),
-    };
+    let registration = outcome.map_err(|refusal| register_refusal(conn, id, refusal))?;
     *conn.registered.lock() = Some((id.to_string(), registration.session));
     tracing::info!(
         "endpoint {} ({id}) of user {} online from {}",
@@ -419,15 +705,10 @@ async fn register(conn: &Arc<Conn>, id: &str, req: Request<RecvStream>, send: Se
         conn.peer.user,
         conn.peer.addr
     );
-    respond_json_with(
-        send,
-        StatusCode::OK,
-        &[(PROTOCOL_HEADER, &version)],
-        &Registered {
-            session: token,
-            hub: conn.hub.name.clone(),
-        },
-    );
+    Ok(Registered {
+        session: token,
+        hub: conn.hub.name.clone(),
+    })
 }
 
 fn register_refusal(conn: &Conn, id: &str, refusal: RegisterRefusal) -> Refusal {
@@ -478,27 +759,32 @@ fn heartbeat_of<B>(req: &Request<B>) -> Option<&str> {
     (!id.is_empty() && !id.contains('/')).then_some(id)
 }
 
+/// Records a heartbeat of endpoint `id`, if it is the one registered on this connection and
+/// its session goes on.
+fn beat(conn: &Conn, id: &str) -> bool {
+    own_session(conn, id).is_some_and(|s| conn.hub.registry().heartbeat(id, s, now_ms()))
+}
+
 fn heartbeat(conn: &Arc<Conn>, id: &str, send: SendResponse<Bytes>) {
-    match own_session(conn, id) {
-        Some(s) if conn.hub.registry().heartbeat(id, s, now_ms()) => {
-            respond(send, StatusCode::NO_CONTENT, None, Bytes::new())
-        }
-        _ => respond_error(
+    if beat(conn, id) {
+        respond(send, StatusCode::NO_CONTENT, None, Bytes::new())
+    } else {
+        respond_error(
             send,
             StatusCode::NOT_FOUND,
             "no such session; register again",
-        ),
+        )
     }
 }
 
 async fn publish(conn: &Arc<Conn>, id: &str, req: Request<RecvStream>, send: SendResponse<Bytes>) {
-    let Some(session) = own_session(conn, id) else {
+    if own_session(conn, id).is_none() {
         return respond_error(
             send,
             StatusCode::NOT_FOUND,
             "no such session; register again",
         );
-    };
+    }
     let _permit = match body_permit(conn) {
         Ok(p) => p,
         Err(r) => return refuse_with(send, r),
@@ -509,21 +795,22 @@ async fn publish(conn: &Arc<Conn>, id: &str, req: Request<RecvStream>, send: Sen
             Ok(s) => s,
             Err(r) => return refuse_with(send, r),
         };
-    if let Err(r) = admission::services(&services) {
-        return refuse_with(send, r);
+    match publish_list(conn, id, services) {
+        Ok(()) => respond(send, StatusCode::NO_CONTENT, None, Bytes::new()),
+        Err(r) => refuse_with(send, r),
     }
-    let published = conn.hub.registry().publish(id, session, services);
-    match published {
-        Ok(true) => respond(send, StatusCode::NO_CONTENT, None, Bytes::new()),
-        Ok(false) => respond_error(
-            send,
-            StatusCode::NOT_FOUND,
-            "no such session; register again",
-        ),
-        Err(e) => refuse_with(
-            send,
-            register_refusal(conn, id, RegisterRefusal::Registry(e)),
-        ),
+}
+
+/// Replaces the services endpoint `id` publishes, if it is the one registered on this
+/// connection.
+fn publish_list(conn: &Conn, id: &str, services: Vec<ServiceDecl>) -> Result<(), Refusal> {
+    let gone = || Refusal::new(StatusCode::NOT_FOUND, "no such session; register again");
+    let session = own_session(conn, id).ok_or_else(gone)?;
+    admission::services(&services)?;
+    match conn.hub.registry().publish(id, session, services) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(gone()),
+        Err(e) => Err(register_refusal(conn, id, RegisterRefusal::Registry(e))),
     }
 }
 
@@ -985,5 +1272,14 @@ mod future_sizes {
         eprintln!("handle: {handle} bytes, serve_crl: {crl} bytes");
         assert!(handle <= 1024, "handle: {handle} bytes");
         assert!(crl <= 512, "serve_crl: {crl} bytes");
+    }
+
+    /// An idle endpoint's control connection waits in `serve_lines` (PROTOCOL.md, "Control
+    /// connection on demand"); answering a line boxes what registering needs.
+    #[test]
+    fn a_connection_that_carries_lines_holds_a_small_future() {
+        let lines = size3(super::serve_lines);
+        eprintln!("serve_lines: {lines} bytes");
+        assert!(lines <= 1024, "serve_lines: {lines} bytes");
     }
 }

@@ -142,6 +142,7 @@ pub struct Metrics {
     ca_poll_age: Gauge,
     management: IntCounterVec,
     dormant: IntGauge,
+    control_dormant: IntGauge,
 }
 
 impl Metrics {
@@ -215,6 +216,11 @@ impl Metrics {
         )?;
         registry.register(Box::new(connections.clone()))?;
         registry.register(Box::new(dormant.clone()))?;
+        let control_dormant = IntGauge::new(
+            "control_connections_dormant",
+            "Control connections that carry lines: their agent has not started HTTP/2 on them",
+        )?;
+        registry.register(Box::new(control_dormant.clone()))?;
         registry.register(Box::new(handshaking.clone()))?;
         registry.register(Box::new(handshakes.clone()))?;
         registry.register(Box::new(refused_full.clone()))?;
@@ -255,6 +261,7 @@ impl Metrics {
             ca_poll_age,
             management,
             dormant,
+            control_dormant,
         })
     }
 
@@ -287,6 +294,11 @@ impl Metrics {
     /// An authenticated connection of `kind` is open until the guard is dropped.
     pub fn connection(&self, kind: Kind) -> GaugeGuard {
         GaugeGuard::new(self.connections.with_label_values(&[kind.label()]))
+    }
+
+    /// A control connection carries lines until the guard is dropped.
+    pub fn control_dormant(&self) -> GaugeGuard {
+        GaugeGuard::new(self.control_dormant.clone())
     }
 
     /// A reverse connection is dormant until the guard is dropped.

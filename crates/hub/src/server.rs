@@ -17,7 +17,9 @@ use tracing::Instrument;
 use ztm_net::backoff::Backoff;
 use ztm_net::now_ms;
 use ztm_pki::rustls::ServerConfig;
-use ztm_pki::{Revoked, ALPN_CONTROL, ALPN_REVERSE, ALPN_REVERSE_ON_DEMAND};
+use ztm_pki::{
+    Revoked, ALPN_CONTROL, ALPN_CONTROL_ON_DEMAND, ALPN_REVERSE, ALPN_REVERSE_ON_DEMAND,
+};
 use ztm_proto::addr::HostPort;
 use ztm_proto::wire::{HANDSHAKE_TIMEOUT, REVOCATION_POLL};
 
@@ -604,6 +606,8 @@ async fn serve_tls(
             );
             if alpn.as_deref() == Some(ALPN_CONTROL) {
                 Box::pin(crate::control::refuse(tls, refusal)).await;
+            } else if alpn.as_deref() == Some(ALPN_CONTROL_ON_DEMAND) {
+                Box::pin(crate::control::refuse_lines(tls, refusal)).await;
             } else if alpn.as_deref() == Some(ALPN_REVERSE_ON_DEMAND) {
                 Box::pin(crate::reverse::refuse_on_demand(tls, refusal)).await;
             } else {
@@ -613,8 +617,9 @@ async fn serve_tls(
         }
     };
     let result = match alpn.as_deref() {
-        Some(a) if a == ALPN_CONTROL => {
-            Box::pin(crate::control::serve(hub, tls, peer, conn_id, kill)).await
+        Some(a) if a == ALPN_CONTROL || a == ALPN_CONTROL_ON_DEMAND => {
+            let lines = a == ALPN_CONTROL_ON_DEMAND;
+            Box::pin(crate::control::serve(hub, tls, peer, conn_id, kill, lines)).await
         }
         Some(a) if a == ALPN_REVERSE => Box::pin(crate::reverse::serve(hub, tls, peer, kill)).await,
         Some(a) if a == ALPN_REVERSE_ON_DEMAND => {
@@ -634,6 +639,9 @@ mod tests {
     fn future_size8<A, B, C, D, E, F, G, H, Fut>(_: fn(A, B, C, D, E, F, G, H) -> Fut) -> usize {
         std::mem::size_of::<Fut>()
     }
+    fn future_size6<A, B, C, D, E, F, Fut>(_: fn(A, B, C, D, E, F) -> Fut) -> usize {
+        std::mem::size_of::<Fut>()
+    }
     fn future_size5<A, B, C, D, E, Fut>(_: fn(A, B, C, D, E) -> Fut) -> usize {
         std::mem::size_of::<Fut>()
     }
@@ -651,11 +659,7 @@ mod tests {
         let sizes = [
             ("serve_connection", future_size8(serve_connection), 1024),
             ("serve_tls", future_size5(serve_tls), 1024),
-            (
-                "control::serve",
-                future_size5(crate::control::serve),
-                3 * 1024,
-            ),
+            ("control::serve", future_size6(crate::control::serve), 1024),
             (
                 "reverse::serve",
                 future_size4(crate::reverse::serve),

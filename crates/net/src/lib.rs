@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod goaway;
 pub mod h2io;
 pub mod http1;
+pub mod lines;
 pub mod on_demand;
 
 /// Milliseconds since the Unix epoch.

@@ -31,7 +31,7 @@ pub use issue::{
 pub use rustls;
 pub use tls::{
     agent_client_config, agent_client_config_with_crl, hub_server_config, ALPN_CONTROL,
-    ALPN_REVERSE, ALPN_REVERSE_ON_DEMAND,
+    ALPN_CONTROL_ON_DEMAND, ALPN_REVERSE, ALPN_REVERSE_ON_DEMAND,
 };
 pub use trust::Revoked;
 

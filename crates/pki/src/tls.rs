@@ -13,6 +13,11 @@ use crate::PkiError;
 
 /// ALPN of the agent's control connection (agent is the HTTP/2 client).
 pub const ALPN_CONTROL: &[u8] = b"h2";
+/// ALPN of a control connection that carries lines (registration, heartbeats, publishing, the
+/// CRL) until the agent first needs HTTP/2, which it then starts (PROTOCOL.md, "Control
+/// connection on demand"). Agents offer it before [`ALPN_CONTROL`], which hubs that do not know
+/// it choose.
+pub const ALPN_CONTROL_ON_DEMAND: &[u8] = b"ztm-control-on-demand";
 /// ALPN of the agent's reverse connection (agent is the HTTP/2 server).
 pub const ALPN_REVERSE: &[u8] = b"ztm-reverse";
 /// ALPN of a reverse connection whose HTTP/2 the hub starts when it first needs it; until then
@@ -73,6 +78,7 @@ pub fn hub_server_config(
             parse_key(key_pem, "hub key")?,
         )?;
     config.alpn_protocols = vec![
+        ALPN_CONTROL_ON_DEMAND.to_vec(),
         ALPN_CONTROL.to_vec(),
         ALPN_REVERSE_ON_DEMAND.to_vec(),
         ALPN_REVERSE.to_vec(),
@@ -306,13 +312,21 @@ pub(crate) mod tests {
             c.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
             c
         };
-        for ok in [ALPN_CONTROL, ALPN_REVERSE, ALPN_REVERSE_ON_DEMAND] {
+        for ok in [
+            ALPN_CONTROL,
+            ALPN_CONTROL_ON_DEMAND,
+            ALPN_REVERSE,
+            ALPN_REVERSE_ON_DEMAND,
+        ] {
             let (_, s) = handshake(client(&[ok]), server()).unwrap();
             assert_eq!(s.alpn_protocol(), Some(ok));
         }
         // An agent that offers both reverse protocols gets the one started on demand.
         let (_, s) = handshake(client(&[ALPN_REVERSE_ON_DEMAND, ALPN_REVERSE]), server()).unwrap();
         assert_eq!(s.alpn_protocol(), Some(ALPN_REVERSE_ON_DEMAND));
+        // So does one that offers both control protocols.
+        let (_, s) = handshake(client(&[ALPN_CONTROL_ON_DEMAND, ALPN_CONTROL]), server()).unwrap();
+        assert_eq!(s.alpn_protocol(), Some(ALPN_CONTROL_ON_DEMAND));
         // No ALPN: the server refuses the ClientHello, and the client hears access_denied.
         let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
         let mut c = rustls::ClientConnection::new(Arc::new(client(&[])), name).unwrap();

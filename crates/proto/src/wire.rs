@@ -198,6 +198,97 @@ impl ReverseAnswer {
     }
 }
 
+/// The longest line on a control connection before its HTTP/2 starts, its `\n` included: a
+/// registration or service list of up to 256 KiB, and room for the rest of the line.
+pub const CONTROL_LINE_MAX: usize = 260 * 1024;
+/// Lines up to this long are read without taking one of the hub's places for requests with a
+/// body (heartbeats and CRL requests are far shorter).
+pub const CONTROL_LINE_SMALL: usize = 4096;
+
+/// A request on a control connection before its HTTP/2 starts (PROTOCOL.md, "Control
+/// connection on demand"): one JSON line, answered with one [`LineAnswer`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum ControlLine {
+    /// `POST /api/endpoints/{id}` with `ztm-protocol: {protocol}`.
+    Register {
+        id: String,
+        protocol: String,
+        name: String,
+        #[serde(default)]
+        services: Vec<ServiceDecl>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nonce: Option<String>,
+    },
+    /// `POST /api/endpoints/{id}/heartbeat`.
+    Heartbeat { id: String },
+    /// `POST /api/endpoints/{id}/services`.
+    Publish {
+        id: String,
+        services: Vec<ServiceDecl>,
+    },
+    /// `GET /api/crl?after={after}`, answered at once (no waiting for a newer one).
+    Crl {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<u64>,
+    },
+}
+
+/// The hub's answer to a [`ControlLine`], or the line it closes the connection with
+/// (`closing`). Only the fields the request has are present.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineAnswer {
+    pub status: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Registration: the session's token, the hub's name and the version spoken (or, with
+    /// 400, the version the hub speaks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// Heartbeats: the number of the newest CRL the hub holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl_number: Option<u64>,
+    /// CRL requests: the CRL, in PEM, exactly as the CA signed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<String>,
+    /// The hub closes the connection after this line.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub closing: bool,
+}
+
+impl LineAnswer {
+    pub fn status(status: u16) -> Self {
+        LineAnswer {
+            status,
+            ..LineAnswer::default()
+        }
+    }
+
+    pub fn error(status: u16, message: impl Into<String>) -> Self {
+        LineAnswer {
+            status,
+            message: Some(message.into()),
+            ..LineAnswer::default()
+        }
+    }
+
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// The message, or the status alone.
+    pub fn words(&self) -> String {
+        match &self.message {
+            Some(m) => format!("{} {m}", self.status),
+            None => self.status.to_string(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointInfo {
     pub id: String,
@@ -303,6 +394,45 @@ pub const SEND_BUFFER: usize = 256 * 1024;
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn control_lines_read_and_write_as_protocol_md_shows() {
+        let beat: ControlLine = serde_json::from_str(r#"{"op":"heartbeat","id":"x"}"#).unwrap();
+        assert_eq!(beat, ControlLine::Heartbeat { id: "x".into() });
+        let crl: ControlLine = serde_json::from_str(r#"{"op":"crl"}"#).unwrap();
+        assert_eq!(crl, ControlLine::Crl { after: None });
+        let reg = ControlLine::Register {
+            id: "i".into(),
+            protocol: "1".into(),
+            name: "n".into(),
+            services: vec![],
+            nonce: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&reg).unwrap(),
+            r#"{"op":"register","id":"i","protocol":"1","name":"n","services":[]}"#
+        );
+        for bad in [
+            r#"{"op":"shutdown"}"#,
+            r#"{"id":"x"}"#,
+            r#"{"op":"heartbeat"}"#,
+            "[]",
+        ] {
+            assert!(serde_json::from_str::<ControlLine>(bad).is_err(), "{bad}");
+        }
+        let answer = LineAnswer {
+            crl_number: Some(3),
+            ..LineAnswer::status(204)
+        };
+        assert_eq!(
+            serde_json::to_string(&answer).unwrap(),
+            r#"{"status":204,"crl_number":3}"#
+        );
+        let closing: LineAnswer =
+            serde_json::from_str(r#"{"status":503,"message":"m","closing":true}"#).unwrap();
+        assert!(closing.closing && !closing.is_success());
+        assert_eq!(closing.words(), "503 m");
+    }
+
     use super::*;
 
     #[test]

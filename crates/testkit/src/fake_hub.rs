@@ -177,11 +177,12 @@ impl FakeHub {
     pub async fn start(ca_pem: &str, cert_pem: &str, key_pem: &str) -> FakeHub {
         let mut config = ztm_pki::hub_server_config(ca_pem, cert_pem, key_pem, Default::default())
             .expect("hub TLS config");
-        // A hub from before reverse connections started on demand (PROTOCOL.md): agents that
-        // offer both get HTTP/2 at once, and must still work with it.
-        config
-            .alpn_protocols
-            .retain(|a| a.as_slice() != ztm_pki::ALPN_REVERSE_ON_DEMAND);
+        // A hub from before connections started on demand (PROTOCOL.md): agents that offer
+        // both kinds get HTTP/2 at once, and must still work with it.
+        config.alpn_protocols.retain(|a| {
+            a.as_slice() != ztm_pki::ALPN_REVERSE_ON_DEMAND
+                && a.as_slice() != ztm_pki::ALPN_CONTROL_ON_DEMAND
+        });
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();

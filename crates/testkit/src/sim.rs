@@ -1,9 +1,10 @@
 //! Simulated endpoints for `ztm bench scale`: each does what an honest agent does at a hub
-//! (PROTOCOL.md) and nothing more — a control connection that registers the endpoint with one
-//! service, sends a heartbeat every 15 s and a PING once a minute, keeps a request for the
-//! next CRL waiting at the hub (as agents follow revocations), and a reverse connection
-//! started on demand, bound by its hello line and then dormant until the hub starts HTTP/2 on
-//! it — with real TLS and HTTP/2 on loopback, many of them in one process. Each dials from
+//! (PROTOCOL.md) and nothing more — a control connection that carries lines, as an agent's
+//! does until it first needs HTTP/2: it registers the endpoint with one service, asks for the
+//! CRL, sends a heartbeat every 15 s and asks for the CRL again when a heartbeat's answer names
+//! a newer one; and a reverse connection started on demand, bound by its hello line and then
+//! dormant until the hub starts HTTP/2 on it — with real TLS (and HTTP/2 where the hub starts
+//! it) on loopback, many of them in one process. Each dials from
 //! its own address of 127.0.0.0/8, as computers of a real mesh come from their own addresses.
 //! A session that fails is started again after a pause, as an agent does.
 
@@ -17,10 +18,11 @@ use bytes::Bytes;
 use tokio_rustls::rustls::ClientConfig;
 use tokio_rustls::TlsConnector;
 use tokio_util::task::AbortOnDropHandle;
+use ztm_net::lines::{self, LineReader};
 use ztm_net::{h2io, on_demand};
 use ztm_proto::wire::{
-    self, rtt_due, Hello, Proto, Register, Registered, ServiceDecl, BACKOFF_MAX, BACKOFF_MIN,
-    HEARTBEAT_INTERVAL, PROTOCOL_HEADER, PROTOCOL_VERSION, REQUEST_TIMEOUT,
+    self, ControlLine, Hello, LineAnswer, Proto, ServiceDecl, BACKOFF_MAX, BACKOFF_MIN,
+    HEARTBEAT_INTERVAL, PROTOCOL_VERSION, REQUEST_TIMEOUT,
 };
 
 use crate::dir::rand_u64;
@@ -32,6 +34,7 @@ pub struct SimUser {
     /// The mesh CA, to read the CRLs the hub hands out.
     ca_pem: String,
     control: Arc<ClientConfig>,
+    lister: Arc<ClientConfig>,
     reverse: Arc<ClientConfig>,
 }
 
@@ -46,7 +49,8 @@ impl SimUser {
         Ok(SimUser {
             name: user.name.clone(),
             ca_pem: ca_pem.to_string(),
-            control: config(ztm_pki::ALPN_CONTROL)?,
+            control: config(ztm_pki::ALPN_CONTROL_ON_DEMAND)?,
+            lister: config(ztm_pki::ALPN_CONTROL)?,
             reverse: {
                 let mut c = ztm_pki::agent_client_config(
                     ca_pem,
@@ -193,15 +197,14 @@ async fn session(
     let tls = tokio::time::timeout(REQUEST_TIMEOUT, dial(from, hub, &user.control))
         .await
         .map_err(|_| anyhow!("control connection: no TLS within {REQUEST_TIMEOUT:?}"))??;
-    let (sender, mut conn) = h2io::client_builder().handshake(tls).await?;
-    let mut pings = conn
-        .ping_pong()
-        .ok_or_else(|| anyhow!("control connection: no PING handle"))?;
-    let control = tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let _control = AbortOnDropHandle::new(control);
-    let register = Register {
+    let mut control = tls;
+    if control.get_ref().1.alpn_protocol() != Some(ztm_pki::ALPN_CONTROL_ON_DEMAND) {
+        bail!("the hub does not carry lines on control connections");
+    }
+    let mut reader = LineReader::new();
+    let register = ControlLine::Register {
+        id: id.to_string(),
+        protocol: PROTOCOL_VERSION.to_string(),
         name: format!("sim-{i:05}"),
         services: vec![ServiceDecl {
             protocol: Proto::Tcp,
@@ -210,22 +213,17 @@ async fn session(
         }],
         nonce: Some(nonce.to_string()),
     };
-    let req = h2io::build(http::Method::POST, &format!("/api/endpoints/{id}"))?
-        .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
-        .header("content-type", "application/json")
-        .body(())?;
-    let body = Bytes::from(serde_json::to_vec(&register)?);
-    let answer = h2io::request(&sender, req, body, 64 * 1024, REQUEST_TIMEOUT).await?;
-    if answer.status != http::StatusCode::OK {
-        bail!("register: {} {}", answer.status, answer.error_message());
+    let answer = ask(&mut control, &mut reader, &register).await?;
+    if answer.status != 200 {
+        bail!("register: {}", answer.words());
     }
-    let registered: Registered = answer.json()?;
+    let session = answer.session.unwrap_or_default();
+    let mut crl = None;
+    crl_by_line(&mut control, &mut reader, &user.ca_pem, &mut crl).await?;
 
     let tls = tokio::time::timeout(REQUEST_TIMEOUT, dial(from, hub, &user.reverse))
         .await
         .map_err(|_| anyhow!("reverse connection: no TLS within {REQUEST_TIMEOUT:?}"))??;
-    let crl = tokio::spawn(follow_crl(sender.clone(), user.ca_pem.clone()));
-    let _crl = AbortOnDropHandle::new(crl);
 
     let mut tls = tls;
     if tls.get_ref().1.alpn_protocol() != Some(ztm_pki::ALPN_REVERSE_ON_DEMAND) {
@@ -233,7 +231,7 @@ async fn session(
     }
     let hello = Hello {
         endpoint: id.to_string(),
-        session: registered.session,
+        session,
     };
     on_demand::say_hello(&mut tls, &hello).await?;
     // Dormant until the hub needs it; then an HTTP/2 server that has nothing to offer.
@@ -259,19 +257,14 @@ async fn session(
     let mut tick =
         tokio::time::interval_at(tokio::time::Instant::now() + first, HEARTBEAT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut beats: u32 = 0;
     loop {
         tick.tick().await;
-        let req = h2io::build(
-            http::Method::POST,
-            &format!("/api/endpoints/{id}/heartbeat"),
-        )?
-        .body(())?;
         let started = Instant::now();
-        let answer = h2io::request(&sender, req, Bytes::new(), 4096, REQUEST_TIMEOUT).await;
+        let beat = ControlLine::Heartbeat { id: id.to_string() };
+        let answer = ask(&mut control, &mut reader, &beat).await;
         let rtt = started.elapsed();
         match answer {
-            Ok(a) if a.status == http::StatusCode::NO_CONTENT => {
+            Ok(a) if a.status == 204 => {
                 if fleet.recording.load(Ordering::Relaxed) {
                     let us = u32::try_from(rtt.as_micros()).unwrap_or(u32::MAX);
                     fleet
@@ -280,66 +273,47 @@ async fn session(
                         .unwrap_or_else(|p| p.into_inner())
                         .push(us);
                 }
+                if a.crl_number > crl {
+                    crl_by_line(&mut control, &mut reader, &user.ca_pem, &mut crl).await?;
+                }
             }
             Ok(a) => {
                 fleet.missed.fetch_add(1, Ordering::Relaxed);
-                bail!("heartbeat: {} {}", a.status, a.error_message());
+                bail!("heartbeat: {}", a.words());
             }
             Err(e) => {
                 fleet.missed.fetch_add(1, Ordering::Relaxed);
                 return Err(e.context("heartbeat"));
             }
         }
-        // The round-trip PING an agent sends after some heartbeats (PROTOCOL.md).
-        beats += 1;
-        if rtt_due(beats) {
-            tokio::time::timeout(REQUEST_TIMEOUT, pings.ping(h2::Ping::opaque()))
-                .await
-                .map_err(|_| anyhow!("no PING ACK within {REQUEST_TIMEOUT:?}"))?
-                .context("PING")?;
-        }
     }
 }
 
-/// Follows the hub's CRL as an agent does (PROTOCOL.md, "Control connection"): asks for a newer
-/// one than it holds, which the hub answers when one comes or after 50 s; asks again at once
-/// after a long wait, and after a minute when the answer came quickly.
-async fn follow_crl(sender: h2::client::SendRequest<Bytes>, ca_pem: String) {
-    const INTERVAL: Duration = Duration::from_secs(60);
-    let mut number: Option<u64> = None;
-    loop {
-        let started = Instant::now();
-        let path = match number {
-            Some(n) => format!("/api/crl?after={n}"),
-            None => "/api/crl".to_string(),
-        };
-        let Ok(req) = h2io::build(http::Method::GET, &path).and_then(|b| Ok(b.body(())?)) else {
-            return;
-        };
-        let mut newer = false;
-        match h2io::request(
-            &sender,
-            req,
-            Bytes::new(),
-            16 << 20,
-            INTERVAL + REQUEST_TIMEOUT,
-        )
+/// One request line and its answer, within [`REQUEST_TIMEOUT`].
+async fn ask(control: &mut Tls, reader: &mut LineReader, line: &ControlLine) -> Result<LineAnswer> {
+    let exchange = lines::exchange(control, reader, line, 32 << 20);
+    let answer = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
         .await
-        {
-            Ok(a) if a.status == http::StatusCode::OK => {
-                if let Ok(crl) = ztm_pki::parse_crl(&ca_pem, &String::from_utf8_lossy(&a.body)) {
-                    newer = number.is_none_or(|n| crl.number > n);
-                    number = Some(crl.number);
-                }
-            }
-            Ok(_) => {}
-            Err(_) => return,
-        }
-        let waited = started.elapsed();
-        if !newer && waited < INTERVAL / 2 {
-            tokio::time::sleep(INTERVAL - waited).await;
-        }
+        .map_err(|_| anyhow!("no answer within {REQUEST_TIMEOUT:?}"))??;
+    if answer.closing {
+        bail!("the hub closed the connection: {}", answer.words());
     }
+    Ok(answer)
+}
+
+/// Asks for a CRL newer than number `held`, as an agent does, and keeps its number.
+async fn crl_by_line(
+    control: &mut Tls,
+    reader: &mut LineReader,
+    ca_pem: &str,
+    held: &mut Option<u64>,
+) -> Result<()> {
+    let answer = ask(control, reader, &ControlLine::Crl { after: *held }).await?;
+    if let Some(pem) = answer.crl {
+        let crl = ztm_pki::parse_crl(ca_pem, &pem).map_err(|e| anyhow!("CRL: {e}"))?;
+        *held = Some(crl.number);
+    }
+    Ok(())
 }
 
 /// A control connection that only lists (a hub closes it after 30 s without a registration).
@@ -350,7 +324,7 @@ pub struct Lister {
 
 impl Lister {
     pub async fn connect(user: &SimUser, hub: SocketAddr) -> Result<Lister> {
-        let tls = dial(source(65_000 - 1), hub, &user.control).await?;
+        let tls = dial(source(65_000 - 1), hub, &user.lister).await?;
         let (sender, conn) = h2io::client_builder().handshake(tls).await?;
         let conn = tokio::spawn(async move {
             let _ = conn.await;
