@@ -15,6 +15,7 @@ use crate::identity;
 use crate::metrics::{self, Metrics};
 use crate::store::{self, MeshRecord, Store};
 use crate::supervisor::MeshRuntime;
+use ztm_proto::wire::CONTROL_IDLE;
 
 pub struct Agent {
     pub store: Arc<Store>,
@@ -28,6 +29,9 @@ pub struct Agent {
     pub files: Arc<Files>,
     meshes: RwLock<HashMap<String, Arc<MeshRuntime>>>,
     router: OnceLock<axum::Router>,
+    /// Seconds without use after which a started control connection goes back to lines (0:
+    /// never); [`CONTROL_IDLE`] unless set.
+    control_idle: std::sync::atomic::AtomicU64,
 }
 
 impl Agent {
@@ -49,7 +53,20 @@ impl Agent {
             files: Arc::new(Files::for_this_process()),
             meshes: RwLock::new(HashMap::new()),
             router: OnceLock::new(),
+            control_idle: std::sync::atomic::AtomicU64::new(CONTROL_IDLE.as_secs()),
         }))
+    }
+
+    /// Sets after how many seconds without use a started control connection goes back to
+    /// lines (PROTOCOL.md, "Control connection on demand"); 0: never. For meshes started after.
+    pub fn set_control_idle(&self, secs: u64) {
+        self.control_idle
+            .store(secs, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn control_idle(&self) -> Option<std::time::Duration> {
+        let secs = self.control_idle.load(std::sync::atomic::Ordering::SeqCst);
+        (secs > 0).then(|| std::time::Duration::from_secs(secs))
     }
 
     /// Starts every joined mesh, with `router` (the agent's REST API, `crate::api::router`)
@@ -93,6 +110,7 @@ impl Agent {
             router,
             self.metrics.clone(),
             self.files.clone(),
+            self.control_idle(),
         );
         if let Some((old, user)) = rebound.filter(|(old, _)| !old.is_empty()) {
             rt.event(

@@ -47,6 +47,8 @@ pub struct LinkState {
 pub struct Control {
     started: watch::Receiver<Option<h2::client::SendRequest<Bytes>>>,
     start: Arc<tokio::sync::Notify>,
+    /// When its HTTP/2 was last asked for (ms since the epoch).
+    last_used: Arc<std::sync::atomic::AtomicU64>,
     /// The streams tunnels may take on it ([`TUNNEL_STREAMS`]); the others stay free for
     /// heartbeats and requests, however many tunnels are open.
     pub tunnels: Arc<tokio::sync::Semaphore>,
@@ -65,13 +67,24 @@ impl Control {
         Control {
             started,
             start,
+            last_used: Arc::new(std::sync::atomic::AtomicU64::new(now_ms())),
             tunnels: Arc::new(tokio::sync::Semaphore::new(TUNNEL_STREAMS as usize)),
             hub: hub.to_string(),
         }
     }
 
+    /// When its HTTP/2 was last asked for (ms since the epoch), and how many tunnels are open
+    /// on it.
+    pub fn use_of(&self) -> (u64, usize) {
+        let last = self.last_used.load(std::sync::atomic::Ordering::SeqCst);
+        let open = (TUNNEL_STREAMS as usize).saturating_sub(self.tunnels.available_permits());
+        (last, open)
+    }
+
     /// The connection's HTTP/2 client, started first if it is not yet.
     pub async fn sender(&self) -> Result<h2::client::SendRequest<Bytes>, String> {
+        self.last_used
+            .store(now_ms(), std::sync::atomic::Ordering::SeqCst);
         let mut started = self.started.clone();
         if let Some(sender) = started.borrow_and_update().clone() {
             return Ok(sender);
@@ -186,6 +199,9 @@ const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
 type HubServices = Arc<Vec<(usize, Vec<ServiceInfo>)>>;
 
 pub struct Mesh {
+    /// After how long without use a started control connection goes back to lines (`None`:
+    /// never; PROTOCOL.md, "Control connection on demand").
+    control_idle: Option<Duration>,
     record: MeshRecord,
     username: String,
     links: Vec<Arc<HubLink>>,
@@ -283,6 +299,7 @@ impl Mesh {
         router: axum::Router,
         metrics: Arc<Metrics>,
         files: Arc<Files>,
+        control_idle: Option<Duration>,
     ) -> Arc<Mesh> {
         let mut config_errors = Vec::new();
         let username = ztm_pki::cert_info_pem(&record.cert, "certificate")
@@ -334,6 +351,7 @@ impl Mesh {
             })
             .collect();
         Arc::new(Mesh {
+            control_idle,
             cert_expires: expiry_of(&record.cert),
             ca_expires: expiry_of(&record.ca),
             record,
@@ -379,6 +397,10 @@ impl Mesh {
     /// The user of this agent's certificate.
     pub fn username(&self) -> &str {
         &self.username
+    }
+
+    pub fn control_idle(&self) -> Option<Duration> {
+        self.control_idle
     }
 
     pub fn links(&self) -> &[Arc<HubLink>] {

@@ -324,12 +324,13 @@ async fn connect_once(
         .peer_certificates()
         .first()
         .and_then(|c| ztm_pki::cert_info(c.as_ref()).ok());
-    let control_bye = Farewell::default();
+    let mut control_bye = Farewell::default();
+    let hub_lines = stream.alpn_protocol() == Some(ALPN_CONTROL_ON_DEMAND);
     let (started_tx, started_rx) = tokio::sync::watch::channel(None);
     let start = Arc::new(tokio::sync::Notify::new());
     let mut services_rx = rt.published();
     let services = services_rx.borrow_and_update().clone();
-    let (mut io, registered) = if stream.alpn_protocol() == Some(ALPN_CONTROL_ON_DEMAND) {
+    let (mut io, registered) = if hub_lines {
         let mut reader = LineReader::new();
         let register = ControlLine::Register {
             id: rt.id().to_string(),
@@ -418,13 +419,10 @@ async fn connect_once(
         }
         Io::Switching => bail!("the control connection is not ready"),
     };
+    let control = crate::mesh::Control::new(started_rx, start.clone(), &link.addr);
     {
         let mut state = link.state();
-        state.control = Some(crate::mesh::Control::new(
-            started_rx,
-            start.clone(),
-            &link.addr,
-        ));
+        state.control = Some(control.clone());
         state.error = None;
         state.rtt = Some(rtt);
     }
@@ -493,6 +491,21 @@ async fn connect_once(
             }
             _ = tick.tick() => {
                 beats += 1;
+                let (last, open) = control.use_of();
+                let h2 = matches!(io, Io::H2 { .. });
+                if h2 && hub_lines && control_idle_due(now_ms(), last, open, rt.control_idle()) {
+                    let token = &registered.session;
+                    let again = back_to_lines(rt, &link.addr, tls.control.clone(), token, &control, last, &started_tx);
+                    match again.await {
+                        Ok(Some(lines)) => {
+                            io = lines;
+                            control_bye = Farewell::default();
+                            tracing::debug!("hub {}: control connection unused, carrying lines again", link.addr);
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::debug!("hub {}: staying on HTTP/2: {e:#}", link.addr),
+                    }
+                }
                 if let Err(e) = heartbeat(rt, link, &mut io, &heartbeat_path, beats).await {
                     break Err(e);
                 }
@@ -510,6 +523,62 @@ async fn connect_once(
     };
     // What the hub said when it closed a connection explains the end best.
     outcome.map_err(|e| said_by_hub(&control_bye, &reverse_bye).unwrap_or(e))
+}
+
+/// Whether a control connection that started HTTP/2 goes back to carrying lines: no request
+/// asked for it in `idle` (`None`: never) and no tunnel is open on it.
+fn control_idle_due(now: u64, last_used: u64, tunnels_open: usize, idle: Option<Duration>) -> bool {
+    let Some(idle) = idle else {
+        return false;
+    };
+    tunnels_open == 0 && now.saturating_sub(last_used) >= idle.as_millis() as u64
+}
+
+/// Takes the link's control connection back to lines: a new connection that carries them, to
+/// which the hub moves the session (PROTOCOL.md, "Control connection on demand"), closing the
+/// old one. `None` if a request came meanwhile (it keeps HTTP/2); on failure HTTP/2 goes on.
+async fn back_to_lines(
+    rt: &Mesh,
+    hub: &str,
+    config: Arc<ClientConfig>,
+    token: &str,
+    control: &crate::mesh::Control,
+    idle_since: u64,
+    started: &tokio::sync::watch::Sender<Option<h2::client::SendRequest<Bytes>>>,
+) -> Result<Option<Io>> {
+    // Requests from now on wait for HTTP/2 to start on the new connection; one that came
+    // since the decision keeps this one.
+    let sender = started.send_replace(None);
+    if control.use_of() != (idle_since, 0) {
+        started.send_replace(sender);
+        return Ok(None);
+    }
+    let moved = async {
+        let mut stream = dial(hub, config).await?;
+        if stream.alpn_protocol() != Some(ALPN_CONTROL_ON_DEMAND) {
+            bail!("the hub no longer carries lines");
+        }
+        let mut reader = LineReader::new();
+        let resume = ControlLine::Resume {
+            id: rt.id().to_string(),
+            session: token.to_string(),
+        };
+        let answer = ask(&mut stream, &mut reader, &resume, 64 * 1024).await?;
+        if answer.status != 200 {
+            bail!("the hub did not move the session: {}", answer.words());
+        }
+        Ok(Io::Lines {
+            stream: Box::new(stream),
+            reader,
+        })
+    };
+    match moved.await {
+        Ok(io) => Ok(Some(io)),
+        Err(e) => {
+            started.send_replace(sender);
+            Err(e)
+        }
+    }
 }
 
 /// One heartbeat on the control connection (PROTOCOL.md, "Control connection"), and the
@@ -884,6 +953,31 @@ async fn follow_crl(rt: Arc<Mesh>, from: String, sender: h2::client::SendRequest
         let waited = started.elapsed();
         if !newer && waited < CRL_INTERVAL / 2 {
             tokio::time::sleep(CRL_INTERVAL - waited).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unused_control_connection_goes_back_to_lines() {
+        let idle = Some(Duration::from_secs(300));
+        let cases = [
+            // now (s), last used (s), tunnels open, idle, due
+            (1_000, 700, 0, idle, true),
+            (1_000, 701, 0, idle, false),
+            (1_000, 0, 1, idle, false),
+            (1_000, 0, 0, None, false),
+            (100, 200, 0, idle, false),
+        ];
+        for (now, last, open, idle, due) in cases {
+            assert_eq!(
+                control_idle_due(now * 1000, last * 1000, open, idle),
+                due,
+                "now {now}, last {last}, open {open}, idle {idle:?}"
+            );
         }
     }
 }

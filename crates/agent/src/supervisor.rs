@@ -40,8 +40,9 @@ impl MeshRuntime {
         router: axum::Router,
         metrics: Arc<Metrics>,
         files: Arc<Files>,
+        control_idle: Option<std::time::Duration>,
     ) -> Arc<MeshRuntime> {
-        let mesh = Mesh::new(record, store, router, metrics, files);
+        let mesh = Mesh::new(record, store, router, metrics, files, control_idle);
         for e in mesh.config_errors() {
             mesh.event("error", &e.message);
         }

@@ -30,12 +30,18 @@ pub mod text {
     pub const NO_EXTENDED_CONNECT: &str = "extended CONNECT not enabled";
     pub const TOO_MANY_CONNECTIONS: &str = "too many connections";
     pub const SHUTTING_DOWN: &str = "hub shutting down";
+    /// The session moved to another control connection of the agent (said on the old one).
+    pub const SESSION_MOVED: &str = "session moved";
     /// An agent sent bytes on a dormant reverse connection, which only the hub may start.
     pub const SPOKE_WHILE_DORMANT: &str = "the agent spoke before the hub started HTTP/2";
 }
 
 pub fn session_replaced() -> Goodbye {
     Goodbye::new(Reason::NO_ERROR, text::SESSION_REPLACED)
+}
+
+pub fn session_moved() -> Goodbye {
+    Goodbye::new(Reason::NO_ERROR, text::SESSION_MOVED)
 }
 
 pub fn session_ended() -> Goodbye {

@@ -359,6 +359,27 @@ async fn answer_line(conn: &Arc<Conn>, line: &[u8]) -> LineAnswer {
                 Err(r) => refusal_line(r),
             }
         }
+        ControlLine::Resume { id, session } => {
+            let _registering = conn.registering.lock().await;
+            if conn.registered().is_some() {
+                return LineAnswer::error(
+                    StatusCode::CONFLICT.as_u16(),
+                    "this connection already holds a session",
+                );
+            }
+            let peer = &conn.peer;
+            match conn
+                .hub
+                .resume(&id, &session, &peer.user, conn.id, &conn.kill)
+            {
+                Some(s) => {
+                    *conn.registered.lock() = Some((id.clone(), s));
+                    tracing::debug!("endpoint {id} of user {} resumed its session", peer.user);
+                    LineAnswer::status(StatusCode::OK.as_u16())
+                }
+                None => not_found(),
+            }
+        }
         ControlLine::Publish { id, services } => match publish_list(conn, &id, services) {
             Ok(()) => LineAnswer::status(StatusCode::NO_CONTENT.as_u16()),
             Err(r) => refusal_line(r),

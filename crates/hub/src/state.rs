@@ -296,15 +296,40 @@ impl Hub {
     /// was still that connection's (and so the endpoint went offline).
     pub fn end_session(&self, id: &str, session: SessionId, conn: u64) -> bool {
         let mut registry = self.registry();
-        registry.end_session(id, session);
         let mut sessions = self.sessions();
-        let mine = sessions.get(&session).map(|s| s.conn) == Some(conn);
+        let holder = sessions.get(&session).map(|s| s.conn);
+        let mine = holder == Some(conn);
+        // A session that moved to another control connection goes on without this one.
+        if mine || holder.is_none() {
+            registry.end_session(id, session);
+        }
         if mine {
             if let Some(io) = sessions.remove(&session) {
                 io.close(closer::session_ended());
             }
         }
         mine
+    }
+
+    /// Moves the session of endpoint `id` whose token is `token` to control connection `conn`
+    /// (closed with `control`), if `user` holds it (PROTOCOL.md, "Control connection on
+    /// demand"): the session. The connection it leaves is closed ("session moved").
+    pub fn resume(
+        &self,
+        id: &str,
+        token: &str,
+        user: &str,
+        conn: u64,
+        control: &Closer,
+    ) -> Option<SessionId> {
+        let registry = self.registry();
+        let session = registry.check_hello(id, token, user)?;
+        let mut sessions = self.sessions();
+        let io = sessions.get_mut(&session)?;
+        let old = std::mem::replace(&mut io.control, control.clone());
+        io.conn = conn;
+        old.close(closer::session_moved());
+        Some(session)
     }
 
     /// Closes a session's connections, saying `why`, and takes it offline (if it still

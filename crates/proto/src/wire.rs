@@ -28,6 +28,9 @@ pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
 pub const REVERSE_IDLE: Duration = Duration::from_secs(300);
 /// The debug text of the GOAWAY that sends a reverse connection back to dormant.
 pub const REVERSE_IDLE_TEXT: &str = "reverse connection idle";
+/// An agent's started control connection goes back to lines after this long without a request
+/// and with no tunnel open (PROTOCOL.md, "Control connection on demand").
+pub const CONTROL_IDLE: Duration = Duration::from_secs(300);
 pub const REVOCATION_POLL: Duration = Duration::from_secs(5);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -227,6 +230,9 @@ pub enum ControlLine {
         id: String,
         services: Vec<ServiceDecl>,
     },
+    /// Moves the agent's session `session` of endpoint `id` to this connection from the one
+    /// that registered it, which the hub then closes ("session moved").
+    Resume { id: String, session: String },
     /// `GET /api/crl?after={after}`, answered at once (no waiting for a newer one).
     Crl {
         #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -413,6 +413,15 @@ pub struct AgentArgs {
     /// listening on a non-loopback address
     #[arg(long, env = "ZTM_AGENT_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Seconds without a request (and with no tunnel open) after which a control connection
+    /// that started HTTP/2 goes back to carrying lines; 0: never
+    #[arg(
+        long,
+        env = "ZTM_CONTROL_IDLE",
+        default_value_t = 300,
+        value_name = "SECS"
+    )]
+    control_idle: u64,
 }
 
 impl AgentArgs {
@@ -422,6 +431,7 @@ impl AgentArgs {
             database: database.into(),
             reset: false,
             token: None,
+            control_idle: ztm_proto::wire::CONTROL_IDLE.as_secs(),
         }
     }
 
@@ -456,6 +466,7 @@ pub async fn run_agent(args: AgentArgs) -> Result<()> {
         tokio::task::spawn_blocking(move || ztm_agent::Agent::open(&path, reset, local, token))
             .await??
     };
+    agent.set_control_idle(args.control_idle);
     let router = ztm_agent::api::router(agent.clone());
     agent.start(router.clone())?;
     let budget = agent.files.budget();

@@ -299,6 +299,114 @@ fn long_lines_take_a_users_places_for_bodies() {
     });
 }
 
+/// How many times agent `api` has connected to a hub (its event log).
+fn connections_made(api: &str) -> usize {
+    get(api, &format!("/api/meshes/{MESH}/log"))
+        .text()
+        .matches("connected to hub")
+        .count()
+}
+
+/// An agent whose started control connection has had no request for `--control-idle` (and
+/// no tunnel open) moves its session to a new connection that carries lines; the hub closes
+/// the old one, and the session, its reverse connection and its tunnels go on. The next need
+/// starts HTTP/2 again.
+#[test]
+fn an_unused_control_connection_goes_back_to_lines() {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let a_ztm = ztm!().with_env("ZTM_CONTROL_IDLE", "1");
+    let honest = Honest::start_with_a(&ztm!(), &a_ztm, "control-idle", &["--metrics", &metrics]);
+    assert_eq!(connections_made(&honest.a.addr), 1, "A connected once");
+    runtime().block_on(async {
+        for round in 0..2 {
+            // A starts HTTP/2 for a list; unused for 1 s, it carries lines again (it looks at
+            // each heartbeat, every 15 s), B's connection speaking HTTP/2 all along.
+            let r = get(&honest.a.addr, &format!("/api/meshes/{MESH}/endpoints"));
+            assert_eq!(r.status, 200, "{}", r.text());
+            until(Duration::from_secs(10), "A's connection started", || {
+                carrying_lines(&metrics) == 0.0
+            })
+            .await;
+            until(
+                Duration::from_secs(25),
+                &format!("A carries lines again (round {round})"),
+                || carrying_lines(&metrics) == 1.0,
+            )
+            .await;
+            // The session went on: no new connection in A's log, and B's tunnel to A's echo
+            // service (over A's reverse connection) works.
+            assert!(honest.tunnel_works());
+            assert_eq!(
+                connections_made(&honest.a.addr),
+                1,
+                "A never connected again"
+            );
+        }
+    });
+}
+
+/// Only the holder of a session moves it: another user with its id and token, or a wrong
+/// token, is refused and changes nothing; the holder's move closes the old connection with
+/// why, and heartbeats follow the session to the new one.
+#[test]
+fn sessions_move_only_for_their_holder() {
+    let honest = Honest::start(&ztm!(), "control-resume", &[]);
+    let bob = honest.user("bob");
+    let mallory = honest.user("mallory");
+    let hub = honest.hub.addr.clone();
+    runtime().block_on(async {
+        let mut first = Lines::dial(&hub, &honest.pem, &bob).await;
+        let ident = Ident::of(&bob.name);
+        let r = first.ask(&registration(&ident, "bobs", json!([]))).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        let token = r.session.unwrap();
+        let resume = |session: &str| json!({"op": "resume", "id": ident.id, "session": session});
+        let beat = json!({"op": "heartbeat", "id": ident.id});
+
+        // Mallory has bob's id and token, but not his certificate.
+        let mut m = Lines::dial(&hub, &honest.pem, &mallory).await;
+        assert_eq!(m.ask(&resume(&token)).await.status, 404);
+        assert_eq!(m.ask(&beat).await.status, 404);
+        // Bob with a wrong token; and on a connection that holds a session already.
+        let mut second = Lines::dial(&hub, &honest.pem, &bob).await;
+        assert_eq!(
+            second
+                .ask(&resume("0123456789abcdef0123456789abcdef"))
+                .await
+                .status,
+            404
+        );
+        assert_eq!(first.ask(&resume(&token)).await.status, 409);
+        assert_eq!(first.ask(&beat).await.status, 204, "nothing moved");
+
+        // Bob moves it: the old connection is closed with why, heartbeats go on here.
+        assert_eq!(second.ask(&resume(&token)).await.status, 200);
+        let bye = first.answer().await;
+        assert_eq!(
+            (bye.closing, bye.message.as_deref()),
+            (true, Some("session moved")),
+            "{bye:?}"
+        );
+        assert!(first.closed().await);
+        let r = second.ask(&beat).await;
+        assert_eq!(r.status, 204, "{r:?}");
+        // The endpoint stayed online when the old connection closed.
+        let other = control(&hub, &honest.pem, &bob).await;
+        let list = call(
+            &other.sender,
+            "GET",
+            "/api/endpoints?q=bobs",
+            &[],
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+        let online = list.json()[0]["online"].as_bool();
+        assert_eq!(online, Some(true), "{}", list.body);
+        assert!(honest.tunnel_works());
+    });
+}
+
 /// Polls `attempt` until it gives something, for at most `within`.
 async fn until_some<T, F, Fut>(within: Duration, mut attempt: F) -> T
 where
