@@ -426,3 +426,22 @@ impl Net {
         s
     }
 }
+
+/// How many times agent `api` has connected to a hub of the test mesh (its event log).
+pub fn connections_made(api: &str) -> usize {
+    get(api, &format!("/api/meshes/{MESH}/log"))
+        .text()
+        .matches("connected to hub")
+        .count()
+}
+
+/// The value of the unlabelled gauge or counter `name` that the metrics listener at `metrics`
+/// shows, or -1 if it shows none.
+pub fn metric(metrics: &str, name: &str) -> f64 {
+    get(metrics, "/metrics")
+        .text()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(-1.0)
+}

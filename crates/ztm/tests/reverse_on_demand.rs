@@ -17,11 +17,7 @@ use ztm_testkit::prelude::*;
 
 /// The hub's count of dormant reverse connections.
 fn dormant(metrics: &str) -> f64 {
-    let text = get(metrics, "/metrics").text();
-    text.lines()
-        .find_map(|l| l.strip_prefix("ztm_hub_reverse_connections_dormant "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(-1.0)
+    metric(metrics, "ztm_hub_reverse_connections_dormant")
 }
 
 /// Bob's endpoint, registered on a control connection of its own: the connection, its
@@ -241,14 +237,6 @@ fn an_agent_that_speaks_on_a_dormant_connection_loses_its_session() {
         .await;
         assert!(honest.tunnel_works());
     });
-}
-
-/// How many times agent `api` has connected to a hub (its event log).
-fn connections_made(api: &str) -> usize {
-    get(api, &format!("/api/meshes/{MESH}/log"))
-        .text()
-        .matches("connected to hub")
-        .count()
 }
 
 /// A started reverse connection that nothing has used for `--reverse-idle` goes back to
