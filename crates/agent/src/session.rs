@@ -238,23 +238,7 @@ async fn ask(
     request: &ControlLine,
     max: usize,
 ) -> Result<LineAnswer> {
-    let answer = tokio::time::timeout(
-        REQUEST_TIMEOUT,
-        lines::exchange(stream, reader, request, max),
-    )
-    .await
-    .map_err(|_| anyhow!("the hub did not answer within {REQUEST_TIMEOUT:?}"))??;
-    if answer.closing {
-        return Err(closed_by(&answer));
-    }
-    Ok(answer)
-}
-
-fn closed_by(answer: &LineAnswer) -> anyhow::Error {
-    anyhow!(
-        "the hub closed the connection: {}",
-        answer.message.as_deref().unwrap_or("no reason given")
-    )
+    Ok(lines::ask(stream, reader, request, max).await?)
 }
 
 /// Resolves when the control connection ends (or, carrying lines, the hub says it closes it):
@@ -269,7 +253,7 @@ async fn ended(io: &mut Io) -> anyhow::Error {
             match reader.next(MAX_CRL_LINE) {
                 Some(lines::Next::Line(line)) => {
                     match serde_json::from_slice::<LineAnswer>(&line) {
-                        Ok(a) if a.closing => return closed_by(&a),
+                        Ok(a) if a.closing => return lines::AskError::closed(&a).into(),
                         // Nothing else comes unasked.
                         _ => return anyhow!("the hub sent a line nobody asked for"),
                     }

@@ -277,7 +277,7 @@ fn closing(answer: LineAnswer) -> LineAnswer {
     }
 }
 
-/// Writes one line within [`FAREWELL_TIMEOUT`] (an agent that does not read gets no more):
+/// Writes one line within [`REQUEST_TIMEOUT`] (an agent that does not read gets no more):
 /// whether it went.
 async fn say(tls: &mut Tls, answer: &LineAnswer) -> bool {
     matches!(
@@ -433,11 +433,7 @@ pub async fn refuse_lines(mut tls: Tls, refusal: Refusal) {
     let first = reader.read(&mut tls, CONTROL_LINE_MAX);
     let _ = tokio::time::timeout(Duration::from_secs(2), first).await;
     let line = goodbye_line(&closer::refused(&refusal));
-    let _ = tokio::time::timeout(FAREWELL_TIMEOUT, async {
-        on_demand::write_line(&mut tls, &line).await?;
-        tokio::io::AsyncWriteExt::shutdown(&mut tls).await
-    })
-    .await;
+    on_demand::last_line(&mut tls, &line, FAREWELL_TIMEOUT).await;
 }
 
 fn refuse_with(send: SendResponse<Bytes>, refusal: Refusal) {

@@ -116,12 +116,7 @@ pub async fn refuse_on_demand(mut tls: Tls, refusal: Refusal) {
 
 /// Answers a hello line with a refusal and closes the connection.
 async fn say_refused(tls: &mut Tls, goodbye: &Goodbye) {
-    let answer = closer::answer(goodbye);
-    let _ = tokio::time::timeout(FAREWELL_TIMEOUT, async {
-        on_demand::write_line(tls, &answer).await?;
-        tokio::io::AsyncWriteExt::shutdown(tls).await
-    })
-    .await;
+    on_demand::last_line(tls, &closer::answer(goodbye), FAREWELL_TIMEOUT).await;
 }
 
 /// Serves a reverse connection started on demand: checks the agent's hello line, binds the

@@ -10,7 +10,7 @@ use std::io;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
-use ztm_proto::wire::{ControlLine, LineAnswer};
+use ztm_proto::wire::{ControlLine, LineAnswer, REQUEST_TIMEOUT};
 
 use crate::on_demand::write_line;
 
@@ -101,19 +101,49 @@ impl LineReader {
     }
 }
 
+/// Why a request line got no answer to act on.
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    #[error("the hub did not answer within {REQUEST_TIMEOUT:?}")]
+    Timeout,
+    /// The hub closed the connection, saying why (its `closing` line).
+    #[error("the hub closed the connection: {0}")]
+    Closed(String),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl AskError {
+    /// The hub's closing line as an error.
+    pub fn closed(answer: &LineAnswer) -> AskError {
+        let why = answer.message.as_deref().unwrap_or("no reason given");
+        AskError::Closed(why.to_string())
+    }
+}
+
 /// An agent's request on a control connection before its HTTP/2 starts, and the hub's answer
-/// (at most `max` bytes; a CRL can be large). A `closing` answer is returned as any other.
-pub async fn exchange<S>(
+/// (at most `max` bytes; a CRL can be large) within [`REQUEST_TIMEOUT`]. The hub's closing
+/// line is an error.
+pub async fn ask<S>(
     io: &mut S,
     reader: &mut LineReader,
     request: &ControlLine,
     max: usize,
-) -> io::Result<LineAnswer>
+) -> Result<LineAnswer, AskError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    write_line(io, request).await?;
-    read_answer(io, reader, max).await
+    let exchange = async {
+        write_line(io, request).await?;
+        read_answer(io, reader, max).await
+    };
+    let answer = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        .await
+        .map_err(|_| AskError::Timeout)??;
+    if answer.closing {
+        return Err(AskError::closed(&answer));
+    }
+    Ok(answer)
 }
 
 /// The hub's next line.

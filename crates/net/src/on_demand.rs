@@ -55,6 +55,20 @@ where
     io.flush().await
 }
 
+/// Writes `value` as the last line of a connection and ends it (TLS `close_notify`), giving up
+/// after `within`.
+pub async fn last_line<W, T>(io: &mut W, value: &T, within: std::time::Duration)
+where
+    W: AsyncWrite + Unpin,
+    T: Serialize,
+{
+    let _ = tokio::time::timeout(within, async {
+        write_line(io, value).await?;
+        io.shutdown().await
+    })
+    .await;
+}
+
 /// Why a hub did not take an agent's on-demand reverse connection.
 #[derive(Debug, thiserror::Error)]
 pub enum HelloError {

@@ -291,14 +291,7 @@ async fn session(
 
 /// One request line and its answer, within [`REQUEST_TIMEOUT`].
 async fn ask(control: &mut Tls, reader: &mut LineReader, line: &ControlLine) -> Result<LineAnswer> {
-    let exchange = lines::exchange(control, reader, line, 32 << 20);
-    let answer = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-        .await
-        .map_err(|_| anyhow!("no answer within {REQUEST_TIMEOUT:?}"))??;
-    if answer.closing {
-        bail!("the hub closed the connection: {}", answer.words());
-    }
-    Ok(answer)
+    Ok(lines::ask(control, reader, line, 32 << 20).await?)
 }
 
 /// Asks for a CRL newer than number `held`, as an agent does, and keeps its number.
